@@ -35,8 +35,13 @@ def demo_make(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cmdcl_cache.demo import make_demo
+    from cmdcl_cache.demo import check_size_fps, make_demo
 
+    frame_size = _parse_size(size)
+    try:  # before the progress bar, so that a typo fails at once
+        check_size_fps(frame_size, fps)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     console = Console()
     with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
@@ -46,7 +51,7 @@ def demo_make(
             bar.update(task, completed=done, total=total)
 
         try:
-            manifest_dir = make_demo(out, train, val, test, seed=seed, size=_parse_size(size), fps=fps,
+            manifest_dir = make_demo(out, train, val, test, seed=seed, size=frame_size, fps=fps,
                                      own_share=own_share, progress=step)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None

@@ -343,6 +343,14 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_size_fps(size: tuple[int, int], fps: int) -> None:
+    w, h = size
+    if w < 16 or h < 16 or w % 2 or h % 2:
+        raise ValueError(f"size must be even and at least 16x16 (yuv420p), got {w}x{h}")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+
+
 def make_demo(out_dir: str | Path, num_videos_per_activity_train: int = 10,
               num_videos_per_activity_val: int = 2, num_videos_per_activity_test: int = 8,
               seed: int = 0, size: tuple[int, int] = (96, 96), fps: int = 8, own_share: float = 0.9,
@@ -353,11 +361,7 @@ def make_demo(out_dir: str | Path, num_videos_per_activity_train: int = 10,
     `progress(done, total)` is called after each video. The manifest is written last, so an interrupted
     run never leaves a manifest that points at missing videos.
     """
-    w, h = size
-    if w < 16 or h < 16 or w % 2 or h % 2:
-        raise ValueError(f"size must be even and at least 16x16 (yuv420p), got {w}x{h}")
-    if fps < 1:
-        raise ValueError(f"fps must be >= 1, got {fps}")
+    check_size_fps(size, fps)
     plans = plan_demo(seed, num_videos_per_activity_train, num_videos_per_activity_val,
                       num_videos_per_activity_test, fps=fps, own_share=own_share)
     out = Path(out_dir)
