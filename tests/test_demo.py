@@ -289,3 +289,16 @@ def test_cli_rejects_bad_size(tmp_path):
     result = CliRunner().invoke(app, ["demo", "make", str(tmp_path / "x"), "--size", "33x32"])
     assert result.exit_code != 0 and "size" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_mpeg4_fallback_also_reads_back_frame_exact(tmp_path):
+    # the codec used where an FFmpeg build lacks libx264
+    plan = demo.plan_demo(0, 1, 0, 0, fps=FPS)[0]
+    rendered = demo.render_frames(plan, SIZE)
+    demo.write_mp4(tmp_path / "v.mp4", rendered, FPS, codec="mpeg4")
+    vr = decord.VideoReader(str(tmp_path / "v.mp4"))
+    assert len(vr) == plan.num_frames
+    decoded = vr.get_batch(list(range(len(vr)))).asnumpy()
+    assert decoded.shape == rendered.shape
+    assert np.abs(decoded.astype(np.float32) - rendered).mean() < 5.0
+    assert not (tmp_path / "v.part.mp4").exists()
