@@ -135,3 +135,21 @@ def test_learn_text_false_freezes_tables():
     assert "text" not in names and "fine_text" not in names
     assert head(*_inputs()).shape == (B, C)
     assert dataclasses.asdict(head.cfg)["learn_text"] is False
+
+
+def test_explain_plot_for_one_video(tmp_path):
+    from cmdcl_heads.explain import centre_indices, explain_video, plot_explanation
+
+    assert centre_indices(10, 5).tolist() == [1, 3, 5, 7, 9]
+    assert centre_indices(2, 4).tolist() == [0, 0, 1, 1]
+    head = _head(frames=T)
+    maps, idx = explain_video(head, 3 * torch.randn(40, D).numpy())
+    assert maps["mediator"].shape == (T, CF) and maps["tci"].shape == (C, KP) and len(idx) == T
+    assert head.training  # left as it was
+    out = plot_explanation(maps, [f"c{i}" for i in range(C)], [f"a{i}" for i in range(CF)], tmp_path / "x.png",
+                           times=idx.astype(float), top_k=4, title="video v", truth="c1")
+    assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
+    off = _head(tci=False, cross_sample=False)
+    maps, _ = explain_video(off, torch.randn(20, D).numpy())
+    assert "tci" not in maps and "cross_sample" not in maps
+    plot_explanation(maps, [f"c{i}" for i in range(C)], [f"a{i}" for i in range(CF)], tmp_path / "y.png")
