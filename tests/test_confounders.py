@@ -126,3 +126,15 @@ def test_cli_build_writes_loadable_file(tmp_path):
     assert c.vp_labels == ACTIONS and c.z.shape == (8, 32) and c.settings["spherical"] is False
     bad = CliRunner().invoke(app, args[:-2] + ["median"])
     assert bad.exit_code != 0 and "class-mean" in bad.output
+
+
+def test_load_for_training_names_the_build_command(tmp_path):
+    from cmdcl_heads.config import HeadConfig
+    from cmdcl_heads.confounders import load_for_training
+
+    cache_dir, _ = make_dataset(tmp_path)
+    cache = Cache(cache_dir)
+    assert load_for_training(cache, HeadConfig(model="text4vis")) is None
+    assert load_for_training(cache, HeadConfig(tci=False, cross_sample=False)) is None
+    with pytest.raises(CacheError, match=r"cmdcl-heads confounders build --cache .* --dataset coin"):
+        load_for_training(cache, HeadConfig(), dataset="coin")
