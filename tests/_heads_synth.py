@@ -63,7 +63,7 @@ def make_synthetic(root: Path, seed: int = 0, train_per_class: int = 10, test_pe
     labels = {"dataset": "synthetic", "default_label_set": "task", "fine_label_set": "steps",
               "split_schemes": ["default", "alt"],
               "label_sets": {"task": {"multi_label": False,
-                                      "labels": [{"key": f"t{c}", "name": f"task number {c}"}
+                                      "labels": [{"key": f"t{c}", "name": task_names[c]}
                                                  for c in range(NUM_TASKS)]},
                              "steps": {"multi_label": True,
                                        "labels": [{"key": f"s{s}", "name": n} for s, n in enumerate(step_names)]}},
