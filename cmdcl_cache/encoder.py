@@ -438,8 +438,9 @@ class FrameEncoder:
             "tokens": self.spec.tokens,
             # grid means nothing without grid tokens; 0 keeps cls caches comparable whatever --grid was
             "grid": int(self.spec.grid) if self.spec.tokens == "grid" else 0,
-            "open_clip_version": open_clip.__version__,
-            "torch_version": torch.__version__,
+            # plain str: torch.__version__ is a str subclass that HDF5 attributes cannot hold
+            "open_clip_version": str(open_clip.__version__),
+            "torch_version": str(torch.__version__),
             "quick_gelu": bool(self.quick_gelu),
         }
 

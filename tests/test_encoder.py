@@ -90,6 +90,7 @@ def test_provenance_names_the_checkpoint_by_sha256(encoder, checkpoint):
     assert prov["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
     assert prov["resize_mode"] == "shortest" and prov["interpolation"] == "bicubic"
     assert prov["open_clip_version"] == open_clip.__version__ and prov["torch_version"] == torch.__version__
+    assert all(type(v) in (str, int, float, bool, list) for v in prov.values())  # HDF5-attribute safe
     assert prov["tokens"] == "cls" and prov["grid"] == 0
     assert encoder.feature_dim == 64
 
