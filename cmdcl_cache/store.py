@@ -72,7 +72,11 @@ def _attrs_from(provenance: dict) -> dict:
     for key, value in provenance.items():
         if value is None:
             value = "none"
-        out[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+        if isinstance(value, str):
+            value = str(value)  # str subclasses (torch.__version__) have no HDF5 conversion
+        elif not isinstance(value, (int, float, bool)):
+            value = json.dumps(value)
+        out[key] = value
     return out
 
 
