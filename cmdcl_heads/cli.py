@@ -222,5 +222,28 @@ def predict(
     typer.echo(f"wrote {n} predictions to {out}")
 
 
+
+@app.command()
+def explain(
+    run: Path = typer.Option(..., help="Run folder of a `--model cmdcl` training."),
+    video: str = typer.Option(..., help="Video id to explain."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/explain-VIDEO.png)."),
+    checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
+    dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    top_k: int = typer.Option(8, help="Atomic actions and dictionary entries shown."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+):
+    """Plot which atomic actions and dictionary entries a CMDCL head attends to for one video."""
+    from .explain import explain_run
+
+    try:
+        path = explain_run(run, video, out, checkpoint.value, None if cache is None else str(cache), dataset,
+                           device, top_k)
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as err:
+        _fail(err)
+    typer.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     app()
