@@ -375,7 +375,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                     name = "binary cross-entropy" if ctx.multi_label else "cross-entropy"
                     raise TrainingError(f"{name} loss is {loss.item()} at epoch {epoch}, step {step}/"
                                         f"{steps_per_epoch}: stopping (lower --lr, or check the cache for "
-                                        "non-finite features); last.pt holds the previous epoch")
+                                        "non-finite features); last.pt, if any, holds the last whole epoch")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if opts.clip_grad > 0:
@@ -395,7 +395,8 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                                                              opts.amp), eval_split))
                 record["eval_seconds"] = time.perf_counter() - t1
             report.append_metrics(run, record)
-            improved = metric in record and record[metric] > best_value
+            # a metric that is nan (no positives at all) never improves: keep some best.pt anyway
+            improved = metric in record and (record[metric] > best_value or not (run / "best.pt").exists())
             if improved:
                 best_value, best_epoch = record[metric], epoch
             ckpt = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
