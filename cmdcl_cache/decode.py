@@ -118,6 +118,11 @@ def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1):
 
 
 def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int) -> None:
+    try:  # FFmpeg's own messages about broken files: the error goes to failures.jsonl instead
+        import decord
+        decord.logging.set_level(decord.logging.QUIET)
+    except Exception:  # noqa: BLE001 - logging only
+        pass
     opener = resolve_decoder(decoder)
     policy = SamplingPolicy.from_dict(policy_dict)
     while True:

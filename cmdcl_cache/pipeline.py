@@ -240,10 +240,10 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         raise ExtractError(f"--batch-size must be >= 1, got {opts.batch_size}")
     manifest = load_manifest(opts.dataset)
     rank = detect_rank(opts.shard_index, opts.num_shards)
-    video_root = Path(opts.video_root)
+    video_root = Path(opts.video_root).resolve()
     if not video_root.is_dir():
         raise ExtractError(f"--video-root {video_root} is not a folder")
-    cache_dir = cache_folder(opts.cache, manifest.dataset, opts.model, opts.pretrained, opts.tokens, opts.grid)
+    cache_dir = cache_folder(Path(opts.cache).resolve(), manifest.dataset, opts.model, opts.pretrained, opts.tokens, opts.grid)
     cache_dir.mkdir(parents=True, exist_ok=True)
 
     spec = EncoderSpec(model=opts.model, pretrained=opts.pretrained, precision=opts.precision,
