@@ -24,23 +24,24 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import open_clip
+import PIL.Image
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.functional as TF
 from open_clip.transform import center_crop_or_pad
-from torchvision.transforms import InterpolationMode
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKEN_MODES = ("cls", "grid")
 # Frames are preprocessed in slices of at most this many pixels, so that a batch of 1080p frames
-# does not need gigabytes of float32 on the device at once.
-_PIXEL_BUDGET = 1 << 25
+# does not need gigabytes of float64 on the device at once.
+_PIXEL_BUDGET = 1 << 23
 
 
 def _register_model_configs() -> None:
@@ -99,12 +100,138 @@ def _as_frames(frames) -> torch.Tensor:
     return frames
 
 
+# ------------------------------------------------------------------------------------ PIL resampling
+#
+# open_clip's eval transform resizes a PIL image, and PIL resamples 8-bit images in fixed point: a
+# horizontal pass, rounding to uint8, then a vertical pass, with 22-bit integer filter weights
+# (Pillow's libImaging/Resample.c). torch's antialiased interpolate computes the same filter in float and
+# lands up to a few grey levels away, which moves features by ~0.1-0.3 % (more than float16 rounding).
+# So we redo PIL's arithmetic: its integer weights as a dense [out, in] matrix, applied by a float64
+# matmul, which is exact here (sums of integer products below 2**53), then PIL's rounding and clipping.
+
+_PRECISION_BITS = 32 - 8 - 2
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+    a, x = -0.5, np.abs(x)
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1,
+                    np.where(x < 2.0, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def _bilinear(x: np.ndarray) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1.0, 1.0 - x, 0.0)
+
+
+_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_bilinear, 1.0)}
+
+
+@lru_cache(maxsize=256)
+def _pil_weights_np(in_size: int, out_size: int, interpolation: str) -> np.ndarray:
+    """PIL's fixed-point resampling weights, [out_size, in_size] (precompute_coeffs + normalize_coeffs_8bpc)."""
+    fn, support = _FILTERS["bilinear" if interpolation == "bilinear" else "bicubic"]
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = support * filterscale
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)   # C casts truncate toward zero, as int() does
+        xmax = min(int(center + support + 0.5), in_size)
+        k = fn((np.arange(xmin, xmax) - center + 0.5) / filterscale)
+        total = k.sum()
+        if total != 0.0:
+            k = k / total
+        weights[xx, xmin:xmax] = np.trunc(k * (1 << _PRECISION_BITS) + np.where(k < 0, -0.5, 0.5))
+    return weights
+
+
+_BLOCK = 16  # output pixels per banded matmul: each block reads only the input band its weights touch
+
+
+@lru_cache(maxsize=512)
+def _pil_blocks(in_size: int, out_size: int, out_lo: int, out_hi: int, interpolation: str,
+                device: str) -> list[tuple[int, int, int, int, torch.Tensor]]:
+    """Weights of outputs [out_lo, out_hi) in blocks: (o0, o1, in_lo, in_hi, float64 [o1-o0, in_hi-in_lo])."""
+    weights = _pil_weights_np(in_size, out_size, interpolation)
+    blocks = []
+    for o0 in range(out_lo, out_hi, _BLOCK):
+        o1 = min(o0 + _BLOCK, out_hi)
+        cols = np.flatnonzero(np.any(weights[o0:o1] != 0, axis=0))
+        lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+        blocks.append((o0, o1, lo, hi, torch.from_numpy(weights[o0:o1, lo:hi].copy()).to(device)))
+    return blocks
+
+
+def _pil_round(x: torch.Tensor) -> torch.Tensor:
+    # PIL: ss = 2**(bits-1) + sum(pixel * weight); uint8 = clip(ss >> bits, 0, 255)
+    return torch.floor((x + (1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS)).clamp_(0, 255)
+
+
+def _input_band(in_size: int, out_size: int, out_lo: int, out_hi: int, interpolation: str) -> tuple[int, int]:
+    if in_size == out_size:
+        return out_lo, out_hi
+    blocks = _pil_blocks(in_size, out_size, out_lo, out_hi, interpolation, "cpu")
+    return min(b[2] for b in blocks), max(b[3] for b in blocks)
+
+
+def _resample_axis(x: torch.Tensor, axis: int, in_offset: int, in_size: int, out_size: int,
+                   out_lo: int, out_hi: int, interpolation: str) -> torch.Tensor:
+    """One PIL pass along axis (-1 or -2) for outputs [out_lo, out_hi); x holds inputs from in_offset."""
+    blocks = _pil_blocks(in_size, out_size, out_lo, out_hi, interpolation, str(x.device))
+    parts = []
+    for _, _, lo, hi, k in blocks:
+        if axis == -1:
+            parts.append(x[..., lo - in_offset:hi - in_offset] @ k.T)
+        else:
+            parts.append(k @ x[..., lo - in_offset:hi - in_offset, :])
+    return _pil_round(torch.cat(parts, dim=axis))
+
+
+def pil_resize(x: torch.Tensor, size: Sequence[int], interpolation: str = "bicubic",
+               crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """Resize [N, C, H, W] uint8 images to size (h, w) exactly as PIL's Image.resize does for 8-bit
+    images, then keep the window crop = (top, left, height, width) of the result (which must lie inside
+    it); returns float64 holding the uint8 values, on x's device. Only the cropped outputs are computed,
+    from only the input rows and columns they read, as PIL itself does for its vertical pass."""
+    oh, ow = int(size[0]), int(size[1])
+    h, w = x.shape[-2:]
+    top, left, ch, cw = crop if crop is not None else (0, 0, oh, ow)
+    if not (0 <= top and top + ch <= oh and 0 <= left and left + cw <= ow):
+        raise ValueError(f"crop {crop} does not lie inside the resized size {(oh, ow)}")
+    # Rows the vertical pass reads, columns the horizontal pass reads.
+    r0, r1 = _input_band(h, oh, top, top + ch, interpolation)
+    c0, c1 = _input_band(w, ow, left, left + cw, interpolation)
+    x = x[..., r0:r1, c0:c1].to(torch.float64)
+    if ow != w:  # PIL skips a pass whose size does not change
+        x = _resample_axis(x, -1, c0, w, ow, left, left + cw, interpolation)
+    if oh != h:
+        x = _resample_axis(x, -2, r0, h, oh, top, top + ch, interpolation)
+    return x
+
+
+def _center_crop_box(size: Sequence[int], crop: Sequence[int]) -> tuple[int, int, int, int] | None:
+    # torchvision's center_crop offsets; None when the crop would need padding
+    (h, w), (ch, cw) = size, crop
+    if ch > h or cw > w:
+        return None
+    return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), ch, cw
+
+
+def shortest_edge_size(h: int, w: int, size: int) -> list[int]:
+    """The (h, w) that torchvision's Resize(size: int) gives: shortest edge to size, truncating."""
+    if w <= h:
+        return [int(size * h / w), size]
+    return [size, int(size * w / h)]
+
+
 class FrameEncoder:
     """One open_clip model on one device: preprocess uint8 frames, encode frames and label texts.
 
     Build it with `load_encoder(spec)`. Attributes: spec, device, model, tokenizer, feature_dim,
     image_size (int, or (h, w) for a non-square model), mean, std, resize_mode, interpolation,
-    fill_color, quick_gelu, pretrained_id ("openai", another tag, "sha256:<hex>" or "none").
+    fill_color, quick_gelu, pretrained_id ("openai", another tag, "sha256:<hex>" or "none"),
+    resize_backend ("pil" on CPU, "torch" elsewhere; settable, both are exact).
     """
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, tokenizer, device: torch.device,
@@ -122,13 +249,12 @@ class FrameEncoder:
         self.fill_color = int(cfg.get("fill_color", 0))
         if self.resize_mode not in ("shortest", "longest", "squash"):
             raise EncoderError(f"model {spec.model!r}: unknown resize_mode {self.resize_mode!r}")
-        # open_clip: "bilinear" means bilinear, anything else ("bicubic", "random") bicubic at eval.
-        self._interp = (InterpolationMode.BILINEAR if self.interpolation == "bilinear"
-                        else InterpolationMode.BICUBIC)
         self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         self.feature_dim = int(model.visual.output_dim)
         self._autocast = device.type == "cuda" and spec.precision != "fp32"
+        # Both backends give the same bytes; PIL is faster on CPU, torch keeps the CPU free on a GPU.
+        self.resize_backend = "pil" if device.type == "cpu" else "torch"
         if spec.tokens == "grid":
             self._check_grid_support()
 
@@ -141,40 +267,65 @@ class FrameEncoder:
         ratio = max(rh, rw) * longest + min(rh, rw) * (1.0 - longest)
         return [round(h / ratio), round(w / ratio)]
 
-    def _resize_crop(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] -> uint8 [N, 3, th, tw], as open_clip's eval transform does on a PIL image.
-
-        torchvision resizes a uint8 tensor in float and rounds back to uint8, which is what PIL's
-        8-bit bicubic (antialiased, a = -0.5) produces too, up to one grey level.
-        """
-        h, w = x.shape[-2:]
+    def _plan(self, h: int, w: int) -> tuple[list[int], str, tuple | None]:
+        """(resized (h, w), interpolation, crop box or None) of open_clip's eval transform for an h x w
+        frame; None means: center crop or pad the resized image to the model's size."""
         th, tw = self._size
-        resize = dict(interpolation=self._interp, antialias=True)
         if self.resize_mode == "squash":
-            return TF.resize(x, [th, tw], **resize)
+            return [th, tw], self.interpolation, (0, 0, th, tw)
         if self.resize_mode == "longest":
-            x = TF.resize(x, self._keep_ratio_size(h, w, 1.0), **resize)
-            return center_crop_or_pad(x, [th, tw], fill=self.fill_color)
+            return self._keep_ratio_size(h, w, 1.0), self.interpolation, None
         if th == tw:
-            # torchvision Resize(int): shortest edge to th, the other int(th * long / short)
-            x = TF.resize(x, th, **resize)
+            size, interp = shortest_edge_size(h, w, th), self.interpolation
         else:
-            x = TF.resize(x, self._keep_ratio_size(h, w, 0.0), **resize)
-        return TF.center_crop(x, [th, tw])
+            # open_clip builds ResizeKeepRatio(size) here with its default interpolation, bicubic
+            size, interp = self._keep_ratio_size(h, w, 0.0), "bicubic"
+        return size, interp, _center_crop_box(size, (th, tw))
+
+    def _crop_or_pad(self, x: torch.Tensor) -> torch.Tensor:
+        if self.resize_mode == "longest":
+            return center_crop_or_pad(x, list(self._size), fill=self.fill_color)
+        return TF.center_crop(x, list(self._size))  # pads with zeros, as torchvision's CenterCrop
+
+    def _resize_crop_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] on the device -> [N, 3, th, tw] holding the uint8 values PIL makes."""
+        size, interp, box = self._plan(*x.shape[-2:])
+        if box is None:
+            return self._crop_or_pad(pil_resize(x, size, interp))
+        return pil_resize(x, size, interp, crop=box)
+
+    def _resize_crop_pil(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> uint8 [N, 3, th, tw] through PIL itself (the reference; fast on CPU)."""
+        size, interp, box = self._plan(*frames.shape[1:3])
+        resample = PIL.Image.BILINEAR if interp == "bilinear" else PIL.Image.BICUBIC
+        arrays = frames.cpu().numpy()
+        x = torch.from_numpy(np.stack([
+            np.asarray(PIL.Image.fromarray(a).resize((size[1], size[0]), resample)) for a in arrays
+        ])).permute(0, 3, 1, 2)
+        if box is None:
+            return self._crop_or_pad(x)
+        top, left, ch, cw = box
+        return x[..., top:top + ch, left:left + cw]
 
     def preprocess(self, frames) -> torch.Tensor:
         """uint8 frames [N, H, W, 3] (any device; numpy too) -> float32 [N, 3, S, S] on self.device.
 
-        Exactly open_clip's eval transform for this model (resize with the model's interpolation and
-        antialiasing, center crop or pad, /255, normalise with the model's mean and std), batched.
+        Exactly open_clip's eval transform for this model: resize as PIL does (its 8-bit fixed-point
+        resampling with the model's interpolation), center crop (or pad, for resize_mode 'longest'),
+        /255, normalise with the model's mean and std. On CUDA the resize runs batched on the GPU
+        (`pil_resize`, bit-identical to PIL); on CPU PIL itself is the fastest exact way.
         """
         frames = _as_frames(frames)
         n, h, w, _ = frames.shape
         step = max(1, _PIXEL_BUDGET // max(1, h * w))
         out = []
         for lo in range(0, n, step):
-            x = frames[lo:lo + step].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-            x = self._resize_crop(x).float().div_(255)
+            if self.resize_backend == "pil":
+                x = self._resize_crop_pil(frames[lo:lo + step]).to(self.device)
+            else:
+                x = frames[lo:lo + step].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                x = self._resize_crop_torch(x)
+            x = x.float().div_(255)  # as ToTensor: float32, then / 255
             out.append(x.sub_(self._mean).div_(self._std))
         return torch.cat(out) if len(out) > 1 else out[0]
 
