@@ -203,7 +203,7 @@ def verify_cmd(
 
     folder = _cache_dir(cache, dataset, model, pretrained)
     report = verify(folder, dataset, split, shard_index, num_shards)
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     console.print(f"{folder}: {report.committed} of {report.expected} videos committed, "
                   f"{len(report.failed)} listed as failed, {report.frames} frames", markup=False)
     if report.problems:
