@@ -135,13 +135,23 @@ def texts_provenance_for(encoder, dataset: str, templates: list[str]) -> dict:
     return _plain(prov)
 
 
+def _templates(texts_mod, prompts: Path | None) -> list[str]:
+    # texts.py names: load_templates/DEFAULT_TEMPLATES (the brief said read_templates/default_templates).
+    if prompts:
+        read = getattr(texts_mod, "load_templates", None) or texts_mod.read_templates
+        return list(read(prompts))
+    if hasattr(texts_mod, "DEFAULT_TEMPLATES"):
+        return list(texts_mod.DEFAULT_TEMPLATES)
+    return list(texts_mod.default_templates())
+
+
 def ensure_texts(cache_dir: Path, manifest, encoder, prompts: Path | None = None,
                  force: bool = False) -> tuple[Path, bool]:
     """Write texts.h5 unless it exists with the same provenance; returns (path, written)."""
     from . import texts as texts_mod
     from .store import _normalised, provenance_difference, texts_provenance, write_texts
 
-    templates = texts_mod.read_templates(prompts) if prompts else texts_mod.default_templates()
+    templates = _templates(texts_mod, prompts)
     prov = texts_provenance_for(encoder, manifest.dataset, templates)
     path = Path(cache_dir) / "texts.h5"
     if path.exists() and not force:
