@@ -189,11 +189,16 @@ def _resample_axis(x: torch.Tensor, axis: int, in_offset: int, in_size: int, out
 
 
 def pil_resize(x: torch.Tensor, size: Sequence[int], interpolation: str = "bicubic",
-               crop: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+               crop: tuple[int, int, int, int] | None = None, order: str = "hv") -> torch.Tensor:
     """Resize [N, C, H, W] uint8 images to size (h, w) exactly as PIL's Image.resize does for 8-bit
     images, then keep the window crop = (top, left, height, width) of the result (which must lie inside
     it); returns float64 holding the uint8 values, on x's device. Only the cropped outputs are computed,
-    from only the input rows and columns they read, as PIL itself does for its vertical pass."""
+    from only the input rows and columns they read, as PIL itself does for its vertical pass.
+
+    order: "hv" (horizontal pass first) or "vh". Pillow picks the order itself, by a rule that is not
+    documented (horizontal first for every proportional resize we tried, vertical first for some
+    resizes that shrink the height much more than the width); `FrameEncoder` finds it per frame size
+    by checking against PIL once (`resize_order`)."""
     oh, ow = int(size[0]), int(size[1])
     h, w = x.shape[-2:]
     top, left, ch, cw = crop if crop is not None else (0, 0, oh, ow)
@@ -203,11 +208,27 @@ def pil_resize(x: torch.Tensor, size: Sequence[int], interpolation: str = "bicub
     r0, r1 = _input_band(h, oh, top, top + ch, interpolation)
     c0, c1 = _input_band(w, ow, left, left + cw, interpolation)
     x = x[..., r0:r1, c0:c1].to(torch.float64)
-    if ow != w:  # PIL skips a pass whose size does not change
-        x = _resample_axis(x, -1, c0, w, ow, left, left + cw, interpolation)
-    if oh != h:
-        x = _resample_axis(x, -2, r0, h, oh, top, top + ch, interpolation)
+    for axis in order:
+        if axis == "h" and ow != w:  # PIL skips a pass whose size does not change
+            x = _resample_axis(x, -1, c0, w, ow, left, left + cw, interpolation)
+        elif axis == "v" and oh != h:
+            x = _resample_axis(x, -2, r0, h, oh, top, top + ch, interpolation)
     return x
+
+
+@lru_cache(maxsize=1024)
+def resize_order(h: int, w: int, oh: int, ow: int, interpolation: str) -> str | None:
+    """The pass order ("hv" or "vh") with which `pil_resize` reproduces PIL for this resize, found on a
+    noise image (on which the orders differ); None if neither does (then resize with PIL itself)."""
+    noise = np.random.default_rng(h * 100003 + w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    resample = PIL.Image.BILINEAR if interpolation == "bilinear" else PIL.Image.BICUBIC
+    expected = torch.from_numpy(np.asarray(PIL.Image.fromarray(noise).resize((ow, oh), resample)).copy())
+    x = torch.from_numpy(noise).permute(2, 0, 1)[None]
+    for order in ("hv", "vh"):
+        if torch.equal(pil_resize(x, (oh, ow), interpolation, order=order)[0].permute(1, 2, 0),
+                       expected.to(torch.float64)):
+            return order
+    return None
 
 
 def _center_crop_box(size: Sequence[int], crop: Sequence[int]) -> tuple[int, int, int, int] | None:
@@ -290,9 +311,12 @@ class FrameEncoder:
     def _resize_crop_torch(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] on the device -> [N, 3, th, tw] holding the uint8 values PIL makes."""
         size, interp, box = self._plan(*x.shape[-2:])
+        order = resize_order(*x.shape[-2:], *size, interp)
+        if order is None:  # no known pass order reproduces PIL here: let PIL do it
+            return self._resize_crop_pil(x.permute(0, 2, 3, 1)).to(x.device)
         if box is None:
-            return self._crop_or_pad(pil_resize(x, size, interp))
-        return pil_resize(x, size, interp, crop=box)
+            return self._crop_or_pad(pil_resize(x, size, interp, order=order))
+        return pil_resize(x, size, interp, crop=box, order=order)
 
     def _resize_crop_pil(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> uint8 [N, 3, th, tw] through PIL itself (the reference; fast on CPU)."""
@@ -414,8 +438,9 @@ class FrameEncoder:
             "tokens": self.spec.tokens,
             # grid means nothing without grid tokens; 0 keeps cls caches comparable whatever --grid was
             "grid": int(self.spec.grid) if self.spec.tokens == "grid" else 0,
-            "open_clip_version": open_clip.__version__,
-            "torch_version": torch.__version__,
+            # plain str: torch.__version__ is a str subclass that HDF5 attributes cannot hold
+            "open_clip_version": str(open_clip.__version__),
+            "torch_version": str(torch.__version__),
             "quick_gelu": bool(self.quick_gelu),
         }
 
