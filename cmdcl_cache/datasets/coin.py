@@ -5,6 +5,7 @@ Label sets (labels.json order):
   label id == COIN `recipe_type`.
 - `step` (fine, multi-label, 778): key = official step id as a string ("259"), name = step label
   ("remove the tire"), in step id order (label id == step id - 1).
+  A video's `step` labels are its distinct step ids in id order; `segments` keep the temporal order.
 - `domain` (single-label, 12): taxonomy domain names, in the order of the official domain sheet.
 
 Split: scheme "official", `training` -> train, `testing` -> test (`validation` -> val, which COIN.json
