@@ -39,6 +39,11 @@ def _records(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _metrics(record, part):
+    """The metrics of one split ("select" or "eval") of a metrics.jsonl record, without its name."""
+    return {k: v for k, v in record[part].items() if k != "split"}
+
+
 def test_zeroshot_evaluates_without_training(synth, tmp_path):
     run = tmp_path / "zs"
     summary = train(_opts(synth, run), _cfg("zeroshot"))
@@ -46,6 +51,8 @@ def test_zeroshot_evaluates_without_training(synth, tmp_path):
     assert summary["trainable_parameters"] == 0 and summary["epochs"] == 0
     records = _records(run)
     assert len(records) == 1 and records[0]["epoch"] == 0 and records[0]["train_loss"] is None
+    assert _metrics(records[0], "eval") == summary["metrics"] and "select" not in records[0]
+    assert summary["selection"]["split"] is None and summary["best_epoch"] == 0
     ckpt = torch.load(run / "best.pt", weights_only=False)
     assert "optimizer" not in ckpt and set(ckpt["model"]) == {"text"}
     for name in ("summary.json", "curves.png", "confusion.png", "last.pt"):
@@ -62,7 +69,9 @@ def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
     records = _records(run)
     assert [r["epoch"] for r in records] == list(range(1, 7))
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    assert summary["metrics"]["top1"] == max(r["top1"] for r in records)  # best.pt is the best epoch
+    # no val videos: nothing selects, best.pt is the last epoch (never the best test epoch)
+    assert summary["selection"]["split"] is None and summary["best_epoch"] == 6
+    assert summary["metrics"] == _metrics(records[-1], "eval")
     for name in ("curves.png", "confusion.png", "best.pt", "last.pt"):
         assert (run / name).exists()
 
