@@ -59,7 +59,8 @@ def demo_make(
     console.print(f"manifest: {manifest_dir}")
     video_root = out / "videos"
     env = "" if manifest_dir.resolve() == Path("demo/manifest").resolve() else f"CMDCL_DEMO={manifest_dir} "
-    console.print(f"next: {env}cmdcl-cache extract demo --video-root {video_root}", soft_wrap=True)
+    console.print(f"next: {env}cmdcl-cache extract --dataset demo --video-root {video_root} --cache cache "
+                  "--model cmdcl-tiny --pretrained none", soft_wrap=True)
 
 
 @manifest_app.command("build")
