@@ -38,7 +38,7 @@ from . import report
 from .config import HeadConfig
 from .data import SplitVideos, make_features, pair_split, resolve_cache_dir
 from .metrics import compute_metrics, confusion_matrix, per_class_ap, primary_metric
-from .models import build_head, is_trainable
+from .models import build_head, clamp_logit_scales, is_trainable
 
 CHECKPOINT_VERSION = 1
 
@@ -435,6 +435,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                 if opts.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
                 optimizer.step()
+                clamp_logit_scales(model)
                 scheduler.step()
                 total += loss.item() * len(pos)
                 count += len(pos)
