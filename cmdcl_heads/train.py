@@ -428,8 +428,9 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                 if not torch.isfinite(loss):
                     name = "binary cross-entropy" if ctx.multi_label else "cross-entropy"
                     raise TrainingError(f"{name} loss is {loss.item()} at epoch {epoch}, step {step}/"
-                                        f"{steps_per_epoch}: stopping (lower --lr, or check the cache for "
-                                        "non-finite features); last.pt, if any, holds the last whole epoch")
+                                        f"{steps_per_epoch}: stopping ({_nan_diagnosis(model, frames, logits)};"
+                                        " lower --lr, or check the cache for non-finite features); last.pt, "
+                                        "if any, holds the last whole epoch")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if opts.clip_grad > 0:
@@ -502,6 +503,16 @@ def _check_resume_options(ckpt: dict, opts: TrainOptions, cfg: HeadConfig, where
                                  f"{before['epochs']} (the learning-rate schedule depends on it)")
     if ckpt["epoch"] >= opts.epochs:
         raise TrainingError(f"{where}: the run already finished its {opts.epochs} epochs")
+
+
+def _nan_diagnosis(model, frames, logits) -> str:
+    """Where the non-finite values are: the input, the weights (a previous step), or only this forward."""
+    if not torch.isfinite(frames).all():
+        return "the input frames hold NaN/Inf"
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        return f"non-finite weights after the previous step: {', '.join(bad[:3])}"
+    return f"weights finite, logits {'finite' if torch.isfinite(logits).all() else 'non-finite'}"
 
 
 def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped, *, data_mode,
