@@ -4,17 +4,24 @@ Each worker is a `spawn`ed process (no fork of a process that holds torch thread
 a time over its own pipe and answers on its own pipe:
 
     ("meta", job, num_source_frames, fps, duration, frame_index, timestamps)   after opening
-    ("frames", job, start, uint8 [k, H, W, 3])                                  one chunk of sampled frames
+    ("frames", job, start, uint8 [k, S, S, 3])                                  one chunk of sampled frames
     ("done", job)  |  ("error", job, stage, message)                            stage: open | decode
 
-Frames travel in chunks (32 frames, fewer for very large frames, see `chunk_frames`), so memory stays
-bounded whatever the length of the video: a worker decodes one chunk ahead and then blocks on its pipe
-until the main process takes it. One pipe per worker, never a shared queue: a worker killed while it
-writes would leave a shared queue's lock held and hang every other worker.
+Given the encoder's `TransformSpec` (the pipeline always gives it), a worker resizes and centre crops
+each frame as open_clip's eval transform does, with PIL itself (`transform.resize_crop`, the very code
+of the encoder's CPU path, so the pixels are open_clip's bit for bit) and sends uint8 crops of the
+model's input size: 150 KB per frame at 224 x 224 instead of 0.7 MB (360p) to 6 MB (1080p) at full
+resolution. Sending full frames made the main process the bottleneck: unpickling them and resizing
+them there took longer than encoding. The main process only normalises and encodes. (decord's own
+resize while decoding would be cheaper still, but its scaler, swscale, does not give PIL's pixels.)
+Without a transform (benchmarks, tests) the frames are sent at full resolution. Workers import numpy,
+PIL and decord, never torch: start-up time and memory per worker.
 
-Frames are sent at full resolution. decord can resize while decoding, but its scaler (swscale) does not
-give the pixels that open_clip's PIL bicubic resize gives, and parity with open_clip matters more than the
-saved bandwidth; the resize happens on the device in the encoder's preprocess.
+Frames travel in chunks (32 frames; fewer for large frames, see `chunk_frames`, so that the decoded
+full-resolution frames a worker holds stay under 64 MB), so memory stays bounded whatever the length of
+the video: a worker decodes one chunk ahead and then blocks on its pipe until the main process
+takes it. One pipe per worker, never a shared queue: a worker killed while it writes would leave a
+shared queue's lock held and hang every other worker.
 
 Timeout: a worker that shows no progress (no message) for `timeout` seconds of the main process's waiting
 time is killed with SIGKILL and replaced; its video is recorded as failed at the stage it was in. Time the
@@ -39,9 +46,12 @@ from multiprocessing.connection import wait
 import numpy as np
 
 from .sampling import SamplingError, SamplingPolicy, sample_frames
+from .transform import TransformSpec, resize_crop
 
+# Chunk boundaries decide which frames share an encoder batch, and a feature can differ in its last bit
+# with its row in the batch (GEMM tail kernels): changing them changes shard bytes. Kept as they were.
 CHUNK_FRAMES = 32
-CHUNK_BYTES = 64 << 20   # at most this many bytes of frames per message
+CHUNK_BYTES = 64 << 20   # at most this many bytes of decoded (full-resolution) frames per chunk
 
 
 class DecodeError(RuntimeError):
@@ -91,8 +101,18 @@ def _message(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:500]}"
 
 
-def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1):
-    """Generator used by the worker (and usable in-process): yields the messages listed above, minus job."""
+def _as_spec(transform) -> TransformSpec | None:
+    if transform is None or isinstance(transform, TransformSpec):
+        return transform
+    return TransformSpec.from_dict(transform)
+
+
+def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, transform=None):
+    """Generator used by the worker (and usable in-process): yields the messages listed above, minus job.
+
+    transform: a TransformSpec (or its dict): frames are sent as open_clip's eval resize + crop of them.
+    """
+    transform = _as_spec(transform)
     try:
         video = opener(path, threads)
         n, fps = int(video.num_frames), float(video.fps)
@@ -111,13 +131,20 @@ def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1):
                                         f" of {n}: {_message(err)}") from err
         if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) != len(index[start:start + step]):
             raise DecodeError("decode", f"decoder returned an array of shape {frames.shape}")
+        step = chunk_frames(frames.shape[1], frames.shape[2])
+        if transform is not None:
+            try:
+                frames = resize_crop(transform, frames)
+            except Exception as err:
+                raise DecodeError("decode", f"resize/crop of frames {index[start]}.. of shape "
+                                            f"{frames.shape}: {_message(err)}") from err
         yield ("frames", start, frames)
         start += len(frames)
-        step = chunk_frames(frames.shape[1], frames.shape[2])
     yield ("done",)
 
 
-def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int) -> None:
+def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int,
+            transform: dict | None = None) -> None:
     try:  # FFmpeg's own messages about broken files: the error goes to failures.jsonl instead
         import decord
         decord.logging.set_level(decord.logging.QUIET)
@@ -134,7 +161,7 @@ def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int)
             return
         job, path = task
         try:
-            for msg in decode_video(opener, path, policy, threads):
+            for msg in decode_video(opener, path, policy, threads, transform):
                 outbox.send((msg[0], job, *msg[1:]))
         except DecodeError as err:
             outbox.send(("error", job, err.stage, str(err)))
@@ -155,13 +182,19 @@ class _Slot:
 
 
 class DecodePool:
-    """A fixed number of decode workers; `submit` a video to an idle one, `poll` for messages."""
+    """A fixed number of decode workers; `submit` a video to an idle one, `poll` for messages.
+
+    transform: the encoder's TransformSpec: workers send open_clip's resize + crop of the frames (see the
+    module docstring); None sends full frames.
+    """
 
     def __init__(self, workers: int, policy: SamplingPolicy, timeout: float = 120.0,
-                 decoder: str | None = None, threads: int | None = None):
+                 decoder: str | None = None, threads: int | None = None,
+                 transform: TransformSpec | None = None):
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.policy, self.timeout, self.decoder = policy, float(timeout), decoder
+        self.transform = _as_spec(transform)
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self._ctx = mp.get_context("spawn")
         self.slots = [self._start() for _ in range(workers)]
@@ -170,8 +203,9 @@ class DecodePool:
     def _start(self) -> _Slot:
         inbox_r, inbox_w = self._ctx.Pipe(duplex=False)
         outbox_r, outbox_w = self._ctx.Pipe(duplex=False)
+        transform = self.transform.to_dict() if self.transform is not None else None
         p = self._ctx.Process(target=_worker, args=(inbox_r, outbox_w, self.policy.to_dict(), self.decoder,
-                                                    self.threads), daemon=True, name="cmdcl-decode")
+                                                    self.threads, transform), daemon=True, name="cmdcl-decode")
         p.start()
         inbox_r.close()
         outbox_w.close()

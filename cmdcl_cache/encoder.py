@@ -2,9 +2,12 @@
 
 `load_encoder(EncoderSpec(...))` builds the model through open_clip's own factory, so the preprocessing
 configuration (size, mean/std, interpolation, resize mode) travels with the model exactly as open_clip
-sets it. `FrameEncoder.preprocess` then re-implements open_clip's eval transform on uint8 frame tensors
-with torch ops on the device (no PIL round trip per frame); the tests check that the features equal
-`model.encode_image(preprocess(PIL.Image.fromarray(frame)))` from plain open_clip within float16
+sets it. `FrameEncoder.preprocess` applies open_clip's eval transform to uint8 frames: the resize and
+crop with PIL itself on CPU (`transform.resize_crop`, torch-free, which the extract pipeline runs in its
+decode workers) or with `pil_resize` on the device, a batched re-implementation of PIL's fixed-point
+resampling that gives the same bytes; then /255 and mean/std on the device (`normalise_crops` does only
+this part, for crops made elsewhere). The tests check that the pixels equal open_clip's
+`preprocess(PIL.Image.fromarray(frame))` exactly and the features equal plain open_clip's within float16
 tolerance.
 
 Precision: the model's weights stay float32 and, on CUDA, the towers run under
@@ -35,6 +38,8 @@ import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.functional as TF
 from open_clip.transform import center_crop_or_pad
+
+from .transform import TransformSpec, plan, resize_crop, shortest_edge_size  # noqa: F401 (re-exported)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -231,21 +236,6 @@ def resize_order(h: int, w: int, oh: int, ow: int, interpolation: str) -> str | 
     return None
 
 
-def _center_crop_box(size: Sequence[int], crop: Sequence[int]) -> tuple[int, int, int, int] | None:
-    # torchvision's center_crop offsets; None when the crop would need padding
-    (h, w), (ch, cw) = size, crop
-    if ch > h or cw > w:
-        return None
-    return int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0)), ch, cw
-
-
-def shortest_edge_size(h: int, w: int, size: int) -> list[int]:
-    """The (h, w) that torchvision's Resize(size: int) gives: shortest edge to size, truncating."""
-    if w <= h:
-        return [int(size * h / w), size]
-    return [size, int(size * w / h)]
-
-
 class FrameEncoder:
     """One open_clip model on one device: preprocess uint8 frames, encode frames and label texts.
 
@@ -268,8 +258,11 @@ class FrameEncoder:
         self.resize_mode = cfg.get("resize_mode", "shortest")
         self.interpolation = cfg.get("interpolation", "bicubic")
         self.fill_color = int(cfg.get("fill_color", 0))
-        if self.resize_mode not in ("shortest", "longest", "squash"):
-            raise EncoderError(f"model {spec.model!r}: unknown resize_mode {self.resize_mode!r}")
+        try:
+            self.transform_spec = TransformSpec(self._size, self.resize_mode, self.interpolation,
+                                                self.fill_color)
+        except ValueError as err:
+            raise EncoderError(f"model {spec.model!r}: {err}") from None
         self._mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         self.feature_dim = int(model.visual.output_dim)
@@ -281,27 +274,8 @@ class FrameEncoder:
 
     # ------------------------------------------------------------------------------ preprocessing
 
-    def _keep_ratio_size(self, h: int, w: int, longest: float) -> list[int]:
-        # open_clip's ResizeKeepRatio.get_params, without its random (training-only) factors.
-        th, tw = self._size
-        rh, rw = h / th, w / tw
-        ratio = max(rh, rw) * longest + min(rh, rw) * (1.0 - longest)
-        return [round(h / ratio), round(w / ratio)]
-
     def _plan(self, h: int, w: int) -> tuple[list[int], str, tuple | None]:
-        """(resized (h, w), interpolation, crop box or None) of open_clip's eval transform for an h x w
-        frame; None means: center crop or pad the resized image to the model's size."""
-        th, tw = self._size
-        if self.resize_mode == "squash":
-            return [th, tw], self.interpolation, (0, 0, th, tw)
-        if self.resize_mode == "longest":
-            return self._keep_ratio_size(h, w, 1.0), self.interpolation, None
-        if th == tw:
-            size, interp = shortest_edge_size(h, w, th), self.interpolation
-        else:
-            # open_clip builds ResizeKeepRatio(size) here with its default interpolation, bicubic
-            size, interp = self._keep_ratio_size(h, w, 0.0), "bicubic"
-        return size, interp, _center_crop_box(size, (th, tw))
+        return plan(self.transform_spec, h, w)
 
     def _crop_or_pad(self, x: torch.Tensor) -> torch.Tensor:
         if self.resize_mode == "longest":
@@ -319,17 +293,10 @@ class FrameEncoder:
         return pil_resize(x, size, interp, crop=box, order=order)
 
     def _resize_crop_pil(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, H, W, 3] -> uint8 [N, 3, th, tw] through PIL itself (the reference; fast on CPU)."""
-        size, interp, box = self._plan(*frames.shape[1:3])
-        resample = PIL.Image.BILINEAR if interp == "bilinear" else PIL.Image.BICUBIC
-        arrays = frames.cpu().numpy()
-        x = torch.from_numpy(np.stack([
-            np.asarray(PIL.Image.fromarray(a).resize((size[1], size[0]), resample)) for a in arrays
-        ])).permute(0, 3, 1, 2)
-        if box is None:
-            return self._crop_or_pad(x)
-        top, left, ch, cw = box
-        return x[..., top:top + ch, left:left + cw]
+        """uint8 [N, H, W, 3] -> uint8 [N, 3, th, tw] through PIL itself (transform.resize_crop, the
+        reference, and what the decode workers run)."""
+        crops = resize_crop(self.transform_spec, frames.cpu().numpy())
+        return torch.from_numpy(crops).permute(0, 3, 1, 2)
 
     def preprocess(self, frames) -> torch.Tensor:
         """uint8 frames [N, H, W, 3] (any device; numpy too) -> float32 [N, 3, S, S] on self.device.
@@ -349,9 +316,25 @@ class FrameEncoder:
             else:
                 x = frames[lo:lo + step].to(self.device, non_blocking=True).permute(0, 3, 1, 2)
                 x = self._resize_crop_torch(x)
-            x = x.float().div_(255)  # as ToTensor: float32, then / 255
-            out.append(x.sub_(self._mean).div_(self._std))
+            out.append(self._normalise(x))
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        # uint8 values [N, 3, S, S] on the device (uint8, or float64 from pil_resize) -> as ToTensor
+        # (float32, then / 255), then Normalize. Strides are kept: [N, S, S, 3] crops permuted stay
+        # channels-last, as the PIL path has always given them.
+        x = x.float().div_(255)
+        return x.sub_(self._mean).div_(self._std)
+
+    def normalise_crops(self, crops) -> torch.Tensor:
+        """uint8 crops [N, th, tw, 3] from `transform.resize_crop(self.transform_spec, frames)` (numpy or
+        tensor, as the decode workers send them) -> float32 [N, 3, th, tw] on self.device, equal to
+        `preprocess(frames)` bit for bit: the same values go through the same /255 and normalisation."""
+        crops = _as_frames(crops)
+        if tuple(crops.shape[1:3]) != self._size:
+            raise ValueError(f"crops must be [N, {self._size[0]}, {self._size[1]}, 3] (the model's input "
+                             f"size), got {tuple(crops.shape)}")
+        return self._normalise(crops.to(self.device, non_blocking=True).permute(0, 3, 1, 2))
 
     # ---------------------------------------------------------------------------------- encoding
 

@@ -1,12 +1,15 @@
 """`extract`: videos of a manifest -> sampled frames -> CLIP features -> one HDF5 shard per rank.
 
-    manifest ─ select rank's videos ─ skip committed ─▶ DecodePool (worker processes, decord)
-        ─ uint8 chunks ─▶ preprocess on the device ─▶ fixed-size batches across videos ─▶ encode
-        ─ per-video features ─▶ ShardWriter journal (commit per video) ─▶ finalize (atomic HDF5)
+    manifest ─ select rank's videos ─ skip committed ─▶ DecodePool (worker processes: decord, then
+        open_clip's resize + centre crop with PIL) ─ uint8 crops [k, S, S, 3] ─▶ fixed-size batches across
+        videos ─▶ /255, mean/std and encode on the device ─▶ per-video features ─▶ ShardWriter journal
+        (commit per video) ─▶ finalize (atomic HDF5)
 
-Decode overlaps encode: each worker decodes one chunk ahead and waits on its pipe while the main process
-encodes. Frames of several videos share a batch, so short videos do not leave the device idle, and every
-batch is padded to exactly --batch-size rows, so a frame's feature does not depend on which other frames
+Decode overlaps encode: each worker decodes (and crops) one chunk ahead and waits on its pipe while the
+main process encodes. The workers crop because the main process was the bottleneck when it received
+full-resolution frames (see decode.py); the crops are the very pixels `FrameEncoder.preprocess` gives.
+Frames of several videos share a batch, so short videos do not leave the device idle, and every batch is
+padded to exactly --batch-size rows, so a frame's feature does not depend on which other frames
 happened to share its batch (kernels may pick another algorithm for another batch size): an interrupted
 and resumed run writes the same bytes as one that never stopped.
 
@@ -287,7 +290,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
                 fail(rec.video_id, rec.path, "open", str(err), time.monotonic())
 
     jobs: dict[str, _Job] = {}
-    pending: collections.deque = collections.deque()   # (job, pixels [k, 3, S, S]) waiting to be encoded
+    pending: collections.deque = collections.deque()   # (job, uint8 crops [k, S, S, 3]) waiting to be encoded
     buffered = 0
     bs = opts.batch_size
 
@@ -331,11 +334,12 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             parts.append((job, x))
             take -= len(x)
         buffered -= bs - take
-        pixels = torch.cat([x for _, x in parts])
-        k = len(pixels)
-        if k < bs:   # fixed batch shape: see the module docstring
-            pixels = torch.cat([pixels, pixels.new_zeros((bs - k, *pixels.shape[1:]))])
         try:
+            crops = parts[0][1] if len(parts) == 1 else np.concatenate([x for _, x in parts])
+            pixels = encoder.normalise_crops(crops)
+            k = len(pixels)
+            if k < bs:   # fixed batch shape: see the module docstring
+                pixels = torch.cat([pixels, pixels.new_zeros((bs - k, *pixels.shape[1:]))])
             feats, toks = encoder.encode_pixels(pixels)
             feats = feats[:k].numpy()
             toks = toks[:k].numpy() if toks is not None else None
@@ -369,11 +373,11 @@ def extract(opts: ExtractOptions) -> ExtractResult:
             n, fps, duration, index_, stamps = msg[2:]
             job.meta, job.total = (n, fps, duration, index_, stamps), len(index_)
         elif kind == "frames":
-            try:
-                x = encoder.preprocess(msg[3])
-            except Exception as err:  # noqa: BLE001
-                pool.cancel(vid)
-                fail(job, job.path, "encode", f"preprocess: {type(err).__name__}: {err}", job.t0)
+            x = msg[3]
+            if x.dtype != np.uint8 or x.shape[1:] != (*encoder.transform_spec.size, 3):
+                pool.cancel(vid)   # a bug, not a bad video; still only this video fails
+                fail(job, job.path, "decode", f"the decode worker sent {x.dtype} frames of shape {x.shape},"
+                                              f" not the model's input size", job.t0)
                 drop(job)
                 return
             pending.append((job, x))
@@ -390,7 +394,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     try:
         if queue:
             with DecodePool(min(opts.workers, len(queue)), opts.policy, opts.decode_timeout, opts.decoder,
-                            opts.decode_threads) as pool:
+                            opts.decode_threads, transform=encoder.transform_spec) as pool:
                 while queue or jobs:
                     while queue and pool.idle:
                         job = queue.popleft()

