@@ -9,6 +9,8 @@
 # into /tmp/site first. Weights are random (--pretrained none): speed does not depend on them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+EPOCHS=${EPOCHS:-30}          # training epochs (a shorter run gives the per-epoch time)
+MEMORY=${MEMORY:-}            # set to --skip-memory to skip the peak-memory runs
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 LOG="$OUT/gpu.log"
@@ -26,11 +28,11 @@ start=$SECONDS
 echo "== extraction (ViT-B-16 fp16, 8 generated 2-minute videos + 4 real clips, 8 fps sampled)" | tee -a "$LOG"
 timeout 270 python3 benchmarks/extract_throughput.py --device cuda --model ViT-B-16 --pretrained none \
     --precision fp16 --long-videos 8 --long-seconds 120 --fps 8 --workers 12 --batch-size 256 \
-    --out "$OUT/gpu_extract.json" 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$LOG"
+    $MEMORY --out "$OUT/gpu_extract.json" 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$LOG"
 echo "extraction stage: $((SECONDS - start)) s" | tee -a "$LOG"
 
 start=$SECONDS
-echo "== training (cmdcl, H=8, T=64, 30 epochs, 9,030 x 64 x 512 cache)" | tee -a "$LOG"
-timeout 270 python3 benchmarks/coin_sized_training.py --device cuda --epochs 30 --layers 8 --frames 64 \
+echo "== training (cmdcl, H=8, T=64, $EPOCHS epochs, 9,030 x 64 x 512 cache)" | tee -a "$LOG"
+timeout 400 python3 benchmarks/coin_sized_training.py --device cuda --epochs "$EPOCHS" --layers 8 --frames 64 \
     --out "$OUT/gpu_training.json" 2>&1 | tail -25 | tee -a "$LOG"
 echo "training stage: $((SECONDS - start)) s" | tee -a "$LOG"
