@@ -1,0 +1,315 @@
+"""Confounder dictionaries for CMDCL: V_P (textual back-door) and Z (visual front-door), `confounders.h5`.
+
+What the paper fixes: a cross-modal bias B stratified by visual prototypes for the back-door adjustment
+on the text, and a visual dictionary Z of confounders for the front-door's cross-sample term, both built
+from frozen CLIP frame features, each with a prior. What we chose (*inferred*):
+
+- Both dictionaries come from the TRAINING split only (frames of training videos under the chosen split
+  scheme), so that nothing of the test videos leaks into the model through its dictionaries.
+- k-means with FAISS, spherical (on L2-normalised features, unit-norm centroids) by default; CLIP compares
+  features by cosine, so the clusters should too. V_P uses `seed`, Z uses `seed + 1` so that the two
+  initialisations are not the same draw.
+- At most `max_points` frames are clustered, a uniform sample without replacement drawn with `seed` over
+  all training frames. The priors are cluster frequencies over ALL training frames (a second, streaming
+  pass assigns every frame to its nearest centroid), not just over the sample.
+- `prototypes="class-mean"`: V_P = mean frame feature per label (renormalised when spherical), using the
+  segments of the fine label set where a video has them and its video-level labels otherwise; prior =
+  share of training frames carrying that label. Labels without any training frame are dropped (their
+  keys are stored in `vp_labels`, so plots can name each row).
+
+The file stores a fingerprint of the cache it was built from (sha256 over the sorted provenance, video ids
+with their frame counts and per-shard row counts), the settings, the k-means objectives and the FAISS
+version; `load(path, cache=...)` refuses a dictionary built from another cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from cmdcl_cache.store import Cache, CacheError, ProvenanceError
+
+FILE_NAME = "confounders.h5"
+SCHEMA_VERSION = 1
+DEFAULT_MAX_POINTS = 262_144
+
+
+def build_command(cache_dir, dataset="DATASET") -> str:
+    """The command that builds the dictionaries, for error messages."""
+    return f"cmdcl-heads confounders build --cache {cache_dir} --dataset {dataset}"
+
+
+@dataclass
+class Confounders:
+    """The two dictionaries and their priors (float32 tensors) plus where they came from."""
+
+    vp: torch.Tensor                   # [Kp, D] V_P: bias prototypes (k-means centroids or class means)
+    vp_prior: torch.Tensor             # [Kp]   P(b), sums to 1
+    z: torch.Tensor                    # [Kz, D] Z: visual confounder dictionary
+    z_prior: torch.Tensor              # [Kz]   P(z), sums to 1
+    settings: dict = field(default_factory=dict)
+    cache_fingerprint: str = ""
+    vp_labels: list[str] | None = None  # label key of each V_P row (class-mean prototypes only)
+
+    def __post_init__(self):
+        for name in ("vp", "vp_prior", "z", "z_prior"):
+            setattr(self, name, torch.as_tensor(np.asarray(getattr(self, name)), dtype=torch.float32))
+        if self.vp.ndim != 2 or self.z.ndim != 2 or self.vp.shape[1] != self.z.shape[1]:
+            raise ValueError(f"confounders: vp {tuple(self.vp.shape)} and z {tuple(self.z.shape)} "
+                             "must be [K, D] with the same D")
+        if self.vp_prior.shape != self.vp.shape[:1] or self.z_prior.shape != self.z.shape[:1]:
+            raise ValueError("confounders: each prior must have one entry per dictionary row")
+
+    @property
+    def dim(self) -> int:
+        return int(self.vp.shape[1])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        with h5py.File(tmp, "w", track_order=True) as f:
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["cache_fingerprint"] = self.cache_fingerprint
+            f.attrs["settings"] = json.dumps(self.settings, sort_keys=True)
+            for name in ("vp", "vp_prior", "z", "z_prior"):
+                f.create_dataset(name, data=getattr(self, name).numpy(), track_times=False)
+            if self.vp_labels is not None:
+                f.create_dataset("vp_labels", data=np.array(self.vp_labels, dtype=h5py.string_dtype()),
+                                 track_times=False)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, cache: Cache | None = None) -> "Confounders":
+        """Read `confounders.h5`; with `cache`, check that it was built from that cache."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILE_NAME
+        if not path.exists():
+            where = cache.dir if cache is not None else path.parent
+            raise CacheError(f"{path}: no confounder dictionaries; build them with `{build_command(where)}`")
+        try:
+            with h5py.File(path, "r") as f:
+                out = cls(vp=f["vp"][:], vp_prior=f["vp_prior"][:], z=f["z"][:], z_prior=f["z_prior"][:],
+                          settings=json.loads(f.attrs["settings"]),
+                          cache_fingerprint=str(f.attrs["cache_fingerprint"]),
+                          vp_labels=[s.decode() for s in f["vp_labels"][:]] if "vp_labels" in f else None)
+        except (OSError, KeyError) as err:
+            raise CacheError(f"{path}: not a readable confounders file ({err})") from err
+        if cache is not None:
+            expected = cache_fingerprint(cache)
+            if out.cache_fingerprint != expected:
+                raise ProvenanceError(
+                    f"{path}: built from another cache (fingerprint {out.cache_fingerprint[:12]}…, this cache "
+                    f"is {expected[:12]}…); rebuild with `{build_command(cache.dir)}`")
+        return out
+
+
+def save(confounders: Confounders, path) -> Path:
+    return confounders.save(path)
+
+
+def load(path, cache: Cache | None = None) -> Confounders:
+    return Confounders.load(path, cache)
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+
+def cache_fingerprint(cache: Cache) -> str:
+    """sha256 over the sorted provenance, every (video id, frame count) and the rows of each shard."""
+    shard_rows = [0] * len(cache.shard_paths)
+    for vid in cache.video_ids:
+        shard, _, n = cache._index[vid]
+        shard_rows[shard] += n
+    payload = {
+        "provenance": {k: cache.provenance[k] for k in sorted(cache.provenance)},
+        "videos": [[vid, cache.num_frames(vid)] for vid in cache.video_ids],
+        "shards": [[p.name, rows] for p, rows in zip(cache.shard_paths, shard_rows)],
+        "feature_dim": cache.feature_dim,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- build
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _frame_labels(video, times: np.ndarray, label_set, set_name: str) -> list[list[int]]:
+    """Label ids of each frame: segments of `set_name` where the video has them, else its video labels."""
+    segs = [s for s in video.segments if s["set"] == set_name]
+    if segs:
+        out = [[] for _ in times]
+        for s in segs:
+            hit = np.nonzero((times >= s["start"]) & (times < s["end"]))[0]  # [start, end): no shared frame
+            for i in hit:
+                out[i].append(label_set.index(s["label"]))
+        return out
+    value = video.labels.get(set_name)
+    if value is None:
+        return [[] for _ in times]
+    ids = [label_set.index(k) for k in ([value] if isinstance(value, str) else value)]
+    return [ids for _ in times]
+
+
+def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, name: str):
+    import faiss
+
+    n = x.shape[0]
+    if k > n:
+        warnings.warn(f"{name}: K={k} clusters requested but only {n} training points; using K={n}",
+                      stacklevel=3)
+        k = n
+    # max_points_per_centroid high: our own seeded `max_points` sample is the only subsampling.
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=spherical, verbose=False,
+                      max_points_per_centroid=max(256, (n + k - 1) // k + 1), min_points_per_centroid=1)
+    km.train(x)
+    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    return centroids, float(km.obj[-1]) if len(km.obj) else float("nan")
+
+
+def _assigner(centroids: np.ndarray, spherical: bool):
+    import faiss
+
+    index = faiss.IndexFlatIP(centroids.shape[1]) if spherical else faiss.IndexFlatL2(centroids.shape[1])
+    index.add(centroids)
+    return index
+
+
+def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: int = 512, niter: int = 20,
+                      seed: int = 0, spherical: bool = True, max_points: int = DEFAULT_MAX_POINTS,
+                      prototypes: str = "kmeans", split_scheme: str | None = None,
+                      label_set: str | None = None, threads: int | None = None,
+                      progress: bool = True) -> Confounders:
+    """Build V_P and Z from the training videos of `manifest` (under `split_scheme`) found in `cache`.
+
+    `label_set` (class-mean prototypes only) defaults to the manifest's fine label set, else its default set.
+    `threads` sets FAISS's OpenMP threads for the build (restored afterwards); results are deterministic
+    for a given seed and machine.
+    """
+    import faiss
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, \
+        TimeElapsedColumn
+
+    if prototypes not in ("kmeans", "class-mean"):
+        raise ValueError(f"prototypes must be 'kmeans' or 'class-mean', got {prototypes!r}")
+    if min(kp, kz, niter, max_points) < 1:
+        raise ValueError("kp, kz, niter and max_points must be positive")
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    train = [v for v in manifest.select("train", split_scheme)]
+    records = {v.video_id: v for v in train if v.video_id in cache}
+    missing = len(train) - len(records)
+    if not records:
+        raise CacheError(f"{cache.dir}: none of the {len(train)} training videos of {manifest.root} "
+                         f"(split scheme {split_scheme or 'default'}) is in the cache")
+    if missing:
+        warnings.warn(f"{missing} of {len(train)} training videos are not in the cache (failed extraction?); "
+                      "building from the others", stacklevel=2)
+    ids = sorted(records)
+    counts = np.array([cache.num_frames(v) for v in ids], dtype=np.int64)
+    total = int(counts.sum())
+    rng = np.random.default_rng(seed)
+    n = min(total, max_points)
+    chosen = np.sort(rng.choice(total, size=n, replace=False)) if n < total else np.arange(total)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+
+    class_mean = prototypes == "class-mean"
+    if class_mean:
+        set_name = label_set or manifest.fine_label_set or manifest.default_label_set
+        lset = manifest.label_sets[set_name]
+        sums = np.zeros((len(lset), cache.feature_dim), dtype=np.float64)
+        label_frames = np.zeros(len(lset), dtype=np.int64)
+
+    old_threads = faiss.omp_get_max_threads()
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    try:
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            # Pass 1: the seeded sample for k-means (and, for class means, per-label sums over all frames).
+            sample = np.empty((n, cache.feature_dim), dtype=np.float32)
+            task = bar.add_task("reading training frames", total=len(ids))
+            filled = 0
+            for i, vid in enumerate(ids):
+                lo, hi = np.searchsorted(chosen, [starts[i], starts[i + 1]])
+                if hi > lo or class_mean:
+                    x = np.asarray(cache.features(vid), dtype=np.float32)
+                    if spherical:
+                        x = _normalise(x)
+                    sample[filled:filled + hi - lo] = x[chosen[lo:hi] - starts[i]]
+                    filled += hi - lo
+                    if class_mean:
+                        _, times = cache.frame_info(vid)
+                        for row, labs in zip(x, _frame_labels(records[vid], times, lset, set_name)):
+                            for c in labs:
+                                sums[c] += row
+                                label_frames[c] += 1
+                bar.advance(task)
+            assert filled == n
+
+            objective = {}
+            if class_mean:
+                keep = np.nonzero(label_frames)[0]
+                if len(keep) == 0:
+                    raise CacheError(f"{manifest.root}: no training frame carries a '{set_name}' label; "
+                                     "class-mean prototypes need labelled frames")
+                if len(keep) < len(lset):
+                    warnings.warn(f"class-mean V_P: {len(lset) - len(keep)} of {len(lset)} '{set_name}' labels "
+                                  "have no training frame and are left out", stacklevel=2)
+                vp = (sums[keep] / label_frames[keep, None]).astype(np.float32)
+                if spherical:
+                    vp = _normalise(vp).astype(np.float32)
+                vp_prior = (label_frames[keep] / label_frames[keep].sum()).astype(np.float32)
+                vp_labels = [lset.keys[c] for c in keep]
+            else:
+                task = bar.add_task(f"k-means V_P (K={min(kp, n)}, {n} points)", total=1)
+                vp, objective["vp"] = _kmeans(sample, kp, niter, seed, spherical, "V_P")
+                bar.advance(task)
+                vp_labels = None
+            task = bar.add_task(f"k-means Z (K={min(kz, n)}, {n} points)", total=1)
+            z, objective["z"] = _kmeans(sample, kz, niter, seed + 1, spherical, "Z")
+            bar.advance(task)
+
+            # Priors: cluster frequencies over every training frame.
+            targets = {"z": z} if class_mean else {"vp": vp, "z": z}
+            hist = {k: np.zeros(len(c), dtype=np.int64) for k, c in targets.items()}
+            index = {k: _assigner(c, spherical) for k, c in targets.items()}
+            if n == total:
+                for k in targets:
+                    hist[k] += np.bincount(index[k].search(sample, 1)[1][:, 0], minlength=len(hist[k]))
+            else:
+                task = bar.add_task("cluster priors over all training frames", total=len(ids))
+                for vid in ids:
+                    x = np.asarray(cache.features(vid), dtype=np.float32)
+                    if spherical:
+                        x = _normalise(x)
+                    for k in targets:
+                        hist[k] += np.bincount(index[k].search(x, 1)[1][:, 0], minlength=len(hist[k]))
+                    bar.advance(task)
+    finally:
+        faiss.omp_set_num_threads(old_threads)
+    if not class_mean:
+        vp_prior = (hist["vp"] / total).astype(np.float32)
+    z_prior = (hist["z"] / total).astype(np.float32)
+
+    settings = {
+        "kp": int(kp), "kz": int(kz), "kp_effective": int(len(vp)), "kz_effective": int(len(z)),
+        "niter": int(niter), "seed": int(seed), "spherical": bool(spherical), "max_points": int(max_points),
+        "prototypes": prototypes, "split_scheme": split_scheme,
+        "label_set": set_name if class_mean else None,
+        "train_videos": len(ids), "train_frames": total, "points": int(n),
+        "train_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "objective": objective, "faiss_version": faiss.__version__, "dataset": manifest.dataset,
+    }
+    return Confounders(vp=vp, vp_prior=vp_prior, z=z, z_prior=z_prior, settings=settings,
+                       cache_fingerprint=cache_fingerprint(cache), vp_labels=vp_labels)

@@ -1,0 +1,112 @@
+"""Confounder dictionaries: training split only, deterministic, class means, file round trip."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from _cmdcl_synth import ACTIONS, make_dataset
+from cmdcl_cache.manifest import load_manifest
+from cmdcl_cache.store import Cache, CacheError, ProvenanceError
+from cmdcl_heads.confounders import Confounders, build_confounders, cache_fingerprint
+
+KW = dict(kp=6, kz=10, niter=10, seed=3, progress=False)
+
+
+def _build(root, **kw):
+    cache_dir, man_dir = make_dataset(root, **{k: kw.pop(k) for k in list(kw) if k in ("planted", "n_train")})
+    return build_confounders(Cache(cache_dir), load_manifest(man_dir), **{**KW, **kw}), cache_dir
+
+
+def _same(a: Confounders, b: Confounders):
+    for name in ("vp", "vp_prior", "z", "z_prior"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.vp_labels == b.vp_labels
+
+
+def test_shapes_priors_and_same_seed_identical(tmp_path):
+    a, cache_dir = _build(tmp_path / "a")
+    b = build_confounders(Cache(cache_dir), load_manifest(tmp_path / "a" / "manifest"), **KW)
+    assert a.vp.shape == (6, 32) and a.z.shape == (10, 32) and a.vp.dtype == torch.float32
+    assert a.vp_prior.sum().item() == pytest.approx(1.0) and a.z_prior.sum().item() == pytest.approx(1.0)
+    assert torch.allclose(a.vp.norm(dim=1), torch.ones(6), atol=1e-5)  # spherical: unit centroids
+    _same(a, b)
+    assert a.settings == b.settings
+    c = build_confounders(Cache(cache_dir), load_manifest(tmp_path / "a" / "manifest"), **{**KW, "seed": 4})
+    assert not torch.equal(a.z, c.z)
+
+
+def test_priors_over_all_training_frames_with_subsampling(tmp_path):
+    a, cache_dir = _build(tmp_path, max_points=50)
+    assert a.settings["points"] == 50 and a.settings["train_frames"] == 24 * 16
+    # every prior is a count over the 384 training frames
+    counts = a.z_prior.double() * 384
+    assert torch.allclose(counts, counts.round(), atol=1e-3)
+
+
+def test_test_split_video_does_not_influence_dictionaries(tmp_path):
+    far = np.full((16, 32), 500.0)                       # far from everything, in the TEST split
+    with_planted, cache_a = _build(tmp_path / "with", planted=far)
+    without, cache_b = _build(tmp_path / "without")
+    _same(with_planted, without)
+    assert with_planted.settings == without.settings
+    assert with_planted.cache_fingerprint != without.cache_fingerprint  # the caches do differ
+    # sanity: had the planted video been training data, a centroid would sit on it
+    man = load_manifest(tmp_path / "with" / "manifest")
+    for i, v in enumerate(man.videos):
+        if v.video_id == "planted":
+            man.videos[i] = dataclasses.replace(v, split="train")
+    leaked = build_confounders(Cache(cache_a), man, **KW)
+    assert leaked.settings["train_videos"] == 25 and not torch.equal(leaked.z_prior, without.z_prior)
+
+
+def test_class_mean_prototypes_are_per_class_means(tmp_path):
+    cache_dir, man_dir = make_dataset(tmp_path)
+    cache, man = Cache(cache_dir), load_manifest(man_dir)
+    for spherical in (False, True):
+        c = build_confounders(cache, man, prototypes="class-mean", spherical=spherical, **KW)
+        assert c.vp_labels == ACTIONS and c.settings["label_set"] == "actions"
+        sums = {a: [] for a in ACTIONS}
+        for v in man.select("train"):
+            x = cache.features(v.video_id).astype(np.float32)
+            if spherical:
+                x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            for s in v.segments:
+                sums[s["label"]].append(x[int(s["start"]):int(s["end"])])
+        for k, a in enumerate(ACTIONS):
+            m = np.concatenate(sums[a]).mean(0)
+            if spherical:
+                m = m / np.linalg.norm(m)
+            np.testing.assert_allclose(c.vp[k].numpy(), m, rtol=1e-4, atol=1e-5)
+        n = np.array([sum(len(x) for x in sums[a]) for a in ACTIONS], dtype=np.float64)
+        np.testing.assert_allclose(c.vp_prior.numpy(), n / n.sum(), rtol=1e-6)
+
+
+def test_class_mean_falls_back_to_video_labels(tmp_path):
+    cache_dir, man_dir = make_dataset(tmp_path, with_segments=False)
+    cache, man = Cache(cache_dir), load_manifest(man_dir)
+    c = build_confounders(cache, man, prototypes="class-mean", spherical=False, **KW)
+    vids = [v for v in man.select("train") if "stir" in v.labels["actions"]]
+    m = np.concatenate([cache.features(v.video_id).astype(np.float32) for v in vids]).mean(0)
+    np.testing.assert_allclose(c.vp[c.vp_labels.index("stir")].numpy(), m, rtol=1e-4, atol=1e-4)
+
+
+def test_k_clamped_with_warning(tmp_path):
+    cache_dir, man_dir = make_dataset(tmp_path, n_train=2, frames=4)
+    with pytest.warns(UserWarning, match="K=10 clusters requested but only 8"):
+        c = build_confounders(Cache(cache_dir), load_manifest(man_dir), kp=3, kz=10, niter=5, progress=False)
+    assert c.z.shape[0] == 8 and c.settings["kz_effective"] == 8
+
+
+def test_save_load_roundtrip_and_fingerprint_check(tmp_path):
+    a, cache_dir = _build(tmp_path / "a")
+    path = a.save(cache_dir / "confounders.h5")
+    b = Confounders.load(path, cache=Cache(cache_dir))
+    _same(a, b)
+    assert b.settings == a.settings and b.cache_fingerprint == cache_fingerprint(Cache(cache_dir))
+    other_dir, _ = make_dataset(tmp_path / "b", n_train=20)
+    with pytest.raises(ProvenanceError, match="confounders build"):
+        Confounders.load(path, cache=Cache(other_dir))
+    with pytest.raises(CacheError, match="cmdcl-heads confounders build --cache"):
+        Confounders.load(other_dir / "confounders.h5")
