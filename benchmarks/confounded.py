@@ -1,4 +1,15 @@
-"""The structural causal model behind `benchmarks/confounded.py`, and its writer in the cache format.
+"""Controlled-confounder benchmark: in-distribution and shifted top-1 of every head, in one table.
+
+    PYTHONPATH=$PWD python benchmarks/confounded.py            # defaults: ~minutes on a 2-core CPU
+    PYTHONPATH=$PWD python benchmarks/confounded.py --seeds 5 --epochs 30 --dim 128 --train-per-class 100
+
+It writes a cache in the project's format (`write_synthetic_cache`, `texts.h5`) and a manifest folder in the
+CONTRACTS.md format (label sets `activity`, single-label and default, and `action`, multi-label and fine;
+splits train / val = test_id, in-distribution / test = shifted), builds the confounder dictionaries on it,
+trains zero-shot, linear, text4vis, cmdcl, cmdcl --no-tci and cmdcl --no-vci, and prints one table.
+
+The structural causal model
+---------------------------
 
 Variables (one draw per video v; all directions are fixed unit vectors in R^D drawn once from the data
 seed, so random directions are nearly orthogonal for D >= 64):
@@ -80,8 +91,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _scripts(cfg: SCMConfig, rng: np.random.Generator) -> list[list[int]]:
     """C ordered action scripts; the first 2*order_pairs come in pairs with equal sets, other orders."""
-    if 2 * cfg.order_pairs > cfg.activities or cfg.steps > cfg.actions:
-        raise ValueError("need 2*order_pairs <= activities and steps <= actions")
+    if 2 * cfg.order_pairs > cfg.activities or cfg.steps > cfg.actions or cfg.frames < 2 * cfg.steps:
+        raise ValueError("need 2*order_pairs <= activities, steps <= actions and frames >= 2*steps")
     scripts: list[list[int]] = []
     seen_sets = set()
     while len(scripts) < cfg.activities:
@@ -114,9 +125,11 @@ def generate(cfg: SCMConfig) -> dict:
             for i in range(per_class):
                 vid = f"{split}-{c:02d}-{i:04d}"
                 scene = home[c] if (confounded and rng.random() < cfg.rho) else int(rng.integers(c_n))
-                cuts = np.sort(rng.choice(np.arange(1, cfg.frames // 2), cfg.steps - 1, replace=False))
-                cuts = np.concatenate([[0], cuts + np.arange(cfg.steps - 1), [cfg.frames]])
-                # (cut positions + offsets keep every segment >= 2 frames for T >= 3L)
+                # segment lengths: 2 frames each + a Dirichlet share of the rest
+                spare = cfg.frames - 2 * cfg.steps
+                extra = np.floor(rng.dirichlet(np.full(cfg.steps, 2.0)) * spare).astype(int)
+                extra[-1] += spare - extra.sum()
+                cuts = np.concatenate([[0], np.cumsum(2 + extra)])
                 seg = np.zeros(cfg.frames, dtype=int)
                 for j in range(cfg.steps):
                     seg[cuts[j]:cuts[j + 1]] = j
@@ -171,3 +184,18 @@ def write_benchmark(root: str | Path, cfg: SCMConfig) -> dict[str, Path]:
                                           "scm": cfg.to_dict()})
         out[tag] = path
     return out
+
+
+# ------------------------------------------------------------------------------------------- training
+
+# (label, cache variant, model, extra HeadConfig fields); reference rows use text4vis on the other caches.
+ROWS = [
+    ("reference: text4vis, background removed", "nobg", "text4vis", {}),
+    ("zero-shot", "full", "zeroshot", {}),
+    ("linear probe", "full", "linear", {}),
+    ("text4vis", "full", "text4vis", {}),
+    ("cmdcl", "full", "cmdcl", {}),
+    ("cmdcl --no-tci", "full", "cmdcl", {"tci": False}),
+    ("cmdcl --no-vci", "full", "cmdcl", {"vci": False}),
+    ("reference: text4vis, background alone", "bgonly", "text4vis", {}),
+]
