@@ -1,0 +1,95 @@
+"""The head registry and the baselines, all on the same data path as CMDCL.
+
+Every head maps frames [B, T, D] (raw cached features, float32) and optional grid tokens [B, T, P, D] to
+logits [B, C]; heads L2-normalise what they read because the cache stores features unnormalised.
+
+- `zeroshot`: CLIP zero-shot. Mean of the L2-normalised frames, normalised again, cosine with the label
+  text ensemble, times CLIP's fixed scale 100. No trainable parameter, never trained.
+- `linear`: a linear probe on the mean of the L2-normalised frames.
+- `text4vis`: Text4Vis-style: TemporalEncoder (cfg.layers layers) + mean over time, classifier = the frozen
+  text ensemble, cosine times a learnable scale initialised at cfg.logit_scale_init (100, CLIP's).
+- `cmdcl`: cmdcl_heads.cmdcl.CMDCLHead (imported only when asked for).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import HeadConfig
+from .layers import TemporalEncoder
+
+MODELS = ("zeroshot", "linear", "text4vis", "cmdcl")
+CLIP_SCALE = 100.0
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+class ZeroShotHead(nn.Module):
+    trainable = False
+
+    def __init__(self, text: torch.Tensor):
+        super().__init__()
+        self.register_buffer("text", normalise(text.float()))
+
+    def forward(self, frames, tokens=None):
+        video = normalise(normalise(frames).mean(dim=1))
+        return CLIP_SCALE * video @ self.text.t()
+
+
+class LinearHead(nn.Module):
+    trainable = True
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, frames, tokens=None):
+        return self.fc(normalise(frames).mean(dim=1))
+
+
+class Text4VisHead(nn.Module):
+    trainable = True
+
+    def __init__(self, cfg: HeadConfig, text: torch.Tensor, tokens_per_frame: int = 0):
+        super().__init__()
+        dim = text.shape[1]
+        self.encoder = TemporalEncoder(dim, cfg.layers, cfg.heads, cfg.max_frames, cfg.dropout,
+                                       tokens_per_frame=tokens_per_frame)
+        self.register_buffer("text", normalise(text.float()))  # frozen classifier
+        self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+
+    def forward(self, frames, tokens=None):
+        x = self.encoder(normalise(frames), normalise(tokens) if tokens is not None else None)
+        video = normalise(x.mean(dim=1))
+        return self.log_scale.exp() * video @ self.text.t()
+
+
+def build_head(cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,
+               confounders=None, tokens_per_frame: int = 0) -> nn.Module:
+    """The head named by cfg.model; `text` is the target label set's ensemble [C, D]."""
+    name = cfg.model
+    if name == "zeroshot":
+        return ZeroShotHead(text)
+    if name == "linear":
+        return LinearHead(text.shape[1], text.shape[0])
+    if name == "text4vis":
+        return Text4VisHead(cfg, text, tokens_per_frame)
+    if name == "cmdcl":
+        from .cmdcl import CMDCLHead  # lazily: the baselines do not need it
+
+        kwargs = {}
+        if "tokens_per_frame" in inspect.signature(CMDCLHead).parameters:
+            kwargs["tokens_per_frame"] = tokens_per_frame
+        return CMDCLHead(cfg, text, fine_text, confounders, **kwargs)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def is_trainable(model: nn.Module) -> bool:
+    return any(p.requires_grad for p in model.parameters())

@@ -1,0 +1,149 @@
+"""What a run leaves in its folder and on the terminal: metrics.jsonl, summary.json, PNG plots, rich table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def append_metrics(run: Path, record: dict) -> None:
+    with open(run / METRICS_FILE, "a") as fh:
+        fh.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = run / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run: Path, last_epoch: int) -> None:
+    """Keep the records of epochs <= last_epoch (a resumed run rewrites the epochs after its checkpoint)."""
+    kept = [r for r in read_metrics(run) if r["epoch"] <= last_epoch]
+    _write_atomic(run / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
+def write_summary(run: Path, summary: dict) -> None:
+    _write_atomic(run / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+
+def read_summary(run: Path) -> dict:
+    return json.loads((Path(run) / SUMMARY_FILE).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], metric: str, path: Path) -> None:
+    """Training and evaluation loss, and the headline metric, per epoch."""
+    plt = _pyplot()
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
+        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+        if pts:
+            ax_loss.plot(*zip(*pts), marker="o", label=label)
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    pts = [(r["epoch"], r[metric]) for r in history if r.get(metric) is not None]
+    if pts:
+        ax_metric.plot(*zip(*pts), marker="o", color="tab:green")
+    ax_metric.set_xlabel("epoch")
+    ax_metric.set_ylabel(metric)
+    for ax in (ax_loss, ax_metric):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
+    """Row-normalised confusion matrix; readable from 10 to about 180 classes (labels thinned when many)."""
+    plt = _pyplot()
+    c = len(names)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    size = min(40.0, max(6.0, 0.18 * c + 3))
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    step = max(1, math.ceil(c / 90))  # at most ~90 tick labels per axis
+    ticks = np.arange(0, c, step)
+    font = 8 if c <= 40 else 5
+    ax.set_xticks(ticks, [names[i][:28] for i in ticks], rotation=90, fontsize=font)
+    ax.set_yticks(ticks, [names[i][:28] for i in ticks], fontsize=font)
+    if c <= 20:
+        for i in range(c):
+            for j in range(c):
+                if cm[i, j]:
+                    ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("confusion matrix (rows normalised)")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_per_class_ap(ap: np.ndarray, names: list[str], path: Path) -> None:
+    """Per-class AP sorted from best to worst; classes without a positive are left out."""
+    plt = _pyplot()
+    keep = [i for i in np.argsort(-np.nan_to_num(ap, nan=-1)) if not np.isnan(ap[i])]
+    c = len(keep)
+    fig, ax = plt.subplots(figsize=(6, max(3.0, 0.16 * c + 1)))
+    ax.barh(np.arange(c), ap[keep], color="tab:blue")
+    ax.set_yticks(np.arange(c), [names[i][:32] for i in keep], fontsize=8 if c <= 60 else 5)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("average precision")
+    ax.set_title(f"per-class AP (mAP {np.nanmean(ap) if c else float('nan'):.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------ terminal
+
+def metrics_table(title: str, rows: dict[str, dict]):
+    """A rich Table: one row per name, one column per metric."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("")
+    keys = list(dict.fromkeys(k for r in rows.values() for k in r))
+    for k in keys:
+        table.add_column(k, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, *(_fmt(r.get(k)) for k in keys))
+    return table
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)

@@ -1,0 +1,189 @@
+"""Training, resume, eval / predict and the CLI on a small synthetic cache where the label is learnable."""
+
+import json
+import tomllib  # noqa: F401  (the CLI needs Python >= 3.11)
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from _heads_synth import NUM_TASKS, make_synthetic
+from cmdcl_cache.store import Cache, ProvenanceError, read_texts, write_synthetic_cache
+from cmdcl_heads.cli import app
+from cmdcl_heads.config import HeadConfig
+from cmdcl_heads.train import CheckpointMismatch, TrainingError, TrainOptions, evaluate_run, train
+
+CHANCE = 1 / NUM_TASKS
+TIMING = ("epoch_seconds", "eval_seconds")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_synthetic(tmp_path_factory.mktemp("synth"))
+
+
+def _opts(synth, out, **kw):
+    cache, manifest = synth
+    base = dict(cache=str(cache), dataset=str(manifest), out=str(out), epochs=4, batch_size=16, lr=3e-3,
+                warmup=0.5, device="cpu", quiet=True, data_mode="memory")
+    return TrainOptions(**{**base, **kw})
+
+
+def _cfg(model, **kw):
+    return HeadConfig(**{"model": model, "frames": 8, "layers": 1, "heads": 4, **kw})
+
+
+def _records(run):
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zeroshot_evaluates_without_training(synth, tmp_path):
+    run = tmp_path / "zs"
+    summary = train(_opts(synth, run), _cfg("zeroshot"))
+    assert summary["metrics"]["top1"] > CHANCE + 0.4
+    assert summary["trainable_parameters"] == 0 and summary["epochs"] == 0
+    records = _records(run)
+    assert len(records) == 1 and records[0]["epoch"] == 0 and records[0]["train_loss"] is None
+    ckpt = torch.load(run / "best.pt", weights_only=False)
+    assert "optimizer" not in ckpt and set(ckpt["model"]) == {"text"}
+    for name in ("summary.json", "curves.png", "confusion.png", "last.pt"):
+        assert (run / name).stat().st_size > 0
+    assert evaluate_run(run, quiet=True) == summary["metrics"]
+
+
+@pytest.mark.parametrize("model,lr", [("linear", 3e-2), ("text4vis", 3e-3)])
+def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
+    run = tmp_path / model
+    summary = train(_opts(synth, run, epochs=6, lr=lr), _cfg(model))
+    assert summary["metrics"]["top1"] > CHANCE + 0.4, summary["metrics"]
+    assert summary["trainable_parameters"] > 0 and summary["data_mode"] == "memory"
+    records = _records(run)
+    assert [r["epoch"] for r in records] == list(range(1, 7))
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert summary["metrics"]["top1"] == max(r["top1"] for r in records)  # best.pt is the best epoch
+    for name in ("curves.png", "confusion.png", "best.pt", "last.pt"):
+        assert (run / name).exists()
+
+
+def test_multi_label_uses_bce_and_map(synth, tmp_path):
+    run = tmp_path / "steps"
+    summary = train(_opts(synth, run, label_set="steps", lr=3e-2, epochs=5), _cfg("linear"))
+    assert summary["primary_metric"] == "mAP"
+    # chance mAP is about the positive rate (~0.28)
+    assert summary["metrics"]["mAP"] > 0.55
+    assert (run / "per_class_ap.png").exists() and not (run / "confusion.png").exists()
+    assert len(summary["per_class_ap"]) == 10
+
+
+def test_grid_tokens_reach_the_temporal_encoder(tmp_path):
+    synth = make_synthetic(tmp_path, grid=2, train_per_class=4, test_per_class=2)
+    run = tmp_path / "grid"
+    summary = train(_opts(synth, run, epochs=1), _cfg("text4vis"))
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert ckpt["tokens"] is True and "encoder.space_pos" in ckpt["model"]
+    assert evaluate_run(run, quiet=True) == summary["metrics"]
+
+
+def test_resume_gives_the_same_final_metrics(synth, tmp_path):
+    full = tmp_path / "full"
+    ref = train(_opts(synth, full), _cfg("text4vis"))
+
+    cut = tmp_path / "cut"
+
+    def stop_after_two(epoch, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(synth, cut), _cfg("text4vis"), on_epoch_end=stop_after_two)
+    assert len(_records(cut)) == 2
+    with pytest.raises(TrainingError, match="--resume"):
+        train(_opts(synth, cut), _cfg("text4vis"))
+    resumed = train(_opts(synth, cut, resume=True, data_mode="lazy", workers=0), _cfg("text4vis"))
+    assert _records(cut) == _records(full)
+    assert resumed["metrics"] == ref["metrics"]
+    a = torch.load(full / "last.pt", weights_only=False)["model"]
+    b = torch.load(cut / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(CheckpointMismatch, match="'lr'"):
+        train(_opts(synth, tmp_path / "cut", resume=True, lr=1.0, epochs=6), _cfg("text4vis"))
+
+
+def test_memory_and_lazy_modes_give_the_same_metrics(synth, tmp_path):
+    a = train(_opts(synth, tmp_path / "mem", epochs=2), _cfg("text4vis"))
+    b = train(_opts(synth, tmp_path / "lazy", epochs=2, data_mode="lazy", workers=2), _cfg("text4vis"))
+    assert a["data_mode"] == "memory" and b["data_mode"] == "lazy"
+    assert _records(tmp_path / "mem") == _records(tmp_path / "lazy")
+    assert a["metrics"] == b["metrics"]
+
+
+def test_cli_train_eval_predict(synth, tmp_path):
+    cache, manifest = synth
+    run = tmp_path / "cli"
+    config = tmp_path / "run.toml"
+    # TOML keys mirror the flags; --epochs on the command line wins over the file
+    config.write_text(f'cache = "{cache}"\ndataset = "{manifest}"\nmodel = "linear"\nlr = 0.03\n'
+                      f'epochs = 5\nbatch-size = 16\nframes = 8\ndevice = "cpu"\nquiet = true\n')
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--config", str(config), "--epochs", "3", "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert ckpt["train_options"]["epochs"] == 3 and ckpt["train_options"]["lr"] == 0.03
+    assert ckpt["head_config"]["model"] == "linear" and ckpt["train_options"]["batch_size"] == 16
+    summary = json.loads((run / "summary.json").read_text())
+
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "--run", str(run), "--device", "cpu", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text()) == summary["metrics"]  # eval reproduces summary.json exactly
+    assert "top1" in res.output
+
+    preds = tmp_path / "preds.jsonl"
+    res = runner.invoke(app, ["predict", "--run", str(run), "--out", str(preds), "--top-k", "3", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(lines) == 30 and lines[0]["video_id"] == "test_0_000" and lines[0]["target"] == "t0"
+    top = lines[0]["top_k"]
+    assert len(top) == 3 and top[0]["key"] == f"t{top[0]['id']}" and top[0]["name"].startswith("task number")
+    assert [t["score"] for t in top] == sorted((t["score"] for t in top), reverse=True)
+    top1 = np.mean([line["top_k"][0]["key"] == line["target"] for line in lines])
+    assert top1 == pytest.approx(summary["metrics"]["top1"])
+
+    config.write_text('learning_rate = 0.1\n')
+    res = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "learning_rate" in res.output
+
+
+def test_cmdcl_without_confounders_names_the_command(synth, tmp_path):
+    res = CliRunner().invoke(app, ["train", "--cache", str(synth[0]), "--dataset", str(synth[1]), "--model",
+                                   "cmdcl", "--out", str(tmp_path / "c"), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 2
+    assert "cmdcl-heads confounders build --cache" in res.output and "--dataset" in res.output
+
+
+def test_checkpoint_and_cache_mismatches_name_the_attribute(synth, tmp_path):
+    run = tmp_path / "run"
+    train(_opts(synth, run, epochs=1), _cfg("linear"))
+    other_dim = make_synthetic(tmp_path / "dim", dim=16)
+    with pytest.raises(CheckpointMismatch, match="'feature_dim'.*32.*16|feature dimension is 32 .* 16"):
+        evaluate_run(run, cache=str(other_dim[0]), quiet=True)
+    other_model = make_synthetic(tmp_path / "prov", provenance={"model": "ViT-L-14"})
+    with pytest.raises(ProvenanceError, match="attribute 'model'"):
+        evaluate_run(run, cache=str(other_model[0]), quiet=True)
+    renamed = make_synthetic(tmp_path / "names", task_names=[f"other {c}" for c in range(NUM_TASKS)])
+    with pytest.raises(CheckpointMismatch, match="'label_names'.*'task number 0' vs 'other 0'"):
+        evaluate_run(run, cache=str(renamed[0]), dataset=str(renamed[1]), quiet=True)
+    # texts.h5 written for another labels.json
+    with pytest.raises(CheckpointMismatch, match="texts.h5 label set 'task'.*labels.json"):
+        train(_opts((renamed[0], synth[1]), tmp_path / "t"), _cfg("linear"))
+
+
+def test_nan_features_stop_training_with_a_clear_message(synth, tmp_path):
+    cache = Cache(synth[0])
+    feats = {v: np.asarray(cache.features(v)) for v in cache.video_ids}
+    feats["train_3_004"][:] = np.nan
+    bad = write_synthetic_cache(tmp_path / "bad", feats, read_texts(synth[0] / "texts.h5"))
+    with pytest.raises(TrainingError, match=r"cross-entropy loss is nan at epoch 1, step \d+/4"):
+        train(_opts((bad, synth[1]), tmp_path / "nan"), _cfg("linear"))
