@@ -14,6 +14,7 @@ class HeadConfig:
     dropout: float = 0.1
     logit_scale_init: float = 100.0  # CLIP's scale for cosine classifiers
     max_frames: int = 512            # size of the learned temporal position table
+    tokens_per_frame: int = 0        # P grid tokens per frame (divided space-time attention); 0: frames only
     # CMDCL switches (the paper's ablations; see cmdcl_heads/cmdcl.py for what each does)
     tci: bool = True                 # textual causal intervention (back-door over V_P); off: T' = T
     vci: bool = True                 # visual causal intervention (front-door); off: V' = mean_t X

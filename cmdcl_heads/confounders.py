@@ -121,6 +121,25 @@ def load(path, cache: Cache | None = None) -> Confounders:
     return Confounders.load(path, cache)
 
 
+def needed_by(cfg) -> bool:
+    """Whether a head configuration reads the dictionaries (CMDCL with TCI, or VCI's cross-sample term)."""
+    return cfg.model == "cmdcl" and (cfg.tci or (cfg.vci and cfg.cross_sample))
+
+
+def load_for_training(cache: Cache, cfg, dataset: str = "DATASET") -> Confounders | None:
+    """The dictionaries of `cache` when `cfg` needs them (checked against the cache), else None.
+
+    A missing file raises a CacheError that names the command to build it.
+    """
+    if not needed_by(cfg):
+        return None
+    path = Path(cache.dir) / FILE_NAME
+    if not path.exists():
+        raise CacheError(f"{path}: CMDCL needs the confounder dictionaries; build them with "
+                         f"`{build_command(cache.dir, dataset)}` (or train with --no-tci --no-cross-sample)")
+    return Confounders.load(path, cache=cache)
+
+
 # ------------------------------------------------------------------------------------------ fingerprint
 
 def cache_fingerprint(cache: Cache) -> str:
@@ -144,21 +163,23 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _frame_labels(video, times: np.ndarray, label_set, set_name: str) -> list[list[int]]:
-    """Label ids of each frame: segments of `set_name` where the video has them, else its video labels."""
+def _frame_labels(video, times: np.ndarray, label_set, set_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(frame rows, label ids) pairs: segments of `set_name` where the video has them, else video labels."""
+    rows, labels = [], []
     segs = [s for s in video.segments if s["set"] == set_name]
     if segs:
-        out = [[] for _ in times]
         for s in segs:
             hit = np.nonzero((times >= s["start"]) & (times < s["end"]))[0]  # [start, end): no shared frame
-            for i in hit:
-                out[i].append(label_set.index(s["label"]))
-        return out
-    value = video.labels.get(set_name)
-    if value is None:
-        return [[] for _ in times]
-    ids = [label_set.index(k) for k in ([value] if isinstance(value, str) else value)]
-    return [ids for _ in times]
+            rows.append(hit)
+            labels.append(np.full(len(hit), label_set.index(s["label"])))
+    elif video.labels.get(set_name) is not None:
+        value = video.labels[set_name]
+        for key in ([value] if isinstance(value, str) else value):
+            rows.append(np.arange(len(times)))
+            labels.append(np.full(len(times), label_set.index(key)))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows).astype(np.int64), np.concatenate(labels).astype(np.int64)
 
 
 def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, name: str):
@@ -250,10 +271,9 @@ def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: in
                     filled += hi - lo
                     if class_mean:
                         _, times = cache.frame_info(vid)
-                        for row, labs in zip(x, _frame_labels(records[vid], times, lset, set_name)):
-                            for c in labs:
-                                sums[c] += row
-                                label_frames[c] += 1
+                        rows, labs = _frame_labels(records[vid], times, lset, set_name)
+                        np.add.at(sums, labs, x[rows])
+                        label_frames += np.bincount(labs, minlength=len(lset))
                 bar.advance(task)
             assert filled == n
 

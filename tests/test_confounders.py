@@ -110,3 +110,31 @@ def test_save_load_roundtrip_and_fingerprint_check(tmp_path):
         Confounders.load(path, cache=Cache(other_dir))
     with pytest.raises(CacheError, match="cmdcl-heads confounders build --cache"):
         Confounders.load(other_dir / "confounders.h5")
+
+
+def test_cli_build_writes_loadable_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from cmdcl_heads.cli import app
+
+    cache_dir, man_dir = make_dataset(tmp_path)
+    args = ["confounders", "build", "--cache", str(cache_dir), "--dataset", str(man_dir), "--kp", "4",
+            "--kz", "8", "--niter", "5", "--prototypes", "class-mean", "--no-spherical"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    c = Confounders.load(cache_dir, cache=Cache(cache_dir))
+    assert c.vp_labels == ACTIONS and c.z.shape == (8, 32) and c.settings["spherical"] is False
+    bad = CliRunner().invoke(app, args[:-2] + ["median"])
+    assert bad.exit_code != 0 and "class-mean" in bad.output
+
+
+def test_load_for_training_names_the_build_command(tmp_path):
+    from cmdcl_heads.config import HeadConfig
+    from cmdcl_heads.confounders import load_for_training
+
+    cache_dir, _ = make_dataset(tmp_path)
+    cache = Cache(cache_dir)
+    assert load_for_training(cache, HeadConfig(model="text4vis")) is None
+    assert load_for_training(cache, HeadConfig(tci=False, cross_sample=False)) is None
+    with pytest.raises(CacheError, match=r"cmdcl-heads confounders build --cache .* --dataset coin"):
+        load_for_training(cache, HeadConfig(), dataset="coin")

@@ -1,0 +1,240 @@
+"""CMDCL head: Cross-Modal Dual-Causal Learning (arXiv 2507.06603) on cached CLIP features.
+
+From the paper: the structural causal model (B cross-modal bias, Z visual confounder, V video, T text,
+M mediator, Y label); a back-door adjustment on the text (Textual Causal Intervention, TCI) and a
+front-door adjustment on the video through a text-guided fine-grained mediator (Visual Causal
+Intervention, VCI); H stacked temporal attention layers (best H = 8); CLIP features and label texts.
+The paper publishes no code; everything below marked *inferred* is our reading (see docs_model.md).
+
+Read top to bottom, with F [B, T, D] frames (optionally grid tokens [B, T, P, D]), E [C, D] the target
+label text ensemble, E_f [Cf, D] the fine vocabulary, V_P [Kp, D] / Z [Kz, D] the dictionaries:
+
+    T       = E (learnable), T_f = E_f (learnable)                              TCI (back-door on T)
+    A       = softmax(T Wq (V_P Wk)^T / sqrt d + log P(b))        = renormalised  A0 * P(b)   *inferred*
+    b       = A V_P Wv                                             NWGM expectation of the bias
+    T'      = LN(T + Wo [T ; b])                                   approximator
+    X       = STA^H(Linear(F) + pos)                                                   VCI (front-door on V)
+    S       = softmax(X Wq' (T'_f Wk')^T / sqrt d)                 text-guided mediator over atomic actions
+    M       = S T'_f Wv' ;  Xm = X * sigmoid(M)
+    CS      = softmax(Xm Wq'' (Z Wk'')^T / sqrt d + log P(z)) Z Wv''                cross-sample term
+    V'      = mean_t LN(Xm + Wf [Xm ; CS])
+    logits  = s * cos(V', T'_c),  s = exp(log_s), s_0 = 100
+
+Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -> V' = mean_t X exactly;
+mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm). Modules that a switch turns off are
+not built, so every parameter of a built head is used.
+
+Initialisation (*inferred*): the output projections Wo, Wv' (mediator values) and Wf are zero, so the
+untrained head computes T' = LN(T), Xm = X / 2 and V' = mean_t LN(X / 2) = mean_t LN(X): the Text4Vis
+path, and with H = 0 (where X = normalised F) zero-shot CLIP up to LayerNorm's centring. Why: the causal
+branches then start as exact no-ops and grow from there (as residual branches do in ReZero/ControlNet),
+so a fresh head is never worse than the text classifier it refines, and training is stable even with
+an untrained dictionary attention. The gradient still reaches every parameter: on the first step the
+zero projections get a gradient (their inputs are non-zero), and from the second step on so does
+everything feeding them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmdcl_heads.config import HeadConfig
+from cmdcl_heads.layers import TemporalEncoder
+
+LOG_PRIOR_FLOOR = 1e-12  # an empty cluster gets (almost) no weight instead of -inf
+
+
+def _build_hint() -> str:
+    return "build them with `cmdcl-heads confounders build --cache DIR --dataset D`"
+
+
+class DictionaryAttention(nn.Module):
+    """out = softmax(Q Wq (K Wk)^T / sqrt d + log prior) K Wv, single head, over a fixed key set K [N, D].
+
+    Adding log prior inside the softmax equals multiplying the attention by the prior and renormalising:
+    softmax(s + log p)_k = A_k p_k / sum_j A_j p_j. That is our reading (*inferred*) of the NWGM term
+    (A * prior) V_P Wv: without the renormalisation its weights sum to sum_k A_k p_k ~ 1/K, a scale that
+    shrinks with the dictionary size and that the next layer would have to undo.
+    """
+
+    def __init__(self, dim: int, zero_values: bool = False):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        if zero_values:
+            nn.init.zeros_(self.v.weight)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, log_prior: torch.Tensor | None = None):
+        scores = self.q(query) @ self.k(keys).T * self.scale          # [..., Nq, N]
+        if log_prior is not None:
+            scores = scores + log_prior
+        attn = scores.softmax(dim=-1)
+        return attn @ self.v(keys), attn
+
+
+class TextualIntervention(nn.Module):
+    """Back-door adjustment on the text through the bias prototypes V_P: T' = LN(T + Wo [T ; b])."""
+
+    def __init__(self, dim: int, vp: torch.Tensor, vp_prior: torch.Tensor, dropout: float):
+        super().__init__()
+        # Dictionaries are frozen statistics of the training frames: buffers, L2-normalised like the frames.
+        self.register_buffer("vp", F.normalize(vp.float(), dim=-1))
+        self.register_buffer("log_prior", vp_prior.float().clamp_min(LOG_PRIOR_FLOOR).log())
+        self.attn = DictionaryAttention(dim)
+        self.out = nn.Linear(2 * dim, dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.ln = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, t: torch.Tensor):
+        b, attn = self.attn(t, self.vp, self.log_prior)
+        return self.ln(t + self.out(torch.cat([t, self.drop(b)], dim=-1))), attn
+
+
+class CMDCLHead(nn.Module):
+    """The CMDCL head. forward(frames [B, T, D], tokens [B, T, P, D] | None) -> logits [B, C].
+
+    `text` [C, D]: the target label ensemble E. `fine_text` [Cf, D]: the fine vocabulary for the mediator
+    (COIN steps, Breakfast actions); None -> the target labels themselves (DESIGN.md). `confounders`:
+    a `Confounders` (V_P needed when cfg.tci, Z when cfg.vci and cfg.cross_sample).
+
+    *inferred*: the fine vocabulary is a second learnable text table, initialised from its own CLIP
+    ensemble, and goes through the SAME textual intervention as the target labels (T'_f = TCI(T_f)): the
+    cross-modal bias that TCI removes is a property of the text tower and of the training footage, not of
+    one vocabulary, so the mediator should attend to debiased atomic-action texts. With no fine set, the
+    mediator reads T' itself.
+    """
+
+    def __init__(self, cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,
+                 confounders=None):
+        super().__init__()
+        self.cfg = cfg
+        text = torch.as_tensor(text, dtype=torch.float32)
+        dim = text.shape[1]
+        self.dim = dim
+        need_vp, need_z = cfg.tci, cfg.vci and cfg.cross_sample
+        if (need_vp or need_z) and confounders is None:
+            raise ValueError("CMDCL needs the confounder dictionaries (V_P for --tci, Z for the cross-sample "
+                             f"term); {_build_hint()}, or train with --no-tci --no-cross-sample")
+        if confounders is not None and confounders.dim != dim and (need_vp or need_z):
+            raise ValueError(f"confounders have D={confounders.dim} but the text embeddings have D={dim}; "
+                             f"they come from another model: rebuild them ({_build_hint()})")
+
+        self.text = nn.Parameter(text.clone()) if cfg.learn_text else None
+        if not cfg.learn_text:
+            self.register_buffer("text_buf", text.clone())
+        self.uses_fine = cfg.vci and cfg.mediator
+        self.has_fine = self.uses_fine and fine_text is not None
+        if self.has_fine:
+            fine = torch.as_tensor(fine_text, dtype=torch.float32)
+            if fine.shape[1] != dim:
+                raise ValueError(f"fine_text has D={fine.shape[1]}, text has D={dim}")
+            if cfg.learn_text:
+                self.fine_text = nn.Parameter(fine.clone())
+            else:
+                self.register_buffer("fine_text_buf", fine.clone())
+
+        self.tci = TextualIntervention(dim, confounders.vp, confounders.vp_prior, cfg.dropout) if cfg.tci else None
+        tokens_per_frame = getattr(cfg, "tokens_per_frame", 0) or 0
+        self.tokens_per_frame = tokens_per_frame
+        self.encoder = TemporalEncoder(dim, cfg.layers, cfg.heads, cfg.max_frames, cfg.dropout,
+                                       tokens_per_frame=tokens_per_frame)
+        if self.uses_fine:
+            self.mediator = DictionaryAttention(dim, zero_values=True)   # M = 0 at init
+        if need_z:
+            self.register_buffer("z", F.normalize(confounders.z.float(), dim=-1))
+            self.register_buffer("z_log_prior", confounders.z_prior.float().clamp_min(LOG_PRIOR_FLOOR).log())
+            self.cross = DictionaryAttention(dim)
+            self.fuse = nn.Linear(2 * dim, dim)
+            nn.init.zeros_(self.fuse.weight)
+            nn.init.zeros_(self.fuse.bias)
+            self.drop = nn.Dropout(cfg.dropout)
+        if cfg.vci:
+            self.out_ln = nn.LayerNorm(dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+
+    # ------------------------------------------------------------------------------------------ text
+
+    def _tables(self):
+        return (self.text if self.text is not None else self.text_buf,
+                (self.fine_text if self.cfg.learn_text else self.fine_text_buf) if self.has_fine else None)
+
+    def text_features(self):
+        """(T' [C, D], T'_f [Cf, D] or None, TCI attention over V_P [C, Kp] or None)."""
+        t, tf = self._tables()
+        if self.tci is None:
+            return t, (tf if tf is not None else (t if self.uses_fine else None)), None
+        t_prime, attn = self.tci(t)
+        tf_prime = self.tci(tf)[0] if tf is not None else (t_prime if self.uses_fine else None)
+        return t_prime, tf_prime, attn
+
+    # ----------------------------------------------------------------------------------------- video
+
+    def _inputs(self, frames, tokens):
+        if frames.dim() != 3 or frames.shape[-1] != self.dim:
+            raise ValueError(f"frames must be [B, T, {self.dim}], got {tuple(frames.shape)}")
+        frames = F.normalize(frames.float(), dim=-1)   # cached features are raw CLIP outputs
+        if tokens is not None:
+            if self.tokens_per_frame == 0:
+                raise ValueError("grid tokens given but the head was built for frame features only "
+                                 "(set HeadConfig.tokens_per_frame from the cache)")
+            if tokens.shape[2] != self.tokens_per_frame:
+                raise ValueError(f"{tokens.shape[2]} tokens per frame, head built for {self.tokens_per_frame}")
+            tokens = F.normalize(tokens.float(), dim=-1)
+        return frames, tokens
+
+    def video_features(self, frames, tokens, tf_prime):
+        """(V' [B, D], X [B, T, D], parts: mediator S [B, T, Cf], cross-sample weights [B, T, Kz])."""
+        x = self.encoder(*self._inputs(frames, tokens))
+        parts = {}
+        if not self.cfg.vci:
+            return x.mean(dim=1), x, parts
+        xm = x
+        if self.uses_fine:
+            m, parts["mediator"] = self.mediator(x, tf_prime)
+            xm = x * torch.sigmoid(m)
+        if hasattr(self, "cross"):
+            cs, parts["cross_sample"] = self.cross(xm, self.z, self.z_log_prior)
+            h = self.out_ln(xm + self.fuse(torch.cat([xm, self.drop(cs)], dim=-1)))
+        else:
+            h = self.out_ln(xm)
+        return h.mean(dim=1), x, parts
+
+    # -------------------------------------------------------------------------------------- classify
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    def _logits(self, v, t):
+        return self.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+
+    def forward(self, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        t_prime, tf_prime, _ = self.text_features()
+        v, _, _ = self.video_features(frames, tokens, tf_prime)
+        return self._logits(v, t_prime)
+
+    @torch.no_grad()
+    def explain(self, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Attention maps behind a prediction (eval mode is the caller's business).
+
+        Keys: logits [B, C]; pred [B]; mediator [B, T, Cf] (S, which atomic actions each time step reads);
+        tci [C, Kp] (the renormalised weights A*P(b) over V_P for every class) and tci_pred [B, Kp] (the
+        row of the predicted class); cross_sample [B, T, Kz] (weights over Z). Maps of switched-off parts
+        are absent.
+        """
+        t_prime, tf_prime, a = self.text_features()
+        v, _, parts = self.video_features(frames, tokens, tf_prime)
+        logits = self._logits(v, t_prime)
+        out = {"logits": logits, "pred": logits.argmax(dim=-1), **parts}
+        if a is not None:
+            out["tci"] = a
+            out["tci_pred"] = a[out["pred"]]
+        return out
