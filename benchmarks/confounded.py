@@ -188,14 +188,181 @@ def write_benchmark(root: str | Path, cfg: SCMConfig) -> dict[str, Path]:
 
 # ------------------------------------------------------------------------------------------- training
 
-# (label, cache variant, model, extra HeadConfig fields); reference rows use text4vis on the other caches.
+# (key, label, cache variant, model, extra HeadConfig fields); reference rows use text4vis on the other caches.
 ROWS = [
-    ("reference: text4vis, background removed", "nobg", "text4vis", {}),
-    ("zero-shot", "full", "zeroshot", {}),
-    ("linear probe", "full", "linear", {}),
-    ("text4vis", "full", "text4vis", {}),
-    ("cmdcl", "full", "cmdcl", {}),
-    ("cmdcl --no-tci", "full", "cmdcl", {"tci": False}),
-    ("cmdcl --no-vci", "full", "cmdcl", {"vci": False}),
-    ("reference: text4vis, background alone", "bgonly", "text4vis", {}),
+    ("ref-deconfounded", "reference: text4vis, scene removed", "nobg", "text4vis", {}),
+    ("zeroshot", "zero-shot", "full", "zeroshot", {}),
+    ("linear", "linear probe", "full", "linear", {}),
+    ("text4vis", "text4vis", "full", "text4vis", {}),
+    ("cmdcl", "cmdcl", "full", "cmdcl", {}),
+    ("cmdcl-no-tci", "cmdcl --no-tci", "full", "cmdcl", {"tci": False}),
+    ("cmdcl-no-vci", "cmdcl --no-vci", "full", "cmdcl", {"vci": False}),
+    ("ref-shortcut", "reference: text4vis, scene alone", "bgonly", "text4vis", {}),
 ]
+
+
+def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed: int, args,
+               extra: dict) -> dict[str, float]:
+    """Train one head in-process (cmdcl_heads.train.train) and return top-1 of its last epoch on both splits.
+
+    The last checkpoint is evaluated, not the best one: choosing an epoch on test_id would bias the
+    in-distribution column and say nothing about the shifted one.
+    """
+    from cmdcl_heads.config import HeadConfig
+    from cmdcl_heads.train import TrainOptions, evaluate_run, train
+
+    cfg = HeadConfig(model=model, frames=args.frames, layers=args.layers, **extra)
+    opts = TrainOptions(cache=str(cache_dir), dataset=str(manifest_dir), out=str(run), eval_split="val",
+                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device,
+                        data_mode="memory", workers=0, eval_every=max(args.epochs, 1), quiet=True)
+    train(opts, cfg)
+    return {split: evaluate_run(run, checkpoint="last", split=split, device=args.device, data_mode="memory",
+                                quiet=True)["top1"] for split in ("val", "test")}
+
+
+def build_dictionaries(cache_dir: Path, manifest_dir: Path, args) -> None:
+    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_heads.confounders import FILE_NAME, build_confounders
+
+    conf = build_confounders(cache_dir, load_manifest(manifest_dir), kp=args.kp, kz=args.kz, seed=0,
+                             progress=False)
+    conf.save(cache_dir / FILE_NAME)
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def results_table(results: dict[str, dict[str, list[float]]], chance: float, text4vis_key: str = "text4vis"):
+    from rich.table import Table
+
+    from _common import fmt_pm, mean_std
+
+    table = Table(title="Controlled-confounder benchmark: top-1 % (mean ± std over training seeds)")
+    for col, justify in [("model", "left"), ("features", "left"), ("test_id (in-dist.)", "right"),
+                         ("test (shifted)", "right"), ("drop", "right"), ("shifted vs text4vis", "right")]:
+        table.add_column(col, justify=justify)
+    base = mean_std(results[text4vis_key]["test"])[0] if text4vis_key in results else None
+    rows = []
+    for key, label, variant, _model, _extra in ROWS:
+        if key not in results:
+            continue
+        r = results[key]
+        drop = mean_std(r["val"])[0] - mean_std(r["test"])[0]
+        delta = "" if base is None or key == text4vis_key else f"{(mean_std(r['test'])[0] - base) * 100:+.1f}"
+        cells = [label, {"full": "action + scene", "nobg": "action only", "bgonly": "scene only"}[variant],
+                 fmt_pm(r["val"]), fmt_pm(r["test"]), f"{drop * 100:.1f}", delta]
+        rows.append(cells)
+        table.add_row(*cells, end_section=key in ("ref-deconfounded", "cmdcl-no-vci"))
+    return table, rows
+
+
+def markdown(rows, chance: float) -> str:
+    head = ["model", "features", "test_id (in-dist.) top-1 %", "test (shifted) top-1 %", "drop", "shifted vs text4vis"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append(f"\nChance: {chance * 100:.1f} %.")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = SCMConfig()
+    g = p.add_argument_group("structural causal model")
+    for name in ("dim", "activities", "actions", "steps", "order_pairs", "frames", "train_per_class",
+                 "test_per_class", "rho", "alpha", "beta", "sigma", "tau", "gamma", "eta", "seed"):
+        flag = "--cached-frames" if name == "frames" else "--data-seed" if name == "seed" else \
+            "--" + name.replace("_", "-")
+        g.add_argument(flag, dest="scm_" + name, type=type(getattr(d, name)), default=getattr(d, name))
+    t = p.add_argument_group("training (the same for every head)")
+    t.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (the data seed stays fixed)")
+    t.add_argument("--frames", type=int, default=16, help="T frames sampled per video")
+    t.add_argument("--layers", type=int, default=1, help="temporal transformer layers (text4vis and cmdcl)")
+    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--kp", type=int, default=32, help="K_p of V_P")
+    t.add_argument("--kz", type=int, default=64, help="K_z of Z")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
+    p.add_argument("--rows", default=",".join(r[0] for r in ROWS),
+                   help="comma-separated rows to run (default: all)")
+    p.add_argument("--work", type=Path, default=None, help="folder for caches and runs (default: a temp dir)")
+    p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    import shutil
+    import sys
+    import tempfile
+    import time
+    import warnings
+
+    import torch
+    from rich.console import Console
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import command_line, machine, stamp, update_section
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    console = Console(width=150)
+    scm = SCMConfig(**{k[4:]: v for k, v in vars(args).items() if k.startswith("scm_")})
+    unknown = set(args.rows.split(",")) - {r[0] for r in ROWS}
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {', '.join(sorted(unknown))}; have {', '.join(r[0] for r in ROWS)}")
+    wanted = [r for r in ROWS if r[0] in set(args.rows.split(","))]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cmdcl-confounded-"))
+    t_start = time.perf_counter()
+    paths = write_benchmark(work, scm)
+    t_data = time.perf_counter() - t_start
+    if any(m == "cmdcl" for _, _, v, m, _ in wanted):
+        for variant in {v for _, _, v, m, _ in wanted if m == "cmdcl"}:
+            build_dictionaries(paths[variant], paths["manifest"], args)
+    t_conf = time.perf_counter() - t_start - t_data
+    console.print(f"data: {work} ({t_data:.1f} s), confounders {t_conf:.1f} s; {machine()}")
+
+    results: dict[str, dict[str, list[float]]] = {}
+    timings: dict[str, float] = {}
+    for key, label, variant, model, extra in wanted:
+        seeds = [0] if model == "zeroshot" else list(range(args.seeds))  # zero-shot has nothing to train
+        t0 = time.perf_counter()
+        for seed in seeds:
+            run = work / "runs" / f"{key}-s{seed}"
+            acc = train_eval(paths[variant], paths["manifest"], run, model, seed, args, extra)
+            for split, value in acc.items():
+                results.setdefault(key, {"val": [], "test": []})[split].append(value)
+        timings[key] = time.perf_counter() - t0
+        r = results[key]
+        console.print(f"  {label:36s} id {100 * sum(r['val']) / len(r['val']):5.1f}  "
+                      f"shifted {100 * sum(r['test']) / len(r['test']):5.1f}  ({timings[key]:.1f} s)")
+    total = time.perf_counter() - t_start
+    chance = 1.0 / scm.activities
+    table, rows = results_table(results, chance)
+    console.print(table)
+    console.print(f"chance {chance * 100:.1f} %; training seeds {list(range(args.seeds))} (zero-shot: none), "
+                  f"data seed {scm.seed}; total {total:.0f} s")
+    if not args.no_write:
+        body = "\n".join([
+            "## Robustness: controlled-confounder benchmark (`benchmarks/confounded.py`)", "",
+            f"Command: `PYTHONPATH=$PWD {command_line()}`  ",
+            f"Machine: {machine()}  ",
+            f"Measured {stamp()}; whole script {total:.0f} s (data {t_data:.1f} s, confounders {t_conf:.1f} s).", "",
+            f"SCM: `{scm.to_dict()}`  ",
+            f"Heads: frames {args.frames}, layers {args.layers}, epochs {args.epochs}, batch {args.batch_size}, "
+            f"lr {args.lr}, K_p {args.kp}, K_z {args.kz}; last epoch evaluated; training seeds "
+            f"0..{args.seeds - 1} (zero-shot: deterministic), data seed {scm.seed} fixed.", "",
+            markdown(rows, chance)])
+        update_section("confounded", body)
+        console.print("updated BENCHMARKS.md")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
