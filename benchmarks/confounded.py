@@ -42,7 +42,7 @@ Reference caches drawn with the SAME noise, segments and labels:
     bgonly: X_t = beta * b_B + sigma * eps_t            the shortcut alone: chance on the shifted split
 
 Defaults (see BENCHMARKS.md for how they were calibrated): D=64, C=8, A=12, L=4, T=32 cached frames,
-2 order pairs, rho=0.9, alpha=1, beta=1.5, sigma=1.5, tau=0.5, gamma=0.5, eta=0.3.
+2 order pairs, rho=0.9, alpha=1, beta=1.5, sigma=1.0, tau=0.5, gamma=0.5, eta=0.3.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class SCMConfig:
     rho: float = 0.9          # P(scene = home scene of the activity) in train and test_id
     alpha: float = 1.0        # action part of a frame
     beta: float = 1.5         # scene part of a frame
-    sigma: float = 1.5        # frame noise
+    sigma: float = 1.0        # frame noise
     tau: float = 0.5          # per-video variation of an action's appearance
     gamma: float = 0.5        # scene bias of the activity texts
     eta: float = 0.3          # label-specific text direction (absent from frames)
@@ -281,7 +281,7 @@ def parse_args(argv=None):
     t.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (the data seed stays fixed)")
     t.add_argument("--frames", type=int, default=16, help="T frames sampled per video")
     t.add_argument("--layers", type=int, default=1, help="temporal transformer layers (text4vis and cmdcl)")
-    t.add_argument("--epochs", type=int, default=15)
+    t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--kp", type=int, default=32, help="K_p of V_P")
