@@ -13,7 +13,9 @@ TSN offsets from `epoch_generator`) with the same model, seed and sampling:
 - lazy:   `cmdcl_heads.data.LazyFeatures` (h5py reads in DataLoader workers, the project's HDF5 path);
 - npy:    a tiny Dataset in this file, `np.load` of one file per video, then the same TSN rows.
 
-Modes run in interleaved rounds (memory, lazy, npy, memory, ...) after one untimed warm-up epoch each, so
+By default lazy and npy are also timed with 0 workers (reads in the training process: no IPC, no overlap).
+
+Modes run in interleaved rounds (memory, lazy, npy, ..., memory, ...) after one untimed warm-up epoch each, so
 that a neighbour's load on a shared machine hits all three alike; the median epoch is reported. Files are
 in the page cache (hot): this measures the loader's CPU cost, not a cold disk.
 """
@@ -150,6 +152,8 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of lazy and npy (train's default)")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time lazy and npy with 0 workers (reads in the training process)")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per mode (after one warm-up)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     p.add_argument("--device", default="cpu")
@@ -194,6 +198,10 @@ def main(argv=None) -> None:
     t_load = time.perf_counter() - t1
     loaders["lazy"] = make_features(cache, split, args.frames, device, "lazy", workers=args.workers)
     loaders["npy"] = NpyFeatures(npy_dir, split, args.frames, device, args.workers)
+    if args.workers and args.in_process:
+        # the same two readers in the training process itself: no worker IPC, no overlap with compute
+        loaders["lazy0"] = make_features(cache, split, args.frames, device, "lazy", workers=0)
+        loaders["npy0"] = NpyFeatures(npy_dir, split, args.frames, device, 0)
     assert loaders["lazy"].mode == "lazy" and loaders["memory"].mode == "memory"
 
     # One model and optimizer per mode, from the same seed: each mode trains the same network.
@@ -227,7 +235,8 @@ def main(argv=None) -> None:
     for col in ("data path", "epoch s (median)", "all epochs s", "vs memory", "videos/s", "loader alone s"):
         table.add_column(col, justify="left" if col == "data path" else "right")
     label = {"memory": "memory (MemoryFeatures)", "lazy": f"HDF5 lazy ({args.workers} workers)",
-             "npy": f"npy per video ({args.workers} workers)"}
+             "npy": f"npy per video ({args.workers} workers)", "lazy0": "HDF5 lazy (0 workers)",
+             "npy0": "npy per video (0 workers)"}
     rows = []
     for mode in loaders:
         cells = [label[mode], f"{med[mode]:.3f}", " ".join(f"{x:.3f}" for x in times[mode]),
@@ -238,7 +247,8 @@ def main(argv=None) -> None:
     console.print(table)
     verdict = (f"HDF5 lazy / memory = {med['lazy'] / med['memory']:.2f} (target <= 1.10: "
                f"{'met' if med['lazy'] <= 1.10 * med['memory'] else 'NOT met'}); "
-               f"npy / memory = {med['npy'] / med['memory']:.2f}; HDF5 lazy / npy = {med['lazy'] / med['npy']:.2f}")
+               f"npy / memory = {med['npy'] / med['memory']:.2f}; HDF5 lazy / npy = {med['lazy'] / med['npy']:.2f}"
+               + (f"; HDF5 lazy 0 workers / memory = {med['lazy0'] / med['memory']:.2f}" if "lazy0" in med else ""))
     total = time.perf_counter() - t0
     console.print(verdict)
     console.print(f"same frames from all three paths: {same}; data written in {t_write:.1f} s, memory mode "
