@@ -41,13 +41,28 @@ Reference caches drawn with the SAME noise, segments and labels:
                                                        model could reach
     bgonly: X_t = beta * b_B + sigma * eps_t            the shortcut alone: chance on the shifted split
 
-Defaults (see BENCHMARKS.md for how they were calibrated): D=64, C=8, A=12, L=4, T=32 cached frames,
-2 order pairs, rho=0.9, alpha=1, beta=1.5, sigma=1.0, tau=0.5, gamma=0.5, eta=0.3.
+Defaults: D=64, C=8, A=12, L=4, T=32 cached frames, 2 order pairs, 40 train / 40 test_id / 40 test videos
+per activity (960 in all), rho=0.9, alpha=1, beta=1.5, sigma=1.0, tau=0.5, gamma=0.5, eta=0.3.
+
+Calibration (only so that the two reference rows bound the table; no model row was used to choose a value)
+------------------------------------------------------------------------------------------------------
+- Fixed a priori, never tuned: rho=0.9 (the brief's strong but imperfect correlation: training still holds
+  counter-examples), beta=1.5 > alpha=1 (a scene dominates a CLIP frame embedding more than the hands'
+  action does, so the shortcut is the easiest feature in training), tau=0.5, gamma=0.5, eta=0.3, prompts.
+- The scene-alone reference is at chance on the shifted split by construction (B is independent of Y
+  there); measured 12.5 %.
+- Tuned: the frame noise sigma (and the epoch budget, the same for every head). With sigma=1.5 and 15
+  epochs the background-removed reference reached only 79 % on the shifted split; reference rows alone at
+  sigma 1.5 / 1.0 / 0.75 gave 79 / 86 / 89.5 % (15 epochs). sigma=1.0 with 20 epochs gives ~91 %: the
+  noisiest setting that keeps the deconfounded bound near 90 %, far above the confounded heads.
+- What still caps the deconfounded reference below 100 %: the order pairs (their texts differ only through
+  the scene and name terms, so the frozen text4vis classifier must map temporal order onto those
+  directions) and the per-video action variation.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +251,7 @@ def results_table(results: dict[str, dict[str, list[float]]], chance: float, tex
 
     from _common import fmt_pm, mean_std
 
-    table = Table(title="Controlled-confounder benchmark: top-1 % (mean ± std over training seeds)")
+    table = Table(title="Controlled-confounder benchmark: top-1 % (mean ± std over runs)")
     for col, justify in [("model", "left"), ("features", "left"), ("test_id (in-dist.)", "right"),
                          ("test (shifted)", "right"), ("drop", "right"), ("shifted vs text4vis", "right")]:
         table.add_column(col, justify=justify)
@@ -278,7 +293,9 @@ def parse_args(argv=None):
             "--" + name.replace("_", "-")
         g.add_argument(flag, dest="scm_" + name, type=type(getattr(d, name)), default=getattr(d, name))
     t = p.add_argument_group("training (the same for every head)")
-    t.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 (the data seed stays fixed)")
+    t.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1")
+    t.add_argument("--data-seeds", type=int, default=1,
+                   help="datasets drawn with data seeds S..S+K-1 (S = --data-seed); every training seed runs on each")
     t.add_argument("--frames", type=int, default=16, help="T frames sampled per video")
     t.add_argument("--layers", type=int, default=1, help="temporal transformer layers (text4vis and cmdcl)")
     t.add_argument("--epochs", type=int, default=20)
@@ -292,6 +309,8 @@ def parse_args(argv=None):
                    help="comma-separated rows to run (default: all)")
     p.add_argument("--work", type=Path, default=None, help="folder for caches and runs (default: a temp dir)")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--section", default="confounded", help="BENCHMARKS.md section to write")
+    p.add_argument("--title", default="", help="suffix of the section's heading")
     return p.parse_args(argv)
 
 
@@ -319,12 +338,15 @@ def main(argv=None) -> None:
     wanted = [r for r in ROWS if r[0] in set(args.rows.split(","))]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cmdcl-confounded-"))
     t_start = time.perf_counter()
-    paths = write_benchmark(work, scm)
-    t_data = time.perf_counter() - t_start
-    if any(m == "cmdcl" for _, _, v, m, _ in wanted):
+    data_seeds = [scm.seed + i for i in range(args.data_seeds)]
+    datasets, t_data, t_conf = {}, 0.0, 0.0
+    for ds in data_seeds:
+        t0 = time.perf_counter()
+        datasets[ds] = write_benchmark(work / f"data{ds}", replace(scm, seed=ds))
+        t1 = time.perf_counter()
         for variant in {v for _, _, v, m, _ in wanted if m == "cmdcl"}:
-            build_dictionaries(paths[variant], paths["manifest"], args)
-    t_conf = time.perf_counter() - t_start - t_data
+            build_dictionaries(datasets[ds][variant], datasets[ds]["manifest"], args)
+        t_data, t_conf = t_data + t1 - t0, t_conf + time.perf_counter() - t1
     console.print(f"data: {work} ({t_data:.1f} s), confounders {t_conf:.1f} s; {machine()}")
 
     results: dict[str, dict[str, list[float]]] = {}
@@ -332,11 +354,13 @@ def main(argv=None) -> None:
     for key, label, variant, model, extra in wanted:
         seeds = [0] if model == "zeroshot" else list(range(args.seeds))  # zero-shot has nothing to train
         t0 = time.perf_counter()
-        for seed in seeds:
-            run = work / "runs" / f"{key}-s{seed}"
-            acc = train_eval(paths[variant], paths["manifest"], run, model, seed, args, extra)
-            for split, value in acc.items():
-                results.setdefault(key, {"val": [], "test": []})[split].append(value)
+        for ds in data_seeds:
+            paths = datasets[ds]
+            for seed in seeds:
+                run = work / "runs" / f"{key}-d{ds}-s{seed}"
+                acc = train_eval(paths[variant], paths["manifest"], run, model, seed, args, extra)
+                for split, value in acc.items():
+                    results.setdefault(key, {"val": [], "test": []})[split].append(value)
         timings[key] = time.perf_counter() - t0
         r = results[key]
         console.print(f"  {label:36s} id {100 * sum(r['val']) / len(r['val']):5.1f}  "
@@ -345,20 +369,21 @@ def main(argv=None) -> None:
     chance = 1.0 / scm.activities
     table, rows = results_table(results, chance)
     console.print(table)
-    console.print(f"chance {chance * 100:.1f} %; training seeds {list(range(args.seeds))} (zero-shot: none), "
-                  f"data seed {scm.seed}; total {total:.0f} s")
+    seeds_text = (f"training seeds 0..{args.seeds - 1} (zero-shot: deterministic) x data seeds "
+                  f"{', '.join(map(str, data_seeds))}" + (" (fixed)" if len(data_seeds) == 1 else "")
+                  + f"; mean ± std over {len(data_seeds) * args.seeds} runs per trained row")
+    console.print(f"chance {chance * 100:.1f} %; {seeds_text}; total {total:.0f} s")
     if not args.no_write:
         body = "\n".join([
-            "## Robustness: controlled-confounder benchmark (`benchmarks/confounded.py`)", "",
+            f"## Robustness: controlled-confounder benchmark (`benchmarks/confounded.py`){args.title}", "",
             f"Command: `PYTHONPATH=$PWD {command_line()}`  ",
             f"Machine: {machine()}  ",
             f"Measured {stamp()}; whole script {total:.0f} s (data {t_data:.1f} s, confounders {t_conf:.1f} s).", "",
             f"SCM: `{scm.to_dict()}`  ",
             f"Heads: frames {args.frames}, layers {args.layers}, epochs {args.epochs}, batch {args.batch_size}, "
-            f"lr {args.lr}, K_p {args.kp}, K_z {args.kz}; last epoch evaluated; training seeds "
-            f"0..{args.seeds - 1} (zero-shot: deterministic), data seed {scm.seed} fixed.", "",
+            f"lr {args.lr}, K_p {args.kp}, K_z {args.kz}; last epoch evaluated; {seeds_text}.", "",
             markdown(rows, chance)])
-        update_section("confounded", body)
+        update_section(args.section, body)
         console.print("updated BENCHMARKS.md")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
