@@ -12,6 +12,7 @@ commit a manifest that `load_manifest` would refuse.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -290,7 +291,7 @@ def _nth_line(text: str, needle: str, n: int) -> int:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_path(file, line, path) -> None:

@@ -108,8 +108,8 @@ class CMDCLHead(nn.Module):
     *inferred*: the fine vocabulary is a second learnable text table, initialised from its own CLIP
     ensemble, and goes through the SAME textual intervention as the target labels (T'_f = TCI(T_f)): the
     cross-modal bias that TCI removes is a property of the text tower and of the training footage, not of
-    one vocabulary, so the mediator should attend to debiased atomic-action texts. With no fine set, the
-    mediator reads T' itself.
+    one vocabulary, so the mediator should attend to debiased atomic-action texts. With no fine set
+    (fine_text None, or equal to `text`, which is what the trainer passes then), the mediator reads T'.
     """
 
     def __init__(self, cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,
@@ -131,6 +131,8 @@ class CMDCLHead(nn.Module):
         if not cfg.learn_text:
             self.register_buffer("text_buf", text.clone())
         self.uses_fine = cfg.vci and cfg.mediator
+        if fine_text is not None and torch.equal(torch.as_tensor(fine_text, dtype=torch.float32), text):
+            fine_text = None  # the trainer passes the target texts when there is no finer set: share T
         self.has_fine = self.uses_fine and fine_text is not None
         if self.has_fine:
             fine = torch.as_tensor(fine_text, dtype=torch.float32)

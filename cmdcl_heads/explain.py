@@ -14,9 +14,10 @@ import torch
 
 
 def centre_indices(num_frames: int, t: int) -> np.ndarray:
-    """TSN evaluation sampling: the centre frame of each of t equal segments (repeats when t > num_frames)."""
-    edges = np.linspace(0, num_frames, t + 1)
-    return np.minimum(((edges[:-1] + edges[1:]) / 2).astype(np.int64), num_frames - 1)
+    """TSN evaluation sampling (the trainer's rows): the centre row of each of t equal segments."""
+    from cmdcl_heads.data import tsn_indices
+
+    return tsn_indices(num_frames, t, train=False)
 
 
 @torch.no_grad()
@@ -44,7 +45,8 @@ def _top(weights_over_time: np.ndarray, k: int) -> np.ndarray:
 
 def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_names: list[str],
                      out: str | Path, times: np.ndarray | None = None, vp_names: list[str] | None = None,
-                     top_k: int = 8, title: str = "", truth: str | None = None) -> Path:
+                     top_k: int = 8, title: str = "", truth: str | list[str] | None = None,
+                     multi_label: bool = False) -> Path:
     """Write the four-panel PNG; `maps` as returned by `explain_video`."""
     import matplotlib
 
@@ -52,8 +54,12 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
     import matplotlib.pyplot as plt
 
     logits = maps["logits"]
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    if multi_label:
+        probs = 1 / (1 + np.exp(-logits))
+    else:
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+    truths = set([truth] if isinstance(truth, str) else truth or [])
     steps = len(next(iter(v for k, v in maps.items() if k in ("mediator", "cross_sample")), np.zeros(1)))
     xt = times if times is not None else np.arange(steps)
     fig, axes = plt.subplots(2, 2, figsize=(13, 8), gridspec_kw={"width_ratios": [2.2, 1]})
@@ -78,11 +84,12 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
         missing(axes[0, 0], "mediator")
     top5 = np.argsort(-probs, kind="stable")[:5]
     ax = axes[0, 1]
-    ax.barh(range(len(top5))[::-1], probs[top5], color=["tab:green" if class_names[i] == truth else "tab:blue"
+    ax.barh(range(len(top5))[::-1], probs[top5], color=["tab:green" if class_names[i] in truths else "tab:blue"
                                                           for i in top5])
     ax.set_yticks(range(len(top5))[::-1], [f"{class_names[i]} ({logits[i]:.1f})" for i in top5], fontsize=8)
     ax.set_xlim(0, 1)
-    ax.set_title("top-5 prediction: probability (logit)" + (f"\ntruth: {truth}" if truth else ""), fontsize=10)
+    ax.set_title("top-5 prediction: probability (logit)" + (f"\ntruth: {', '.join(sorted(truths))}" if truths else ""),
+                 fontsize=10)
     if "cross_sample" in maps:
         z_names = [f"z{i}" for i in range(maps["cross_sample"].shape[1])]
         heat(axes[1, 0], maps["cross_sample"], z_names, f"cross-sample approximator: top-{top_k} entries of Z")
@@ -105,3 +112,42 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def explain_run(run: str | Path, video_id: str, out: str | Path | None = None, checkpoint: str = "best",
+                cache: str | None = None, dataset: str | None = None, device: str = "auto",
+                top_k: int = 8) -> Path:
+    """The PNG for one video of a trained `cmdcl` run (default: RUN/explain-VIDEO.png)."""
+    from cmdcl_heads.confounders import FILE_NAME, Confounders
+    from cmdcl_heads.train import _open_run
+
+    ckpt, cfg, _, ctx, model, _, _ = _open_run(run, checkpoint, cache, dataset, device, "lazy")
+    if cfg.model != "cmdcl":
+        raise ValueError(f"{run}: explain draws CMDCL attention maps, this run trained '{cfg.model}'")
+    if video_id not in ctx.cache:
+        raise ValueError(f"{ctx.cache_dir}: video {video_id!r} is not in the cache")
+    feats = ctx.cache.features(video_id)
+    tokens = ctx.cache.tokens(video_id) if ckpt["tokens"] else None
+    maps, idx = explain_video(model, feats, tokens, cfg.frames)
+    _, times = ctx.cache.frame_info(video_id)
+    man = ctx.manifest
+    fine_names = list(man.label_sets[ctx.fine_label_set].names)
+    if "mediator" in maps and maps["mediator"].shape[1] != len(fine_names):
+        fine_names = list(ctx.label_names)  # no finer set: the mediator read the target labels
+    vp_names = None
+    conf_path = Path(ctx.cache_dir) / FILE_NAME
+    if "tci" in maps and conf_path.exists():
+        conf = Confounders.load(conf_path)
+        if conf.vp_labels and conf.settings.get("label_set") in man.label_sets:
+            ls = man.label_sets[conf.settings["label_set"]]
+            vp_names = [ls.names[ls.index(k)] for k in conf.vp_labels]
+    record = man.by_id().get(video_id)
+    truth = None
+    if record is not None and ctx.label_set in record.labels:
+        ls = man.label_sets[ctx.label_set]
+        value = record.labels[ctx.label_set]
+        truth = [ls.names[ls.index(k)] for k in ([value] if isinstance(value, str) else value)]
+    out = Path(out) if out else Path(run) / f"explain-{video_id}.png"
+    return plot_explanation(maps, list(ctx.label_names), fine_names, out, times=times[idx], vp_names=vp_names,
+                            top_k=top_k, title=f"{video_id} ({man.dataset}, {checkpoint}.pt)", truth=truth,
+                            multi_label=ctx.multi_label)

@@ -13,7 +13,6 @@ logits [B, C]; heads L2-normalise what they read because the cache stores featur
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -72,22 +71,22 @@ class Text4VisHead(nn.Module):
 
 
 def build_head(cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,
-               confounders=None, tokens_per_frame: int = 0) -> nn.Module:
-    """The head named by cfg.model; `text` is the target label set's ensemble [C, D]."""
+               confounders=None) -> nn.Module:
+    """The head named by cfg.model; `text` is the target label set's ensemble [C, D].
+
+    Grid tokens: cfg.tokens_per_frame (set by the trainer from the cache; 0 = frame features only).
+    """
     name = cfg.model
     if name == "zeroshot":
         return ZeroShotHead(text)
     if name == "linear":
         return LinearHead(text.shape[1], text.shape[0])
     if name == "text4vis":
-        return Text4VisHead(cfg, text, tokens_per_frame)
+        return Text4VisHead(cfg, text, cfg.tokens_per_frame)
     if name == "cmdcl":
         from .cmdcl import CMDCLHead  # lazily: the baselines do not need it
 
-        kwargs = {}
-        if "tokens_per_frame" in inspect.signature(CMDCLHead).parameters:
-            kwargs["tokens_per_frame"] = tokens_per_frame
-        return CMDCLHead(cfg, text, fine_text, confounders, **kwargs)
+        return CMDCLHead(cfg, text, fine_text, confounders)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 

@@ -147,16 +147,6 @@ def _check_names(where_a: str, a: list[str], where_b: str, b: list[str]) -> None
     raise CheckpointMismatch(f"{where_a} and {where_b} disagree at label {i}: {a[i]!r} vs {b[i]!r}")
 
 
-def load_confounders(ctx: Context, dataset: str):
-    path = ctx.cache_dir / "confounders.h5"
-    if not path.exists():
-        raise CacheError(f"{path}: no confounder dictionaries, which the cmdcl model needs; build them with "
-                         f"`cmdcl-heads confounders build --cache {ctx.cache_dir} --dataset {dataset}`")
-    from .confounders import Confounders  # lazily: only cmdcl needs them
-
-    return Confounders.load(path)
-
-
 def _use_tokens(opts: TrainOptions, cfg: HeadConfig, cache: Cache) -> bool:
     wants = cfg.model in ("text4vis", "cmdcl")
     if opts.tokens is None:
@@ -166,10 +156,13 @@ def _use_tokens(opts: TrainOptions, cfg: HeadConfig, cache: Cache) -> bool:
     return bool(opts.tokens) and wants
 
 
-def make_model(cfg: HeadConfig, ctx: Context, dataset: str, tokens: bool) -> torch.nn.Module:
-    confounders = load_confounders(ctx, dataset) if cfg.model == "cmdcl" else None
-    return build_head(cfg, ctx.text, ctx.fine_text, confounders,
-                      tokens_per_frame=ctx.cache.tokens_per_frame if tokens else 0)
+def make_model(cfg: HeadConfig, ctx: Context, dataset: str) -> torch.nn.Module:
+    """The head of cfg, with the confounder dictionaries when it needs them (a missing file names the
+    `cmdcl-heads confounders build` command)."""
+    from .confounders import load_for_training
+
+    confounders = load_for_training(ctx.cache, cfg, dataset) if cfg.model == "cmdcl" else None
+    return build_head(cfg, ctx.text, ctx.fine_text, confounders)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -299,11 +292,12 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
     ctx = open_context(opts.cache, opts.dataset, opts.label_set, cfg.fine_label_set)
     opts.label_set = ctx.label_set
     tokens = _use_tokens(opts, cfg, ctx.cache)
+    cfg.tokens_per_frame = ctx.cache.tokens_per_frame if tokens else 0
     last_path = run / "last.pt"
     start = time.perf_counter()
 
     seed_everything(opts.seed)
-    model = make_model(cfg, ctx, opts.dataset, tokens).to(device)
+    model = make_model(cfg, ctx, opts.dataset).to(device)
     trainable = is_trainable(model) and cfg.model != "zeroshot"
     eval_split = pair_split(ctx.cache, ctx.manifest, opts.eval_split, ctx.label_set, opts.split_scheme,
                             opts.skip_missing)
@@ -381,7 +375,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                     name = "binary cross-entropy" if ctx.multi_label else "cross-entropy"
                     raise TrainingError(f"{name} loss is {loss.item()} at epoch {epoch}, step {step}/"
                                         f"{steps_per_epoch}: stopping (lower --lr, or check the cache for "
-                                        "non-finite features); last.pt holds the previous epoch")
+                                        "non-finite features); last.pt, if any, holds the last whole epoch")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if opts.clip_grad > 0:
@@ -401,7 +395,8 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                                                              opts.amp), eval_split))
                 record["eval_seconds"] = time.perf_counter() - t1
             report.append_metrics(run, record)
-            improved = metric in record and record[metric] > best_value
+            # a metric that is nan (no positives at all) never improves: keep some best.pt anyway
+            improved = metric in record and (record[metric] > best_value or not (run / "best.pt").exists())
             if improved:
                 best_value, best_epoch = record[metric], epoch
             ckpt = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -513,7 +508,7 @@ def _open_run(run: str | Path, checkpoint: str, cache: str | None, dataset: str 
                        ckpt["fine_label_set"])
     check_checkpoint(ckpt, ctx, path)
     dev = resolve_device(device)
-    model = make_model(cfg, ctx, dataset or ckpt["dataset"], ckpt["tokens"]).to(dev)
+    model = make_model(cfg, ctx, dataset or ckpt["dataset"]).to(dev)
     model.load_state_dict(ckpt["model"])
     return ckpt, cfg, opts, ctx, model, dev, data_mode
 

@@ -20,7 +20,8 @@ RECIPES = {0: [0, 2, 1, 5], 1: [3, 0, 1, 5], 2: [4, 5, 4, 5], 3: [6, 7, 6, 5]}
 
 def _texts(protos: np.ndarray, names: list[str], rng, noise: float) -> TextEmbeddings:
     per_prompt = protos[:, None, :] + noise * rng.standard_normal((len(names), 2, protos.shape[1]))
-    return TextEmbeddings(names=names, texts=[n.replace("_", " ") for n in names],
+    readable = [n.replace("_", " ") for n in names]  # labels.json names
+    return TextEmbeddings(names=readable, texts=readable,
                           templates=["a video of {}.", "{}"], per_prompt=per_prompt.astype(np.float32),
                           ensemble=TextEmbeddings.ensemble_of(per_prompt))
 

@@ -86,6 +86,7 @@ def test_grid_tokens_reach_the_temporal_encoder(tmp_path):
     assert evaluate_run(run, quiet=True) == summary["metrics"]
 
 
+@pytest.mark.slow  # ~3 s alone, up to ~40 s on a loaded 2-core machine
 def test_resume_gives_the_same_final_metrics(synth, tmp_path):
     full = tmp_path / "full"
     ref = train(_opts(synth, full), _cfg("text4vis"))
@@ -111,6 +112,7 @@ def test_resume_gives_the_same_final_metrics(synth, tmp_path):
         train(_opts(synth, tmp_path / "cut", resume=True, lr=1.0, epochs=6), _cfg("text4vis"))
 
 
+@pytest.mark.slow  # DataLoader workers are forked for every pass
 def test_memory_and_lazy_modes_give_the_same_metrics(synth, tmp_path):
     a = train(_opts(synth, tmp_path / "mem", epochs=2), _cfg("text4vis"))
     b = train(_opts(synth, tmp_path / "lazy", epochs=2, data_mode="lazy", workers=2), _cfg("text4vis"))
