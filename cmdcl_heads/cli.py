@@ -136,7 +136,10 @@ def train(
     seed: int = typer.Option(0, help="Seed of initialisation and sampling."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     split_scheme: Optional[str] = typer.Option(None, help="Split scheme (e.g. s1..s4, vis4mer); default: first."),
-    eval_split: str = typer.Option("test", help="Split evaluated each epoch."),
+    eval_split: str = typer.Option("test", help="Split reported in summary.json (and evaluated each epoch)."),
+    select_split: str = typer.Option(
+        "auto", help="Split whose primary metric picks best.pt: auto (val when the manifest has val videos for "
+                     "the label set, else none), none (best.pt = last epoch), or a split; never the eval split."),
     eval_every: int = typer.Option(1, help="Evaluate every k epochs (and after the last)."),
     data_mode: DataMode = typer.Option(DataMode.auto, help="memory: all features on the device; lazy: HDF5 reads."),
     workers: int = typer.Option(2, help="DataLoader workers in lazy mode."),

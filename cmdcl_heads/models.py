@@ -22,6 +22,18 @@ from torch.nn import functional as F
 from .config import HeadConfig
 from .layers import TemporalEncoder
 
+MAX_LOG_SCALE = math.log(100.0)
+
+
+@torch.no_grad()
+def clamp_logit_scales(model: nn.Module) -> None:
+    """After each optimiser step, cap every learnable logit scale at 100, as CLIP's training does:
+    an unbounded scale can grow until the loss overflows."""
+    for module in model.modules():
+        scale = getattr(module, "log_scale", None)
+        if isinstance(scale, nn.Parameter):
+            scale.clamp_(max=MAX_LOG_SCALE)
+
 MODELS = ("zeroshot", "linear", "text4vis", "cmdcl")
 CLIP_SCALE = 100.0
 

@@ -56,25 +56,37 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict], metric: str, path: Path) -> None:
-    """Training and evaluation loss, and the headline metric, per epoch."""
+def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | None = None) -> None:
+    """Loss (train, and each evaluated split) and the headline metric of each evaluated split, per epoch.
+
+    Records hold the evaluated splits under "select" (the split that picks best.pt) and "eval" (the
+    reported split, for the curves only); a dotted line marks the selected epoch when there is one.
+    """
     plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train loss"), ("eval_loss", "eval loss")):
-        pts = [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
-        if pts:
-            ax_loss.plot(*zip(*pts), marker="o", label=label)
+    pts = [(r["epoch"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
+    if pts:
+        ax_loss.plot(*zip(*pts), marker="o", label="train loss", color="tab:blue")
+    for part, role, color in (("select", "selection", "tab:orange"), ("eval", "eval", "tab:green")):
+        rows = [r for r in history if part in r]
+        if not rows:
+            continue
+        label = f"{rows[0][part]['split']} ({role})"
+        for ax, key in ((ax_loss, "eval_loss"), (ax_metric, metric)):
+            pts = [(r["epoch"], r[part][key]) for r in rows if r[part].get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=color, label=f"{label} loss" if key == "eval_loss" else label)
+    if best_epoch is not None:
+        ax_metric.axvline(best_epoch, color="grey", linestyle=":", label=f"selected epoch {best_epoch}")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    pts = [(r["epoch"], r[metric]) for r in history if r.get(metric) is not None]
-    if pts:
-        ax_metric.plot(*zip(*pts), marker="o", color="tab:green")
     ax_metric.set_xlabel("epoch")
     ax_metric.set_ylabel(metric)
     from matplotlib.ticker import MaxNLocator
 
     for ax in (ax_loss, ax_metric):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
@@ -130,11 +142,11 @@ def plot_per_class_ap(ap: np.ndarray, names: list[str], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ terminal
 
-def metrics_table(title: str, rows: dict[str, dict]):
-    """A rich Table: one row per name, one column per metric."""
+def metrics_table(title: str, rows: dict[str, dict], caption: str | None = None):
+    """A rich Table: one row per name, one column per metric (caption: e.g. how the checkpoint was chosen)."""
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=caption)
     table.add_column("")
     keys = list(dict.fromkeys(k for r in rows.values() for k in r))
     for k in keys:

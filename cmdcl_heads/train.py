@@ -2,8 +2,15 @@
 
 The loop, top to bottom: AdamW (weight decay on matrices only), a per-step schedule of linear warm-up then
 cosine decay, bf16 autocast on GPU, gradient clipping, a NaN guard, cross-entropy for single-label and BCE
-for multi-label targets, evaluation every `eval_every` epochs, `last.pt` every epoch and `best.pt` when the
-headline metric improves.
+for multi-label targets, evaluation every `eval_every` epochs, `last.pt` every epoch and `best.pt` as chosen
+by the selection rule below.
+
+Model selection never looks at the eval split. `best.pt` is the epoch whose *selection split*
+(`select_split`, default `auto` = `val` when the manifest has val videos for the label set and scheme) scores
+the highest primary metric; without a selection split (`none`, or `auto` on a manifest without val videos,
+e.g. COIN and Breakfast) `best.pt` is simply the last epoch. The eval split is evaluated every epoch only for
+the curves in metrics.jsonl; selecting on it (`--select-split test --eval-split test`) is refused, because
+the reported number would then be chosen on the data it reports on.
 
 Exact resume: the sampling random numbers of epoch e come from a torch.Generator seeded with (seed, e), so
 they do not depend on what ran before; dropout's global RNG state, the optimizer and the scheduler are in
@@ -31,7 +38,7 @@ from . import report
 from .config import HeadConfig
 from .data import SplitVideos, make_features, pair_split, resolve_cache_dir
 from .metrics import compute_metrics, confusion_matrix, per_class_ap, primary_metric
-from .models import build_head, is_trainable
+from .models import build_head, clamp_logit_scales, is_trainable
 
 CHECKPOINT_VERSION = 1
 
@@ -53,6 +60,7 @@ class TrainOptions:
     split_scheme: str | None = None   # None: the manifest's default scheme
     train_split: str = "train"
     eval_split: str = "test"
+    select_split: str = "auto"        # auto | none | train | val | test: the split that picks best.pt
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
@@ -76,6 +84,8 @@ class TrainOptions:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+SELECT_CHOICES = ("auto", "none", "train", "val", "test")
+
 # These may differ between an interrupted run and its resumption without changing the result.
 RESUME_FREE = {"device", "data_mode", "workers", "quiet", "epochs", "eval_every", "resume"}
 
@@ -87,6 +97,29 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"--device {name}: CUDA is not available on this machine")
     return device
+
+
+def check_select_split(opts: TrainOptions) -> None:
+    """Refuse an unknown --select-split and selection on the eval split (before anything is read or written)."""
+    if opts.select_split not in SELECT_CHOICES:
+        raise TrainingError(f"--select-split {opts.select_split!r}: expected one of {', '.join(SELECT_CHOICES)}")
+    if opts.select_split == opts.eval_split:
+        raise TrainingError(
+            f"--select-split {opts.select_split} is also the --eval-split: choosing best.pt on the split whose "
+            "metrics are reported selects the model on its own evaluation data and inflates them. Select on a held-out "
+            "split (e.g. --select-split val; give the manifest val videos taken from the training videos) or "
+            "pass --select-split none to report the last epoch")
+
+
+def resolve_select_split(opts: TrainOptions, manifest, label_set: str) -> str | None:
+    """The split that picks best.pt, or None (best.pt = last epoch). `auto`: `val` when some val video of the
+    split scheme carries a label of `label_set` and val is not the eval split, else None."""
+    if opts.select_split == "none":
+        return None
+    if opts.select_split != "auto":
+        return opts.select_split
+    has_val = any(label_set in v.labels for v in manifest.select("val", opts.split_scheme))
+    return "val" if has_val and opts.eval_split != "val" else None
 
 
 # ------------------------------------------------------------------------------------------------ context
@@ -287,10 +320,14 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
     """
     if not opts.out:
         raise TrainingError("--out is required (the run folder)")
+    check_select_split(opts)
     run = Path(opts.out)
     device = resolve_device(opts.device)
     ctx = open_context(opts.cache, opts.dataset, opts.label_set, cfg.fine_label_set)
     opts.label_set = ctx.label_set
+    requested = opts.select_split
+    select = resolve_select_split(opts, ctx.manifest, ctx.label_set)
+    opts.select_split = select or "none"   # checkpoints record what was used, so resume compares like with like
     tokens = _use_tokens(opts, cfg, ctx.cache)
     cfg.tokens_per_frame = ctx.cache.tokens_per_frame if tokens else 0
     last_path = run / "last.pt"
@@ -303,6 +340,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                             opts.skip_missing)
     eval_feats = make_features(ctx.cache, eval_split, cfg.frames, device, opts.data_mode, tokens, opts.workers)
     console = _console(opts.quiet)
+    evaluate = {"eval": (opts.eval_split, eval_split, eval_feats)}
     meta = {"version": CHECKPOINT_VERSION, "head_config": cfg.to_dict(), "train_options": asdict(opts),
             "label_set": ctx.label_set, "label_names": ctx.label_names, "label_keys": ctx.label_keys,
             "multi_label": ctx.multi_label, "fine_label_set": ctx.fine_label_set,
@@ -312,20 +350,34 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
     skipped = {"eval": len(eval_split.missing)}
 
     if not trainable:
+        # nothing is trained, so nothing is selected: the one model is best.pt and last.pt
+        select, opts.select_split = None, "none"
+        meta["train_options"] = asdict(opts)
         run.mkdir(parents=True, exist_ok=True)
         (run / report.METRICS_FILE).unlink(missing_ok=True)
         t0 = time.perf_counter()
-        logits = predict_logits(model, eval_feats, opts.batch_size, device, opts.amp)
-        record = {"epoch": 0, "split": opts.eval_split, "train_loss": None,
-                  "eval_seconds": time.perf_counter() - t0, **evaluate_logits(logits, eval_split)}
+        record = {"epoch": 0, "train_loss": None, **_evaluate_splits(model, evaluate, opts, device),
+                  "eval_seconds": time.perf_counter() - t0}
         report.append_metrics(run, record)
-        ckpt = {**meta, "model": model.state_dict(), "epoch": 0, "best_epoch": 0, "best_value": record[metric]}
+        ckpt = {**meta, "model": model.state_dict(), "epoch": 0, "best_epoch": 0, "best_value": None}
         _save_atomic(ckpt, last_path)
         _save_atomic(ckpt, run / "best.pt")
         if on_epoch_end:
             on_epoch_end(0, record)
         return _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped,
-                       data_mode=eval_feats.mode, start=start, console=console, trainable_params=0)
+                       data_mode=eval_feats.mode, start=start, console=console, trainable_params=0,
+                       select=select, requested=requested)
+
+    if select is not None:
+        try:
+            select_videos = pair_split(ctx.cache, ctx.manifest, select, ctx.label_set, opts.split_scheme,
+                                       opts.skip_missing)
+        except (CacheError, ValueError) as err:
+            raise type(err)(f"{err} (selection split {select!r}, from --select-split {requested}; "
+                            "--select-split none trains without selection)") from None
+        skipped["select"] = len(select_videos.missing)
+        evaluate["select"] = (select, select_videos, make_features(ctx.cache, select_videos, cfg.frames, device,
+                                                                   opts.data_mode, tokens, opts.workers))
 
     train_split = pair_split(ctx.cache, ctx.manifest, opts.train_split, ctx.label_set, opts.split_scheme,
                              opts.skip_missing)
@@ -347,14 +399,16 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
         _set_rng_state(ckpt["rng"])
         first_epoch, best_value, best_epoch = ckpt["epoch"] + 1, ckpt["best_value"], ckpt["best_epoch"]
         report.truncate_metrics(run, ckpt["epoch"])
-        console.print(f"resuming {run} after epoch {ckpt['epoch']} (best {metric} "
-                      f"{best_value:.4f} at epoch {best_epoch})")
+        console.print(f"resuming {run} after epoch {ckpt['epoch']} ("
+                      + (f"best {select} {metric} {best_value:.4f} at epoch {best_epoch})" if select
+                         else "no selection split: best.pt is the last epoch)"))
     else:
         if last_path.exists():
             raise TrainingError(f"{run}: already holds a run (last.pt); pass --resume to continue it "
                                 "or choose another --out")
         run.mkdir(parents=True, exist_ok=True)
         (run / report.METRICS_FILE).unlink(missing_ok=True)
+        (run / "best.pt").unlink(missing_ok=True)   # a stale one would stop the first epoch becoming best
 
     progress = _progress(opts.quiet)
     with progress:
@@ -381,24 +435,28 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                 if opts.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
                 optimizer.step()
+                clamp_logit_scales(model)
                 scheduler.step()
                 total += loss.item() * len(pos)
                 count += len(pos)
                 progress.update(task, advance=1, description=f"epoch {epoch}/{opts.epochs} loss {total / count:.4f}")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            record = {"epoch": epoch, "split": opts.eval_split, "train_loss": total / count,
+            record = {"epoch": epoch, "train_loss": total / count,
                       "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0}
             if epoch % opts.eval_every == 0 or epoch == opts.epochs:
                 t1 = time.perf_counter()
-                record.update(evaluate_logits(predict_logits(model, eval_feats, opts.batch_size, device,
-                                                             opts.amp), eval_split))
+                record.update(_evaluate_splits(model, evaluate, opts, device))
                 record["eval_seconds"] = time.perf_counter() - t1
             report.append_metrics(run, record)
-            # a metric that is nan (no positives at all) never improves: keep some best.pt anyway
-            improved = metric in record and (record[metric] > best_value or not (run / "best.pt").exists())
-            if improved:
-                best_value, best_epoch = record[metric], epoch
+            if select is None:
+                improved, best_value, best_epoch = True, None, epoch   # no selection: best.pt = last epoch
+            else:
+                # a metric that is nan (no positives at all) never improves: keep some best.pt anyway
+                value = record.get("select", {}).get(metric)
+                improved = value is not None and (value > best_value or not (run / "best.pt").exists())
+                if improved:
+                    best_value, best_epoch = value, epoch
             ckpt = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch,
                     "best_epoch": best_epoch, "best_value": best_value}
@@ -406,13 +464,27 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
             if improved:
                 _save_atomic(ckpt, run / "best.pt")
             if not opts.quiet:
-                shown = " ".join(f"{k} {record[k]:.4f}" for k in ("train_loss", metric, "eval_loss") if k in record)
+                shown = " | ".join([f"train loss {record['train_loss']:.4f}"] + [
+                    f"{r['split']} {metric} {r[metric]:.4f} loss {r['eval_loss']:.4f}"
+                    for r in (record.get("select"), record.get("eval")) if r])
                 progress.console.print(f"epoch {epoch}: {shown} ({record['epoch_seconds']:.2f} s)")
             if on_epoch_end:
                 on_epoch_end(epoch, record)
     trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped,
-                   data_mode=train_feats.mode, start=start, console=console, trainable_params=trainable_params)
+                   data_mode=train_feats.mode, start=start, console=console, trainable_params=trainable_params,
+                   select=select, requested=requested)
+
+
+def _evaluate_splits(model, evaluate: dict, opts: TrainOptions, device) -> dict:
+    """{"select": {"split": name, metrics...}, "eval": {...}} for the splits evaluated each epoch."""
+    out = {}
+    for part in ("select", "eval"):
+        if part in evaluate:
+            name, videos, feats = evaluate[part]
+            logits = predict_logits(model, feats, opts.batch_size, device, opts.amp)
+            out[part] = {"split": name, **evaluate_logits(logits, videos)}
+    return out
 
 
 def _check_resume_options(ckpt: dict, opts: TrainOptions, cfg: HeadConfig, where: Path) -> None:
@@ -433,7 +505,7 @@ def _check_resume_options(ckpt: dict, opts: TrainOptions, cfg: HeadConfig, where
 
 
 def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped, *, data_mode,
-            start, console, trainable_params) -> dict:
+            start, console, trainable_params, select, requested) -> dict:
     """Re-evaluate best.pt (so summary.json is exactly what `eval` reproduces), write the plots and summary."""
     best = load_checkpoint(run / "best.pt")
     model.load_state_dict(best["model"])
@@ -441,33 +513,48 @@ def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, 
     metrics = evaluate_logits(logits, eval_split)
     history = report.read_metrics(run)
     epoch_times = [r["epoch_seconds"] for r in history if r.get("epoch_seconds") is not None]
+    at_best = next((r for r in history if r["epoch"] == best["epoch"]), {})
+    selection = {"split": select, "metric": metric if select else None, "best_epoch": best["epoch"],
+                 "value": best["best_value"] if select else None, "requested": requested,
+                 "metrics": _split_part(at_best, "select") if select else None}
     summary = {
         "model": cfg.model, "dataset": meta["dataset"], "label_set": ctx.label_set, "split": opts.eval_split,
         "split_scheme": opts.split_scheme, "checkpoint": "best", "best_epoch": best["epoch"],
-        "primary_metric": metric, "metrics": metrics, "last_metrics": _eval_part(history[-1]) if history else {},
+        "selection": selection, "primary_metric": metric, "metrics": metrics,
+        "last_metrics": _split_part(history[-1], "eval") if history else {},
         "num_eval_videos": len(eval_split.video_ids), "skipped_missing": skipped,
         "epochs": opts.epochs if trainable_params else 0, "data_mode": data_mode, "device": str(device),
         "trainable_parameters": trainable_params, "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
         "seconds_total": time.perf_counter() - start, "head_config": cfg.to_dict(), "cache_dir": meta["cache_dir"],
     }
-    _write_outputs(run, logits, eval_split, ctx.label_names, metric, history)
+    _write_outputs(run, logits, eval_split, ctx.label_names, metric, history, best["epoch"] if select else None)
     if ctx.multi_label:
         ap = per_class_ap(logits, eval_split.targets)
         summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(ctx.label_names, ap)}
     report.write_summary(run, summary)
-    console.print(report.metrics_table(f"{cfg.model} on {ctx.manifest.dataset}/{ctx.label_set} "
-                                       f"({opts.eval_split}, best epoch {best['epoch']})",
-                                       {"best": metrics, "last": summary["last_metrics"]}))
+    if select:
+        how = f"best.pt = epoch {best['epoch']}, selected by {select} {metric}"
+        rows = {f"{opts.eval_split}, best.pt": metrics, f"{opts.eval_split}, last.pt": summary["last_metrics"],
+                f"{select} (selection), best.pt": selection["metrics"]}
+    else:
+        why = ("nothing trained" if not trainable_params else "--select-split none" if requested == "none"
+               else "auto: val is the eval split" if opts.eval_split == "val"
+               else f"auto: no val videos labelled with '{ctx.label_set}'")
+        how = f"best.pt = last epoch {best['epoch']} ({why})"
+        rows = {f"{opts.eval_split}, best.pt = last.pt": metrics}
+    console.print(report.metrics_table(f"{cfg.model} on {ctx.manifest.dataset}/{ctx.label_set}: "
+                                       f"{opts.eval_split} metrics", rows, caption=how))
     console.print(f"run folder: {run}")
     return summary
 
 
-def _eval_part(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k in ("top1", "top5", "mean_class_acc", "mAP", "eval_loss")}
+def _split_part(record: dict, part: str) -> dict:
+    """Metrics of one split ("eval" or "select") in a metrics.jsonl record, without the split's name."""
+    return {k: v for k, v in record.get(part, {}).items() if k != "split"}
 
 
-def _write_outputs(run: Path, logits, split: SplitVideos, names, metric, history) -> None:
-    report.plot_curves(history, metric, run / "curves.png")
+def _write_outputs(run: Path, logits, split: SplitVideos, names, metric, history, best_epoch) -> None:
+    report.plot_curves(history, metric, run / "curves.png", best_epoch)
     if split.multi_label:
         report.plot_per_class_ap(per_class_ap(logits, split.targets), names, run / "per_class_ap.png")
     else:

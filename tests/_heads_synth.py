@@ -25,9 +25,12 @@ def _texts(rng, dirs, names):
 
 
 def make_synthetic(root: Path, seed: int = 0, train_per_class: int = 10, test_per_class: int = 5,
-                   dim: int = DIM, noise: float = 0.45, grid: int | None = None, provenance: dict | None = None,
+                   val_per_class: int = 0, dim: int = DIM, noise: float = 0.45, grid: int | None = None, provenance: dict | None = None,
                    drop_from_cache: tuple = (), task_names: list[str] | None = None) -> tuple[Path, Path]:
-    """Write `root/cache` and `root/manifest`; returns (cache_dir, manifest_dir)."""
+    """Write `root/cache` and `root/manifest`; returns (cache_dir, manifest_dir).
+
+    Val videos (none by default) are drawn after the others, so adding them leaves train and test unchanged.
+    """
     rng = np.random.default_rng(seed)
     q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
     task_dirs = q[:NUM_TASKS]                                   # orthonormal class directions
@@ -36,7 +39,7 @@ def make_synthetic(root: Path, seed: int = 0, train_per_class: int = 10, test_pe
     offset = 0.8 * rng.standard_normal(dim) / np.sqrt(dim)      # CLIP features share a common component
     task_steps = [[(2 * c) % NUM_STEPS, (2 * c + 1) % NUM_STEPS] for c in range(NUM_TASKS)]
     feats, tokens, records = {}, {}, []
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
+    for split, per_class in (("train", train_per_class), ("test", test_per_class), ("val", val_per_class)):
         for c in range(NUM_TASKS):
             for i in range(per_class):
                 vid = f"{split}_{c}_{i:03d}"

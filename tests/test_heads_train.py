@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from _heads_synth import NUM_TASKS, make_synthetic
 from cmdcl_cache.store import Cache, ProvenanceError, read_texts, write_synthetic_cache
+from cmdcl_heads import train as train_module
 from cmdcl_heads.cli import app
 from cmdcl_heads.config import HeadConfig
 from cmdcl_heads.train import CheckpointMismatch, TrainingError, TrainOptions, evaluate_run, train
@@ -21,6 +22,12 @@ TIMING = ("epoch_seconds", "eval_seconds")
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     return make_synthetic(tmp_path_factory.mktemp("synth"))
+
+
+@pytest.fixture(scope="module")
+def synth_val(tmp_path_factory):
+    """The same train and test videos plus 3 val videos per class."""
+    return make_synthetic(tmp_path_factory.mktemp("synth_val"), val_per_class=3)
 
 
 def _opts(synth, out, **kw):
@@ -39,6 +46,11 @@ def _records(run):
             for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def _metrics(record, part):
+    """The metrics of one split ("select" or "eval") of a metrics.jsonl record, without its name."""
+    return {k: v for k, v in record[part].items() if k != "split"}
+
+
 def test_zeroshot_evaluates_without_training(synth, tmp_path):
     run = tmp_path / "zs"
     summary = train(_opts(synth, run), _cfg("zeroshot"))
@@ -46,6 +58,8 @@ def test_zeroshot_evaluates_without_training(synth, tmp_path):
     assert summary["trainable_parameters"] == 0 and summary["epochs"] == 0
     records = _records(run)
     assert len(records) == 1 and records[0]["epoch"] == 0 and records[0]["train_loss"] is None
+    assert _metrics(records[0], "eval") == summary["metrics"] and "select" not in records[0]
+    assert summary["selection"]["split"] is None and summary["best_epoch"] == 0
     ckpt = torch.load(run / "best.pt", weights_only=False)
     assert "optimizer" not in ckpt and set(ckpt["model"]) == {"text"}
     for name in ("summary.json", "curves.png", "confusion.png", "last.pt"):
@@ -62,7 +76,9 @@ def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
     records = _records(run)
     assert [r["epoch"] for r in records] == list(range(1, 7))
     assert records[-1]["train_loss"] < records[0]["train_loss"]
-    assert summary["metrics"]["top1"] == max(r["top1"] for r in records)  # best.pt is the best epoch
+    # no val videos: nothing selects, best.pt is the last epoch (never the best test epoch)
+    assert summary["selection"]["split"] is None and summary["best_epoch"] == 6
+    assert summary["metrics"] == _metrics(records[-1], "eval")
     for name in ("curves.png", "confusion.png", "best.pt", "last.pt"):
         assert (run / name).exists()
 
@@ -87,7 +103,9 @@ def test_grid_tokens_reach_the_temporal_encoder(tmp_path):
 
 
 @pytest.mark.slow  # ~3 s alone, up to ~40 s on a loaded 2-core machine
-def test_resume_gives_the_same_final_metrics(synth, tmp_path):
+@pytest.mark.parametrize("data", ["synth", "synth_val"])  # without and with a selection split
+def test_resume_gives_the_same_final_metrics(data, request, tmp_path):
+    synth = request.getfixturevalue(data)
     full = tmp_path / "full"
     ref = train(_opts(synth, full), _cfg("text4vis"))
 
@@ -105,6 +123,8 @@ def test_resume_gives_the_same_final_metrics(synth, tmp_path):
     resumed = train(_opts(synth, cut, resume=True, data_mode="lazy", workers=0), _cfg("text4vis"))
     assert _records(cut) == _records(full)
     assert resumed["metrics"] == ref["metrics"]
+    assert resumed["selection"] == ref["selection"]
+    assert resumed["selection"]["split"] == (None if data == "synth" else "val")
     a = torch.load(full / "last.pt", weights_only=False)["model"]
     b = torch.load(cut / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -156,6 +176,83 @@ def test_cli_train_eval_predict(synth, tmp_path):
     config.write_text('learning_rate = 0.1\n')
     res = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "learning_rate" in res.output
+
+
+def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, monkeypatch):
+    # scripted val top-1 peaks at epoch 2; the test metrics of the later epochs must not matter
+    script = iter([0.3, 0.9, 0.5, 0.6])
+    real = train_module.evaluate_logits
+
+    def scripted(logits, split):
+        out = real(logits, split)
+        if split.video_ids[0].startswith("val_"):
+            out["top1"] = next(script)
+        return out
+
+    monkeypatch.setattr(train_module, "evaluate_logits", scripted)
+    run = tmp_path / "sel"
+    summary = train(_opts(synth_val, run, epochs=4, lr=3e-2), _cfg("linear"))
+    monkeypatch.undo()
+    records = _records(run)
+    assert [(r["select"]["split"], r["eval"]["split"]) for r in records] == [("val", "test")] * 4
+    assert [r["select"]["top1"] for r in records] == [0.3, 0.9, 0.5, 0.6]
+    assert summary["selection"] == {"split": "val", "metric": "top1", "best_epoch": 2, "value": 0.9,
+                                    "requested": "auto", "metrics": _metrics(records[1], "select")}
+    assert summary["best_epoch"] == 2 and torch.load(run / "best.pt", weights_only=False)["epoch"] == 2
+    assert summary["metrics"] == _metrics(records[1], "eval")     # test metrics of the val-selected epoch
+    assert summary["last_metrics"] == _metrics(records[3], "eval")
+    assert summary["skipped_missing"] == {"eval": 0, "train": 0, "select": 0}
+    assert evaluate_run(run, quiet=True) == summary["metrics"]
+    on_val = evaluate_run(run, split="val", quiet=True)   # all but the scripted top1 are reproduced
+    assert {k: v for k, v in on_val.items() if k != "top1"} == {
+        k: v for k, v in summary["selection"]["metrics"].items() if k != "top1"}
+
+
+def test_multi_label_selection_is_the_argmax_of_val_map(synth_val, tmp_path):
+    run = tmp_path / "steps"
+    summary = train(_opts(synth_val, run, label_set="steps", lr=3e-2, epochs=4), _cfg("linear"))
+    records = _records(run)
+    val_map = [r["select"]["mAP"] for r in records]
+    assert summary["selection"]["split"] == "val" and summary["selection"]["metric"] == "mAP"
+    assert summary["best_epoch"] == 1 + int(np.argmax(val_map))   # first epoch of the highest val mAP
+    assert summary["selection"]["value"] == max(val_map)
+    assert summary["metrics"] == _metrics(records[summary["best_epoch"] - 1], "eval")
+
+
+def test_without_selection_split_best_is_last(synth, synth_val, tmp_path):
+    runs = {"no-val": (synth, {}), "none": (synth_val, {"select_split": "none"}),
+            "eval-on-val": (synth_val, {"eval_split": "val"})}   # auto never selects on the eval split
+    for name, (data, kw) in runs.items():
+        run = tmp_path / name
+        summary = train(_opts(data, run, epochs=2, lr=3e-2, **kw), _cfg("linear"))
+        assert summary["selection"] == {"split": None, "metric": None, "best_epoch": 2, "value": None,
+                                        "requested": kw.get("select_split", "auto"), "metrics": None}, name
+        best = torch.load(run / "best.pt", weights_only=False)
+        last = torch.load(run / "last.pt", weights_only=False)
+        assert best["epoch"] == last["epoch"] == 2 and best["train_options"]["select_split"] == "none"
+        assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+        records = _records(run)
+        assert all("select" not in r for r in records)
+        assert summary["metrics"] == summary["last_metrics"] == _metrics(records[-1], "eval")
+        assert evaluate_run(run, checkpoint="last", quiet=True) == summary["metrics"]
+
+
+def test_selection_on_the_eval_split_is_refused(synth_val, tmp_path):
+    run = tmp_path / "refused"
+    with pytest.raises(TrainingError, match="--select-split test is also the --eval-split"):
+        train(_opts(synth_val, run, select_split="test"), _cfg("linear"))
+    with pytest.raises(TrainingError, match="--select-split val is also the --eval-split"):
+        train(_opts(synth_val, run, select_split="val", eval_split="val"), _cfg("linear"))
+    with pytest.raises(TrainingError, match="'dev': expected one of auto, none, train, val, test"):
+        train(_opts(synth_val, run, select_split="dev"), _cfg("linear"))
+    assert not run.exists()   # refused before anything was written
+    config = tmp_path / "run.toml"
+    config.write_text('select-split = "test"\n')   # the TOML key mirrors the flag
+    res = CliRunner().invoke(app, ["train", "--cache", str(synth_val[0]), "--dataset", str(synth_val[1]),
+                                   "--model", "linear", "--out", str(run), "--device", "cpu", "--quiet",
+                                   "--config", str(config)])
+    assert res.exit_code == 2 and "selects the model on its own evaluation data" in res.output
+    assert "--select-split none" in res.output and not run.exists()
 
 
 def test_cmdcl_without_confounders_names_the_command(synth, tmp_path):

@@ -1,0 +1,98 @@
+"""Time of a full `cmdcl` training run on a COIN-sized synthetic cache, through the real CLI.
+
+    python benchmarks/coin_sized_training.py --device cuda --out benchmarks/results/coin_sized.json
+    python benchmarks/coin_sized_training.py --videos 600 --epochs 2 --layers 1 --frames 16   # CPU smoke run
+
+The cache has COIN's shape: 9,030 training videos (plus --test-videos) x 64 cached frames x 512 (ViT-B/16's
+embedding size), 180 classes; features are class direction + noise, so the run also shows learning. It
+times, each as its own `cmdcl-heads` process: `confounders build` (V_P 256, Z 512) and `train --model cmdcl`
+(--epochs, --layers, --frames), and reports the mean epoch time from the run's summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from cmdcl_cache.manifest import make_labels_json, write_manifest  # noqa: E402
+from cmdcl_cache.store import TextEmbeddings, write_synthetic_cache  # noqa: E402
+
+
+def write_coin_sized(work: Path, videos: int, test_videos: int, rows: int, dim: int, classes: int, seed: int):
+    rng = np.random.default_rng(seed)
+    class_dir = rng.standard_normal((classes, dim)).astype(np.float32)
+    feats, records = {}, []
+    for i in range(videos + test_videos):
+        c = int(rng.integers(classes))
+        vid = f"v{i:05d}"
+        feats[vid] = (class_dir[c] + 3.0 * rng.standard_normal((rows, dim), dtype=np.float32)).astype(np.float16)
+        records.append({"video_id": vid, "path": vid, "split": "train" if i < videos else "test",
+                        "labels": {"task": f"t{c}"}})
+    names = [f"task {c}" for c in range(classes)]
+    per_prompt = (class_dir[:, None] + 0.5 * rng.standard_normal((classes, 4, dim))).astype(np.float32)
+    texts = {"task": TextEmbeddings(names, names, ["{}"] * 4, per_prompt, TextEmbeddings.ensemble_of(per_prompt))}
+    labels = make_labels_json("coin-sized", {"task": (False, [(f"t{c}", n) for c, n in enumerate(names)])},
+                              "task", None, ["default"], "benchmarks/coin_sized_training.py", "generated")
+    write_manifest(work / "manifest", records, labels)
+    return write_synthetic_cache(work / "cache", feats, texts, provenance={"dataset": "coin-sized"})
+
+
+def run(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--videos", type=int, default=9030)
+    p.add_argument("--test-videos", type=int, default=2797)
+    p.add_argument("--rows", type=int, default=64, help="cached frames per video")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--classes", type=int, default=180)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--frames", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-points", type=int, default=65536, help="frames clustered by k-means")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cmdcl-coin-sized-"))
+    t0 = time.perf_counter()
+    cache = write_coin_sized(work, args.videos, args.test_videos, args.rows, args.dim, args.classes, seed=0)
+    write_s = time.perf_counter() - t0
+    cli = [sys.executable, "-m", "cmdcl_heads.cli"]
+    dataset = str(work / "manifest")
+    confounders_s = run(cli + ["confounders", "build", "--cache", str(cache), "--dataset", dataset,
+                               "--max-points", str(args.max_points)])
+    train_s = run(cli + ["train", "--cache", str(cache), "--dataset", dataset, "--model", "cmdcl",
+                         "--epochs", str(args.epochs), "--layers", str(args.layers), "--frames", str(args.frames),
+                         "--batch-size", str(args.batch_size), "--device", args.device, "--quiet",
+                         "--out", str(work / "run")])
+    summary = json.loads((work / "run" / "summary.json").read_text())
+    figures = {"videos": args.videos, "test_videos": args.test_videos, "rows": args.rows, "dim": args.dim,
+               "epochs": args.epochs, "layers": args.layers, "frames": args.frames, "batch_size": args.batch_size,
+               "write_cache_s": round(write_s, 1), "confounders_build_s": round(confounders_s, 1),
+               "train_wall_s": round(train_s, 1), "mean_epoch_s": summary.get("mean_epoch_seconds"),
+               "device": summary.get("device"), "data_mode": summary.get("data_mode"),
+               "test_metrics": summary.get("metrics")}
+    print(json.dumps(figures, indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

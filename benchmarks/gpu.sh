@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One GPU run, under eight minutes on a single H100: ViT-B/16 fp16 extraction throughput on generated
+# two-minute videos, and a 30-epoch cmdcl training on a COIN-sized synthetic cache. Figures go to
+# ${OUT:-benchmarks/results}/gpu_*.json and gpu.log.
+#
+#   bash benchmarks/gpu.sh                   # needs torch with CUDA, open_clip_torch, decord, faiss-cpu, h5py,
+#                                            # typer, rich, matplotlib, numpy, opencv-python-headless or av
+# Wheels for a machine without network: put them in .whl/ (see README "GPU check"); they are installed
+# into /tmp/site first. Weights are random (--pretrained none): speed does not depend on them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+{
+    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+    python3 -c "import torch, open_clip, decord, faiss, h5py; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee "$LOG"
+
+start=$SECONDS
+echo "== extraction (ViT-B-16 fp16, 8 generated 2-minute videos + 4 real clips, 8 fps sampled)" | tee -a "$LOG"
+timeout 270 python3 benchmarks/extract_throughput.py --device cuda --model ViT-B-16 --pretrained none \
+    --precision fp16 --long-videos 8 --long-seconds 120 --fps 8 --workers 12 --batch-size 256 \
+    --out "$OUT/gpu_extract.json" 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$LOG"
+echo "extraction stage: $((SECONDS - start)) s" | tee -a "$LOG"
+
+start=$SECONDS
+echo "== training (cmdcl, H=8, T=64, 30 epochs, 9,030 x 64 x 512 cache)" | tee -a "$LOG"
+timeout 270 python3 benchmarks/coin_sized_training.py --device cuda --epochs 30 --layers 8 --frames 64 \
+    --out "$OUT/gpu_training.json" 2>&1 | tail -25 | tee -a "$LOG"
+echo "training stage: $((SECONDS - start)) s" | tee -a "$LOG"

@@ -1,0 +1,56 @@
+"""`failures.jsonl` and `extract_log.jsonl`: append-only JSON Lines logs in the cache folder.
+
+Every rank appends to the same files, one `os.write` of one whole line on a descriptor opened with
+O_APPEND, so lines from different processes do not interleave (on a local file system). A line cut by a
+crash is skipped on reading. A video may appear several times (a retry that failed again); the last line
+wins, and a video that is committed in a shard is not failed, whatever the log says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FAILURES = "failures.jsonl"
+RUN_LOG = "extract_log.jsonl"
+STAGES = ("open", "decode", "encode", "write")
+
+
+def append_line(path: str | Path, record: dict) -> None:
+    data = (json.dumps(record, sort_keys=False) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_lines(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by a crash
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def record_failure(cache_dir: str | Path, video_id: str, path: str, stage: str, error: str,
+                   seconds: float, rank: int) -> dict:
+    if stage not in STAGES:
+        raise ValueError(f"unknown failure stage {stage!r}")
+    record = {"video_id": video_id, "path": str(path), "stage": stage, "error": error,
+              "seconds": round(float(seconds), 3), "rank": int(rank)}
+    append_line(Path(cache_dir) / FAILURES, record)
+    return record
+
+
+def read_failures(cache_dir: str | Path) -> dict[str, dict]:
+    """The last failure record of each video listed in failures.jsonl."""
+    return {r["video_id"]: r for r in read_lines(Path(cache_dir) / FAILURES) if "video_id" in r}

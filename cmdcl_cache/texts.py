@@ -1,0 +1,114 @@
+"""Label texts for the text tower: readable names, prompt templates, CLIP-style prompt ensembles.
+
+Readable names (`readable_label`):
+- CamelCase keys (COIN tasks) are split into lower-case words, acronyms kept:
+  `ChangeCarTire` -> "change car tire", `ReplaceCDDriveWithSSD` -> "replace CD drive with SSD".
+- snake_case keys (Breakfast actions) become words: `stir_tea` -> "stir tea".
+- Breakfast's `SIL` ("silence": frames before, between and after the actions) becomes "background", the
+  closest thing a text tower knows; this mapping is ours, not the dataset's.
+- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is.
+
+Templates: `DEFAULT_TEMPLATES` is a small CLIP-style set worded for actions (our choice, in the spirit of
+CLIP's ImageNet prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts).
+`--prompts FILE` replaces it: one template per line, each with one "{}", blank lines and "#" comments
+skipped.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .store import TextEmbeddings
+
+DEFAULT_TEMPLATES = (
+    "a video of a person {}.",
+    "a photo of a person {}.",
+    "a video of {}.",
+    "a photo of {}.",
+    "a person is {}.",
+    "a clip of someone {}.",
+    "a close-up video of {}.",
+    "a frame from a video of {}.",
+)
+
+SPECIAL_NAMES = {"SIL": "background"}
+
+# A run of capitals followed by a capitalised word splits before that word's capital ("CDDrive" ->
+# "CD", "Drive"); otherwise words are capitalised words, acronyms, lower-case runs or digits.
+# Digits stay with the acronym before them ("RJ45", "USB3").
+_WORDS = re.compile(r"[A-Z]+[0-9]+|[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+
+class PromptError(ValueError):
+    """A prompt template file is malformed; the message names the file and line."""
+
+
+def readable_label(key: str) -> str:
+    """Human text for a label key or name (see the module docstring for the rules)."""
+    key = key.strip()
+    if key in SPECIAL_NAMES:
+        return SPECIAL_NAMES[key]
+    if " " in key:
+        return key  # already text (COIN step names)
+    words = []
+    for part in re.split(r"[_\-]+", key):
+        for word in _WORDS.findall(part):
+            # acronyms (two or more capitals) keep their case, other words are lower-cased
+            words.append(word if len(word) > 1 and word.isupper() and not word.isdigit() else word.lower())
+    return " ".join(words) if words else key
+
+
+def load_templates(path: str | Path) -> list[str]:
+    """Prompt templates from a file: one per line, each containing "{}" exactly once."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise PromptError(f"{path}: cannot read prompt templates ({err.strerror})") from None
+    templates = []
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        count = text.count("{}")
+        if count != 1:
+            raise PromptError(f"{path}:{number}: template {text!r} must contain '{{}}' exactly once "
+                              f"(found {count}); it marks where the label text goes")
+        try:
+            text.format("x")
+        except (IndexError, KeyError, ValueError) as err:
+            raise PromptError(f"{path}:{number}: template {text!r} has other braces ({err}); "
+                              "write literal braces as '{{' and '}}'") from None
+        templates.append(text)
+    if not templates:
+        raise PromptError(f"{path}: no prompt templates (one per line, each with '{{}}')")
+    return templates
+
+
+def build_text_embeddings(encoder, label_set_names: dict[str, list[str]],
+                          templates: Sequence[str] = DEFAULT_TEMPLATES,
+                          batch_size: int = 256) -> dict[str, TextEmbeddings]:
+    """Encode every label of every set with every template.
+
+    label_set_names maps a set name to its label names (labels.json `name`s, or keys); the readable text
+    of each goes into the templates. Returns per-prompt embeddings [C, P, D] as the text tower gives
+    them, and the ensemble [C, D] (normalise each prompt, average, normalise: CLIP's convention).
+    """
+    templates = list(templates)
+    if not templates:
+        raise ValueError("no prompt templates")
+    out = {}
+    for set_name, names in label_set_names.items():
+        names = list(names)
+        texts = [readable_label(n) for n in names]
+        prompts = [t.format(text) for text in texts for t in templates]  # label-major: [C * P]
+        emb = encoder.encode_texts(prompts, batch_size=batch_size).numpy().astype(np.float32)
+        per_prompt = emb.reshape(len(names), len(templates), -1)
+        out[set_name] = TextEmbeddings(names=names, texts=texts, templates=templates,
+                                       per_prompt=per_prompt,
+                                       ensemble=TextEmbeddings.ensemble_of(per_prompt))
+    return out

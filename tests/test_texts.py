@@ -1,0 +1,116 @@
+"""Readable label names, prompt template files, and CLIP-style prompt ensembles."""
+
+import numpy as np
+import pytest
+import torch
+
+from cmdcl_cache.encoder import EncoderSpec, load_encoder
+from cmdcl_cache.store import read_texts, write_texts
+from cmdcl_cache.texts import (DEFAULT_TEMPLATES, PromptError, build_text_embeddings, load_templates,
+                               readable_label)
+
+
+@pytest.mark.parametrize("key,text", [
+    ("ChangeCarTire", "change car tire"),
+    ("ReplaceCDDriveWithSSD", "replace CD drive with SSD"),
+    ("PerformCPR", "perform CPR"),
+    ("MakeRJ45Cable", "make RJ45 cable"),
+    ("PitchATent", "pitch a tent"),
+    ("stir_tea", "stir tea"),
+    ("pour_cereals", "pour cereals"),
+    ("SIL", "background"),
+    ("remove the tire", "remove the tire"),          # COIN step names are already text
+    ("use the SIM card slot", "use the SIM card slot"),
+    ("cereals", "cereals"),
+])
+def test_readable_label(key, text):
+    assert readable_label(key) == text
+
+
+def test_default_templates_are_a_small_action_set():
+    assert 6 <= len(DEFAULT_TEMPLATES) <= 10
+    assert all(t.count("{}") == 1 for t in DEFAULT_TEMPLATES)
+    assert "a video of a person {}." in DEFAULT_TEMPLATES
+
+
+def test_load_templates(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# my prompts\na video of {}.\n\n  a photo of {}.  \n")
+    assert load_templates(path) == ["a video of {}.", "a photo of {}."]
+
+
+@pytest.mark.parametrize("content,line,what", [
+    ("a video of {}.\na photo of something.\n", 2, "exactly once"),
+    ("a video of {}.\n# note\n{} and {}\n", 3, "found 2"),
+    ("a {0} of {}\n", 1, "other braces"),
+    ("a video of {}.\nset {x} of {}\n", 2, "other braces"),
+])
+def test_template_errors_name_file_and_line(tmp_path, content, line, what):
+    path = tmp_path / "bad.txt"
+    path.write_text(content)
+    with pytest.raises(PromptError, match=rf"bad\.txt:{line}: .*{what}"):
+        load_templates(path)
+
+
+def test_template_file_missing_or_empty(tmp_path):
+    with pytest.raises(PromptError, match="missing.txt: cannot read"):
+        load_templates(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(PromptError, match="empty.txt: no prompt templates"):
+        load_templates(tmp_path / "empty.txt")
+
+
+class FakeEncoder:
+    """A text tower stand-in: a fixed random vector per prompt, with a scale that differs per prompt."""
+
+    def __init__(self, dim=8):
+        self.dim, self.seen, self.batches = dim, [], []
+
+    def encode_texts(self, texts, batch_size=256):
+        self.seen += list(texts)
+        self.batches.append(len(texts))
+        rows = []
+        for t in texts:
+            rng = np.random.default_rng(abs(hash(t)) % 2 ** 32)
+            rows.append(rng.normal(size=self.dim) * (1 + len(t) % 5))
+        return torch.tensor(np.array(rows), dtype=torch.float32)
+
+
+def test_build_text_embeddings_shapes_and_ensemble():
+    enc = FakeEncoder()
+    templates = ["a video of {}.", "a photo of {}.", "{}"]
+    out = build_text_embeddings(enc, {"task": ["ChangeCarTire", "MakePizza"],
+                                      "action": ["SIL", "stir_tea", "take_cup", "pour_milk"]}, templates)
+    task, action = out["task"], out["action"]
+    assert task.per_prompt.shape == (2, 3, 8) and action.per_prompt.shape == (4, 3, 8)
+    assert task.names == ["ChangeCarTire", "MakePizza"] and task.texts == ["change car tire", "make pizza"]
+    assert action.texts[0] == "background" and task.templates == templates
+    assert "a photo of change car tire." in enc.seen
+    # per_prompt[c, p] is the embedding of template p filled with label c, as the tower returned it
+    expected = enc.encode_texts(["a photo of stir tea."]).numpy()[0]
+    np.testing.assert_allclose(action.per_prompt[1, 1], expected, rtol=1e-6)
+    # ensemble: normalise each prompt, average, normalise (CLIP); not the plain mean of raw embeddings
+    unit = action.per_prompt / np.linalg.norm(action.per_prompt, axis=-1, keepdims=True)
+    mean = unit.mean(axis=1)
+    np.testing.assert_allclose(action.ensemble, mean / np.linalg.norm(mean, axis=-1, keepdims=True),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(action.ensemble, axis=-1), 1.0, rtol=1e-5)
+    raw = action.per_prompt.mean(axis=1)
+    raw /= np.linalg.norm(raw, axis=-1, keepdims=True)
+    assert not np.allclose(action.ensemble, raw, atol=1e-3)
+
+
+def test_build_with_the_tiny_clip_batches_and_round_trips(tmp_path):
+    enc = load_encoder(EncoderSpec(model="cmdcl-tiny", pretrained="none", device="cpu"))
+    names = {"task": ["ChangeCarTire", "MakePizza", "PerformCPR"]}
+    small = build_text_embeddings(enc, names, DEFAULT_TEMPLATES, batch_size=5)  # 24 prompts, 5 batches
+    big = build_text_embeddings(enc, names, DEFAULT_TEMPLATES)
+    t = small["task"]
+    assert t.per_prompt.shape == (3, len(DEFAULT_TEMPLATES), enc.feature_dim)
+    np.testing.assert_allclose(t.per_prompt, big["task"].per_prompt, rtol=1e-5, atol=1e-5)
+    direct = enc.encode_texts([DEFAULT_TEMPLATES[2].format("perform CPR")]).numpy()[0]
+    np.testing.assert_allclose(t.per_prompt[2, 2], direct, rtol=1e-5, atol=1e-5)
+    write_texts(tmp_path / "texts.h5", small, enc.provenance())
+    back = read_texts(tmp_path / "texts.h5")["task"]
+    assert back.texts == ["change car tire", "make pizza", "perform CPR"]
+    np.testing.assert_array_equal(back.ensemble, t.ensemble)
