@@ -227,7 +227,8 @@ def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed:
     from cmdcl_heads.train import TrainOptions, evaluate_run, train
 
     cfg = HeadConfig(model=model, frames=args.frames, layers=args.layers, **extra)
-    opts = TrainOptions(cache=str(cache_dir), dataset=str(manifest_dir), out=str(run), eval_split="val",
+    opts = TrainOptions(cache=str(cache_dir), dataset=str(manifest_dir), out=str(run), eval_split="test",
+                        select_split="none",
                         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device,
                         data_mode="memory", workers=0, eval_every=max(args.epochs, 1), quiet=True)
     train(opts, cfg)

@@ -16,7 +16,8 @@ TSN offsets from `epoch_generator`) with the same model, seed and sampling:
 By default lazy and npy are also timed with 0 workers (reads in the training process: no IPC, no overlap).
 
 Modes run in interleaved rounds (memory, lazy, npy, ..., memory, ...) after one untimed warm-up epoch each, so
-that a neighbour's load on a shared machine hits all three alike; the median epoch is reported. Files are
+that a neighbour's load on a shared machine hits all three alike; the median and the fastest epoch are
+reported (the fastest is the least disturbed one, as `timeit` reports). Files are
 in the page cache (hot): this measures the loader's CPU cost, not a cold disk.
 """
 
@@ -227,25 +228,29 @@ def main(argv=None) -> None:
                 loader_only[mode].append(run_epoch(model, feats, targets, opt, opts, args.frames, args.seed,
                                                    epoch + 1, device, compute=False))
     med = {m: statistics.median(v) for m, v in times.items()}
+    low = {m: min(v) for m, v in times.items()}  # the least disturbed epoch, as timeit reports
     med_loader = {m: statistics.median(v) for m, v in loader_only.items()}
     rows_total = int(split.lengths.sum())
     table = Table(title=f"{args.model} training epoch, {len(split.video_ids)} videos, {rows_total} cached rows x "
                         f"{args.dim} (float16, {rows_total * args.dim * 2 / 2**20:.0f} MiB), T={args.frames}, "
                         f"batch {args.batch_size}")
-    for col in ("data path", "epoch s (median)", "all epochs s", "vs memory", "videos/s", "loader alone s"):
+    for col in ("data path", "epoch s (median)", "min s", "all epochs s", "vs memory (median)", "vs memory (min)",
+                "videos/s", "loader alone s"):
         table.add_column(col, justify="left" if col == "data path" else "right")
     label = {"memory": "memory (MemoryFeatures)", "lazy": f"HDF5 lazy ({args.workers} workers)",
              "npy": f"npy per video ({args.workers} workers)", "lazy0": "HDF5 lazy (0 workers)",
              "npy0": "npy per video (0 workers)"}
     rows = []
     for mode in loaders:
-        cells = [label[mode], f"{med[mode]:.3f}", " ".join(f"{x:.3f}" for x in times[mode]),
-                 f"{med[mode] / med['memory']:.2f}x", f"{len(split.video_ids) / med[mode]:.0f}",
+        cells = [label[mode], f"{med[mode]:.3f}", f"{low[mode]:.3f}", " ".join(f"{x:.3f}" for x in times[mode]),
+                 f"{med[mode] / med['memory']:.2f}x", f"{low[mode] / low['memory']:.2f}x",
+                 f"{len(split.video_ids) / med[mode]:.0f}",
                  f"{med_loader[mode]:.3f}"]
         rows.append(cells)
         table.add_row(*cells)
     console.print(table)
-    verdict = (f"HDF5 lazy / memory = {med['lazy'] / med['memory']:.2f} (target <= 1.10: "
+    verdict = (f"HDF5 lazy / memory = {med['lazy'] / med['memory']:.2f} by median epoch, "
+               f"{low['lazy'] / low['memory']:.2f} by fastest epoch (target <= 1.10: "
                f"{'met' if med['lazy'] <= 1.10 * med['memory'] else 'NOT met'}); "
                f"npy / memory = {med['npy'] / med['memory']:.2f}; HDF5 lazy / npy = {med['lazy'] / med['npy']:.2f}"
                + (f"; HDF5 lazy 0 workers / memory = {med['lazy0'] / med['memory']:.2f}" if "lazy0" in med else ""))
@@ -254,8 +259,8 @@ def main(argv=None) -> None:
     console.print(f"same frames from all three paths: {same}; data written in {t_write:.1f} s, memory mode "
                   f"loaded in {t_load:.2f} s (not in its epoch time); total {total:.0f} s; {machine()}")
     if not args.no_write:
-        head = "| " + " | ".join(["data path", "epoch s (median)", "all epochs s", "vs memory", "videos/s",
-                                   "loader alone s"]) + " |"
+        head = "| " + " | ".join(["data path", "epoch s (median)", "min s", "all epochs s", "vs memory (median)",
+                                   "vs memory (min)", "videos/s", "loader alone s (median)"]) + " |"
         body = "\n".join([
             "## Training throughput: HDF5 cache vs memory vs npy (`benchmarks/train_throughput.py`)", "",
             f"Command: `PYTHONPATH=$PWD {command_line()}`  ",
@@ -265,7 +270,7 @@ def main(argv=None) -> None:
             f"{args.max_frames} cached frames, D={args.dim}, T={args.frames}, batch {args.batch_size}, "
             f"{args.epochs} timed epochs per mode after one warm-up, modes interleaved; page cache hot. "
             "'loader alone' iterates the same batches without the model.", "",
-            head, "|" + "---|" * 6, *["| " + " | ".join(r) + " |" for r in rows], "",
+            head, "|" + "---|" * 8, *["| " + " | ".join(r) + " |" for r in rows], "",
             verdict + f". Same frames from all three paths: {same}. Memory mode's one-off load: {t_load:.2f} s."])
         update_section("throughput", body)
         console.print("updated BENCHMARKS.md")
