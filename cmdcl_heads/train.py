@@ -422,7 +422,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
             n = len(train_split.video_ids)
             order, offsets = torch.randperm(n, generator=gen), torch.rand(n, cfg.frames, generator=gen)
             t0 = time.perf_counter()
-            total, count, skipped, bad_steps = 0.0, 0, 0, 0
+            total, count, skipped_steps, bad_steps = 0.0, 0, 0, 0
             for step, (pos, frames, toks) in enumerate(train_feats.batches(opts.batch_size, order, offsets), 1):
                 y = targets[pos.to(device)]
                 with _autocast(device, opts.amp):
@@ -446,7 +446,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                     # A finite loss with a non-finite gradient (seen under bf16 on GPU): skip the step, as
                     # AMP's GradScaler does, rather than let one step turn every weight into NaN.
                     optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
+                    skipped_steps += 1
                     bad_steps += 1
                     if bad_steps >= MAX_BAD_STEPS:
                         raise TrainingError(f"{bad_steps} steps in a row had a non-finite gradient (epoch "
@@ -457,10 +457,10 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                 progress.update(task, advance=1, description=f"epoch {epoch}/{opts.epochs} loss {total / count:.4f}")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            record = {"epoch": epoch, "train_loss": total / count, "skipped_steps": skipped,
+            record = {"epoch": epoch, "train_loss": total / count, "skipped_steps": skipped_steps,
                       "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0}
-            if skipped:
-                console.print(f"epoch {epoch}: skipped {skipped} step(s) with a non-finite gradient")
+            if skipped_steps:
+                console.print(f"epoch {epoch}: skipped {skipped_steps} step(s) with a non-finite gradient")
             if epoch % opts.eval_every == 0 or epoch == opts.epochs:
                 t1 = time.perf_counter()
                 record.update(_evaluate_splits(model, evaluate, opts, device))

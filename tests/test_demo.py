@@ -280,7 +280,7 @@ def test_cli_demo_make(tmp_path):
     result = CliRunner().invoke(app, ["demo", "make", str(out), "--train", "1", "--val", "0", "--test", "1",
                                       "--size", "32x32", "--fps", "4", "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert "manifest:" in result.output and "cmdcl-cache extract demo" in result.output
+    assert "manifest:" in result.output and "cmdcl-cache extract --dataset demo" in result.output
     assert len(list((out / "videos").glob("*.mp4"))) == 2 * len(demo.ACTIVITIES)
     assert (out / "manifest" / "labels.json").is_file()
 
