@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -119,3 +120,18 @@ def torch_probe(path: str, threads: int = 1):
         raise RuntimeError(f"torch imported: {'torch' in sys.modules}")
     from cmdcl_cache.decode import DecordVideo
     return DecordVideo(path, threads)
+
+
+def slow_decord(path: str, threads: int = 1):
+    """decord, but every get_batch takes 0.15 s longer: spaces commits out so a test can kill between them."""
+    from cmdcl_cache.decode import DecordVideo
+
+    video = DecordVideo(path, threads)
+    get_batch = video.get_batch
+
+    def slow_get_batch(indices):
+        time.sleep(0.15)
+        return get_batch(indices)
+
+    video.get_batch = slow_get_batch
+    return video
