@@ -20,6 +20,23 @@ label text ensemble, E_f [Cf, D] the fine vocabulary, V_P [Kp, D] / Z [Kz, D] th
     V'      = mean_t LN(Xm + Wf [Xm ; CS])
     logits  = s * cos(V', T'_c),  s = exp(log_s), s_0 = 100
 
+Mediator modes (HeadConfig.mediator_mode; *inferred/ours*, NOT in the paper, which only says that VCI
+goes through a text-guided fine-grained mediator; added to test our reading of the front-door on
+benchmarks/confounded.py, see BENCHMARKS.md "CMDCL variants"):
+
+    gate     (default)  Xm = X * sigmoid(M), as above: M can only rescale X, so whatever X carries (the
+                        scene included) still reaches V'.
+    replace             Xm = M = S T'_f Wv', with Wv' initialised to the identity instead of zero: the
+                        prediction goes through the mediator only (front-door: Y depends on V only via M),
+                        M lies in the span of Wv' T'_f. The temporal encoder and the attention scores are
+                        still learned, so the scores can still read the scene.
+    project             the mediator comes BEFORE the temporal encoder and has no learned part:
+                        X = STA^H(Linear(P_f F / ||P_f F||) + pos), with P_f the orthogonal projector onto the span of
+                        the FROZEN fine-text ensemble E_f (its CLIP text embeddings, not the learnable T_f:
+                        a learnable basis could rotate toward the shortcut), and Xm = X. Every frame is
+                        reduced to its atomic-action content before anything is learned; order is kept
+                        because the projection is per frame. Needs a fine set with Cf < D (else P_f = I).
+
 Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -> V' = mean_t X exactly;
 mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm). Modules that a switch turns off are
 not built, so every parameter of a built head is used.
@@ -130,7 +147,18 @@ class CMDCLHead(nn.Module):
         self.text = nn.Parameter(text.clone()) if cfg.learn_text else None
         if not cfg.learn_text:
             self.register_buffer("text_buf", text.clone())
-        self.uses_fine = cfg.vci and cfg.mediator
+        mode = getattr(cfg, "mediator_mode", "gate")
+        self.mediator_mode = mode if (cfg.vci and cfg.mediator) else None
+        if self.mediator_mode == "project":
+            # fixed orthonormal basis of span(E_f) [r, D]; E_f = the target texts when there is no finer set
+            basis = torch.as_tensor(fine_text if fine_text is not None else text, dtype=torch.float32)
+            if basis.shape[1] != dim:
+                raise ValueError(f"fine_text has D={basis.shape[1]}, text has D={dim}")
+            u, sv, vh = torch.linalg.svd(basis, full_matrices=False)
+            self.register_buffer("fine_basis", vh[sv > sv[0] * 1e-5].contiguous())
+            fine_text = None
+        # the gate and replace modes read the fine texts through the mediator attention
+        self.uses_fine = self.mediator_mode in ("gate", "replace")
         if fine_text is not None and torch.equal(torch.as_tensor(fine_text, dtype=torch.float32), text):
             fine_text = None  # the trainer passes the target texts when there is no finer set: share T
         self.has_fine = self.uses_fine and fine_text is not None
@@ -149,7 +177,12 @@ class CMDCLHead(nn.Module):
         self.encoder = TemporalEncoder(dim, cfg.layers, cfg.heads, cfg.max_frames, cfg.dropout,
                                        tokens_per_frame=tokens_per_frame)
         if self.uses_fine:
-            self.mediator = DictionaryAttention(dim, zero_values=True)   # M = 0 at init
+            replace = self.mediator_mode == "replace"
+            self.mediator = DictionaryAttention(dim, zero_values=not replace)   # gate: M = 0 at init
+            if replace:
+                # Xm = M must carry the signal from the start: Wv' = I, so M = S T'_f at init
+                with torch.no_grad():
+                    self.mediator.v.weight.copy_(torch.eye(dim))
         if need_z:
             self.register_buffer("z", F.normalize(confounders.z.float(), dim=-1))
             self.register_buffer("z_log_prior", confounders.z_prior.float().clamp_min(LOG_PRIOR_FLOOR).log())
@@ -192,16 +225,26 @@ class CMDCLHead(nn.Module):
             tokens = F.normalize(tokens.float(), dim=-1)
         return frames, tokens
 
+    def _project(self, x):
+        """P_f x / ||P_f x||: the direction of x's part in the span of the frozen fine texts
+        (mediator_mode='project'). Renormalised so that how much of a frame the scene takes up does not
+        scale its atomic-action content either."""
+        return F.normalize((x @ self.fine_basis.T) @ self.fine_basis, dim=-1)
+
     def video_features(self, frames, tokens, tf_prime):
         """(V' [B, D], X [B, T, D], parts: mediator S [B, T, Cf], cross-sample weights [B, T, Kz])."""
-        x = self.encoder(*self._inputs(frames, tokens))
+        frames, tokens = self._inputs(frames, tokens)
+        if self.mediator_mode == "project":
+            frames = self._project(frames)
+            tokens = self._project(tokens) if tokens is not None else None
+        x = self.encoder(frames, tokens)
         parts = {}
         if not self.cfg.vci:
             return x.mean(dim=1), x, parts
         xm = x
         if self.uses_fine:
             m, parts["mediator"] = self.mediator(x, tf_prime)
-            xm = x * torch.sigmoid(m)
+            xm = m if self.mediator_mode == "replace" else x * torch.sigmoid(m)
         if hasattr(self, "cross"):
             cs, parts["cross_sample"] = self.cross(xm, self.z, self.z_log_prior)
             h = self.out_ln(xm + self.fuse(torch.cat([xm, self.drop(cs)], dim=-1)))
