@@ -37,6 +37,16 @@ benchmarks/confounded.py, see BENCHMARKS.md "CMDCL variants"):
                         reduced to its atomic-action content before anything is learned; order is kept
                         because the projection is per frame. Needs a fine set with Cf < D (else P_f = I).
 
+Cross-sample mode (HeadConfig.cross_sample_mode; *inferred/ours*, NOT in the paper):
+
+    attend   (default)  CS as above, one attention-weighted Z entry per time step, fused by concatenation.
+    backdoor            an explicit adjustment over the Z strata instead of the NWGM attention:
+                        V'_z = mean_t LN(Xm + Wf [Xm ; z]) for every entry z of Z, and
+                        logits = sum_z P(z) s cos(V'_z, T'_c): the class score averaged over the strata with
+                        their prior (expectation of the score, not of the probability, so that the same
+                        logits serve cross-entropy and BCE). Wf starts at zero, so it starts equal to
+                        cross_sample=False. Memory grows with K_z: [B, T, K_z, D] activations.
+
 Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -> V' = mean_t X exactly;
 mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm). Modules that a switch turns off are
 not built, so every parameter of a built head is used.
@@ -186,7 +196,9 @@ class CMDCLHead(nn.Module):
         if need_z:
             self.register_buffer("z", F.normalize(confounders.z.float(), dim=-1))
             self.register_buffer("z_log_prior", confounders.z_prior.float().clamp_min(LOG_PRIOR_FLOOR).log())
-            self.cross = DictionaryAttention(dim)
+            self.backdoor = getattr(cfg, "cross_sample_mode", "attend") == "backdoor"
+            if not self.backdoor:
+                self.cross = DictionaryAttention(dim)
             self.fuse = nn.Linear(2 * dim, dim)
             nn.init.zeros_(self.fuse.weight)
             nn.init.zeros_(self.fuse.bias)
@@ -232,7 +244,8 @@ class CMDCLHead(nn.Module):
         return F.normalize((x @ self.fine_basis.T) @ self.fine_basis, dim=-1)
 
     def video_features(self, frames, tokens, tf_prime):
-        """(V' [B, D], X [B, T, D], parts: mediator S [B, T, Cf], cross-sample weights [B, T, Kz])."""
+        """(V' [B, D] (cross_sample_mode backdoor: V'_z [B, Kz, D]), X [B, T, D], parts: mediator
+        S [B, T, Cf], cross-sample weights [B, T, Kz] (attend mode))."""
         frames, tokens = self._inputs(frames, tokens)
         if self.mediator_mode == "project":
             frames = self._project(frames)
@@ -245,6 +258,12 @@ class CMDCLHead(nn.Module):
         if self.uses_fine:
             m, parts["mediator"] = self.mediator(x, tf_prime)
             xm = m if self.mediator_mode == "replace" else x * torch.sigmoid(m)
+        if getattr(self, "backdoor", False):
+            # Wf [Xm ; z] = Wx Xm + Wz z + b, one fused feature per stratum z: [B, T, Kz, D] -> V'_z [B, Kz, D]
+            wx, wz = self.fuse.weight[:, :self.dim], self.fuse.weight[:, self.dim:]
+            per_z = self.drop(self.z @ wz.T + self.fuse.bias)                          # [Kz, D]
+            h = self.out_ln((xm + xm @ wx.T)[:, :, None, :] + per_z)
+            return h.mean(dim=1), x, parts
         if hasattr(self, "cross"):
             cs, parts["cross_sample"] = self.cross(xm, self.z, self.z_log_prior)
             h = self.out_ln(xm + self.fuse(torch.cat([xm, self.drop(cs)], dim=-1)))
@@ -259,7 +278,10 @@ class CMDCLHead(nn.Module):
         return self.log_scale.exp()
 
     def _logits(self, v, t):
-        return self.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+        logits = self.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+        if logits.dim() == 3:   # cross_sample_mode='backdoor': V'_z [B, Kz, D] -> sum_z P(z) score_z
+            logits = torch.einsum("bzc,z->bc", logits, self.z_log_prior.softmax(0))
+        return logits
 
     def forward(self, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         t_prime, tf_prime, _ = self.text_features()

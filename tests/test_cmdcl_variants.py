@@ -96,3 +96,26 @@ def test_class_mean_vp_on_the_confounded_benchmark(tmp_path):
     assert conf.vp_labels and all(k.startswith("a") for k in conf.vp_labels)
     assert conf.vp.shape[0] == len(conf.vp_labels) <= cfg.actions
     assert not torch.allclose(conf.vp[:4], Confounders.load(paths["full"] / FILE_NAME).vp[:4])
+
+
+def test_backdoor_cross_sample_averages_scores_over_z_strata():
+    frames, _ = _inputs()
+    head = _head(cross_sample_mode="backdoor").eval()
+    assert not hasattr(head, "cross") and head.fuse.weight.shape == (D, 2 * D)
+    t_prime, tf_prime, _ = head.text_features()
+    v, x, parts = head.video_features(frames, None, tf_prime)
+    assert v.shape == (B, KZ, D) and "cross_sample" not in parts
+    # zero-initialised Wf: every stratum gives the same V'_z, equal to cross_sample=False
+    off = _head(cross_sample=False).eval()
+    assert torch.allclose(head(frames), off(frames), atol=1e-4)
+    # once Wf is non-zero the strata differ and the logits are their prior-weighted mean
+    with torch.no_grad():
+        head.fuse.weight.normal_(0, 0.3)
+    v, _, _ = head.video_features(frames, None, tf_prime)
+    assert not torch.allclose(v[:, 0], v[:, 1])
+    per_z = head.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t_prime, dim=-1).T
+    prior = _conf().z_prior / _conf().z_prior.sum()
+    assert torch.allclose(head(frames), (per_z * prior[None, :, None]).sum(1), atol=1e-4)
+    assert not torch.allclose(head(frames), off(frames), atol=1e-2)
+    with pytest.raises(ValueError, match="cross_sample_mode"):
+        HeadConfig(cross_sample_mode="nwgm")
