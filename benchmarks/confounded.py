@@ -222,6 +222,8 @@ VARIANT_ROWS = [
     ("cmdcl-project", "cmdcl --mediator-mode project", "full", "cmdcl", {"mediator_mode": "project"}),
     ("cmdcl-project-classmean", "cmdcl project + V_P class-mean", "full-cm", "cmdcl", {"mediator_mode": "project"}),
     ("cmdcl-project-no-tci", "cmdcl project --no-tci", "full", "cmdcl", {"mediator_mode": "project", "tci": False}),
+    ("cmdcl-project-only", "cmdcl project --no-tci --no-cross-sample", "full", "cmdcl",
+     {"mediator_mode": "project", "tci": False, "cross_sample": False}),
     ("cmdcl-backdoor", "cmdcl --cross-sample-mode backdoor", "full", "cmdcl", {"cross_sample_mode": "backdoor"}),
     ("cmdcl-project-backdoor", "cmdcl project + backdoor", "full", "cmdcl",
      {"mediator_mode": "project", "cross_sample_mode": "backdoor"}),

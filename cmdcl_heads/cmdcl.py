@@ -64,6 +64,7 @@ everything feeding them.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +167,10 @@ class CMDCLHead(nn.Module):
                 raise ValueError(f"fine_text has D={basis.shape[1]}, text has D={dim}")
             u, sv, vh = torch.linalg.svd(basis, full_matrices=False)
             self.register_buffer("fine_basis", vh[sv > sv[0] * 1e-5].contiguous())
+            if len(self.fine_basis) >= dim:
+                warnings.warn(f"mediator_mode='project': the {basis.shape[0]} fine texts span all D={dim} "
+                              "dimensions, so the projection is the identity and removes nothing (e.g. COIN's "
+                              "778 steps with D=512); use the gate or replace mode", stacklevel=2)
             fine_text = None
         # the gate and replace modes read the fine texts through the mediator attention
         self.uses_fine = self.mediator_mode in ("gate", "replace")

@@ -119,3 +119,9 @@ def test_backdoor_cross_sample_averages_scores_over_z_strata():
     assert not torch.allclose(head(frames), off(frames), atol=1e-2)
     with pytest.raises(ValueError, match="cross_sample_mode"):
         HeadConfig(cross_sample_mode="nwgm")
+
+
+def test_project_warns_when_the_fine_texts_span_everything():
+    cfg = HeadConfig(layers=0, tci=False, cross_sample=False, dropout=0.0, mediator_mode="project")
+    with pytest.warns(UserWarning, match="projection is the identity"):
+        CMDCLHead(cfg, torch.randn(C, D), torch.randn(D + 3, D), None)
