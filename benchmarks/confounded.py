@@ -7,6 +7,8 @@ It writes a cache in the project's format (`write_synthetic_cache`, `texts.h5`) 
 CONTRACTS.md format (label sets `activity`, single-label and default, and `action`, multi-label and fine;
 splits train / val = test_id, in-distribution / test = shifted), builds the confounder dictionaries on it,
 trains zero-shot, linear, text4vis, cmdcl, cmdcl --no-tci and cmdcl --no-vci, and prints one table.
+`--rows` also offers CMDCL variants (*ours*, VARIANT_ROWS, not run by default; BENCHMARKS.md "CMDCL
+variants"): class-mean V_P of the fine set, --mediator-mode replace|project, --cross-sample-mode backdoor.
 
 The structural causal model
 ---------------------------
