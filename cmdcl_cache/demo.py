@@ -27,7 +27,7 @@ machine's core count) or MPEG-4 part 2 where the FFmpeg build lacks libx264. Vid
 are shuffled so that they say nothing about split or label.
 
 Output layout: `<out>/videos/<video_id>.mp4` and the manifest folder `<out>/manifest/` (videos.jsonl and
-labels.json, see CONTRACTS.md). Manifest paths are relative to the video root `<out>/videos`.
+labels.json, see cmdcl_cache/manifest.py). Manifest paths are relative to the video root `<out>/videos`.
 """
 
 from __future__ import annotations

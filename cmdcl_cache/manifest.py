@@ -1,6 +1,17 @@
 """Dataset manifests: `videos.jsonl` (one video per line) + `labels.json` (label sets in a fixed order).
 
-The format is fixed in CONTRACTS.md. Everything is validated when the manifest is loaded, before any
+A manifest folder holds:
+
+- `videos.jsonl`, one JSON object per line: `{"video_id": str, "path": str (relative to --video-root, POSIX,
+  may be a stem without extension), "split": "train"|"val"|"test", "labels": {set: key | [key, ...]},
+  "splits"?: {scheme: split}, "duration"?: seconds, "segments"?: [{"label": key, "set": set, "start": s,
+  "end": s}], "meta"?: {...}}`. `split` is the default scheme's split; `splits` carries the other schemes
+  (Breakfast s1-s4).
+- `labels.json`: `{"dataset", "default_label_set", "fine_label_set", "split_schemes": [default first, ...],
+  "label_sets": {set: {"multi_label": bool, "labels": [{"key": unique key, "name": text}, ...]}},
+  "source", "licence"}`. Label ids are positions in `labels`.
+
+Everything is validated when the manifest is loaded, before any
 video is opened, and every error reads `<file>:<line>: field '<field>': <what is wrong>`. Errors about a
 whole file (missing, empty) use line 0 for a missing file and line 1 for an empty one; errors in
 labels.json point at the first line that mentions the offending key.

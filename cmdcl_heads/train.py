@@ -211,6 +211,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+MAX_BAD_STEPS = 20  # consecutive non-finite gradients before training stops
+
+
 def make_optimizer(model, opts: TrainOptions) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]        # matrices decay; biases, norms, scales do not
@@ -419,7 +422,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
             n = len(train_split.video_ids)
             order, offsets = torch.randperm(n, generator=gen), torch.rand(n, cfg.frames, generator=gen)
             t0 = time.perf_counter()
-            total, count = 0.0, 0
+            total, count, skipped_steps, bad_steps = 0.0, 0, 0, 0
             for step, (pos, frames, toks) in enumerate(train_feats.batches(opts.batch_size, order, offsets), 1):
                 y = targets[pos.to(device)]
                 with _autocast(device, opts.amp):
@@ -433,18 +436,31 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                                         "if any, holds the last whole epoch")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if opts.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), opts.clip_grad)
-                optimizer.step()
-                clamp_logit_scales(model)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    model.parameters(), opts.clip_grad if opts.clip_grad > 0 else math.inf)
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    clamp_logit_scales(model)
+                    bad_steps = 0
+                else:
+                    # A finite loss with a non-finite gradient (seen under bf16 on GPU): skip the step, as
+                    # AMP's GradScaler does, rather than let one step turn every weight into NaN.
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped_steps += 1
+                    bad_steps += 1
+                    if bad_steps >= MAX_BAD_STEPS:
+                        raise TrainingError(f"{bad_steps} steps in a row had a non-finite gradient (epoch "
+                                            f"{epoch}, step {step}): stopping; try --no-amp or a lower --lr")
                 scheduler.step()
                 total += loss.item() * len(pos)
                 count += len(pos)
                 progress.update(task, advance=1, description=f"epoch {epoch}/{opts.epochs} loss {total / count:.4f}")
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            record = {"epoch": epoch, "train_loss": total / count,
+            record = {"epoch": epoch, "train_loss": total / count, "skipped_steps": skipped_steps,
                       "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0}
+            if skipped_steps:
+                console.print(f"epoch {epoch}: skipped {skipped_steps} step(s) with a non-finite gradient")
             if epoch % opts.eval_every == 0 or epoch == opts.epochs:
                 t1 = time.perf_counter()
                 record.update(_evaluate_splits(model, evaluate, opts, device))

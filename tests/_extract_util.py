@@ -63,7 +63,7 @@ LABELS = {"task": ["make tea", "fix bike", "cut hair"], "step": ["boil water", "
 
 
 def write_manifest(folder: Path, videos: dict[str, str], dataset: str = "tiny", splits=None) -> Path:
-    """A manifest folder in the CONTRACTS.md format; `videos` maps video_id -> path under the root."""
+    """A manifest folder in the format of cmdcl_cache/manifest.py; `videos` maps video_id -> path under the root."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = {"dataset": dataset, "default_label_set": "task", "fine_label_set": "step",
               "split_schemes": ["default"],

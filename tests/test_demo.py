@@ -1,4 +1,4 @@
-"""The demo set: it renders, decord reads it back exactly, the manifest follows CONTRACTS.md, it is
+"""The demo set: it renders, decord reads it back exactly, the manifest follows the format of cmdcl_cache/manifest.py, it is
 deterministic, the background confounder is measurably on in train/val and off in test, and the atomic
 actions can be told apart from the pixels."""
 
@@ -40,7 +40,7 @@ def _frames(out: Path, line: dict) -> np.ndarray:
 # ------------------------------------------------------------------------------ the manifest contract
 
 def _check_contract(lines: list[dict], labels: dict) -> None:
-    """A minimal check of CONTRACTS.md's manifest format, independent of cmdcl_cache.manifest."""
+    """A minimal check of the manifest format, independent of cmdcl_cache.manifest."""
     assert set(labels) == {"dataset", "default_label_set", "fine_label_set", "split_schemes", "label_sets",
                            "source", "licence"}
     sets = labels["label_sets"]
@@ -280,7 +280,7 @@ def test_cli_demo_make(tmp_path):
     result = CliRunner().invoke(app, ["demo", "make", str(out), "--train", "1", "--val", "0", "--test", "1",
                                       "--size", "32x32", "--fps", "4", "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert "manifest:" in result.output and "cmdcl-cache extract demo" in result.output
+    assert "manifest:" in result.output and "cmdcl-cache extract --dataset demo" in result.output
     assert len(list((out / "videos").glob("*.mp4"))) == 2 * len(demo.ACTIVITIES)
     assert (out / "manifest" / "labels.json").is_file()
 

@@ -286,3 +286,25 @@ def test_nan_features_stop_training_with_a_clear_message(synth, tmp_path):
     bad = write_synthetic_cache(tmp_path / "bad", feats, read_texts(synth[0] / "texts.h5"))
     with pytest.raises(TrainingError, match=r"cross-entropy loss is nan at epoch 1, step \d+/4"):
         train(_opts((bad, synth[1]), tmp_path / "nan"), _cfg("linear"))
+
+
+def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def norm_inf_on_first_two(params, max_norm, *a, **k):
+        calls["n"] += 1
+        norm = real(params, max_norm, *a, **k)
+        return torch.tensor(float("inf")) if calls["n"] <= 2 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", norm_inf_on_first_two)
+    run = tmp_path / "skip"
+    train(_opts(synth, run, epochs=2), _cfg("linear"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [2, 0]
+    assert all(np.isfinite(r["train_loss"]) for r in records)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite gradient"):
+        train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("linear"))
