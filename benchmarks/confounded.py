@@ -7,6 +7,8 @@ It writes a cache in the project's format (`write_synthetic_cache`, `texts.h5`) 
 the format of cmdcl_cache/manifest.py (label sets `activity`, single-label and default, and `action`, multi-label and fine;
 splits train / val = test_id, in-distribution / test = shifted), builds the confounder dictionaries on it,
 trains zero-shot, linear, text4vis, cmdcl, cmdcl --no-tci and cmdcl --no-vci, and prints one table.
+`--rows` also offers CMDCL variants (*ours*, VARIANT_ROWS, not run by default; BENCHMARKS.md "CMDCL
+variants"): class-mean V_P of the fine set, --mediator-mode replace|project, --cross-sample-mode backdoor.
 
 The structural causal model
 ---------------------------
@@ -214,6 +216,22 @@ ROWS = [
     ("cmdcl-no-vci", "cmdcl --no-vci", "full", "cmdcl", {"vci": False}),
     ("ref-shortcut", "reference: text4vis, scene alone", "bgonly", "text4vis", {}),
 ]
+# CMDCL variants (*inferred/ours*, not the paper's; BENCHMARKS.md "CMDCL variants"), not run by default.
+# Cache variant "full-cm": the full cache with V_P built from class-mean prototypes of the fine (action) set.
+VARIANT_ROWS = [
+    ("cmdcl-vp-classmean", "cmdcl, V_P class-mean (actions)", "full-cm", "cmdcl", {}),
+    ("cmdcl-replace", "cmdcl --mediator-mode replace", "full", "cmdcl", {"mediator_mode": "replace"}),
+    ("cmdcl-project", "cmdcl --mediator-mode project", "full", "cmdcl", {"mediator_mode": "project"}),
+    ("cmdcl-project-classmean", "cmdcl project + V_P class-mean", "full-cm", "cmdcl", {"mediator_mode": "project"}),
+    ("cmdcl-project-no-tci", "cmdcl project --no-tci", "full", "cmdcl", {"mediator_mode": "project", "tci": False}),
+    ("cmdcl-project-only", "cmdcl project --no-tci --no-cross-sample", "full", "cmdcl",
+     {"mediator_mode": "project", "tci": False, "cross_sample": False}),
+    ("cmdcl-backdoor", "cmdcl --cross-sample-mode backdoor", "full", "cmdcl", {"cross_sample_mode": "backdoor"}),
+    ("cmdcl-project-backdoor", "cmdcl project + backdoor", "full", "cmdcl",
+     {"mediator_mode": "project", "cross_sample_mode": "backdoor"}),
+]
+ALL_ROWS = ROWS + VARIANT_ROWS
+FEATURES = {"full": "action + scene", "full-cm": "action + scene", "nobg": "action only", "bgonly": "scene only"}
 
 
 def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed: int, args,
@@ -236,13 +254,28 @@ def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed:
                                 quiet=True)["top1"] for split in ("val", "test")}
 
 
-def build_dictionaries(cache_dir: Path, manifest_dir: Path, args) -> None:
+def build_dictionaries(cache_dir: Path, manifest_dir: Path, args, prototypes: str = "kmeans") -> None:
     from cmdcl_cache.manifest import load_manifest
     from cmdcl_heads.confounders import FILE_NAME, build_confounders
 
     conf = build_confounders(cache_dir, load_manifest(manifest_dir), kp=args.kp, kz=args.kz, seed=0,
-                             progress=False)
+                             prototypes=prototypes, progress=False)
     conf.save(cache_dir / FILE_NAME)
+
+
+def class_mean_copy(paths: dict[str, Path]) -> Path:
+    """A copy of the full cache (same shards and texts, so the same fingerprint) under the tag full-cm,
+    whose confounders.h5 will hold class-mean V_P of the fine set (the atomic actions, from their segments)."""
+    import shutil
+
+    from cmdcl_heads.confounders import FILE_NAME
+
+    src, dst = paths["full"], paths["full"].parent / "full-cm"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != FILE_NAME:
+            shutil.copy2(f, dst / f.name)
+    return dst
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -258,13 +291,13 @@ def results_table(results: dict[str, dict[str, list[float]]], chance: float, tex
         table.add_column(col, justify=justify)
     base = mean_std(results[text4vis_key]["test"])[0] if text4vis_key in results else None
     rows = []
-    for key, label, variant, _model, _extra in ROWS:
+    for key, label, variant, _model, _extra in ALL_ROWS:
         if key not in results:
             continue
         r = results[key]
         drop = mean_std(r["val"])[0] - mean_std(r["test"])[0]
         delta = "" if base is None or key == text4vis_key else f"{(mean_std(r['test'])[0] - base) * 100:+.1f}"
-        cells = [label, {"full": "action + scene", "nobg": "action only", "bgonly": "scene only"}[variant],
+        cells = [label, FEATURES[variant],
                  fmt_pm(r["val"]), fmt_pm(r["test"]), f"{drop * 100:.1f}", delta]
         rows.append(cells)
         table.add_row(*cells, end_section=key in ("ref-deconfounded", "cmdcl-no-vci"))
@@ -307,7 +340,8 @@ def parse_args(argv=None):
     t.add_argument("--device", default="cpu")
     t.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--rows", default=",".join(r[0] for r in ROWS),
-                   help="comma-separated rows to run (default: all)")
+                   help="comma-separated rows to run (default: the paper's heads and ablations; CMDCL variants, "
+                        "*ours*: " + ", ".join(r[0] for r in VARIANT_ROWS) + ")")
     p.add_argument("--work", type=Path, default=None, help="folder for caches and runs (default: a temp dir)")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     p.add_argument("--section", default="confounded", help="BENCHMARKS.md section to write")
@@ -333,10 +367,10 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     console = Console(width=150)
     scm = SCMConfig(**{k[4:]: v for k, v in vars(args).items() if k.startswith("scm_")})
-    unknown = set(args.rows.split(",")) - {r[0] for r in ROWS}
+    unknown = set(args.rows.split(",")) - {r[0] for r in ALL_ROWS}
     if unknown:
-        raise SystemExit(f"--rows: unknown row(s) {', '.join(sorted(unknown))}; have {', '.join(r[0] for r in ROWS)}")
-    wanted = [r for r in ROWS if r[0] in set(args.rows.split(","))]
+        raise SystemExit(f"--rows: unknown row(s) {', '.join(sorted(unknown))}; have {', '.join(r[0] for r in ALL_ROWS)}")
+    wanted = [r for r in ALL_ROWS if r[0] in set(args.rows.split(","))]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="cmdcl-confounded-"))
     t_start = time.perf_counter()
     data_seeds = [scm.seed + i for i in range(args.data_seeds)]
@@ -345,8 +379,11 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         datasets[ds] = write_benchmark(work / f"data{ds}", replace(scm, seed=ds))
         t1 = time.perf_counter()
-        for variant in {v for _, _, v, m, _ in wanted if m == "cmdcl"}:
-            build_dictionaries(datasets[ds][variant], datasets[ds]["manifest"], args)
+        for variant in sorted({v for _, _, v, m, _ in wanted if m == "cmdcl"}):
+            if variant == "full-cm":
+                datasets[ds]["full-cm"] = class_mean_copy(datasets[ds])
+            build_dictionaries(datasets[ds][variant], datasets[ds]["manifest"], args,
+                               prototypes="class-mean" if variant == "full-cm" else "kmeans")
         t_data, t_conf = t_data + t1 - t0, t_conf + time.perf_counter() - t1
     console.print(f"data: {work} ({t_data:.1f} s), confounders {t_conf:.1f} s; {machine()}")
 

@@ -150,6 +150,11 @@ def train(
     vci: bool = typer.Option(True, help="cmdcl: visual causal intervention."),
     mediator: bool = typer.Option(True, help="cmdcl: text-guided mediator inside VCI."),
     cross_sample: bool = typer.Option(True, help="cmdcl: cross-sample approximator inside VCI."),
+    mediator_mode: str = typer.Option("gate", help="cmdcl, *ours*: gate (Xm = X*sigmoid(M)), replace (Xm = M) "
+                                                   "or project (frames projected onto the fine-text span "
+                                                   "before the temporal encoder)."),
+    cross_sample_mode: str = typer.Option("attend", help="cmdcl, *ours*: attend (attention over Z, fused) or "
+                                                         "backdoor (class scores averaged over Z strata by P(z))."),
     skip_missing: bool = typer.Option(False, help="Skip split videos missing from the cache instead of failing."),
     quiet: bool = typer.Option(False, help="No progress bar or table."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last.pt."),

@@ -4,7 +4,7 @@ From the paper: the structural causal model (B cross-modal bias, Z visual confou
 M mediator, Y label); a back-door adjustment on the text (Textual Causal Intervention, TCI) and a
 front-door adjustment on the video through a text-guided fine-grained mediator (Visual Causal
 Intervention, VCI); H stacked temporal attention layers (best H = 8); CLIP features and label texts.
-The paper publishes no code; everything below marked *inferred* is our reading (see docs_model.md).
+The paper publishes no code; everything below marked *inferred* is our reading (see README, "The CMDCL head").
 
 Read top to bottom, with F [B, T, D] frames (optionally grid tokens [B, T, P, D]), E [C, D] the target
 label text ensemble, E_f [Cf, D] the fine vocabulary, V_P [Kp, D] / Z [Kz, D] the dictionaries:
@@ -19,6 +19,33 @@ label text ensemble, E_f [Cf, D] the fine vocabulary, V_P [Kp, D] / Z [Kz, D] th
     CS      = softmax(Xm Wq'' (Z Wk'')^T / sqrt d + log P(z)) Z Wv''                cross-sample term
     V'      = mean_t LN(Xm + Wf [Xm ; CS])
     logits  = s * cos(V', T'_c),  s = exp(log_s), s_0 = 100
+
+Mediator modes (HeadConfig.mediator_mode; *inferred/ours*, NOT in the paper, which only says that VCI
+goes through a text-guided fine-grained mediator; added to test our reading of the front-door on
+benchmarks/confounded.py, see BENCHMARKS.md "CMDCL variants"):
+
+    gate     (default)  Xm = X * sigmoid(M), as above: M can only rescale X, so whatever X carries (the
+                        scene included) still reaches V'.
+    replace             Xm = M = S T'_f Wv', with Wv' initialised to the identity instead of zero: the
+                        prediction goes through the mediator only (front-door: Y depends on V only via M),
+                        M lies in the span of Wv' T'_f. The temporal encoder and the attention scores are
+                        still learned, so the scores can still read the scene.
+    project             the mediator comes BEFORE the temporal encoder and has no learned part:
+                        X = STA^H(Linear(P_f F / ||P_f F||) + pos), with P_f the orthogonal projector onto the span of
+                        the FROZEN fine-text ensemble E_f (its CLIP text embeddings, not the learnable T_f:
+                        a learnable basis could rotate toward the shortcut), and Xm = X. Every frame is
+                        reduced to its atomic-action content before anything is learned; order is kept
+                        because the projection is per frame. Needs a fine set with Cf < D (else P_f = I).
+
+Cross-sample mode (HeadConfig.cross_sample_mode; *inferred/ours*, NOT in the paper):
+
+    attend   (default)  CS as above, one attention-weighted Z entry per time step, fused by concatenation.
+    backdoor            an explicit adjustment over the Z strata instead of the NWGM attention:
+                        V'_z = mean_t LN(Xm + Wf [Xm ; z]) for every entry z of Z, and
+                        logits = sum_z P(z) s cos(V'_z, T'_c): the class score averaged over the strata with
+                        their prior (expectation of the score, not of the probability, so that the same
+                        logits serve cross-entropy and BCE). Wf starts at zero, so it starts equal to
+                        cross_sample=False. Memory grows with K_z: [B, T, K_z, D] activations.
 
 Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -> V' = mean_t X exactly;
 mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm). Modules that a switch turns off are
@@ -37,6 +64,7 @@ everything feeding them.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +158,22 @@ class CMDCLHead(nn.Module):
         self.text = nn.Parameter(text.clone()) if cfg.learn_text else None
         if not cfg.learn_text:
             self.register_buffer("text_buf", text.clone())
-        self.uses_fine = cfg.vci and cfg.mediator
+        mode = getattr(cfg, "mediator_mode", "gate")
+        self.mediator_mode = mode if (cfg.vci and cfg.mediator) else None
+        if self.mediator_mode == "project":
+            # fixed orthonormal basis of span(E_f) [r, D]; E_f = the target texts when there is no finer set
+            basis = torch.as_tensor(fine_text if fine_text is not None else text, dtype=torch.float32)
+            if basis.shape[1] != dim:
+                raise ValueError(f"fine_text has D={basis.shape[1]}, text has D={dim}")
+            u, sv, vh = torch.linalg.svd(basis, full_matrices=False)
+            self.register_buffer("fine_basis", vh[sv > sv[0] * 1e-5].contiguous())
+            if len(self.fine_basis) >= dim:
+                warnings.warn(f"mediator_mode='project': the {basis.shape[0]} fine texts span all D={dim} "
+                              "dimensions, so the projection is the identity and removes nothing (e.g. COIN's "
+                              "778 steps with D=512); use the gate or replace mode", stacklevel=2)
+            fine_text = None
+        # the gate and replace modes read the fine texts through the mediator attention
+        self.uses_fine = self.mediator_mode in ("gate", "replace")
         if fine_text is not None and torch.equal(torch.as_tensor(fine_text, dtype=torch.float32), text):
             fine_text = None  # the trainer passes the target texts when there is no finer set: share T
         self.has_fine = self.uses_fine and fine_text is not None
@@ -149,11 +192,18 @@ class CMDCLHead(nn.Module):
         self.encoder = TemporalEncoder(dim, cfg.layers, cfg.heads, cfg.max_frames, cfg.dropout,
                                        tokens_per_frame=tokens_per_frame)
         if self.uses_fine:
-            self.mediator = DictionaryAttention(dim, zero_values=True)   # M = 0 at init
+            replace = self.mediator_mode == "replace"
+            self.mediator = DictionaryAttention(dim, zero_values=not replace)   # gate: M = 0 at init
+            if replace:
+                # Xm = M must carry the signal from the start: Wv' = I, so M = S T'_f at init
+                with torch.no_grad():
+                    self.mediator.v.weight.copy_(torch.eye(dim))
         if need_z:
             self.register_buffer("z", F.normalize(confounders.z.float(), dim=-1))
             self.register_buffer("z_log_prior", confounders.z_prior.float().clamp_min(LOG_PRIOR_FLOOR).log())
-            self.cross = DictionaryAttention(dim)
+            self.backdoor = getattr(cfg, "cross_sample_mode", "attend") == "backdoor"
+            if not self.backdoor:
+                self.cross = DictionaryAttention(dim)
             self.fuse = nn.Linear(2 * dim, dim)
             nn.init.zeros_(self.fuse.weight)
             nn.init.zeros_(self.fuse.bias)
@@ -192,16 +242,33 @@ class CMDCLHead(nn.Module):
             tokens = F.normalize(tokens.float(), dim=-1)
         return frames, tokens
 
+    def _project(self, x):
+        """P_f x / ||P_f x||: the direction of x's part in the span of the frozen fine texts
+        (mediator_mode='project'). Renormalised so that how much of a frame the scene takes up does not
+        scale its atomic-action content either."""
+        return F.normalize((x @ self.fine_basis.T) @ self.fine_basis, dim=-1)
+
     def video_features(self, frames, tokens, tf_prime):
-        """(V' [B, D], X [B, T, D], parts: mediator S [B, T, Cf], cross-sample weights [B, T, Kz])."""
-        x = self.encoder(*self._inputs(frames, tokens))
+        """(V' [B, D] (cross_sample_mode backdoor: V'_z [B, Kz, D]), X [B, T, D], parts: mediator
+        S [B, T, Cf], cross-sample weights [B, T, Kz] (attend mode))."""
+        frames, tokens = self._inputs(frames, tokens)
+        if self.mediator_mode == "project":
+            frames = self._project(frames)
+            tokens = self._project(tokens) if tokens is not None else None
+        x = self.encoder(frames, tokens)
         parts = {}
         if not self.cfg.vci:
             return x.mean(dim=1), x, parts
         xm = x
         if self.uses_fine:
             m, parts["mediator"] = self.mediator(x, tf_prime)
-            xm = x * torch.sigmoid(m)
+            xm = m if self.mediator_mode == "replace" else x * torch.sigmoid(m)
+        if getattr(self, "backdoor", False):
+            # Wf [Xm ; z] = Wx Xm + Wz z + b, one fused feature per stratum z: [B, T, Kz, D] -> V'_z [B, Kz, D]
+            wx, wz = self.fuse.weight[:, :self.dim], self.fuse.weight[:, self.dim:]
+            per_z = self.drop(self.z @ wz.T + self.fuse.bias)                          # [Kz, D]
+            h = self.out_ln((xm + xm @ wx.T)[:, :, None, :] + per_z)
+            return h.mean(dim=1), x, parts
         if hasattr(self, "cross"):
             cs, parts["cross_sample"] = self.cross(xm, self.z, self.z_log_prior)
             h = self.out_ln(xm + self.fuse(torch.cat([xm, self.drop(cs)], dim=-1)))
@@ -216,7 +283,10 @@ class CMDCLHead(nn.Module):
         return self.log_scale.exp()
 
     def _logits(self, v, t):
-        return self.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+        logits = self.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+        if logits.dim() == 3:   # cross_sample_mode='backdoor': V'_z [B, Kz, D] -> sum_z P(z) score_z
+            logits = torch.einsum("bzc,z->bc", logits, self.z_log_prior.softmax(0))
+        return logits
 
     def forward(self, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         t_prime, tf_prime, _ = self.text_features()

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 
+MEDIATOR_MODES = ("gate", "replace", "project")
+CROSS_SAMPLE_MODES = ("attend", "backdoor")
+
+
 @dataclass
 class HeadConfig:
     model: str = "cmdcl"             # zeroshot | linear | text4vis | cmdcl
@@ -20,8 +24,18 @@ class HeadConfig:
     vci: bool = True                 # visual causal intervention (front-door); off: V' = mean_t X
     mediator: bool = True            # text-guided fine-grained mediator inside VCI
     cross_sample: bool = True        # cross-sample approximator over Z inside VCI
+    # *inferred/ours* (not in the paper): how the mediator enters the video path, see cmdcl_heads/cmdcl.py
+    mediator_mode: str = "gate"      # gate: Xm = X*sigmoid(M) | replace: Xm = M | project: X = STA(P_f F)
+    cross_sample_mode: str = "attend"  # *ours*: attend (CS = attention over Z) | backdoor (E_z P(z) score_z)
     learn_text: bool = True          # T learnable (initialised from the cached text ensemble)
     fine_label_set: str | None = None  # vocabulary for the mediator; None: the dataset's fine set
+
+    def __post_init__(self):
+        if self.mediator_mode not in MEDIATOR_MODES:
+            raise ValueError(f"mediator_mode must be one of {', '.join(MEDIATOR_MODES)}, got {self.mediator_mode!r}")
+        if self.cross_sample_mode not in CROSS_SAMPLE_MODES:
+            raise ValueError(f"cross_sample_mode must be one of {', '.join(CROSS_SAMPLE_MODES)}, "
+                             f"got {self.cross_sample_mode!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
