@@ -172,12 +172,14 @@ def train(
         _fail(f"missing {', '.join(missing)} (on the command line or in --config)")
     head_keys = {f.name for f in fields(HeadConfig)}
     opt_keys = {f.name for f in fields(TrainOptions)}
-    cfg = HeadConfig(**{k: v for k, v in values.items() if k in head_keys})
-    opts = TrainOptions(**{k: (str(v) if k in ("cache", "out") else v) for k, v in values.items() if k in opt_keys})
     try:
+        cfg = HeadConfig(**{k: v for k, v in values.items() if k in head_keys})
+        opts = TrainOptions(**{k: (str(v) if k in ("cache", "out") else v)
+                               for k, v in values.items() if k in opt_keys})
         run_train(opts, cfg)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: continue with the same command and --resume ({opts.out}/last.pt)", err=True)
+        typer.echo(f"interrupted: continue with the same command and --resume ({values['out']}/last.pt)",
+                   err=True)
         raise typer.Exit(130)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         _fail(err)
