@@ -13,6 +13,11 @@ import numpy as np
 import torch
 
 
+def _short(text: str, limit: int = 40) -> str:
+    """Long label names (COIN steps, demo descriptions) would squeeze the plots: cut them."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def centre_indices(num_frames: int, t: int) -> np.ndarray:
     """TSN evaluation sampling (the trainer's rows): the centre row of each of t equal segments."""
     from cmdcl_heads.data import tsn_indices
@@ -67,9 +72,9 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
     def heat(ax, w, names, what):
         order = _top(w, min(top_k, w.shape[1]))
         im = ax.imshow(w[:, order].T, aspect="auto", cmap="viridis", interpolation="nearest")
-        ax.set_yticks(range(len(order)), [names[i] for i in order], fontsize=8)
+        ax.set_yticks(range(len(order)), [_short(names[i]) for i in order], fontsize=8)
         ticks = np.linspace(0, w.shape[0] - 1, min(8, w.shape[0])).astype(int)
-        ax.set_xticks(ticks, [f"{xt[i]:.0f}" for i in ticks], fontsize=8)
+        ax.set_xticks(ticks, [f"{xt[i]:.1f}" if times is not None else f"{xt[i]:.0f}" for i in ticks], fontsize=8)
         ax.set_xlabel("time (s)" if times is not None else "sampled frame")
         ax.set_title(what, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.03)
@@ -86,10 +91,11 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
     ax = axes[0, 1]
     ax.barh(range(len(top5))[::-1], probs[top5], color=["tab:green" if class_names[i] in truths else "tab:blue"
                                                           for i in top5])
-    ax.set_yticks(range(len(top5))[::-1], [f"{class_names[i]} ({logits[i]:.1f})" for i in top5], fontsize=8)
+    ax.set_yticks(range(len(top5))[::-1], [f"{_short(class_names[i])} ({logits[i]:.1f})" for i in top5],
+                  fontsize=8)
     ax.set_xlim(0, 1)
-    ax.set_title("top-5 prediction: probability (logit)" + (f"\ntruth: {', '.join(sorted(truths))}" if truths else ""),
-                 fontsize=10)
+    ax.set_title("top-5 prediction: probability (logit)" +
+                 (f"\ntruth: {_short(', '.join(sorted(truths)), 45)}" if truths else ""), fontsize=10)
     if "cross_sample" in maps:
         z_names = [f"z{i}" for i in range(maps["cross_sample"].shape[1])]
         heat(axes[1, 0], maps["cross_sample"], z_names, f"cross-sample approximator: top-{top_k} entries of Z")
@@ -102,7 +108,7 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
         names = vp_names or [f"b{i}" for i in range(len(w))]
         ax.barh(range(len(order))[::-1], w[order])
         ax.set_yticks(range(len(order))[::-1], [names[i] for i in order], fontsize=8)
-        ax.set_title(f"textual intervention: V_P weights for '{class_names[top5[0]]}'", fontsize=10)
+        ax.set_title(f"textual intervention: V_P weights\nfor '{_short(class_names[top5[0]], 30)}'", fontsize=10)
     else:
         missing(ax, "textual intervention")
     fig.suptitle(title)
