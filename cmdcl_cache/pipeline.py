@@ -139,13 +139,7 @@ def texts_provenance_for(encoder, dataset: str, templates: list[str]) -> dict:
 
 
 def _templates(texts_mod, prompts: Path | None) -> list[str]:
-    # texts.py names: load_templates/DEFAULT_TEMPLATES (the brief said read_templates/default_templates).
-    if prompts:
-        read = getattr(texts_mod, "load_templates", None) or texts_mod.read_templates
-        return list(read(prompts))
-    if hasattr(texts_mod, "DEFAULT_TEMPLATES"):
-        return list(texts_mod.DEFAULT_TEMPLATES)
-    return list(texts_mod.default_templates())
+    return list(texts_mod.load_templates(prompts)) if prompts else list(texts_mod.DEFAULT_TEMPLATES)
 
 
 def ensure_texts(cache_dir: Path, manifest, encoder, prompts: Path | None = None,

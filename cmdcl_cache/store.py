@@ -297,7 +297,7 @@ class Cache:
     Files are opened lazily and reopened after a fork, so one Cache can be handed to DataLoader workers.
     """
 
-    def __init__(self, cache_dir: str | Path):
+    def __init__(self, cache_dir: str | Path, require_complete: bool = True):
         self.dir = Path(cache_dir)
         self.shard_paths = sorted(self.dir.glob(SHARD_GLOB))
         if not self.shard_paths:
@@ -333,6 +333,13 @@ class Cache:
                     raise CacheError(f"{path}: video {vid!r} is also in {other}")
                 self._index[vid] = (s, int(row["row_start"]), int(row["num_rows"]))
                 self._videos[vid] = {name: row[name].item() for name in VIDEO_DTYPE.names[1:]}
+        count = next(iter(counts)) if len(counts) == 1 else None
+        if require_complete and isinstance(count, int):
+            # A rank that has not finished leaves no shard: reading 7 of 8 would train on 7/8 of the data.
+            missing = [shard_name(i, count) for i in range(count) if not (self.dir / shard_name(i, count)).exists()]
+            if missing:
+                raise CacheError(f"{self.dir}: {len(missing)} of {count} shards missing ({', '.join(missing[:3])}"
+                                 f"{', ...' if len(missing) > 3 else ''}); finish those ranks' `cmdcl-cache extract`")
         self.video_ids = sorted(self._index)
         self.has_tokens = self.tokens_per_frame > 0
         self._files: list | None = None

@@ -154,7 +154,7 @@ def verify(cache_dir: str | Path, dataset: str | None = None, split: str | None 
         return report
     cache = None
     try:
-        cache = Cache(cache_dir)
+        cache = Cache(cache_dir, require_complete=False)  # missing ranks are reported below, per rank
     except CacheError as err:
         p.append(str(err))
     per_shard = {s.name: _check_shard(s, report) for s in shards}
@@ -200,15 +200,19 @@ def verify(cache_dir: str | Path, dataset: str | None = None, split: str | None 
     return report
 
 
+def texts_difference(shard_prov: dict, texts_prov: dict) -> str | None:
+    """The first setting (model, weights, precision...) in which texts.h5 and the shards disagree, or None."""
+    ignore = PER_SHARD_KEYS | TEXT_ONLY_KEYS | FRAME_ONLY_KEYS
+    common = {k: v for k, v in shard_prov.items() if k in texts_prov}
+    return provenance_difference(common, {k: v for k, v in texts_prov.items() if k in shard_prov}, ignore=ignore)
+
+
 def _check_texts(cache_dir: Path, manifest, shard_prov: dict, dim: int | None, p: list[str]) -> None:
     path = cache_dir / "texts.h5"
     if not path.exists():
         p.append("texts.h5: missing; run `cmdcl-cache texts` (or rerun extract on rank 0)")
         return
-    tprov = texts_provenance(path)
-    ignore = PER_SHARD_KEYS | TEXT_ONLY_KEYS | FRAME_ONLY_KEYS
-    common = {k: v for k, v in shard_prov.items() if k in tprov}
-    diff = provenance_difference(common, {k: v for k, v in tprov.items() if k in shard_prov}, ignore=ignore)
+    diff = texts_difference(shard_prov, texts_provenance(path))
     if diff:
         p.append(f"texts.h5: made with other settings than the shards ({diff})")
     try:

@@ -126,10 +126,18 @@ def needed_by(cfg) -> bool:
     return cfg.model == "cmdcl" and (cfg.tci or (cfg.vci and cfg.cross_sample))
 
 
-def load_for_training(cache: Cache, cfg, dataset: str = "DATASET") -> Confounders | None:
+def training_ids(cache: Cache, manifest, split_scheme: str | None) -> list[str]:
+    """The training videos of `split_scheme` that the cache holds: what the dictionaries are built from."""
+    return sorted(v.video_id for v in manifest.select("train", split_scheme) if v.video_id in cache)
+
+
+def load_for_training(cache: Cache, cfg, dataset: str = "DATASET", manifest=None,
+                      split_scheme: str | None = None) -> Confounders | None:
     """The dictionaries of `cache` when `cfg` needs them (checked against the cache), else None.
 
-    A missing file raises a CacheError that names the command to build it.
+    A missing file raises a CacheError that names the command to build it. With `manifest`, the file must
+    have been built from this run's training videos (same split scheme, same ids): dictionaries built
+    under another scheme would hold this run's test frames.
     """
     if not needed_by(cfg):
         return None
@@ -137,7 +145,16 @@ def load_for_training(cache: Cache, cfg, dataset: str = "DATASET") -> Confounder
     if not path.exists():
         raise CacheError(f"{path}: CMDCL needs the confounder dictionaries; build them with "
                          f"`{build_command(cache.dir, dataset)}` (or train with --no-tci --no-cross-sample)")
-    return Confounders.load(path, cache=cache)
+    conf = Confounders.load(path, cache=cache)
+    if manifest is not None:
+        built = conf.settings.get("split_scheme")
+        ids_sha = hashlib.sha256("\n".join(training_ids(cache, manifest, split_scheme)).encode()).hexdigest()
+        if conf.settings.get("train_ids_sha256") != ids_sha:
+            raise CacheError(f"{path}: built from the training videos of split scheme {built or 'default'}, "
+                             f"not those of this run (split scheme {split_scheme or 'default'}); rebuild with "
+                             f"`{build_command(cache.dir, dataset)}`"
+                             + (f" --split-scheme {split_scheme}" if split_scheme else ""))
+    return conf
 
 
 # ------------------------------------------------------------------------------------------ fingerprint
@@ -235,7 +252,7 @@ def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: in
     if missing:
         warnings.warn(f"{missing} of {len(train)} training videos are not in the cache (failed extraction?); "
                       "building from the others", stacklevel=2)
-    ids = sorted(records)
+    ids = training_ids(cache, manifest, split_scheme)
     counts = np.array([cache.num_frames(v) for v in ids], dtype=np.int64)
     total = int(counts.sum())
     rng = np.random.default_rng(seed)

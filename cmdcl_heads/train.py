@@ -32,7 +32,9 @@ import torch
 from torch.nn import functional as F
 
 from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.store import Cache, CacheError, ProvenanceError, provenance_difference, read_texts
+from cmdcl_cache.store import (Cache, CacheError, ProvenanceError, provenance_difference, read_texts,
+                               texts_provenance)
+from cmdcl_cache.verify import texts_difference
 
 from . import report
 from .config import HeadConfig
@@ -153,6 +155,10 @@ def open_context(cache: str | Path, dataset: str, label_set: str | None,
         raise ValueError(f"{manifest.root}: no fine label set {fine!r}; have {', '.join(manifest.label_sets)}")
     texts_path = cache_dir / "texts.h5"
     texts = read_texts(texts_path)
+    diff = texts_difference(c.provenance, texts_provenance(texts_path))
+    if diff:  # e.g. texts of another model's weights: zero-shot and T's initialisation would be wrong
+        raise ProvenanceError(f"{texts_path}: made with other settings than the frame shards ({diff}); "
+                              "rerun `cmdcl-cache texts` with the extraction's options")
     embeddings = {}
     for name in dict.fromkeys((label_set, fine)):
         if name not in texts:
@@ -189,12 +195,13 @@ def _use_tokens(opts: TrainOptions, cfg: HeadConfig, cache: Cache) -> bool:
     return bool(opts.tokens) and wants
 
 
-def make_model(cfg: HeadConfig, ctx: Context, dataset: str) -> torch.nn.Module:
+def make_model(cfg: HeadConfig, ctx: Context, dataset: str, split_scheme: str | None = None) -> torch.nn.Module:
     """The head of cfg, with the confounder dictionaries when it needs them (a missing file names the
-    `cmdcl-heads confounders build` command)."""
+    `cmdcl-heads confounders build` command; a file built from other training videos is refused)."""
     from .confounders import load_for_training
 
-    confounders = load_for_training(ctx.cache, cfg, dataset) if cfg.model == "cmdcl" else None
+    confounders = (load_for_training(ctx.cache, cfg, dataset, ctx.manifest, split_scheme)
+                   if cfg.model == "cmdcl" else None)
     return build_head(cfg, ctx.text, ctx.fine_text, confounders)
 
 
@@ -337,7 +344,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
     start = time.perf_counter()
 
     seed_everything(opts.seed)
-    model = make_model(cfg, ctx, opts.dataset).to(device)
+    model = make_model(cfg, ctx, opts.dataset, opts.split_scheme).to(device)
     trainable = is_trainable(model) and cfg.model != "zeroshot"
     eval_split = pair_split(ctx.cache, ctx.manifest, opts.eval_split, ctx.label_set, opts.split_scheme,
                             opts.skip_missing)
@@ -477,9 +484,9 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
             ckpt = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch,
                     "best_epoch": best_epoch, "best_value": best_value}
-            _save_atomic(ckpt, last_path)
-            if improved:
+            if improved:  # best.pt first: a kill between the two never leaves last.pt naming a lost best
                 _save_atomic(ckpt, run / "best.pt")
+            _save_atomic(ckpt, last_path)
             if not opts.quiet:
                 shown = " | ".join([f"train loss {record['train_loss']:.4f}"] + [
                     f"{r['split']} {metric} {r[metric]:.4f} loss {r['eval_loss']:.4f}"
@@ -622,7 +629,7 @@ def _open_run(run: str | Path, checkpoint: str, cache: str | None, dataset: str 
                        ckpt["fine_label_set"])
     check_checkpoint(ckpt, ctx, path)
     dev = resolve_device(device)
-    model = make_model(cfg, ctx, dataset or ckpt["dataset"]).to(dev)
+    model = make_model(cfg, ctx, dataset or ckpt["dataset"], opts.split_scheme).to(dev)
     model.load_state_dict(ckpt["model"])
     return ckpt, cfg, opts, ctx, model, dev, data_mode
 

@@ -138,3 +138,35 @@ def test_load_for_training_names_the_build_command(tmp_path):
     assert load_for_training(cache, HeadConfig(tci=False, cross_sample=False)) is None
     with pytest.raises(CacheError, match=r"cmdcl-heads confounders build --cache .* --dataset coin"):
         load_for_training(cache, HeadConfig(), dataset="coin")
+
+
+def test_training_refuses_dictionaries_built_from_other_training_videos(tmp_path):
+    """Built under one split scheme, used under another whose training set differs: refused, never silently
+    mixing the run's test frames into V_P and Z."""
+    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_heads.config import HeadConfig
+    from cmdcl_heads.confounders import load_for_training
+
+    cache_dir, manifest_dir = _two_scheme_cache(tmp_path)
+    cache, manifest = Cache(cache_dir), load_manifest(manifest_dir)
+    build_confounders(cache, manifest, kp=2, kz=2, niter=2, split_scheme="a").save(cache_dir / "confounders.h5")
+    cfg = HeadConfig(model="cmdcl")
+    assert load_for_training(cache, cfg, "d", manifest, "a") is not None
+    with pytest.raises(CacheError, match="split scheme a.*split scheme b"):
+        load_for_training(cache, cfg, "d", manifest, "b")
+
+
+def _two_scheme_cache(tmp_path):
+    """8 videos; scheme a trains on v0-v5, scheme b on v2-v7."""
+    from cmdcl_cache.manifest import make_labels_json, write_manifest
+    from cmdcl_cache.store import write_synthetic_cache
+
+    rng = np.random.default_rng(0)
+    feats = {f"v{i}": rng.standard_normal((4, 8)).astype(np.float16) for i in range(8)}
+    records = [{"video_id": f"v{i}", "path": f"v{i}", "split": "train" if i < 6 else "test",
+                "splits": {"b": "train" if i >= 2 else "test"}, "labels": {"task": f"t{i % 2}"}}
+               for i in range(8)]
+    labels = make_labels_json("d", {"task": (False, [("t0", "zero"), ("t1", "one")])}, "task", None,
+                              ["a", "b"], "test", "test")
+    write_manifest(tmp_path / "manifest", records, labels)
+    return write_synthetic_cache(tmp_path / "cache", feats), tmp_path / "manifest"

@@ -308,3 +308,17 @@ def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path,
     monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite gradient"):
         train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("linear"))
+
+
+def test_texts_of_other_weights_are_refused(synth, tmp_path):
+    """texts.h5 from another model's weights has the same D: without the check, zero-shot would be silently
+    wrong."""
+    from cmdcl_cache.store import texts_provenance, write_texts
+
+    cache = Cache(synth[0])
+    feats = {v: np.asarray(cache.features(v)) for v in cache.video_ids}
+    texts = read_texts(synth[0] / "texts.h5")
+    other = write_synthetic_cache(tmp_path / "other", feats, texts)
+    write_texts(other / "texts.h5", texts, {**texts_provenance(other / "texts.h5"), "pretrained": "laion2b"})
+    with pytest.raises(ProvenanceError, match="attribute 'pretrained'"):
+        train(_opts((other, synth[1]), tmp_path / "run"), _cfg("zeroshot"))

@@ -132,3 +132,14 @@ def test_synthetic_cache_with_tokens_and_texts(tmp_path):
     back = read_texts(tmp_path / "texts.h5")["task"]
     np.testing.assert_allclose(np.linalg.norm(back.ensemble, axis=1), 1.0, rtol=1e-5)
     assert back.templates == ["{}", "a {}"]
+
+
+def test_a_missing_shard_is_refused_by_readers(tmp_path):
+    rng = np.random.default_rng(5)
+    feats = {f"v{i}": _video(rng, 3) for i in range(4)}
+    write_synthetic_cache(tmp_path, feats, num_shards=2)
+    assert len(Cache(tmp_path)) == 4
+    (tmp_path / shard_name(1, 2)).unlink()
+    with pytest.raises(CacheError, match=r"1 of 2 shards missing \(frames-00001-of-00002.h5\)"):
+        Cache(tmp_path)
+    assert len(Cache(tmp_path, require_complete=False)) == 2
