@@ -618,6 +618,20 @@ def _progress(quiet: bool):
 
 # ------------------------------------------------------------------------------------------------ eval / predict
 
+def _confounders_in(state: dict, dim: int):
+    """Confounders of the shapes a CMDCL checkpoint holds (values come with load_state_dict)."""
+    from .confounders import Confounders
+
+    def table(key, prior_key):
+        if key in state:
+            return state[key].float(), state[prior_key].float().exp()
+        return torch.zeros(1, dim), torch.ones(1)   # that part of the head is switched off
+
+    vp, vp_prior = table("tci.vp", "tci.log_prior")
+    z, z_prior = table("z", "z_log_prior")
+    return Confounders(vp=vp, vp_prior=vp_prior, z=z, z_prior=z_prior)
+
+
 def _open_run(run: str | Path, checkpoint: str, cache: str | None, dataset: str | None, device: str,
               data_mode: str):
     run = Path(run)
@@ -629,7 +643,13 @@ def _open_run(run: str | Path, checkpoint: str, cache: str | None, dataset: str 
                        ckpt["fine_label_set"])
     check_checkpoint(ckpt, ctx, path)
     dev = resolve_device(device)
-    model = make_model(cfg, ctx, dataset or ckpt["dataset"], opts.split_scheme).to(dev)
+    if cfg.model == "cmdcl":
+        # The dictionaries are buffers of the head: a run evaluates with its own, whatever confounders.h5
+        # holds now (rebuilt with other K, or a cache grown by --retry-failed).
+        model = build_head(cfg, ctx.text, ctx.fine_text, _confounders_in(ckpt["model"], ctx.text.shape[1]))
+    else:
+        model = make_model(cfg, ctx, dataset or ckpt["dataset"], opts.split_scheme)
+    model = model.to(dev)
     model.load_state_dict(ckpt["model"])
     return ckpt, cfg, opts, ctx, model, dev, data_mode
 

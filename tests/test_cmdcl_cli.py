@@ -57,3 +57,11 @@ def test_cmdcl_and_ablations_train_from_the_cli_and_beat_chance(synth, tmp_path)
     res = CliRunner().invoke(app, ["explain", "--run", str(tmp_path / "cmdcl"), "--video", "nope",
                                    "--device", "cpu"])
     assert res.exit_code != 0 and "nope" in res.output
+
+    # eval uses the run's own dictionaries: rebuilding confounders.h5 with other K changes nothing
+    summary = json.loads((tmp_path / "cmdcl" / "summary.json").read_text())
+    res = CliRunner().invoke(app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),
+                                   "--kp", "8", "--kz", "12", "--niter", "5"])
+    assert res.exit_code == 0, res.output
+    from cmdcl_heads.train import evaluate_run
+    assert evaluate_run(tmp_path / "cmdcl", quiet=True) == summary["metrics"]
