@@ -312,6 +312,10 @@ def check_checkpoint(ckpt: dict, ctx: Context, where: Path) -> None:
     try:
         _check_names(f"{where} (attribute 'label_names')", ckpt["label_names"],
                      f"label set '{ctx.label_set}' of {ctx.manifest.root}", ctx.label_names)
+        if "fine_label_names" in ckpt:  # the mediator's vocabulary (older checkpoints lack it)
+            _check_names(f"{where} (attribute 'fine_label_names')", ckpt["fine_label_names"],
+                         f"label set '{ctx.fine_label_set}' of {ctx.manifest.root}",
+                         list(ctx.manifest.label_sets[ctx.fine_label_set].names))
     except CheckpointMismatch as err:
         raise CheckpointMismatch(str(err)) from None
     diff = provenance_difference(ckpt["cache_provenance"], ctx.cache.provenance)
@@ -354,6 +358,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
     meta = {"version": CHECKPOINT_VERSION, "head_config": cfg.to_dict(), "train_options": asdict(opts),
             "label_set": ctx.label_set, "label_names": ctx.label_names, "label_keys": ctx.label_keys,
             "multi_label": ctx.multi_label, "fine_label_set": ctx.fine_label_set,
+            "fine_label_names": list(ctx.manifest.label_sets[ctx.fine_label_set].names),
             "cache_provenance": ctx.cache.provenance, "cache_dir": str(ctx.cache_dir.resolve()),
             "dataset": _dataset_ref(opts.dataset), "feature_dim": ctx.cache.feature_dim, "tokens": tokens}
     metric = primary_metric(ctx.multi_label)
@@ -512,10 +517,11 @@ def _evaluate_splits(model, evaluate: dict, opts: TrainOptions, device) -> dict:
 
 
 def _check_resume_options(ckpt: dict, opts: TrainOptions, cfg: HeadConfig, where: Path) -> None:
-    if ckpt["head_config"] != cfg.to_dict():
-        diff = next(k for k in ckpt["head_config"] if ckpt["head_config"][k] != cfg.to_dict().get(k))
-        raise CheckpointMismatch(f"{where}: head option '{diff}' is {ckpt['head_config'][diff]!r} in the "
-                                 f"checkpoint, {cfg.to_dict()[diff]!r} now; resume with the same options")
+    before_cfg, now_cfg = ckpt["head_config"], cfg.to_dict()
+    if before_cfg != now_cfg:   # over the union of keys: a checkpoint from an older version lacks new ones
+        diff = next(k for k in sorted(set(before_cfg) | set(now_cfg)) if before_cfg.get(k) != now_cfg.get(k))
+        raise CheckpointMismatch(f"{where}: head option '{diff}' is {before_cfg.get(diff)!r} in the "
+                                 f"checkpoint, {now_cfg.get(diff)!r} now; resume with the same options")
     before, now = ckpt["train_options"], asdict(opts)
     for key in sorted(set(before) - RESUME_FREE - {"label_set", "cache", "dataset", "out"}):
         if before.get(key) != now.get(key):

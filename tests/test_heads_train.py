@@ -322,3 +322,14 @@ def test_texts_of_other_weights_are_refused(synth, tmp_path):
     write_texts(other / "texts.h5", texts, {**texts_provenance(other / "texts.h5"), "pretrained": "laion2b"})
     with pytest.raises(ProvenanceError, match="attribute 'pretrained'"):
         train(_opts((other, synth[1]), tmp_path / "run"), _cfg("zeroshot"))
+
+
+def test_checkpoint_with_another_fine_vocabulary_is_refused(synth, tmp_path):
+    run = tmp_path / "fine"
+    train(_opts(synth, run, epochs=1), _cfg("linear"))
+    ckpt = torch.load(run / "best.pt", weights_only=False)
+    assert ckpt["fine_label_names"]
+    ckpt["fine_label_names"] = list(reversed(ckpt["fine_label_names"]))
+    torch.save(ckpt, run / "best.pt")
+    with pytest.raises(CheckpointMismatch, match="attribute 'fine_label_names'"):
+        evaluate_run(run, quiet=True)
