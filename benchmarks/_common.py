@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -67,3 +68,12 @@ def update_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> Path:
 
 def stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def report_json(figures: dict, out: Path | None) -> None:
+    """Print the figures as JSON and, with --out, write them there too."""
+    text = json.dumps(figures, indent=1)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

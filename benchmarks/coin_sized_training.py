@@ -23,6 +23,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import report_json  # noqa: E402
 
 from cmdcl_cache.manifest import make_labels_json, write_manifest  # noqa: E402
 from cmdcl_cache.store import TextEmbeddings, write_synthetic_cache  # noqa: E402
@@ -88,10 +90,7 @@ def main() -> None:
                "train_wall_s": round(train_s, 1), "mean_epoch_s": summary.get("mean_epoch_seconds"),
                "device": summary.get("device"), "data_mode": summary.get("data_mode"),
                "test_metrics": summary.get("metrics")}
-    print(json.dumps(figures, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+    report_json(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import resource
@@ -39,6 +38,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import report_json  # noqa: E402
 
 # Light imports only at module level: decode workers are spawned and re-import this module.
 from cmdcl_cache.decode import DecodePool  # noqa: E402
@@ -268,10 +269,7 @@ def main() -> None:
     if "peak_rss_mib_long_video" in figures:
         print(f"peak RSS: {figures['peak_rss_mib_long_video']:.0f} MiB on {figures['long_video']}, "
               f"{figures['peak_rss_mib_short_video']:.0f} MiB on {figures['short_video']}")
-    print(json.dumps(figures, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(figures, indent=1) + "\n")
+    report_json(figures, args.out)
 
 
 if __name__ == "__main__":
