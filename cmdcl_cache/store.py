@@ -291,6 +291,28 @@ def _write_atomic(path: Path, text: str) -> None:
 
 # --------------------------------------------------------------------------------------------- reading
 
+def is_cache_folder(p: Path) -> bool:
+    """Shards, an unfinished journal or texts.h5: something `extract` or `texts` wrote."""
+    return any(p.glob(SHARD_GLOB)) or any(p.glob("frames-*-of-*.journal")) or (p / "texts.h5").exists()
+
+
+def locate_cache(path: str | Path) -> Path:
+    """The cache folder: `path` itself when it holds a cache, else the only one in <dataset>/<model>/ below."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CacheError(f"{path}: cache folder does not exist")
+    if is_cache_folder(path):
+        return path
+    found = sorted(p for depth in ("*", "*/*") for p in path.glob(depth) if p.is_dir() and is_cache_folder(p))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CacheError(f"{path}: holds several caches ({', '.join(str(f) for f in found[:5])}); "
+                         "pass the one to use with --cache")
+    raise CacheError(f"{path}: no feature shards ({SHARD_GLOB}) here or in <dataset>/<model>/ below; "
+                     "run `cmdcl-cache extract` first")
+
+
 class Cache:
     """Read every finalized shard of one cache folder as one table of videos.
 

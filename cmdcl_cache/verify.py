@@ -24,6 +24,7 @@ import numpy as np
 from .failures import read_failures, read_lines, RUN_LOG
 from .ranks import split_ids
 from .store import (VIDEO_DTYPE, Cache, CacheError, PER_SHARD_KEYS, SHARD_GLOB, _provenance_from,
+                    is_cache_folder, locate_cache,
                     provenance_difference, read_texts, shard_name, texts_provenance)
 
 # Keys that legitimately differ between shards and texts.h5 (texts do not depend on frames or shards).
@@ -49,25 +50,14 @@ class VerifyReport:
 
 def find_cache_dir(cache: Path, dataset: str | None = None, model: str | None = None,
                    pretrained: str | None = None, tokens: str = "cls", grid: int = 4) -> Path:
-    """The cache folder: `cache` itself when it holds shards, else <cache>/<dataset>/<model_tag>/, else the
-    only cache folder below `cache`."""
+    """The cache folder: `cache` itself when it holds one, else <cache>/<dataset>/<model_tag>/ when the
+    model is named, else the only cache folder below `cache`."""
     from .pipeline import cache_folder
     cache = Path(cache)
-
-    def is_cache(p: Path) -> bool:
-        return any(p.glob(SHARD_GLOB)) or any(p.glob("frames-*-of-*.journal")) or (p / "texts.h5").exists()
-
-    if is_cache(cache):
-        return cache
-    if dataset and model:
+    if dataset and model and not is_cache_folder(cache):
         from .manifest import load_manifest
         return cache_folder(cache, load_manifest(dataset).dataset, model, pretrained, tokens, grid)
-    found = sorted(p for p in cache.glob("*/*") if p.is_dir() and is_cache(p))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise CacheError(f"{cache}: no cache folder here or in <dataset>/<model>/ below it")
-    raise CacheError(f"{cache}: several caches below, name one: " + ", ".join(str(p) for p in found))
+    return locate_cache(cache)
 
 
 def _check_shard(path: Path, report: VerifyReport) -> dict | None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmdcl_cache.store import SHARD_GLOB, Cache, CacheError
+from cmdcl_cache.store import Cache, CacheError, locate_cache
 
 MEMORY_FRACTION = 0.25  # share of available RAM (or free GPU memory) that memory mode may take
 
@@ -69,21 +68,7 @@ def tsn_rows(lengths: torch.Tensor, frames: int, offsets: torch.Tensor | None) -
 
 # ------------------------------------------------------------------------------------------- pairing
 
-def resolve_cache_dir(path: str | Path) -> Path:
-    """The folder holding the shards: `path` itself, or the one `<dataset>/<model>/` below it."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CacheError(f"{path}: cache folder does not exist")
-    if any(path.glob(SHARD_GLOB)) or any(path.glob("frames-*-of-*.journal")):
-        return path
-    found = sorted({p.parent for pattern in ("*/" + SHARD_GLOB, "*/*/" + SHARD_GLOB) for p in path.glob(pattern)})
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise CacheError(f"{path}: holds several caches ({', '.join(str(f) for f in found[:5])}); "
-                         "pass the one to use with --cache")
-    raise CacheError(f"{path}: no feature shards ({SHARD_GLOB}) here or in <dataset>/<model>/ below; "
-                     "run `cmdcl-cache extract` first")
+resolve_cache_dir = locate_cache   # `--cache` may name the shard folder or a root above it
 
 
 @dataclass
