@@ -434,7 +434,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
             n = len(train_split.video_ids)
             order, offsets = torch.randperm(n, generator=gen), torch.rand(n, cfg.frames, generator=gen)
             t0 = time.perf_counter()
-            total, count, skipped_steps, bad_steps = 0.0, 0, 0, 0
+            total, count, skipped_steps, bad_steps, first_bad = 0.0, 0, 0, 0, None
             for step, (pos, frames, toks) in enumerate(train_feats.batches(opts.batch_size, order, offsets), 1):
                 y = targets[pos.to(device)]
                 with _autocast(device, opts.amp):
@@ -448,21 +448,27 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                                         "if any, holds the last whole epoch")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), opts.clip_grad if opts.clip_grad > 0 else math.inf)
+                # the norm before clipping: clipping by a NaN norm would make every gradient NaN and hide
+                # which parameters the bad values reached
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
                 if torch.isfinite(grad_norm):
+                    if opts.clip_grad > 0:
+                        torch.nn.utils.clip_grads_with_norm_(model.parameters(), opts.clip_grad, grad_norm)
                     optimizer.step()
                     clamp_logit_scales(model)
                     bad_steps = 0
                 else:
                     # A finite loss with a non-finite gradient (seen under bf16 on GPU): skip the step, as
                     # AMP's GradScaler does, rather than let one step turn every weight into NaN.
+                    bad = _nonfinite_grads(model)
+                    first_bad = first_bad or {"step": step, "params": bad}
                     optimizer.zero_grad(set_to_none=True)
                     skipped_steps += 1
                     bad_steps += 1
                     if bad_steps >= MAX_BAD_STEPS:
                         raise TrainingError(f"{bad_steps} steps in a row had a non-finite gradient (epoch "
-                                            f"{epoch}, step {step}): stopping; try --no-amp or a lower --lr")
+                                            f"{epoch}, step {step}; {_describe_bad(bad, model)}): stopping; "
+                                            "try --no-amp or a lower --lr")
                 scheduler.step()
                 total += loss.item() * len(pos)
                 count += len(pos)
@@ -471,8 +477,10 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
                 torch.cuda.synchronize(device)
             record = {"epoch": epoch, "train_loss": total / count, "skipped_steps": skipped_steps,
                       "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0}
-            if skipped_steps:
-                console.print(f"epoch {epoch}: skipped {skipped_steps} step(s) with a non-finite gradient")
+            if first_bad:
+                record["nonfinite_grads"] = first_bad
+                console.print(f"epoch {epoch}: skipped {skipped_steps} step(s) with a non-finite gradient (first "
+                              f"at step {first_bad['step']}: {_describe_bad(first_bad['params'], model)})")
             if epoch % opts.eval_every == 0 or epoch == opts.epochs:
                 t1 = time.perf_counter()
                 record.update(_evaluate_splits(model, evaluate, opts, device))
@@ -542,6 +550,21 @@ def _nan_diagnosis(model, frames, logits) -> str:
     if bad:
         return f"non-finite weights after the previous step: {', '.join(bad[:3])}"
     return f"weights finite, logits {'finite' if torch.isfinite(logits).all() else 'non-finite'}"
+
+
+def _nonfinite_grads(model) -> list[str]:
+    """Names of the parameters whose gradient holds NaN/Inf, in registration order."""
+    return [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+
+
+def _describe_bad(bad: list[str], model) -> str:
+    """Where a non-finite gradient came from. Backward carries NaN from the op that made it to every parameter
+    used before that op, never to those after it; registration order runs input to output through the
+    temporal encoder, so the last name is the layer nearest the origin."""
+    total = sum(1 for p in model.parameters() if p.requires_grad)
+    if not bad:
+        return "every gradient finite, the norm overflowed"
+    return f"non-finite in {len(bad)} of {total} parameter tensors, last {bad[-1]}"
 
 
 def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped, *, data_mode,

@@ -289,25 +289,53 @@ def test_nan_features_stop_training_with_a_clear_message(synth, tmp_path):
 
 
 def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path, monkeypatch):
-    real = torch.nn.utils.clip_grad_norm_
+    real = torch.nn.utils.get_total_norm
     calls = {"n": 0}
 
-    def norm_inf_on_first_two(params, max_norm, *a, **k):
+    def norm_inf_on_first_two(grads, *a, **k):
         calls["n"] += 1
-        norm = real(params, max_norm, *a, **k)
+        norm = real(grads, *a, **k)
         return torch.tensor(float("inf")) if calls["n"] <= 2 else norm
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", norm_inf_on_first_two)
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", norm_inf_on_first_two)
     run = tmp_path / "skip"
     train(_opts(synth, run, epochs=2), _cfg("linear"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [2, 0]
     assert all(np.isfinite(r["train_loss"]) for r in records)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: torch.tensor(float("nan")))
     monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite gradient"):
         train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("linear"))
+
+
+def test_a_skipped_step_names_the_parameters_with_a_non_finite_gradient(synth, tmp_path, monkeypatch):
+    """A NaN planted in one parameter's gradient on the first step: that step is skipped, metrics.jsonl names
+    exactly that parameter, and training goes on with finite weights."""
+    target = "encoder.blocks.0.mlp.fc.weight"
+    real_build = train_module.build_head
+
+    def build_with_one_bad_gradient(*args, **kwargs):
+        model = real_build(*args, **kwargs)
+        calls = {"n": 0}
+
+        def nan_once(grad):
+            calls["n"] += 1
+            return grad * float("nan") if calls["n"] == 1 else grad
+
+        dict(model.named_parameters())[target].register_hook(nan_once)
+        return model
+
+    monkeypatch.setattr(train_module, "build_head", build_with_one_bad_gradient)
+    run = tmp_path / "named"
+    train(_opts(synth, run, epochs=2), _cfg("text4vis"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [1, 0]
+    assert records[0]["nonfinite_grads"] == {"step": 1, "params": [target]}
+    assert "nonfinite_grads" not in records[1]
+    weights = torch.load(run / "last.pt", weights_only=False)["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
 
 
 def test_texts_of_other_weights_are_refused(synth, tmp_path):
