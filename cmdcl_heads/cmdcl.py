@@ -72,6 +72,7 @@ from torch import nn
 
 from cmdcl_heads.config import HeadConfig
 from cmdcl_heads.layers import TemporalEncoder
+from cmdcl_heads.models import cosine_logits
 
 LOG_PRIOR_FLOOR = 1e-12  # an empty cluster gets (almost) no weight instead of -inf
 
@@ -283,7 +284,7 @@ class CMDCLHead(nn.Module):
         return self.log_scale.exp()
 
     def _logits(self, v, t):
-        logits = self.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T
+        logits = cosine_logits(self.logit_scale, v, t)
         if logits.dim() == 3:   # cross_sample_mode='backdoor': V'_z [B, Kz, D] -> sum_z P(z) score_z
             logits = torch.einsum("bzc,z->bc", logits, self.z_log_prior.softmax(0))
         return logits

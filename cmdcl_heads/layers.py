@@ -77,7 +77,10 @@ class TemporalEncoder(nn.Module):
         if t > self.time_pos.shape[0]:
             raise ValueError(f"{t} frames exceed the position table ({self.time_pos.shape[0]}); "
                              "raise max_frames")
-        if tokens is not None and self.space_pos is not None:
+        if tokens is not None and self.space_pos is None:
+            raise ValueError("grid tokens given but the encoder was built for frame features only "
+                             "(tokens_per_frame=0)")
+        if tokens is not None:
             x = torch.cat([frames.unsqueeze(2), tokens], dim=2)          # [B, T, 1 + P, D]
             x = self.proj(x) + self.time_pos[:t, None] + self.space_pos
         else:

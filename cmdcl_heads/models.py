@@ -42,6 +42,13 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
 
 
+def cosine_logits(scale: torch.Tensor | float, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """scale * cos(video, text) in fp32 even under autocast: in bf16 the cosines times a scale of 100 are off
+    by up to ~0.1 logit."""
+    with torch.autocast(device_type=video.device.type, enabled=False):
+        return scale * normalise(video.float()) @ normalise(text.float()).transpose(-1, -2)
+
+
 class ZeroShotHead(nn.Module):
     trainable = False
 
@@ -78,8 +85,7 @@ class Text4VisHead(nn.Module):
 
     def forward(self, frames, tokens=None):
         x = self.encoder(normalise(frames), normalise(tokens) if tokens is not None else None)
-        video = normalise(x.mean(dim=1))
-        return self.log_scale.exp() * video @ self.text.t()
+        return cosine_logits(self.log_scale.exp(), x.mean(dim=1), self.text)
 
 
 def build_head(cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,

@@ -34,3 +34,25 @@ def test_head_config_rejects_unknown_keys():
         assert "layerz" in str(err)
     else:
         raise AssertionError("unknown key accepted")
+
+
+def test_encoder_built_for_frames_refuses_grid_tokens():
+    enc = TemporalEncoder(dim=16, layers=1, heads=4, max_frames=32, dropout=0.0)
+    import pytest
+
+    with pytest.raises(ValueError, match="built for frame features only"):
+        enc(torch.randn(2, 8, 16), torch.randn(2, 8, 4, 16))
+
+
+def test_cosine_logits_stay_fp32_under_bf16_autocast():
+    """The classifier's scale-100 cosines are computed in fp32 even inside autocast (bf16 would be ~0.1 off)."""
+    from cmdcl_heads.models import cosine_logits
+
+    torch.manual_seed(0)
+    video, text = torch.randn(4, 512), torch.randn(180, 512)
+    exact = cosine_logits(100.0, video, text)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = cosine_logits(100.0, video, text)
+        naive = 100.0 * torch.nn.functional.normalize(video, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    assert inside.dtype == torch.float32 and torch.equal(inside, exact)
+    assert naive.dtype == torch.bfloat16 and (naive.float() - exact).abs().max() > 1e-3
