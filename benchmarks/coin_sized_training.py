@@ -6,13 +6,16 @@
 The cache has COIN's shape: 9,030 training videos (plus --test-videos) x 64 cached frames x 512 (ViT-B/16's
 embedding size), 180 classes; features are class direction + noise, so the run also shows learning. It
 times, each as its own `cmdcl-heads` process: `confounders build` (V_P 256, Z 512) and `train --model cmdcl`
-(--epochs, --layers, --frames), and reports the mean epoch time from the run's summary.json.
+(--epochs, --layers, --frames), and reports the mean epoch time from the run's summary.json, the steps skipped
+for a non-finite gradient (and where the first was) from metrics.jsonl, and how far a failed run got.
+`--cudnn-attention` lets training use cuDNN's fused attention (left out by default, see README limitations).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,10 +52,19 @@ def write_coin_sized(work: Path, videos: int, test_videos: int, rows: int, dim: 
     return write_synthetic_cache(work / "cache", feats, texts, provenance={"dataset": "coin-sized"})
 
 
-def run(cmd: list[str]) -> float:
+def run(cmd: list[str], check: bool = True, metrics: Path | None = None, stop_after: int = 0) -> tuple[float, int]:
+    """Seconds and exit code of cmd; with stop_after, interrupted (SIGINT) once `metrics` has that many epochs."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd)
+    while proc.poll() is None:
+        if stop_after and metrics.exists() and len(metrics.read_text().splitlines()) >= stop_after:
+            proc.send_signal(signal.SIGINT)
+            proc.wait()
+            break
+        time.sleep(0.2)
+    if check and proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
+    return time.perf_counter() - t0, proc.returncode
 
 
 def main() -> None:
@@ -68,6 +80,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-points", type=int, default=65536, help="frames clustered by k-means")
     p.add_argument("--device", default="auto")
+    p.add_argument("--cudnn-attention", action="store_true", help="allow cuDNN's fused attention in training")
+    p.add_argument("--stop-after", type=int, default=0, help="interrupt training after this many epochs "
+                                                               "(the schedule stays that of --epochs)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -77,17 +92,28 @@ def main() -> None:
     write_s = time.perf_counter() - t0
     cli = [sys.executable, "-m", "cmdcl_heads.cli"]
     dataset = str(work / "manifest")
-    confounders_s = run(cli + ["confounders", "build", "--cache", str(cache), "--dataset", dataset,
+    confounders_s, _ = run(cli + ["confounders", "build", "--cache", str(cache), "--dataset", dataset,
                                "--max-points", str(args.max_points)])
-    train_s = run(cli + ["train", "--cache", str(cache), "--dataset", dataset, "--model", "cmdcl",
-                         "--epochs", str(args.epochs), "--layers", str(args.layers), "--frames", str(args.frames),
-                         "--batch-size", str(args.batch_size), "--device", args.device, "--quiet",
-                         "--out", str(work / "run")])
-    summary = json.loads((work / "run" / "summary.json").read_text())
+    metrics_file = work / "run" / "metrics.jsonl"
+    train_s, train_rc = run(cli + ["train", "--cache", str(cache), "--dataset", dataset, "--model", "cmdcl",
+                                   "--epochs", str(args.epochs), "--layers", str(args.layers),
+                                   "--frames", str(args.frames), "--batch-size", str(args.batch_size),
+                                   "--device", args.device, "--quiet", "--out", str(work / "run")]
+                             + (["--cudnn-attention"] if args.cudnn_attention else []), check=False,
+                             metrics=metrics_file, stop_after=args.stop_after)
+    epochs = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
+    summary_file = work / "run" / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    times = [r["epoch_seconds"] for r in epochs]
     figures = {"videos": args.videos, "test_videos": args.test_videos, "rows": args.rows, "dim": args.dim,
                "epochs": args.epochs, "layers": args.layers, "frames": args.frames, "batch_size": args.batch_size,
-               "write_cache_s": round(write_s, 1), "confounders_build_s": round(confounders_s, 1),
-               "train_wall_s": round(train_s, 1), "mean_epoch_s": summary.get("mean_epoch_seconds"),
+               "cudnn_attention": args.cudnn_attention, "write_cache_s": round(write_s, 1),
+               "confounders_build_s": round(confounders_s, 1), "train_wall_s": round(train_s, 1),
+               "train_exit_code": train_rc, "stop_after": args.stop_after, "epochs_done": len(epochs),
+               "mean_epoch_s": round(sum(times) / len(times), 2) if times else None,
+               "skipped_steps": sum(r.get("skipped_steps", 0) for r in epochs),
+               "first_nonfinite_grads": next(({"epoch": r["epoch"], **r["nonfinite_grads"]} for r in epochs
+                                              if "nonfinite_grads" in r), None),
                "device": summary.get("device"), "data_mode": summary.get("data_mode"),
                "test_metrics": summary.get("metrics")}
     report_json(figures, args.out)

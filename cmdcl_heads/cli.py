@@ -144,6 +144,9 @@ def train(
     data_mode: DataMode = typer.Option(DataMode.auto, help="memory: all features on the device; lazy: HDF5 reads."),
     workers: int = typer.Option(2, help="DataLoader workers in lazy mode."),
     amp: bool = typer.Option(True, help="bf16 autocast on GPU."),
+    cudnn_attention: bool = typer.Option(False, help="Let training use cuDNN's fused attention on GPU (off by "
+                                                     "default: its bf16 backward is reported to return NaN "
+                                                     "gradients on H100/H200, PyTorch issue #196678)."),
     tokens: Optional[bool] = typer.Option(None, "--tokens/--no-tokens", help="Use grid tokens (default: when cached)."),
     fine_label_set: Optional[str] = typer.Option(None, help="Mediator vocabulary (cmdcl; default: manifest's fine set)."),
     tci: bool = typer.Option(True, help="cmdcl: textual causal intervention."),

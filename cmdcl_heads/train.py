@@ -19,6 +19,7 @@ the checkpoint. Interrupting after epoch k and resuming gives the metrics of a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -75,6 +76,7 @@ class TrainOptions:
     workers: int = 2                  # DataLoader workers in lazy mode
     eval_every: int = 1
     amp: bool = True                  # bf16 autocast on GPU
+    cudnn_attention: bool = False     # let training use cuDNN's fused attention on GPU (see _attention_kernels)
     tokens: bool | None = None        # grid tokens: None = when the cache has them and the model uses them
     skip_missing: bool = False
     quiet: bool = False
@@ -89,7 +91,7 @@ class TrainOptions:
 SELECT_CHOICES = ("auto", "none", "train", "val", "test")
 
 # These may differ between an interrupted run and its resumption without changing the result.
-RESUME_FREE = {"device", "data_mode", "workers", "quiet", "epochs", "eval_every", "resume"}
+RESUME_FREE = {"device", "data_mode", "workers", "quiet", "epochs", "eval_every", "resume", "cudnn_attention"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -247,6 +249,24 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> t
 
 def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
+
+
+def _attention_kernels(device: torch.device, allow_cudnn: bool):
+    """The attention kernels a training forward (and so its backward) may use.
+
+    On CUDA cuDNN's fused attention is left out unless asked for. Since torch 2.11 it is the default on
+    H100/H200, and its bf16 backward has been reported to return NaN gradients for finite inputs (PyTorch
+    issue #196678, with an attention mask and sequence lengths of 64 mod 128; other projects report the same
+    signature: finite losses, then every gradient NaN at once). Our two bf16 H100 runs (T = 64, no mask)
+    stopped that way (README, limitations); that this kernel caused them is our inference, not yet a
+    measurement. Flash, memory-efficient and math
+    attention remain. Evaluation is forward only and keeps the default choice.
+    """
+    if device.type != "cuda" or allow_cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 @torch.no_grad()
@@ -437,7 +457,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
             total, count, skipped_steps, bad_steps, first_bad = 0.0, 0, 0, 0, None
             for step, (pos, frames, toks) in enumerate(train_feats.batches(opts.batch_size, order, offsets), 1):
                 y = targets[pos.to(device)]
-                with _autocast(device, opts.amp):
+                with _autocast(device, opts.amp), _attention_kernels(device, opts.cudnn_attention):
                     logits = model(frames, toks)
                 loss = loss_fn(logits.float(), y, ctx.multi_label)
                 if not torch.isfinite(loss):
@@ -558,13 +578,23 @@ def _nonfinite_grads(model) -> list[str]:
 
 
 def _describe_bad(bad: list[str], model) -> str:
-    """Where a non-finite gradient came from. Backward carries NaN from the op that made it to every parameter
-    used before that op, never to those after it; registration order runs input to output through the
-    temporal encoder, so the last name is the layer nearest the origin."""
+    """Which parts of the model a non-finite gradient reached: backward carries NaN from the op that made it
+    to every parameter used before that op and to none used after it, so in a temporal encoder the deepest
+    block named is the one nearest the origin."""
     total = sum(1 for p in model.parameters() if p.requires_grad)
     if not bad:
-        return "every gradient finite, the norm overflowed"
-    return f"non-finite in {len(bad)} of {total} parameter tensors, last {bad[-1]}"
+        return "every gradient finite, their norm overflowed"
+    parts = list(dict.fromkeys(_model_part(name) for name in bad))
+    return f"non-finite in {len(bad)} of {total} parameter tensors: {', '.join(parts)}"
+
+
+def _model_part(name: str) -> str:
+    """'encoder.blocks.3.time.attn.in_proj_weight' -> 'encoder.blocks.3', 'encoder.proj.weight' ->
+    'encoder.proj', 'tci.attn.q.weight' -> 'tci', 'log_scale' -> 'log_scale'."""
+    bits = name.split(".")
+    if bits[0] != "encoder":
+        return bits[0]
+    return ".".join(bits[:3] if bits[1:2] == ["blocks"] else bits[:2])
 
 
 def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped, *, data_mode,

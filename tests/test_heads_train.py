@@ -361,3 +361,26 @@ def test_checkpoint_with_another_fine_vocabulary_is_refused(synth, tmp_path):
     torch.save(ckpt, run / "best.pt")
     with pytest.raises(CheckpointMismatch, match="attribute 'fine_label_names'"):
         evaluate_run(run, quiet=True)
+
+
+def test_non_finite_gradients_are_described_by_model_part():
+    names = ["encoder.proj.weight", "encoder.blocks.0.time.attn.in_proj_weight", "encoder.blocks.0.mlp.fc.bias",
+             "encoder.blocks.3.time.ln.weight", "tci.attn.q.weight"]
+    model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(4)))   # only its 8 tensors are counted
+    assert train_module._describe_bad(names, model) == (
+        "non-finite in 5 of 8 parameter tensors: encoder.proj, encoder.blocks.0, encoder.blocks.3, tci")
+    assert "norm overflowed" in train_module._describe_bad([], model)
+
+
+def test_training_on_cuda_leaves_cudnn_attention_out_unless_asked():
+    """The kernel choice is a global switch that sdpa_kernel sets and restores; on CPU nothing changes."""
+    from torch.backends import cuda
+
+    before = (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled())
+    with train_module._attention_kernels(torch.device("cuda"), allow_cudnn=False):
+        assert not cuda.cudnn_sdp_enabled()
+        assert cuda.flash_sdp_enabled() and cuda.mem_efficient_sdp_enabled() and cuda.math_sdp_enabled()
+    assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled()) == before
+    for device, allow in ((torch.device("cuda"), True), (torch.device("cpu"), False)):
+        with train_module._attention_kernels(device, allow_cudnn=allow):
+            assert (cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled()) == before
