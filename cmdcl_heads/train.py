@@ -258,8 +258,9 @@ def _attention_kernels(device: torch.device, allow_cudnn: bool):
     H100/H200, and its bf16 backward has been reported to return NaN gradients for finite inputs (PyTorch
     issue #196678, with an attention mask and sequence lengths of 64 mod 128; other projects report the same
     signature: finite losses, then every gradient NaN at once). Our two bf16 H100 runs (T = 64, no mask)
-    stopped that way (README, limitations); that this kernel caused them is our inference, not yet a
-    measurement. Flash, memory-efficient and math
+    stopped that way, while the same training in bf16 on a CPU ran 994 steps without one non-finite
+    gradient (BENCHMARKS.md, COIN-sized training); that this kernel caused the GPU failures is our
+    inference, not yet a measurement. Flash, memory-efficient and math
     attention remain. Evaluation is forward only and keeps the default choice.
     """
     if device.type != "cuda" or allow_cudnn:
