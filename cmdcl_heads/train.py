@@ -260,8 +260,8 @@ def _attention_kernels(device: torch.device, allow_cudnn: bool):
     signature: finite losses, then every gradient NaN at once). Our two bf16 H100 runs (T = 64, no mask)
     stopped that way, while the same training in bf16 on a CPU ran 994 steps without one non-finite
     gradient (BENCHMARKS.md, COIN-sized training); that this kernel caused the GPU failures is our
-    inference, not yet a measurement. Flash, memory-efficient and math
-    attention remain. Evaluation is forward only and keeps the default choice.
+    inference, not yet a measurement. Flash, memory-efficient and math attention remain. Evaluation is
+    forward only and keeps the default choice.
     """
     if device.type != "cuda" or allow_cudnn:
         return contextlib.nullcontext()
