@@ -65,3 +65,30 @@ def test_cmdcl_and_ablations_train_from_the_cli_and_beat_chance(synth, tmp_path)
     assert res.exit_code == 0, res.output
     from cmdcl_heads.train import evaluate_run
     assert evaluate_run(tmp_path / "cmdcl", quiet=True) == summary["metrics"]
+
+
+def test_cmdcl_trains_under_bf16_autocast(tmp_path, monkeypatch):
+    """The mixed-precision path (bf16 autocast, as on GPU) run on the CPU: CI has no GPU, and without this the
+    code under autocast (dtypes of buffers, attention, the fp32 classifier) would only ever run there."""
+    from cmdcl_heads import train as train_module
+
+    cache, manifest = make_dataset(tmp_path / "data", n_train=48, n_test=24, d=32, frames=16, seed=1)
+    res = CliRunner().invoke(app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),
+                                   "--kp", "16", "--kz", "32", "--niter", "10"])
+    assert res.exit_code == 0, res.output
+    autocasts = []
+
+    def cpu_bf16(device, amp):
+        autocasts.append(amp)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+
+    monkeypatch.setattr(train_module, "_autocast", cpu_bf16)
+    run = tmp_path / "bf16"
+    res = _train((cache, manifest), run)
+    assert res.exit_code == 0, res.output
+    assert autocasts and all(autocasts)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["skipped_steps"] == 0 for r in records)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metrics"]["top1"] > CHANCE + 0.25
+    assert train_module.evaluate_run(run, quiet=True) == summary["metrics"]
