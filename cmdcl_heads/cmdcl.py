@@ -234,12 +234,7 @@ class CMDCLHead(nn.Module):
         if frames.dim() != 3 or frames.shape[-1] != self.dim:
             raise ValueError(f"frames must be [B, T, {self.dim}], got {tuple(frames.shape)}")
         frames = F.normalize(frames.float(), dim=-1)   # cached features are raw CLIP outputs
-        if tokens is not None:
-            if self.tokens_per_frame == 0:
-                raise ValueError("grid tokens given but the head was built for frame features only "
-                                 "(set HeadConfig.tokens_per_frame from the cache)")
-            if tokens.shape[2] != self.tokens_per_frame:
-                raise ValueError(f"{tokens.shape[2]} tokens per frame, head built for {self.tokens_per_frame}")
+        if tokens is not None:   # their count is checked by the encoder
             tokens = F.normalize(tokens.float(), dim=-1)
         return frames, tokens
 

@@ -77,10 +77,12 @@ class TemporalEncoder(nn.Module):
         if t > self.time_pos.shape[0]:
             raise ValueError(f"{t} frames exceed the position table ({self.time_pos.shape[0]}); "
                              "raise max_frames")
-        if tokens is not None and self.space_pos is None:
-            raise ValueError("grid tokens given but the encoder was built for frame features only "
-                             "(tokens_per_frame=0)")
         if tokens is not None:
+            built_for = 0 if self.space_pos is None else self.space_pos.shape[0] - 1
+            if tokens.shape[2] != built_for:
+                raise ValueError(f"{tokens.shape[2]} grid tokens per frame given, but the encoder was built for "
+                                 + (f"{built_for}" if built_for else "frame features only")
+                                 + " (set HeadConfig.tokens_per_frame from the cache)")
             x = torch.cat([frames.unsqueeze(2), tokens], dim=2)          # [B, T, 1 + P, D]
             x = self.proj(x) + self.time_pos[:t, None] + self.space_pos
         else:

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from cmdcl_heads.config import HeadConfig
@@ -36,12 +37,13 @@ def test_head_config_rejects_unknown_keys():
         raise AssertionError("unknown key accepted")
 
 
-def test_encoder_built_for_frames_refuses_grid_tokens():
+def test_encoder_refuses_grid_tokens_it_was_not_built_for():
     enc = TemporalEncoder(dim=16, layers=1, heads=4, max_frames=32, dropout=0.0)
-    import pytest
-
     with pytest.raises(ValueError, match="built for frame features only"):
         enc(torch.randn(2, 8, 16), torch.randn(2, 8, 4, 16))
+    enc = TemporalEncoder(dim=16, layers=1, heads=4, max_frames=32, dropout=0.0, tokens_per_frame=4)
+    with pytest.raises(ValueError, match="9 grid tokens per frame given, but the encoder was built for 4"):
+        enc(torch.randn(2, 8, 16), torch.randn(2, 8, 9, 16))
 
 
 def test_cosine_logits_stay_fp32_under_bf16_autocast():
