@@ -70,7 +70,8 @@ from pathlib import Path
 import numpy as np
 
 from cmdcl_cache.manifest import make_labels_json, write_manifest
-from cmdcl_cache.store import TextEmbeddings, write_synthetic_cache
+from cmdcl_cache.synthetic import write_synthetic_cache
+from cmdcl_cache.store import TextEmbeddings
 
 ACTION_WORDS = ["take", "pour", "cut", "stir", "crack", "fry", "spread", "butter", "add", "put", "peel",
                 "squeeze", "open", "close", "wash", "dry", "fold", "press", "shake", "scoop", "whisk", "mix",

@@ -44,7 +44,8 @@ from _common import command_line, machine, stamp, update_section  # noqa: E402
 def write_data(work: Path, videos: int, dim: int, min_frames: int, max_frames: int, classes: int, seed: int):
     """Cache + manifest + npy folder for `videos` training videos with random lengths; returns paths."""
     from cmdcl_cache.manifest import make_labels_json, write_manifest
-    from cmdcl_cache.store import TextEmbeddings, write_synthetic_cache
+    from cmdcl_cache.synthetic import write_synthetic_cache
+    from cmdcl_cache.store import TextEmbeddings
 
     rng = np.random.default_rng(seed)
     class_dir = rng.standard_normal((classes, dim)).astype(np.float32)
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
     from rich.table import Table
 
     from cmdcl_cache.manifest import load_manifest
-    from cmdcl_cache.store import Cache, read_texts
+    from cmdcl_cache.cache import Cache
+    from cmdcl_cache.store import read_texts
     from cmdcl_heads.config import HeadConfig
     from cmdcl_heads.data import make_features, pair_split
     from cmdcl_heads.models import build_head

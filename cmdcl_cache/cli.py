@@ -1,12 +1,22 @@
 """`cmdcl-cache`: build manifests, make the demo set, extract CLIP features into HDF5 shards."""
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from cmdcl_cache.config import config_command, option, version_option
+from cmdcl_cache.pipeline import ExtractConfig
+from cmdcl_cache.progress import configure_logging, console
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Build manifests, render the demo set, and cache CLIP features of videos in HDF5.")
+
+
+@app.callback()
+def _main(version: bool = version_option("cmdcl-cache")):
+    """Build manifests, render the demo set, and cache CLIP features of videos in HDF5."""
 manifest_app = typer.Typer(no_args_is_help=True, help="Build and check dataset manifests.")
 demo_app = typer.Typer(no_args_is_help=True, help="The offline demo set of rendered videos.")
 app.add_typer(manifest_app, name="manifest")
@@ -143,162 +153,162 @@ def manifest_check(
 
 # ------------------------------------------------------------------------------------- feature cache
 
-_FATAL_HELP = "Exit status: 0 every selected video is in the cache, 1 some failed (listed in failures.jsonl; the cache holds the others), 2 nothing extracted or a fatal error."
+_EXIT_HELP = ("Exit status: 0 every selected video is in the cache, 1 some failed (listed in failures.jsonl; "
+              "the cache holds the others), 2 nothing extracted or a fatal error.")
 
 
 def _fail(message: str, code: int = 2):
-    from rich.console import Console
-    Console(stderr=True).print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    console(stderr=True).print(f"[red]error:[/red] {message}", markup=True)
     raise typer.Exit(code)
 
 
-@app.command("extract", help="Decode, sample and encode a dataset's videos into HDF5 shards (resumable).",
-             epilog=_FATAL_HELP)
-def extract_cmd(
-    dataset: str = typer.Option(..., "--dataset", help="Built-in manifest (coin, breakfast, charades, demo) or a manifest folder."),
-    video_root: Path = typer.Option(..., "--video-root", help="Folder the manifest's video paths are relative to."),
-    cache: Path = typer.Option(..., "--cache", help="Cache root; features go to <cache>/<dataset>/<model tag>/."),
-    model: str = typer.Option("ViT-B-16", "--model", help="open_clip model name (cmdcl-tiny for tests)."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="open_clip weight tag, a checkpoint file, or none (random, seeded)."),
-    precision: str = typer.Option("fp16", "--precision", help="fp32, fp16 or bf16 (autocast on CUDA; CPU computes in fp32)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun/Slurm) or cuda:N."),
-    fps: float = typer.Option(1.0, "--fps", help="Sampled frames per second of video (rate mode)."),
-    min_frames: int = typer.Option(8, "--min-frames", help="Rate mode: at least this many frames (never more than the video has)."),
-    max_frames: int = typer.Option(4096, "--max-frames", help="Rate mode: at most this many frames per video."),
-    num_frames: Optional[int] = typer.Option(None, "--num-frames", help="Exactly N frames per video, uniform (repeats frames of very short videos)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Frames per encoder batch, gathered across videos."),
-    workers: int = typer.Option(4, "--workers", help="Decode worker processes."),
-    decode_timeout: float = typer.Option(120.0, "--decode-timeout", help="Seconds without decode progress after which a worker is killed and its video failed."),
-    split: Optional[str] = typer.Option(None, "--split", help="Only videos of this split (train, val, test); default all."),
-    shard_index: Optional[int] = typer.Option(None, "--shard-index", help="This process's shard (default: from torchrun/Slurm, else 0)."),
-    num_shards: Optional[int] = typer.Option(None, "--num-shards", help="Number of shards (default: from torchrun/Slurm, else 1)."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="Only the videos listed in failures.jsonl that are not committed."),
-    tokens: str = typer.Option("cls", "--tokens", help="cls: one feature per frame; grid: also a pooled patch grid."),
-    grid: int = typer.Option(4, "--grid", help="Side of the pooled patch grid with --tokens grid."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", exists=True, dir_okay=False, help="Prompt templates file for texts.h5 (one template with {} a line)."),
-    quiet: bool = typer.Option(False, "--quiet", help="Log lines instead of a progress bar (for batch jobs)."),
-):
-    from rich.console import Console
+def _config_error(err):
+    _fail(str(err), 2)
 
-    from cmdcl_cache.pipeline import ExtractOptions, extract, main_exit_message
-    from cmdcl_cache.sampling import SamplingPolicy
 
+@config_command(app, "extract", (ExtractConfig,), handle=_config_error, epilog=_EXIT_HELP,
+                help="Decode, sample and encode a dataset's videos into HDF5 shards (resumable; one shard per rank).")
+def extract_cmd(config: ExtractConfig):
+    from cmdcl_cache.pipeline import extract, main_exit_message
+
+    configure_logging()
     try:
-        policy = SamplingPolicy(fps=fps, min_frames=min_frames, max_frames=max_frames, num_frames=num_frames)
-        opts = ExtractOptions(dataset=dataset, video_root=video_root, cache=cache, model=model,
-                              pretrained=pretrained, precision=precision, device=device, policy=policy,
-                              batch_size=batch_size, workers=workers, decode_timeout=decode_timeout,
-                              split=split, shard_index=shard_index, num_shards=num_shards,
-                              retry_failed=retry_failed, tokens=tokens, grid=grid, prompts=prompts, quiet=quiet)
-        result = extract(opts)
+        result = extract(config)
     except KeyboardInterrupt:
-        _fail("interrupted; rerun the same command to resume", 2)
-    except (ValueError, RuntimeError, OSError) as err:  # manifest, ranks, encoder, store, options
+        _fail("interrupted; what is committed is kept: rerun the same command to resume", 2)
+    except (ValueError, RuntimeError, OSError) as err:  # manifest, ranks, encoder, store, lock, options
         _fail(str(err), 2)
-    Console(stderr=True, highlight=False).print(main_exit_message(result), markup=False)
+    console(stderr=True).print(main_exit_message(result), markup=False)
     print(result.cache_dir)
     raise typer.Exit(result.exit_code)
 
 
-@app.command("texts", help="(Re)write texts.h5: prompt-ensembled text embeddings of every label set.")
-def texts_cmd(
-    dataset: str = typer.Option(..., "--dataset", help="Built-in manifest or a manifest folder."),
-    cache: Path = typer.Option(..., "--cache", help="Cache root (or the cache folder itself)."),
-    model: str = typer.Option("ViT-B-16", "--model", help="open_clip model name."),
-    pretrained: str = typer.Option("openai", "--pretrained", help="Weight tag, checkpoint file, or none."),
-    precision: str = typer.Option("fp16", "--precision", help="fp32, fp16 or bf16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    tokens: str = typer.Option("cls", "--tokens", help="Which cache folder: cls or grid (as extracted)."),
-    grid: int = typer.Option(4, "--grid", help="Grid side, with --tokens grid."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", exists=True, dir_okay=False, help="Prompt templates file."),
-    force: bool = typer.Option(False, "--force", help="Rewrite even when texts.h5 has the same provenance."),
-):
-    from cmdcl_cache.encoder import EncoderSpec
-    from cmdcl_cache.manifest import load_manifest
-    from cmdcl_cache.pipeline import cache_folder, ensure_texts, load_encoder_seeded
+@dataclass(frozen=True)
+class TextsConfig:
+    """`cmdcl-cache texts`: which cache folder, which text tower, which prompts."""
 
+    dataset: str = option(None, "Built-in manifest or a manifest folder.", required=True)
+    cache: str = option(None, "A cache folder, or a folder above it (the root).", required=True)
+    model: str | None = option(None, "open_clip model name (default: the one the cache's shards were made with).")
+    pretrained: str | None = option(None, "Weight tag, checkpoint file, or none (default: the cache's; a "
+                                          "checkpoint-file cache needs the file).")
+    precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Autocast precision on CUDA.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    tokens: Literal["cls", "grid"] = option("cls", "Which cache folder: cls or grid (as extracted).")
+    grid: int = option(4, "Grid side, with --tokens grid.")
+    prompts: str | None = option(None, "Prompt templates file (one template with {} a line).")
+    force: bool = option(False, "Rewrite even when texts.h5 has the same provenance.")
+
+
+@config_command(app, "texts", (TextsConfig,), handle=_config_error,
+                help="(Re)write texts.h5: prompt-ensembled text embeddings of every label set.")
+def texts_cmd(config: TextsConfig):
+    from cmdcl_cache.cache import CacheSpec, for_writing, locate
+    from cmdcl_cache.encoder import load_encoder
+    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache.texts import ensure_texts
+
+    configure_logging()
     try:
-        m = load_manifest(dataset)
-        folder = cache if (cache / "texts.h5").exists() or any(cache.glob("frames-*")) else \
-            cache_folder(cache, m.dataset, model, pretrained, tokens, grid)
-        enc = load_encoder_seeded(EncoderSpec(model=model, pretrained=pretrained, precision=precision,
-                                              device=device, tokens=tokens, grid=grid))
-        path, written = ensure_texts(folder, m, enc, prompts, force=force)
+        m = load_manifest(config.dataset)
+        model, pretrained, precision = config.model, config.pretrained, config.precision
+        if model is None or pretrained is None:   # infer what the existing cache was made with
+            prov = locate(config.cache, m.dataset, model, pretrained).provenance()
+            model, pretrained = model or prov["model"], pretrained or prov["pretrained"]
+            precision = prov.get("precision", precision)
+            if str(pretrained).startswith("sha256:"):
+                _fail(f"{config.cache}: its weights were a checkpoint file ({pretrained[:19]}...); pass that file "
+                      "with --pretrained")
+        spec = CacheSpec(model=model, pretrained=pretrained, precision=precision, tokens=config.tokens,
+                         grid=config.grid)
+        folder = for_writing(Path(config.cache), m.dataset, spec)
+        enc = load_encoder(spec.encoder_spec(config.device))
+        path, written = ensure_texts(folder, m, enc, spec, config.prompts, force=config.force)
     except (ValueError, RuntimeError, OSError) as err:
         _fail(str(err), 2)
     print(f"{'wrote' if written else 'up to date:'} {path}")
 
 
-def _cache_dir(cache, dataset, model, pretrained):
-    from cmdcl_cache.verify import find_cache_dir
+_CACHE_HELP = "A cache folder, or a folder above it (root or <root>/<dataset>)."
+_FIND = "To choose among several caches below --cache."
+
+
+def _locate(cache: Path, dataset: str | None, model: str | None, pretrained: str | None):
+    from cmdcl_cache.cache import locate
+    from cmdcl_cache.manifest import load_manifest
     try:
-        return find_cache_dir(cache, dataset, model, pretrained)
+        name = load_manifest(dataset).dataset if dataset else None
+        return locate(cache, name, model, pretrained)
     except (ValueError, RuntimeError, OSError) as err:
         _fail(str(err), 2)
 
 
-@app.command("verify", help="Check a cache: every selected video committed once or failed, shapes, NaN/Inf, provenance, texts.")
+@app.command("verify", help="Check a cache: every selected video committed once or failed, shapes, NaN/Inf, "
+                            "checksums, changed source files, provenance, texts. Exit 0 = sound, 1 = problems.")
 def verify_cmd(
-    cache: Path = typer.Option(..., "--cache", help="Cache folder, or the root with --dataset/--model/--pretrained."),
+    cache: Path = typer.Option(..., "--cache", help=_CACHE_HELP),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Manifest (default: the dataset named in the shards)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model, to find the folder under a cache root."),
-    pretrained: Optional[str] = typer.Option("openai", "--pretrained", help="Weights, to find the folder under a cache root."),
+    model: Optional[str] = typer.Option(None, "--model", help=_FIND),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help=_FIND),
     split: Optional[str] = typer.Option(None, "--split", help="Only videos of this split."),
     shard_index: Optional[int] = typer.Option(None, "--shard-index", help="Only this rank's videos."),
     num_shards: Optional[int] = typer.Option(None, "--num-shards", help="Expected number of shards."),
+    quick: bool = typer.Option(False, "--quick", help="Skip the per-video checksums (reads metadata only, "
+                                                      "plus the NaN scan)."),
+    video_root: Optional[Path] = typer.Option(None, "--video-root", help="Report videos whose file changed since "
+                                                                         "extraction (default: the last run's root)."),
 ):
-    from rich.console import Console
-
     from cmdcl_cache.verify import verify
 
-    folder = _cache_dir(cache, dataset, model, pretrained)
-    report = verify(folder, dataset, split, shard_index, num_shards)
-    console = Console(highlight=False, soft_wrap=True)
-    console.print(f"{folder}: {report.committed} of {report.expected} videos committed, "
-                  f"{len(report.failed)} listed as failed, {report.frames} frames", markup=False)
+    folder = _locate(cache, dataset, model, pretrained)
+    report = verify(folder, dataset, split, shard_index, num_shards, quick=quick, video_root=video_root)
+    out = console()
+    out.print(f"{folder}: {report.committed} of {report.expected} videos committed, "
+              f"{len(report.failed)} listed as failed, {report.frames} frames"
+              + ("" if report.checked_sums else " (checksums not checked: --quick)"), markup=False)
     if report.problems:
-        console.print(f"[red]{len(report.problems)} problem(s):[/red]")
+        out.print(f"[red]{len(report.problems)} problem(s):[/red]")
         for prob in report.problems:
-            console.print(f"  - {prob}", markup=False, soft_wrap=True)
+            out.print(f"  - {prob}", markup=False)
         raise typer.Exit(1)
-    console.print("[green]ok[/green]")
+    out.print("[green]ok[/green]")
 
 
 @app.command("inspect", help="Summarise a cache: provenance, videos, frames, shards, texts, failures by stage.")
 def inspect_cmd(
-    cache: Path = typer.Option(..., "--cache", help="Cache folder, or the root with --dataset/--model/--pretrained."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="To find the folder under a cache root."),
-    model: Optional[str] = typer.Option(None, "--model", help="To find the folder under a cache root."),
-    pretrained: Optional[str] = typer.Option("openai", "--pretrained", help="To find the folder under a cache root."),
+    cache: Path = typer.Option(..., "--cache", help=_CACHE_HELP),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=_FIND),
+    model: Optional[str] = typer.Option(None, "--model", help=_FIND),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help=_FIND),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ):
     import json
 
-    from rich.console import Console
-
     from cmdcl_cache.verify import render_summary, summarize
 
-    s = summarize(_cache_dir(cache, dataset, model, pretrained))
+    s = summarize(_locate(cache, dataset, model, pretrained))
     if as_json:
         print(json.dumps(s, indent=1, default=str))
     else:
-        render_summary(s, Console(highlight=False))
+        render_summary(s, console())
+    if s["unreadable"]:
+        raise typer.Exit(1)
 
 
 @app.command("export-npy", help="Write one <video_id>.npy [T, D] per cached video.")
 def export_cmd(
-    cache: Path = typer.Option(..., "--cache", help="Cache folder, or the root with --dataset/--model/--pretrained."),
+    cache: Path = typer.Option(..., "--cache", help=_CACHE_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for the .npy files."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="To find the folder under a cache root."),
-    model: Optional[str] = typer.Option(None, "--model", help="To find the folder under a cache root."),
-    pretrained: Optional[str] = typer.Option("openai", "--pretrained", help="To find the folder under a cache root."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help=_FIND),
+    model: Optional[str] = typer.Option(None, "--model", help=_FIND),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help=_FIND),
     dtype: str = typer.Option("float16", "--dtype", help="float16 (as stored) or float32."),
 ):
     from cmdcl_cache.export import export_npy
     from cmdcl_cache.store import CacheError
 
     try:
-        n = export_npy(_cache_dir(cache, dataset, model, pretrained), out, dtype=dtype)
+        n = export_npy(_locate(cache, dataset, model, pretrained).path, out, dtype=dtype)
     except (CacheError, ValueError, TypeError) as err:
         _fail(str(err), 2)
     print(f"wrote {n} files to {out}")

@@ -428,41 +428,55 @@ class FrameEncoder:
         }
 
 
-def load_encoder(spec: EncoderSpec) -> FrameEncoder:
-    """Build the model through open_clip's factory (weights from a tag, a checkpoint file, or none)."""
+def check_encoder_spec(spec: EncoderSpec) -> tuple[str | None, str, bool]:
+    """Validate the spec without building anything: (pretrained argument for open_clip, the id recorded in
+    the provenance, force QuickGELU). Raises EncoderError naming what is wrong, within milliseconds, so that
+    `extract` can refuse a typo before it creates a folder or waits on a download."""
     if spec.precision not in PRECISIONS:
         raise EncoderError(f"precision {spec.precision!r}: expected one of {sorted(PRECISIONS)}")
     if spec.tokens not in TOKEN_MODES:
         raise EncoderError(f"tokens {spec.tokens!r}: expected one of {TOKEN_MODES}")
     model_cfg = open_clip.get_model_config(spec.model)
     if model_cfg is None:
-        raise EncoderError(f"model {spec.model!r}: not an open_clip model config "
-                           f"(see `python -c 'import open_clip; print(open_clip.list_models())'`)")
-    device = _resolve_device(spec.device)
-
+        close = [m for m in open_clip.list_models() if m.lower().startswith(spec.model.lower()[:4])][:6]
+        raise EncoderError(f"model {spec.model!r}: not an open_clip model config"
+                           + (f" (similar: {', '.join(close)})" if close else "")
+                           + "; `python -c 'import open_clip; print(open_clip.list_models())'` lists them all, "
+                             "and cmdcl-tiny is a small random-weight model for a try-out")
     pretrained = spec.pretrained
-    force_quick_gelu = False
     if pretrained is None or str(pretrained).lower() == "none":
-        pretrained_arg, pretrained_id = None, "none"
-    elif open_clip.get_pretrained_cfg(spec.model, pretrained):
-        pretrained_arg, pretrained_id = pretrained, pretrained
-        tag_cfg = open_clip.get_pretrained_cfg(spec.model, pretrained)
+        return None, "none", False
+    tag_cfg = open_clip.get_pretrained_cfg(spec.model, pretrained)
+    if tag_cfg:
         # OpenAI weights need QuickGELU; open_clip only warns when the config lacks it.
-        force_quick_gelu = bool(tag_cfg.get("quick_gelu")) or pretrained == "openai"
-        force_quick_gelu = force_quick_gelu and not model_cfg.get("quick_gelu", False)
-    elif Path(pretrained).expanduser().is_file():
-        path = Path(pretrained).expanduser().resolve()
-        pretrained_arg, pretrained_id = str(path), "sha256:" + file_sha256(path)
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(spec.model)
-        raise EncoderError(f"pretrained {pretrained!r}: neither a checkpoint file nor a known tag for "
-                           f"{spec.model!r} (tags: {tags or 'none'}; use 'none' for random weights)")
+        quick = (bool(tag_cfg.get("quick_gelu")) or pretrained == "openai") and not model_cfg.get("quick_gelu", False)
+        return pretrained, pretrained, quick
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        path = path.resolve()
+        return str(path), "sha256:" + file_sha256(path), False
+    tags = open_clip.list_pretrained_tags_by_model(spec.model)
+    raise EncoderError(f"pretrained {pretrained!r}: neither a checkpoint file nor a known tag for "
+                       f"{spec.model!r} (tags: {', '.join(tags) or 'none'}; 'none' for random weights)")
 
+
+def load_encoder(spec: EncoderSpec, seed: int | None = 0) -> FrameEncoder:
+    """Build the model through open_clip's factory (weights from a tag, a checkpoint file, or none).
+
+    Random weights (`pretrained none`) are drawn with torch's global seed fixed to `seed` (restored
+    afterwards), so that two runs, and a run and its resumption, build the same network."""
+    pretrained_arg, pretrained_id, force_quick_gelu = check_encoder_spec(spec)
+    model_cfg = open_clip.get_model_config(spec.model)
+    device = _resolve_device(spec.device)
     try:
-        model = open_clip.create_model(spec.model, pretrained=pretrained_arg, precision="fp32",
-                                       device=device, force_quick_gelu=force_quick_gelu)
-    except RuntimeError as err:
-        raise EncoderError(f"model {spec.model!r} with pretrained {pretrained!r}: {err}") from err
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            model = open_clip.create_model(spec.model, pretrained=pretrained_arg, precision="fp32",
+                                           device=device, force_quick_gelu=force_quick_gelu)
+    except Exception as err:   # a corrupt or foreign checkpoint, an unpickling refusal, a failed download
+        raise EncoderError(f"model {spec.model!r} with pretrained {spec.pretrained!r} cannot be loaded: "
+                           f"{type(err).__name__}: {' '.join(str(err).split())[:400]}") from None
     model.eval()
     tokenizer = open_clip.get_tokenizer(spec.model)
     quick_gelu = bool(model_cfg.get("quick_gelu", False) or force_quick_gelu)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .store import Cache
+from .cache import Cache
 
 
 def export_npy(cache_dir: str | Path, out_dir: str | Path, dtype: str = "float16",

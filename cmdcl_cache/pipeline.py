@@ -3,7 +3,7 @@
     manifest ─ select rank's videos ─ skip committed ─▶ DecodePool (worker processes: decord, then
         open_clip's resize + centre crop with PIL) ─ uint8 crops [k, S, S, 3] ─▶ fixed-size batches across
         videos ─▶ /255, mean/std and encode on the device ─▶ per-video features ─▶ ShardWriter journal
-        (commit per video) ─▶ finalize (atomic HDF5)
+        (commit per video, with its checksum) ─▶ finalize (atomic HDF5)
 
 Decode overlaps encode: each worker decodes (and crops) one chunk ahead and waits on its pipe while the
 main process encodes. The workers crop because the main process was the bottleneck when it received
@@ -13,64 +13,99 @@ padded to exactly --batch-size rows, so a frame's feature does not depend on whi
 happened to share its batch (kernels may pick another algorithm for another batch size): an interrupted
 and resumed run writes the same bytes as one that never stopped.
 
+Order of work, so that a mistake costs seconds and leaves nothing behind: options, manifest, encoder name
+and weights tag and ranks are checked before any folder is created; a cache that holds every selected
+video already is left untouched (exit 0, even on a read-only file system); only then is the model
+loaded, texts.h5 written (rank 0) and the shard's lock taken.
+
 Resume is the default: committed videos (in the finalized shard or in its journal) are skipped. A video
 that fails goes to `failures.jsonl` with its stage (open, decode, encode, write) and the run goes on;
-`--retry-failed` runs only those. Exit status: 0 every selected video is in the cache, 1 some failed but
-the cache holds the others, 2 nothing could be extracted or a fatal error (bad manifest, bad options,
-a cache made with other settings).
-
-Random weights (`--pretrained none`, tests and demos) are seeded (torch seed 0, recorded as `init_seed`),
-so that two runs, and a run and its resumption, build the same network.
+`--retry-failed` runs only those; `--refresh-changed` extracts again the committed videos whose file's
+size or modification time differs from what was recorded when they were read. A failure to write the
+journal (disk full, I/O error) stops the run at once (exit 2): what is committed stays, and the same
+command resumes. Exit status: 0 every selected video is in the cache, 1 some failed but the cache holds
+the others, 2 nothing could be extracted or a fatal error (bad manifest, bad options, a cache made with
+other settings, another extract writing the same shard, a write error).
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import re
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from .failures import RUN_LOG, append_line, read_failures, record_failure
+from .cache import CacheFolder, CacheSpec, for_writing
+from .config import option
+from .failures import append_line, read_failures, record_failure
 from .ranks import RankInfo, detect_rank, split_ids
 from .sampling import SamplingPolicy
+from .store import CacheError, StorageError, read_shard
 
 EXIT_OK, EXIT_PARTIAL, EXIT_FATAL = 0, 1, 2
-INIT_SEED = 0
 
 
 class ExtractError(RuntimeError):
     """A fatal problem: nothing can be extracted with these options."""
 
 
-@dataclass
-class ExtractOptions:
-    dataset: str
-    video_root: Path
-    cache: Path
-    model: str = "ViT-B-16"
-    pretrained: str = "openai"
-    precision: str = "fp16"
-    device: str = "auto"
-    policy: SamplingPolicy = field(default_factory=SamplingPolicy)
-    batch_size: int = 64
-    workers: int = 4
-    decode_timeout: float = 120.0
-    split: str | None = None
-    shard_index: int | None = None
-    num_shards: int | None = None
-    retry_failed: bool = False
-    tokens: str = "cls"
-    grid: int = 4
-    prompts: Path | None = None
-    quiet: bool = False
-    decoder: str | None = None       # test seam, see decode.resolve_decoder
-    decode_threads: int | None = None
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything `cmdcl-cache extract` is told; the fields are its flags (`--config FILE` takes them too)."""
+
+    dataset: str = option(None, "Built-in manifest (coin, breakfast, charades, demo) or a manifest folder.",
+                          required=True)
+    video_root: str = option(None, "Folder the manifest's video paths are relative to.", required=True)
+    cache: str = option(None, "Cache root (features go to <cache>/<dataset>/<model tag>/), or a cache folder "
+                              "to resume.", required=True)
+    model: str = option("ViT-B-16", "open_clip model name (cmdcl-tiny: a small random-weight try-out model).")
+    pretrained: str = option("openai", "open_clip weight tag, a checkpoint file, or none (random, seeded).")
+    precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Autocast precision on CUDA (CPU computes in fp32).")
+    device: str = option("auto", "auto, cpu, cuda (cuda:LOCAL_RANK under torchrun/Slurm) or cuda:N.")
+    fps: float = option(1.0, "Sampled frames per second of video (rate mode).")
+    min_frames: int = option(8, "Rate mode: at least this many frames (never more than the video has).")
+    max_frames: int = option(4096, "Rate mode: at most this many frames per video.")
+    num_frames: int | None = option(None, "Exactly N frames per video, uniform (repeats frames of very short videos).")
+    batch_size: int = option(64, "Frames per encoder batch, gathered across videos.")
+    workers: int = option(4, "Decode worker processes.")
+    decode_timeout: float = option(120.0, "Seconds without decode progress after which a worker is killed and "
+                                          "its video failed.")
+    split: str | None = option(None, "Only videos of this split (train, val, test); default all.")
+    shard_index: int | None = option(None, "This process's shard (default: from torchrun/Slurm, else 0).")
+    num_shards: int | None = option(None, "Number of shards (default: from torchrun/Slurm, else 1).")
+    retry_failed: bool = option(False, "Only the videos listed in failures.jsonl that are not committed.")
+    refresh_changed: bool = option(False, "Also extract again the committed videos whose file changed (size or "
+                                          "modification time) since it was read.")
+    tokens: Literal["cls", "grid"] = option("cls", "cls: one feature per frame; grid: also a pooled patch grid.")
+    grid: int = option(4, "Side of the pooled patch grid with --tokens grid.")
+    prompts: str | None = option(None, "Prompt templates file for texts.h5 (one template with {} a line).")
+    quiet: bool = option(False, "Log lines instead of a progress bar (for batch jobs).")
+    decoder: str | None = option(None, "Decoder (test seam, see decode.resolve_decoder).", cli=False)
+    decode_threads: int | None = option(None, "Threads per decode worker.", cli=False)
+
+    def __post_init__(self):
+        for name in ("batch_size", "workers", "grid"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.decode_timeout > 0:
+            raise ValueError(f"--decode-timeout must be > 0, got {self.decode_timeout}")
+        self.policy   # checks fps / min / max / num frames
+
+    @property
+    def policy(self) -> SamplingPolicy:
+        return SamplingPolicy(fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames,
+                              num_frames=self.num_frames)
+
+    @property
+    def spec(self) -> CacheSpec:
+        return CacheSpec(model=self.model, pretrained=self.pretrained, precision=self.precision,
+                         tokens=self.tokens, grid=self.grid, sampling=self.policy)
 
 
 @dataclass
@@ -85,81 +120,152 @@ class ExtractResult:
     frames: int = 0
     seconds: float = 0.0
     shard: Path | None = None
+    dropped: list = field(default_factory=list)  # journal commits found damaged (extracted again)
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "x"
+@dataclass
+class _Plan:
+    """What a run will do, decided before anything is written."""
+
+    config: ExtractConfig
+    manifest: object
+    rank: RankInfo
+    folder: CacheFolder
+    video_root: Path
+    selected: list          # this rank's records (of the split), sorted by id
+
+    @property
+    def shard(self) -> Path:
+        return self.folder.shard_path(self.rank.rank, self.rank.world)
 
 
-def model_tag(model: str, pretrained: str | None, tokens: str = "cls", grid: int = 4) -> str:
-    """Folder name of a cache: model + weights (+ grid), safe for paths. A checkpoint file gives its stem."""
-    p = "none" if pretrained is None or str(pretrained).lower() == "none" else str(pretrained)
-    if "/" in p or "\\" in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
-        p = Path(p).stem
-    tag = f"{_safe(model)}-{_safe(p)}"
-    return tag + (f"-grid{int(grid)}" if tokens == "grid" else "")
+def plan_extraction(config: ExtractConfig) -> _Plan:
+    """Every check that needs no model and writes nothing (see the module docstring)."""
+    from .encoder import check_encoder_spec
+    from .manifest import load_manifest
+
+    manifest = load_manifest(config.dataset)
+    check_encoder_spec(config.spec.encoder_spec(config.device))
+    rank = detect_rank(config.shard_index, config.num_shards)
+    video_root = Path(config.video_root).resolve()
+    if not video_root.is_dir():
+        raise ExtractError(f"--video-root {video_root} is not a folder")
+    folder = for_writing(Path(config.cache).resolve(), manifest.dataset, config.spec)
+    mine = set(split_ids([v.video_id for v in manifest.videos], rank.rank, rank.world))
+    selected = sorted((v for v in manifest.select(config.split) if v.video_id in mine), key=lambda v: v.video_id)
+    return _Plan(config, manifest, rank, folder, video_root, selected)
 
 
-def cache_folder(cache: Path, dataset: str, model: str, pretrained: str | None, tokens: str = "cls",
-                 grid: int = 4) -> Path:
-    return Path(cache) / _safe(dataset) / model_tag(model, pretrained, tokens, grid)
+def _already_done(plan: _Plan) -> bool:
+    """A finished shard holding every selected video, no journal, nothing to retry or refresh."""
+    c = plan.config
+    if c.refresh_changed or not plan.shard.exists() or plan.shard.with_suffix(".journal").exists():
+        return False
+    try:
+        committed = {row["video_id"] for row in read_shard(plan.shard)[1]}
+    except CacheError:
+        return False   # let the writer report it
+    return all(v.video_id in committed for v in plan.selected) and plan.folder.texts_path.exists()
 
 
-def load_encoder_seeded(spec):
-    """load_encoder, with torch's global seed fixed for random weights (restored afterwards)."""
-    import torch
-
+def extract(config: ExtractConfig) -> ExtractResult:
+    """Run one rank's extraction; see the module docstring. Raises ExtractError (and the manifest's,
+    encoder's and store's own errors) for fatal problems."""
+    from .decode import DecodePool
     from .encoder import load_encoder
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)
-        return load_encoder(spec)
+    from .store import ShardWriter
+    from .texts import ensure_texts
+
+    started, t_start = datetime.now(timezone.utc), time.monotonic()
+    plan = plan_extraction(config)
+    result = ExtractResult(plan.folder.path, EXIT_OK, selected=len(plan.selected), shard=plan.shard)
+    if _already_done(plan):
+        result.seconds = time.monotonic() - t_start
+        return result
+    plan.folder.path.mkdir(parents=True, exist_ok=True)
+    encoder = load_encoder(config.spec.encoder_spec(plan.rank.device(config.device)))
+    if plan.rank.rank == 0:
+        ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts)
+    prov = config.spec.frame_provenance(encoder.provenance(), plan.manifest.dataset, _decoder_name(),
+                                        plan.rank.rank, plan.rank.world)
+    grid = config.grid if config.tokens == "grid" else None
+    with ShardWriter(plan.shard, prov, encoder.feature_dim, grid=grid) as writer:
+        result.dropped = list(writer.dropped)
+        todo, replace = _todo(plan, writer)
+        result.todo = len(todo)
+        run = _Run(plan, encoder, writer, result, replace)
+        try:
+            run.start(todo)
+            if todo:
+                with DecodePool(min(config.workers, len(todo)), config.policy, config.decode_timeout,
+                                config.decoder, config.decode_threads, transform=encoder.transform_spec) as pool:
+                    run.loop(pool)
+            writer.finalize()
+        finally:
+            run.progress.close()
+        committed = writer.committed_ids
+    result.missing = [v.video_id for v in plan.selected if v.video_id not in committed]
+    if result.missing:
+        result.exit_code = EXIT_PARTIAL if any(v.video_id in committed for v in plan.selected) else EXIT_FATAL
+    result.seconds = time.monotonic() - t_start
+    _log_run(plan, result, started, run.restarts)
+    return result
 
 
-def shard_provenance(encoder, dataset: str, policy: SamplingPolicy, rank: RankInfo) -> dict:
+def _decoder_name() -> str:
     import decord
-    prov = {**encoder.provenance(), "dataset": dataset, "sampling": policy.to_dict(),
-            "decoder": f"decord {decord.__version__}", "shard_index": rank.rank, "shard_count": rank.world}
-    if prov.get("pretrained") == "none":
-        prov["init_seed"] = INIT_SEED
-    return _plain(prov)
+    return f"decord {decord.__version__}"
 
 
-def _plain(prov: dict) -> dict:
-    # JSON round trip: plain str/int/float/list values (torch.__version__ is a str subclass h5py refuses).
-    return json.loads(json.dumps(prov))
+def _todo(plan: _Plan, writer) -> tuple[list, set[str]]:
+    """(records to extract now, ids among them that replace a committed video whose file changed)."""
+    committed = writer.committed_ids
+    todo = [v for v in plan.selected if v.video_id not in committed]
+    if plan.config.retry_failed:
+        failed = read_failures(plan.folder.path)
+        todo = [v for v in todo if v.video_id in failed]
+    replace = set()
+    if plan.config.refresh_changed:
+        from .paths import VideoPathError, build_video_index
+        index = build_video_index(plan.video_root)
+        for v in plan.selected:
+            rec = writer.record(v.video_id)
+            if rec is None:
+                continue
+            try:
+                st = os.stat(index.resolve(v))
+            except (VideoPathError, OSError):
+                continue   # a file that is gone: keep what was extracted from it
+            if (st.st_size, st.st_mtime_ns) != (rec["source_size"], rec["source_mtime_ns"]):
+                replace.add(v.video_id)
+        todo = sorted([*todo, *(v for v in plan.selected if v.video_id in replace)], key=lambda v: v.video_id)
+    return todo, replace
 
 
-# -------------------------------------------------------------------------------------------- texts
+def _log_run(plan: _Plan, result: ExtractResult, started, restarts: int) -> None:
+    record = {
+        "start": started.isoformat(timespec="seconds"),
+        "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rank": plan.rank.rank, "world": plan.rank.world, "rank_source": plan.rank.source,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan.config).items()},
+        "selected": result.selected, "todo": result.todo,
+        "committed": result.committed, "failed": len(result.failed), "missing": len(result.missing),
+        "frames": result.frames, "seconds": round(result.seconds, 3),
+        "frames_per_s": round(result.frames / max(result.seconds, 1e-9), 2), "exit_code": result.exit_code,
+        "decode_restarts": restarts, "dropped_journal_commits": [vid for vid, _ in result.dropped],
+    }
+    try:
+        append_line(plan.folder.log_path, record)
+    except OSError as err:   # a read-only cache that had nothing to do still answers
+        print(f"warning: cannot append to {plan.folder.log_path} ({err.strerror})", file=sys.stderr)
 
-def texts_provenance_for(encoder, dataset: str, templates: list[str]) -> dict:
-    prov = {**encoder.provenance(), "dataset": dataset, "templates": list(templates)}
-    if prov.get("pretrained") == "none":
-        prov["init_seed"] = INIT_SEED
-    return _plain(prov)
 
-
-def _templates(texts_mod, prompts: Path | None) -> list[str]:
-    return list(texts_mod.load_templates(prompts)) if prompts else list(texts_mod.DEFAULT_TEMPLATES)
-
-
-def ensure_texts(cache_dir: Path, manifest, encoder, prompts: Path | None = None,
-                 force: bool = False) -> tuple[Path, bool]:
-    """Write texts.h5 unless it exists with the same provenance; returns (path, written)."""
-    from . import texts as texts_mod
-    from .store import _normalised, provenance_difference, texts_provenance, write_texts
-
-    templates = _templates(texts_mod, prompts)
-    prov = texts_provenance_for(encoder, manifest.dataset, templates)
-    path = Path(cache_dir) / "texts.h5"
-    if path.exists() and not force:
-        found = texts_provenance(path)
-        if provenance_difference(_normalised(prov), found, ignore={"schema_version"}) is None:
-            return path, False
-    sets = {name: list(ls.names) for name, ls in manifest.label_sets.items()}
-    embeddings = texts_mod.build_text_embeddings(encoder, sets, templates)
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    write_texts(path, embeddings, prov)
-    return path, True
+def main_exit_message(result: ExtractResult) -> str:
+    if not result.todo and not result.missing and not result.committed:
+        return f"nothing to do: all {result.selected} selected videos are in the cache {result.cache_dir}"
+    return (f"{result.committed} videos extracted ({result.frames} frames, "
+            f"{result.frames / max(result.seconds, 1e-9):.1f} frames/s), {len(result.failed)} failed, "
+            f"{len(result.missing)} of {result.selected} not in the cache; cache: {result.cache_dir}")
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -168,7 +274,8 @@ def ensure_texts(cache_dir: Path, manifest, encoder, prompts: Path | None = None
 class _Job:
     video_id: str
     path: str
-    t0: float
+    t0: float = 0.0
+    source: tuple = (-1, -1)     # (size, mtime_ns) of the file when it was opened
     total: int | None = None     # frames to encode, known after "meta"
     meta: tuple | None = None    # (num_source_frames, fps, duration, frame_index, timestamps)
     decoded: bool = False
@@ -177,174 +284,127 @@ class _Job:
     encoded: int = 0
 
 
-class _Progress:
-    """rich progress bar, or (quiet) one log line every 30 s, on stderr."""
+class _Run:
+    """One rank's extraction in flight: decoded crops wait in `pending` until a full batch is encoded; a
+    video is committed once all its frames are encoded and its worker said "done"."""
 
-    def __init__(self, total: int, quiet: bool, label: str):
-        from rich.console import Console
-        self.console = Console(stderr=True, highlight=False)
-        self.quiet, self.total, self.label = quiet, total, label
-        self.done = self.failed = self.frames = 0
-        self.t0 = self._last = time.monotonic()
-        self._bar = None
-        if not quiet:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
-            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]:.1f} frames/s"),
-                                 TextColumn("{task.fields[failed]} failed"),
-                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                                 console=self.console, transient=False)
-            self._task = self._bar.add_task(label, total=total, rate=0.0, failed=0)
-            self._bar.start()
+    def __init__(self, plan: _Plan, encoder, writer, result: ExtractResult, replace: set[str]):
+        from .progress import ExtractProgress
+        self.plan, self.encoder, self.writer, self.result, self.replace = plan, encoder, writer, result, replace
+        self.bs = plan.config.batch_size
+        self.queue: collections.deque[_Job] = collections.deque()
+        self.jobs: dict[str, _Job] = {}
+        self.pending: collections.deque = collections.deque()   # (job, uint8 crops [k, S, S, 3])
+        self.buffered = 0
+        self.restarts = 0
+        self.pool = None
+        label = f"rank {plan.rank.rank}/{plan.rank.world}" if plan.rank.world > 1 else "extract"
+        self.progress = ExtractProgress(result.todo, plan.config.quiet, label)
+        for vid, why in result.dropped:
+            self.progress.log(f"journal: {vid} will be extracted again ({why})")
 
-    def log(self, text: str) -> None:
-        self.console.print(text, markup=False)
-
-    def update(self, done=0, failed=0, frames=0) -> None:
-        self.done += done
-        self.failed += failed
-        self.frames += frames
-        now = time.monotonic()
-        rate = self.frames / max(now - self.t0, 1e-9)
-        if self._bar is not None:
-            self._bar.update(self._task, completed=self.done + self.failed, rate=rate, failed=self.failed)
-        elif now - self._last > 30 or (done or failed) and self.done + self.failed == self.total:
-            self._last = now
-            left = (self.total - self.done - self.failed) * (now - self.t0) / max(self.done + self.failed, 1)
-            self.log(f"{self.label}: {self.done + self.failed}/{self.total} videos, {rate:.1f} frames/s, "
-                     f"{self.failed} failed, ~{left:.0f} s left")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
-def _select(opts: ExtractOptions, manifest, rank: RankInfo, cache_dir: Path, committed: set[str]):
-    mine = set(split_ids([v.video_id for v in manifest.videos], rank.rank, rank.world))
-    selected = [v for v in manifest.select(opts.split) if v.video_id in mine]
-    todo = [v for v in selected if v.video_id not in committed]
-    if opts.retry_failed:
-        failed = read_failures(cache_dir)
-        todo = [v for v in todo if v.video_id in failed]
-    return sorted(selected, key=lambda v: v.video_id), sorted(todo, key=lambda v: v.video_id)
-
-
-def extract(opts: ExtractOptions) -> ExtractResult:
-    """Run one rank's extraction; see the module docstring. Raises ExtractError (and the manifest's,
-    encoder's and store's own errors) for fatal problems."""
-    import torch
-
-    from .decode import DecodePool
-    from .encoder import EncoderSpec
-    from .manifest import load_manifest
-    from .paths import VideoPathError, build_video_index
-    from .store import CacheError, ShardWriter, shard_name
-
-    started = datetime.now(timezone.utc)
-    t_start = time.monotonic()
-    if opts.batch_size < 1:
-        raise ExtractError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    manifest = load_manifest(opts.dataset)
-    rank = detect_rank(opts.shard_index, opts.num_shards)
-    video_root = Path(opts.video_root).resolve()
-    if not video_root.is_dir():
-        raise ExtractError(f"--video-root {video_root} is not a folder")
-    cache_dir = cache_folder(Path(opts.cache).resolve(), manifest.dataset, opts.model, opts.pretrained, opts.tokens, opts.grid)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
-    spec = EncoderSpec(model=opts.model, pretrained=opts.pretrained, precision=opts.precision,
-                       device=rank.device(opts.device), tokens=opts.tokens, grid=opts.grid)
-    encoder = load_encoder_seeded(spec)
-    if rank.rank == 0:
-        ensure_texts(cache_dir, manifest, encoder, opts.prompts)
-
-    shard = cache_dir / shard_name(rank.rank, rank.world)
-    prov = shard_provenance(encoder, manifest.dataset, opts.policy, rank)
-    writer = ShardWriter(shard, prov, encoder.feature_dim, grid=opts.grid if opts.tokens == "grid" else None)
-    selected, todo = _select(opts, manifest, rank, cache_dir, writer.committed_ids)
-    result = ExtractResult(cache_dir, EXIT_OK, selected=len(selected), todo=len(todo), shard=shard)
-    progress = _Progress(len(todo), opts.quiet, f"rank {rank.rank}/{rank.world}" if rank.world > 1 else "extract")
-
-    def fail(job_or_id, path, stage, error, t0):
-        vid = job_or_id.video_id if isinstance(job_or_id, _Job) else job_or_id
-        record_failure(cache_dir, vid, path, stage, error, time.monotonic() - t0, rank.rank)
-        result.failed.append(vid)
-        progress.update(failed=1)
-        progress.log(f"failed [{stage}] {vid}: {error}")
-
-    # Paths first: a missing file is an "open" failure found without starting a worker.
-    queue: collections.deque[_Job] = collections.deque()
-    if todo:
-        index = build_video_index(video_root)
+    def start(self, todo) -> None:
+        """Paths first: a missing file is an "open" failure found without starting a worker."""
+        from .paths import VideoPathError, build_video_index
+        if not todo:
+            return
+        index = build_video_index(self.plan.video_root)
         for rec in todo:
             try:
-                queue.append(_Job(rec.video_id, str(index.resolve(rec)), 0.0))
-            except VideoPathError as err:
-                fail(rec.video_id, rec.path, "open", str(err), time.monotonic())
+                path = index.resolve(rec)
+                st = os.stat(path)
+                self.queue.append(_Job(rec.video_id, str(path), source=(st.st_size, st.st_mtime_ns)))
+            except (VideoPathError, OSError) as err:
+                self.fail(rec.video_id, rec.path, "open", str(err), time.monotonic())
 
-    jobs: dict[str, _Job] = {}
-    pending: collections.deque = collections.deque()   # (job, uint8 crops [k, S, S, 3]) waiting to be encoded
-    buffered = 0
-    bs = opts.batch_size
+    def fail(self, video_id: str, path: str, stage: str, error: str, t0: float) -> None:
+        record_failure(self.plan.folder.path, video_id, path, stage, error, time.monotonic() - t0,
+                       self.plan.rank.rank)
+        self.result.failed.append(video_id)
+        self.progress.update(failed=1)
+        self.progress.log(f"failed [{stage}] {video_id}: {error}")
 
-    def drop(job: _Job) -> None:
-        nonlocal buffered
-        jobs.pop(job.video_id, None)
-        keep = [(j, x) for j, x in pending if j is not job]
-        buffered = sum(len(x) for _, x in keep)
-        pending.clear()
-        pending.extend(keep)
+    def drop(self, job: _Job, stage: str, error: str) -> None:
+        self.fail(job.video_id, job.path, stage, error, job.t0)
+        self.jobs.pop(job.video_id, None)
+        keep = [(j, x) for j, x in self.pending if j is not job]
+        self.buffered = sum(len(x) for _, x in keep)
+        self.pending = collections.deque(keep)
 
-    def maybe_commit(job: _Job) -> None:
-        nonlocal writer
-        if not (job.decoded and job.meta is not None and job.encoded == job.total):
-            return
-        jobs.pop(job.video_id, None)
-        n, fps, duration, index_, stamps = job.meta
-        try:
-            feats = np.concatenate(job.feats)
-            toks = np.concatenate(job.toks) if job.toks else None
-            writer.append_video(job.video_id, feats, index_, stamps, fps, n, duration, tokens=toks)
-        except (CacheError, OSError, ValueError) as err:
-            fail(job, job.path, "write", f"{type(err).__name__}: {err}", job.t0)
-            # A half-written video leaves rows past the last commit: reopening cuts them off.
-            writer.close()
-            writer = ShardWriter(shard, prov, encoder.feature_dim,
-                                 grid=opts.grid if opts.tokens == "grid" else None)
-            return
-        result.committed += 1
-        result.frames += len(feats)
-        progress.update(done=1, frames=0)
+    def loop(self, pool) -> None:
+        self.pool = pool
+        while self.queue or self.jobs:
+            while self.queue and pool.idle:
+                job = self.queue.popleft()
+                job.t0 = time.monotonic()
+                self.jobs[job.video_id] = job
+                pool.submit(job.video_id, job.path)
+            if self.buffered >= self.bs or (self.buffered and not pool.busy):
+                self.encode_batch()
+                continue
+            if not pool.busy:  # cannot happen unless a decoder under-delivers: never spin
+                for job in list(self.jobs.values()):
+                    self.drop(job, "decode", "the decoder ended without all sampled frames")
+                continue
+            # Wait for the workers; only briefly when some frames are waiting to be encoded.
+            for msg in pool.poll(0.05 if self.buffered else 0.5):
+                self.on_message(msg)
+        self.restarts = pool.restarts
 
-    def encode_batch() -> None:
-        nonlocal buffered
-        parts, take = [], bs
-        while pending and take > 0:
-            job, x = pending.popleft()
+    def on_message(self, msg) -> None:
+        kind, vid = msg[0], msg[1]
+        job = self.jobs.get(vid)
+        if job is None:
+            return  # a video already dropped
+        if kind == "meta":
+            n, fps, duration, index_, stamps = msg[2:7]
+            job.meta, job.total = (n, fps, duration, index_, stamps), len(index_)
+        elif kind == "frames":
+            x = msg[3]
+            if x.dtype != np.uint8 or x.shape[1:] != (*self.encoder.transform_spec.size, 3):
+                self.pool.cancel(vid)   # a bug, not a bad video; still only this video fails
+                self.drop(job, "decode", f"the decode worker sent {x.dtype} frames of shape {x.shape}, "
+                                         "not the model's input size")
+                return
+            self.pending.append((job, x))
+            self.buffered += len(x)
+        elif kind == "done":
+            job.decoded = True
+            self.maybe_commit(job)
+        elif kind == "error":
+            self.drop(job, msg[2], msg[3])
+
+    def _take_batch(self) -> list[tuple[_Job, np.ndarray]]:
+        parts, take = [], self.bs
+        while self.pending and take > 0:
+            job, x = self.pending.popleft()
             if len(x) > take:
-                pending.appendleft((job, x[take:]))
+                self.pending.appendleft((job, x[take:]))
                 x = x[:take]
             parts.append((job, x))
             take -= len(x)
-        buffered -= bs - take
+        self.buffered -= self.bs - take
+        return parts
+
+    def encode_batch(self) -> None:
+        import torch
+        parts = self._take_batch()
         try:
             crops = parts[0][1] if len(parts) == 1 else np.concatenate([x for _, x in parts])
-            pixels = encoder.normalise_crops(crops)
+            pixels = self.encoder.normalise_crops(crops)
             k = len(pixels)
-            if k < bs:   # fixed batch shape: see the module docstring
-                pixels = torch.cat([pixels, pixels.new_zeros((bs - k, *pixels.shape[1:]))])
-            feats, toks = encoder.encode_pixels(pixels)
+            if k < self.bs:   # fixed batch shape: see the module docstring
+                pixels = torch.cat([pixels, pixels.new_zeros((self.bs - k, *pixels.shape[1:]))])
+            feats, toks = self.encoder.encode_pixels(pixels)
             feats = feats[:k].numpy()
             toks = toks[:k].numpy() if toks is not None else None
             if not np.isfinite(feats).all():
                 raise FloatingPointError("the encoder returned NaN or Inf")
         except Exception as err:  # noqa: BLE001 - one batch's videos fail, the run goes on
             for job in {id(j): j for j, _ in parts}.values():
-                if job.video_id in jobs:
-                    pool.cancel(job.video_id)
-                    fail(job, job.path, "encode", f"{type(err).__name__}: {err}", job.t0)
-                    drop(job)
+                if job.video_id in self.jobs:
+                    self.pool.cancel(job.video_id)
+                    self.drop(job, "encode", f"{type(err).__name__}: {err}")
             return
         lo = 0
         for job, x in parts:
@@ -353,98 +413,29 @@ def extract(opts: ExtractOptions) -> ExtractResult:
                 job.toks.append(toks[lo:lo + len(x)])
             job.encoded += len(x)
             lo += len(x)
-        progress.update(frames=k)
+        self.progress.update(frames=k)
         for job in {id(j): j for j, _ in parts}.values():
-            maybe_commit(job)
+            self.maybe_commit(job)
 
-    def handle(msg) -> None:
-        nonlocal buffered
-        kind, vid = msg[0], msg[1]
-        job = jobs.get(vid)
-        if job is None:
-            return  # a video already dropped
-        if kind == "meta":
-            n, fps, duration, index_, stamps = msg[2:]
-            job.meta, job.total = (n, fps, duration, index_, stamps), len(index_)
-        elif kind == "frames":
-            x = msg[3]
-            if x.dtype != np.uint8 or x.shape[1:] != (*encoder.transform_spec.size, 3):
-                pool.cancel(vid)   # a bug, not a bad video; still only this video fails
-                fail(job, job.path, "decode", f"the decode worker sent {x.dtype} frames of shape {x.shape},"
-                                              f" not the model's input size", job.t0)
-                drop(job)
-                return
-            pending.append((job, x))
-            buffered += len(x)
-        elif kind == "done":
-            job.decoded = True
-            maybe_commit(job)
-        elif kind == "error":
-            fail(job, job.path, msg[2], msg[3], job.t0)
-            drop(job)
-
-    exit_code = EXIT_OK
-    restarts = 0
-    try:
-        if queue:
-            with DecodePool(min(opts.workers, len(queue)), opts.policy, opts.decode_timeout, opts.decoder,
-                            opts.decode_threads, transform=encoder.transform_spec) as pool:
-                while queue or jobs:
-                    while queue and pool.idle:
-                        job = queue.popleft()
-                        job.t0 = time.monotonic()
-                        jobs[job.video_id] = job
-                        pool.submit(job.video_id, job.path)
-                    if buffered >= bs or (buffered and not pool.busy):
-                        encode_batch()
-                        continue
-                    if not pool.busy:  # cannot happen unless a decoder under-delivers: never spin
-                        for job in list(jobs.values()):
-                            fail(job, job.path, "decode", "the decoder ended without all sampled frames",
-                                 job.t0)
-                            drop(job)
-                        continue
-                    # Wait for the workers; only briefly when some frames are waiting to be encoded.
-                    for msg in pool.poll(0.05 if buffered else 0.5):
-                        handle(msg)
-                restarts = pool.restarts
-        writer.finalize()
-    except BaseException:
-        writer.close()
-        raise
-    finally:
-        progress.close()
-
-    committed = writer.committed_ids
-    result.missing = [v.video_id for v in selected if v.video_id not in committed]
-    if result.missing:
-        have = any(v.video_id in committed for v in selected)
-        exit_code = EXIT_PARTIAL if have else EXIT_FATAL
-    result.exit_code = exit_code
-    result.seconds = time.monotonic() - t_start
-    append_line(cache_dir / RUN_LOG, {
-        "start": started.isoformat(timespec="seconds"),
-        "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "rank": rank.rank, "world": rank.world, "rank_source": rank.source,
-        "args": _args_of(opts), "selected": result.selected, "todo": result.todo,
-        "committed": result.committed, "failed": len(result.failed), "missing": len(result.missing),
-        "frames": result.frames, "seconds": round(result.seconds, 3),
-        "frames_per_s": round(result.frames / max(result.seconds, 1e-9), 2), "exit_code": exit_code,
-        "decode_restarts": restarts,
-    })
-    return result
-
-
-def _args_of(opts: ExtractOptions) -> dict:
-    d = asdict(opts)
-    d["policy"] = opts.policy.to_dict()
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-
-def main_exit_message(result: ExtractResult) -> str:
-    return (f"{result.committed} videos extracted ({result.frames} frames, "
-            f"{result.frames / max(result.seconds, 1e-9):.1f} frames/s), {len(result.failed)} failed, "
-            f"{len(result.missing)} of {result.selected} not in the cache; cache: {result.cache_dir}")
+    def maybe_commit(self, job: _Job) -> None:
+        if not (job.decoded and job.meta is not None and job.encoded == job.total):
+            return
+        self.jobs.pop(job.video_id, None)
+        n, fps, duration, index_, stamps = job.meta
+        feats = np.concatenate(job.feats)
+        toks = np.concatenate(job.toks) if job.toks else None
+        try:
+            self.writer.append_video(job.video_id, feats, index_, stamps, fps, n, duration, tokens=toks,
+                                     source_size=job.source[0], source_mtime_ns=job.source[1],
+                                     replace=job.video_id in self.replace)
+        except StorageError:
+            raise   # disk full, I/O error: not the video's fault; the run stops (exit 2), commits are kept
+        except CacheError as err:   # refused before anything was written (e.g. rows of the wrong shape)
+            self.fail(job.video_id, job.path, "write", str(err), job.t0)
+            return
+        self.result.committed += 1
+        self.result.frames += len(feats)
+        self.progress.update(done=1)
 
 
 if __name__ == "__main__":  # pragma: no cover

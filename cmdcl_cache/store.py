@@ -1,16 +1,19 @@
-"""The feature cache: crash-safe shard writing and HDF5 reading.
+"""File formats of the feature cache: one shard (written crash-safely through a journal) and texts.h5.
 
-A cache folder (`<cache>/<dataset>/<model_tag>/`) holds one HDF5 shard per rank, `texts.h5` with the
-label text embeddings, `failures.jsonl`, and later `confounders.h5`.
+Which files make a cache folder, and how they are found and compared, is `cmdcl_cache/cache.py`'s job;
+this module only reads and writes the files themselves.
 
-Shard layout (`frames-00000-of-00004.h5`, one writer per file):
+Shard layout (`frames-00000-of-00004.h5`, schema 2, one writer per file):
 
     features      float16 [N, D]      every frame of every video of the shard, video after video,
                                       as the image tower returns them (projected, not normalised)
     tokens        float16 [N, P, D]   optional pooled patch grid (P = grid * grid)
     frame_index   int64   [N]         source frame index of each row
-    timestamps    float64 [N]         seconds of each row
-    videos        compound [V]        video_id, row_start, num_rows, fps, num_source_frames, duration
+    timestamps    float64 [N]         seconds of each row (the decoder's presentation time)
+    videos        compound [V]        video_id (UTF-8, any length), row_start, num_rows, fps,
+                                      num_source_frames, duration, crc32 (of the video's rows),
+                                      source_size and source_mtime_ns (of its file when it was read),
+                                      decoder (the backend that decoded it)
     attrs                             provenance (schema version, model, weights, sampling, versions, shard)
 
 Videos are sorted by id inside a shard, so a shard's bytes depend only on what it holds, not on the order
@@ -19,30 +22,42 @@ in which worker processes happened to finish.
 Why a journal: an HDF5 file that is being written is not crash-safe (a SIGKILL while the library evicts
 metadata can leave a file that no longer opens). So while a shard is being extracted, its rows go to an
 append-only journal folder (`frames-00000-of-00004.journal/`: raw float16 rows, raw frame info, and
-`commits.jsonl`, one line per video, written only after that video's rows are on disk). On resume the
-journal is cut back to its last complete commit line. `finalize()` then writes the HDF5 shard to a
-temporary file and renames it into place, so a shard that exists is always whole.
+`commits.jsonl`, one line per video, written only after that video's rows are on disk, with the crc32 of
+those rows). On resume the journal is cut back to its last complete commit line, and a commit whose rows
+are missing (a truncated data file) or do not match their checksum is dropped, so that video is extracted
+again. `finalize()` writes the HDF5 shard to a temporary file and renames it into place, so a shard that
+exists is always whole.
+
+Why a lock: two processes appending to one journal interleave their rows. A writer holds an exclusive
+`flock` on `<shard>.lock` from the moment it opens the shard until it has finalised or closed it; a second
+writer fails at once, naming the holder's pid. The kernel drops the lock when its process dies, so a
+killed run never blocks its own resume. (flock is reliable on local disks; on NFS it depends on the
+client, see the README.)
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-SCHEMA_VERSION = 1
-SHARD_GLOB = "frames-*-of-*.h5"
+SCHEMA_VERSION = 2
+_STR = h5py.string_dtype("utf-8")
 VIDEO_DTYPE = np.dtype([
-    ("video_id", "S128"), ("row_start", "<i8"), ("num_rows", "<i8"),
-    ("fps", "<f8"), ("num_source_frames", "<i8"), ("duration", "<f8"),
+    ("video_id", _STR), ("row_start", "<i8"), ("num_rows", "<i8"), ("fps", "<f8"),
+    ("num_source_frames", "<i8"), ("duration", "<f8"), ("crc32", "<u4"), ("source_size", "<i8"),
+    ("source_mtime_ns", "<i8"), ("decoder", _STR),
 ])
-# Attributes that legitimately differ between the shards of one cache.
-PER_SHARD_KEYS = {"shard_index"}
+FRAME_DTYPE = np.dtype([("frame_index", "<i8"), ("timestamp", "<f8")])
 CHUNK_ROWS = 256
 
 
@@ -54,20 +69,18 @@ class ProvenanceError(CacheError):
     """Two files of one cache (or a cache and a checkpoint) were made with different settings."""
 
 
-def shard_name(index: int, count: int) -> str:
-    return f"frames-{index:05d}-of-{count:05d}.h5"
+class CacheLockedError(CacheError):
+    """Another process is writing this shard."""
 
 
-def provenance_difference(expected: dict, found: dict, ignore=PER_SHARD_KEYS) -> str | None:
-    """Return a sentence naming the first attribute that differs, or None when they agree."""
-    for key in sorted((set(expected) | set(found)) - set(ignore)):
-        if expected.get(key) != found.get(key):
-            return f"attribute '{key}' is {found.get(key)!r}, expected {expected.get(key)!r}"
-    return None
+class StorageError(CacheError):
+    """Writing failed for a reason that is not the video's (disk full, I/O error, read-only file system)."""
 
 
-def _attrs_from(provenance: dict) -> dict:
-    # h5py attributes take scalars and strings; nested values travel as JSON text.
+# ----------------------------------------------------------------------------------- attributes, checks
+
+def attrs_from(provenance: dict) -> dict:
+    """Provenance as HDF5 attributes: scalars and strings; nested values travel as JSON text."""
     out = {}
     for key, value in provenance.items():
         if value is None:
@@ -75,12 +88,12 @@ def _attrs_from(provenance: dict) -> dict:
         if isinstance(value, str):
             value = str(value)  # str subclasses (torch.__version__) have no HDF5 conversion
         elif not isinstance(value, (int, float, bool)):
-            value = json.dumps(value)
+            value = json.dumps(value, sort_keys=True)
         out[key] = value
     return out
 
 
-def _provenance_from(attrs) -> dict:
+def provenance_from_attrs(attrs) -> dict:
     out = {}
     for key, value in attrs.items():
         if isinstance(value, bytes):
@@ -91,20 +104,82 @@ def _provenance_from(attrs) -> dict:
     return out
 
 
-def _normalised(provenance: dict) -> dict:
+def normalised(provenance: dict) -> dict:
     """The provenance as it reads back from HDF5 attributes, so written and read dicts compare equal."""
-    return _provenance_from(_attrs_from(provenance))
+    return provenance_from_attrs(attrs_from(provenance))
+
+
+def rows_checksum(features: np.ndarray, frames: np.ndarray, tokens: np.ndarray | None = None) -> int:
+    """crc32 of one video's stored rows: float16 features, (frame_index, timestamp) records, tokens."""
+    crc = zlib.crc32(np.ascontiguousarray(features, dtype="<f2"))
+    crc = zlib.crc32(np.ascontiguousarray(frames, dtype=FRAME_DTYPE), crc)
+    if tokens is not None:
+        crc = zlib.crc32(np.ascontiguousarray(tokens, dtype="<f2"), crc)
+    return crc
+
+
+def frame_records(frame_index, timestamps) -> np.ndarray:
+    frames = np.empty(len(frame_index), dtype=FRAME_DTYPE)
+    frames["frame_index"], frames["timestamp"] = frame_index, timestamps
+    return frames
+
+
+def check_video_id(video_id) -> str:
+    if not isinstance(video_id, str) or not video_id:
+        raise CacheError(f"video id {video_id!r}: expected a non-empty string")
+    try:
+        video_id.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CacheError(f"video id {video_id!r}: not encodable as UTF-8 ({err.reason})") from None
+    return video_id
+
+
+def _disk_full(err: OSError) -> bool:
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+class ShardLock:
+    """An exclusive, non-blocking flock on `<shard>.lock`; the file keeps the holder's pid and host."""
+
+    def __init__(self, shard: Path):
+        self.path = shard.with_name(shard.name + ".lock")
+        self._fh = open(self.path, "a+")
+        try:
+            fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            self._fh.seek(0)
+            holder = self._fh.read().split()
+            self._fh.close()
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            who = f"pid {holder[0]}" if holder else "pid unknown"
+            if len(holder) > 1 and holder[1] != socket.gethostname():
+                who += f" on {holder[1]}"
+            raise CacheLockedError(f"another extract ({who}) holds {self.path}: it is writing this shard; wait "
+                                   "for it to finish or stop it (a killed process releases the lock)") from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()   # closing the descriptor drops the flock
 
 
 # --------------------------------------------------------------------------------------------- writing
 
 class ShardWriter:
-    """Append videos to one shard; resumable after a crash at any instant.
+    """Append videos to one shard; resumable after a crash at any instant; one writer at a time.
 
     >>> with ShardWriter(path, provenance, feature_dim=512) as w:
     ...     if "vid" not in w.committed_ids:
     ...         w.append_video("vid", feats, frame_index, timestamps, fps, n_src, duration)
     ...     w.finalize()
+
+    `dropped` lists (video_id, reason) for journal commits found damaged on opening (to be re-extracted).
     """
 
     def __init__(self, path: str | Path, provenance: dict, feature_dim: int, grid: int | None = None,
@@ -114,30 +189,45 @@ class ShardWriter:
         # killed process) also leaves a journal whose commits point at rows on disk. ~10 ms a video.
         self.durable = durable
         self.journal = self.path.with_suffix(".journal")
-        self.provenance = _normalised({**provenance, "schema_version": SCHEMA_VERSION})
+        self.provenance = normalised({**provenance, "schema_version": SCHEMA_VERSION})
         self.feature_dim = int(feature_dim)
         self.tokens_per_frame = int(grid) ** 2 if grid else 0
+        self._row_bytes = {"features.f16": self.feature_dim * 2, "frames.bin": FRAME_DTYPE.itemsize,
+                           "tokens.f16": self.tokens_per_frame * self.feature_dim * 2}
         self._finalized: dict[str, dict] = {}
-        if self.path.exists():
-            self._load_finalized()
-        self._open_journal()
+        self._files: dict = {}
+        self._log = None
+        self.dropped: list[tuple[str, str]] = []
+        self._lock = ShardLock(self.path)   # first: nothing below reads a journal another process writes
+        try:
+            if self.path.exists():
+                self._load_finalized()
+            self._open_journal()
+        except BaseException:
+            self.close()
+            raise
 
-    # The committed set spans the finalized shard (earlier runs) and the journal (this run).
     @property
     def committed_ids(self) -> set[str]:
+        """Videos in the finalized shard (earlier runs) or in the journal (this run)."""
         return set(self._finalized) | set(self._commits)
 
+    def record(self, video_id: str) -> dict | None:
+        """The commit record of a video (the journal's when it was extracted again), or None."""
+        return self._commits.get(video_id) or self._finalized.get(video_id)
+
     def _check_provenance(self, found: dict, where: Path) -> None:
+        from .cache import provenance_difference
         diff = provenance_difference(self.provenance, found)
         if diff:
             raise ProvenanceError(f"{where}: made with different settings ({diff}); "
                                   "use another --cache folder or the same settings")
 
     def _load_finalized(self) -> None:
-        with h5py.File(self.path, "r") as f:
-            self._check_provenance(_provenance_from(f.attrs), self.path)
-            for row in f["videos"][:]:
-                self._finalized[row["video_id"].decode()] = {name: row[name] for name in VIDEO_DTYPE.names}
+        prov, table, _, _ = read_shard(self.path)
+        self._check_provenance(prov, self.path)
+        for row in table:
+            self._finalized[row["video_id"]] = row
 
     def _open_journal(self) -> None:
         self.journal.mkdir(parents=True, exist_ok=True)
@@ -146,39 +236,76 @@ class ShardWriter:
             self._check_provenance(json.loads(meta.read_text()), meta)
         else:
             _write_atomic(meta, json.dumps(self.provenance, sort_keys=True))
-        self._commits: dict[str, dict] = {}
-        log = self.journal / "commits.jsonl"
-        good_bytes = 0
-        if log.exists():
-            data = log.read_bytes()
-            for line in data.splitlines(keepends=True):
-                if not line.endswith(b"\n"):
-                    break  # a commit line cut by a crash: that video is not committed
-                record = json.loads(line)
-                self._commits[record["video_id"]] = record
-                good_bytes += len(line)
-            if good_bytes != len(data):
-                with open(log, "r+b") as fh:
-                    fh.truncate(good_bytes)
-        self.num_rows = sum(r["num_rows"] for r in self._commits.values())
-        # Rows written after the last commit belong to no video: cut them off.
-        row_bytes = {"features.f16": self.feature_dim * 2, "frames.bin": 16,
-                     "tokens.f16": self.tokens_per_frame * self.feature_dim * 2}
+        self._commits, end = self._read_commits()
         self._files = {}
-        for name, nbytes in row_bytes.items():
-            if nbytes == 0:
+        for name, nbytes in self._row_bytes.items():
+            if nbytes:
+                fh = open(self.journal / name, "a+b")
+                fh.truncate(end * nbytes)   # rows written after the last commit belong to no video
+                self._files[name] = fh
+        self.num_rows = end
+        self._drop_damaged()
+        self._log = open(self.journal / "commits.jsonl", "ab")
+
+    def _read_commits(self) -> tuple[dict[str, dict], int]:
+        """Complete commit lines whose rows are all in the data files; returns (commits, end row)."""
+        log = self.journal / "commits.jsonl"
+        data = log.read_bytes() if log.exists() else b""
+        rows_on_disk = min((os.path.getsize(self.journal / n) // b if (self.journal / n).exists() else 0)
+                           for n, b in self._row_bytes.items() if b)
+        commits, good_bytes, end = {}, 0, 0
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break   # a commit line cut by a crash: that video is not committed
+            record = json.loads(line)
+            stop = record["row_start"] + record["num_rows"]
+            if stop > rows_on_disk:   # a data file shorter than its commits (truncated, disk trouble)
+                self.dropped.append((record["video_id"], f"its rows {record['row_start']}..{stop} are past "
+                                     f"the end of the journal's data ({rows_on_disk} rows)"))
                 continue
-            fh = open(self.journal / name, "a+b")
-            fh.truncate(self.num_rows * nbytes)
-            self._files[name] = fh
-        self._log = open(log, "ab")
+            commits[record["video_id"]] = record
+            good_bytes, end = good_bytes + len(line), max(end, stop)
+        if self.dropped:   # keep only the commits that hold: rewrite the log without the others
+            good = b"".join(json.dumps(r).encode() + b"\n" for r in commits.values())
+            _write_atomic_bytes(log, good)
+        elif good_bytes != len(data):
+            with open(log, "r+b") as fh:
+                fh.truncate(good_bytes)
+        return commits, end
+
+    def _drop_damaged(self) -> None:
+        """Commits whose rows no longer match their crc32 are dropped (their rows stay, unreferenced)."""
+        damaged = [vid for vid, rec in self._commits.items()
+                   if rows_checksum(*self._journal_rows(rec)) != rec["crc32"]]
+        for vid in damaged:
+            self.dropped.append((vid, "its journal rows do not match their checksum"))
+            del self._commits[vid]
+        if damaged:
+            good = b"".join(json.dumps(r).encode() + b"\n" for r in self._commits.values())
+            _write_atomic_bytes(self.journal / "commits.jsonl", good)
+
+    def _journal_rows(self, rec: dict):
+        lo, n = int(rec["row_start"]), int(rec["num_rows"])
+
+        def read(name, dtype, shape):
+            return np.fromfile(self.journal / name, dtype=dtype, count=n * int(np.prod(shape)),
+                               offset=lo * self._row_bytes[name]).reshape(n, *shape)
+
+        feats = read("features.f16", "<f2", (self.feature_dim,))
+        frames = read("frames.bin", FRAME_DTYPE, ()).reshape(n)
+        toks = read("tokens.f16", "<f2", (self.tokens_per_frame, self.feature_dim)) if self.tokens_per_frame else None
+        return feats, frames, toks
 
     def append_video(self, video_id: str, features: np.ndarray, frame_index: np.ndarray,
                      timestamps: np.ndarray, fps: float, num_source_frames: int, duration: float,
-                     tokens: np.ndarray | None = None) -> None:
-        if video_id in self.committed_ids:
+                     tokens: np.ndarray | None = None, source_size: int = -1, source_mtime_ns: int = -1,
+                     decoder: str = "", replace: bool = False) -> None:
+        """Write one video's rows, then its commit line. `replace`: the video is in the finalized shard
+        and is extracted again (its source changed); the new rows win at finalize."""
+        check_video_id(video_id)
+        if video_id in self._commits or (video_id in self._finalized and not replace):
             raise CacheError(f"{self.path}: video {video_id!r} is already committed")
-        features = np.asarray(features)
+        features = np.ascontiguousarray(features, dtype="<f2")
         t = features.shape[0]
         if features.ndim != 2 or features.shape[1] != self.feature_dim or t == 0:
             raise CacheError(f"{video_id}: features have shape {features.shape}, "
@@ -189,32 +316,45 @@ class ShardWriter:
         if bool(self.tokens_per_frame) != (tokens is not None):
             raise CacheError(f"{video_id}: tokens given={tokens is not None}, shard expects "
                              f"{self.tokens_per_frame} tokens per frame")
-        frames = np.empty(t, dtype=[("frame_index", "<i8"), ("timestamp", "<f8")])
-        frames["frame_index"], frames["timestamp"] = frame_index, timestamps
-        self._files["features.f16"].write(features.astype("<f2").tobytes())
-        self._files["frames.bin"].write(frames.tobytes())
         if tokens is not None:
-            tokens = np.asarray(tokens, dtype="<f2")
+            tokens = np.ascontiguousarray(tokens, dtype="<f2")
             if tokens.shape != (t, self.tokens_per_frame, self.feature_dim):
                 raise CacheError(f"{video_id}: tokens have shape {tokens.shape}")
-            self._files["tokens.f16"].write(tokens.tobytes())
-        for fh in self._files.values():
-            fh.flush()
-            if self.durable:
-                os.fsync(fh.fileno())
-        # The commit line is written only once the rows it points to are on disk.
+        frames = frame_records(frame_index, timestamps)
         record = {"video_id": video_id, "row_start": self.num_rows, "num_rows": t, "fps": float(fps),
-                  "num_source_frames": int(num_source_frames), "duration": float(duration)}
-        self._log.write((json.dumps(record) + "\n").encode())
-        self._log.flush()
-        if self.durable:
-            os.fsync(self._log.fileno())
+                  "num_source_frames": int(num_source_frames), "duration": float(duration),
+                  "crc32": rows_checksum(features, frames, tokens), "source_size": int(source_size),
+                  "source_mtime_ns": int(source_mtime_ns), "decoder": str(decoder)}
+        try:
+            self._files["features.f16"].write(features.tobytes())
+            self._files["frames.bin"].write(frames.tobytes())
+            if tokens is not None:
+                self._files["tokens.f16"].write(tokens.tobytes())
+            for fh in self._files.values():
+                fh.flush()
+                if self.durable:
+                    os.fsync(fh.fileno())
+            # The commit line is written only once the rows it points to are on disk.
+            self._log.write((json.dumps(record) + "\n").encode())
+            self._log.flush()
+            if self.durable:
+                os.fsync(self._log.fileno())
+        except OSError as err:
+            raise self._write_error(err, self.journal) from err
         self._commits[video_id] = record
         self.num_rows += t
 
+    def _write_error(self, err: OSError, where: Path) -> StorageError:
+        what = "disk full" if _disk_full(err) else f"{type(err).__name__}: {err.strerror or err}"
+        return StorageError(f"{where}: {what} while writing; what is committed is kept, rerun the same command "
+                          "to resume once the problem is fixed")
+
     def close(self) -> None:
         for fh in [*self._files.values(), self._log]:
-            fh.close()
+            if fh is not None:
+                fh.close()
+        self._files, self._log = {}, None
+        self._lock.release()
 
     def __enter__(self):
         return self
@@ -223,191 +363,121 @@ class ShardWriter:
         self.close()
 
     def finalize(self) -> Path:
-        """Write the HDF5 shard (old shard + journal, sorted by video id) atomically; drop the journal."""
+        """Write the HDF5 shard (old shard + journal, sorted by video id; the journal's rows win for a
+        video in both) atomically; drop the journal. On a write error the journal is kept."""
         if self.path.exists() and not self._commits:
             self.close()  # nothing new since the shard was written: keep its bytes
             shutil.rmtree(self.journal)
             return self.path
         for fh in [*self._files.values(), self._log]:
             fh.flush()
-        old = h5py.File(self.path, "r") if self._finalized else None
-        journal_rows = {
-            name: np.memmap(self.journal / name, mode="r", dtype=dtype, shape=shape)
-            for name, dtype, shape in [
-                ("features.f16", "<f2", (self.num_rows, self.feature_dim)),
-                ("frames.bin", [("frame_index", "<i8"), ("timestamp", "<f8")], (self.num_rows,)),
-                ("tokens.f16", "<f2", (self.num_rows, self.tokens_per_frame, self.feature_dim)),
-            ] if self.num_rows and (name != "tokens.f16" or self.tokens_per_frame)
-        }
         entries = {vid: ("old", r) for vid, r in self._finalized.items()}
-        entries.update({vid: ("new", r) for vid, r in self._commits.items() if vid not in entries})
-        order = sorted(entries)
-        total = sum(int(entries[v][1]["num_rows"]) for v in order)
+        entries.update({vid: ("new", r) for vid, r in self._commits.items()})
         tmp = self.path.with_suffix(".h5.tmp")
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(_attrs_from(self.provenance))
-            chunk = (min(CHUNK_ROWS, max(total, 1)),)
-            feats = f.create_dataset("features", (total, self.feature_dim), "<f2",
-                                     chunks=chunk + (self.feature_dim,))
-            toks = (f.create_dataset("tokens", (total, self.tokens_per_frame, self.feature_dim), "<f2",
-                                     chunks=(min(16, max(total, 1)), self.tokens_per_frame, self.feature_dim))
-                    if self.tokens_per_frame else None)
-            fidx = f.create_dataset("frame_index", (total,), "<i8", chunks=chunk)
-            stamps = f.create_dataset("timestamps", (total,), "<f8", chunks=chunk)
-            table = np.zeros(len(order), VIDEO_DTYPE)
-            row = 0
-            for i, vid in enumerate(order):
-                source, rec = entries[vid]
-                lo, n = int(rec["row_start"]), int(rec["num_rows"])
-                if source == "old":
-                    feats[row:row + n] = old["features"][lo:lo + n]
-                    fidx[row:row + n] = old["frame_index"][lo:lo + n]
-                    stamps[row:row + n] = old["timestamps"][lo:lo + n]
-                    if toks is not None:
-                        toks[row:row + n] = old["tokens"][lo:lo + n]
-                else:
-                    feats[row:row + n] = journal_rows["features.f16"][lo:lo + n]
-                    fidx[row:row + n] = journal_rows["frames.bin"]["frame_index"][lo:lo + n]
-                    stamps[row:row + n] = journal_rows["frames.bin"]["timestamp"][lo:lo + n]
-                    if toks is not None:
-                        toks[row:row + n] = journal_rows["tokens.f16"][lo:lo + n]
-                table[i] = (vid.encode(), row, n, rec["fps"], rec["num_source_frames"], rec["duration"])
-                row += n
-            f.create_dataset("videos", data=table)
-        if old is not None:
-            old.close()
-        del journal_rows
+        try:
+            self._write_shard(tmp, entries)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            self.close()
+            raise self._write_error(err, tmp) from err
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.path)
         self.close()
         shutil.rmtree(self.journal)
         return self.path
 
+    def _write_shard(self, tmp: Path, entries: dict) -> None:
+        order = sorted(entries)
+        total = sum(int(entries[v][1]["num_rows"]) for v in order)
+        old = h5py.File(self.path, "r") if self._finalized else None
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(attrs_from(self.provenance))
+                chunk = (min(CHUNK_ROWS, max(total, 1)),)
+                feats = f.create_dataset("features", (total, self.feature_dim), "<f2",
+                                         chunks=chunk + (self.feature_dim,))
+                toks = (f.create_dataset("tokens", (total, self.tokens_per_frame, self.feature_dim), "<f2",
+                                         chunks=(min(16, max(total, 1)), self.tokens_per_frame, self.feature_dim))
+                        if self.tokens_per_frame else None)
+                fidx = f.create_dataset("frame_index", (total,), "<i8", chunks=chunk)
+                stamps = f.create_dataset("timestamps", (total,), "<f8", chunks=chunk)
+                table = np.zeros(len(order), VIDEO_DTYPE)
+                row = 0
+                for i, vid in enumerate(order):
+                    source, rec = entries[vid]
+                    x, frames, tok = self._rows_of(source, rec, old)
+                    if source == "new" and rows_checksum(x, frames, tok) != rec["crc32"]:
+                        raise CacheError(f"{self.journal}: rows of video {vid!r} changed after they were "
+                                         "committed (disk corruption?); rerun extract: resume re-checks the "
+                                         "journal and extracts damaged videos again")
+                    n = len(x)
+                    feats[row:row + n], fidx[row:row + n], stamps[row:row + n] = (
+                        x, frames["frame_index"], frames["timestamp"])
+                    if toks is not None:
+                        toks[row:row + n] = tok
+                    table[i] = (vid, row, n, rec["fps"], rec["num_source_frames"], rec["duration"], rec["crc32"],
+                                rec["source_size"], rec["source_mtime_ns"], rec["decoder"])
+                    row += n
+                f.create_dataset("videos", data=table)
+        finally:
+            if old is not None:
+                old.close()
+
+    def _rows_of(self, source: str, rec, old):
+        if source == "new":
+            return self._journal_rows(rec)
+        lo, n = int(rec["row_start"]), int(rec["num_rows"])
+        frames = frame_records(old["frame_index"][lo:lo + n], old["timestamps"][lo:lo + n])
+        tok = old["tokens"][lo:lo + n] if self.tokens_per_frame else None
+        return old["features"][lo:lo + n], frames, tok
+
 
 def _write_atomic(path: Path, text: str) -> None:
+    _write_atomic_bytes(path, text.encode())
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- reading
 
-def is_cache_folder(p: Path) -> bool:
-    """Shards, an unfinished journal or texts.h5: something `extract` or `texts` wrote."""
-    return any(p.glob(SHARD_GLOB)) or any(p.glob("frames-*-of-*.journal")) or (p / "texts.h5").exists()
+def _recovery(path: Path) -> str:
+    return (f"move it aside (e.g. `mv {path} {path}.bad`) and rerun `cmdcl-cache extract` for that rank "
+            "(the same command with its --shard-index/--num-shards) to write it again")
 
 
-def locate_cache(path: str | Path) -> Path:
-    """The cache folder: `path` itself when it holds a cache, else the only one in <dataset>/<model>/ below."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CacheError(f"{path}: cache folder does not exist")
-    if is_cache_folder(path):
-        return path
-    found = sorted(p for depth in ("*", "*/*") for p in path.glob(depth) if p.is_dir() and is_cache_folder(p))
-    if len(found) == 1:
-        return found[0]
-    if found:
-        raise CacheError(f"{path}: holds several caches ({', '.join(str(f) for f in found[:5])}); "
-                         "pass the one to use with --cache")
-    raise CacheError(f"{path}: no feature shards ({SHARD_GLOB}) here or in <dataset>/<model>/ below; "
-                     "run `cmdcl-cache extract` first")
+def read_shard(path: str | Path) -> tuple[dict, list[dict], int, int]:
+    """(provenance, videos table as dicts with str ids, feature dim, tokens per frame) of one shard.
 
-
-class Cache:
-    """Read every finalized shard of one cache folder as one table of videos.
-
-    Files are opened lazily and reopened after a fork, so one Cache can be handed to DataLoader workers.
+    Raises CacheError naming the file and the way to recover when it does not open or is not a shard.
     """
-
-    def __init__(self, cache_dir: str | Path, require_complete: bool = True):
-        self.dir = Path(cache_dir)
-        self.shard_paths = sorted(self.dir.glob(SHARD_GLOB))
-        if not self.shard_paths:
-            journals = sorted(self.dir.glob("frames-*-of-*.journal"))
-            hint = (f" ({len(journals)} unfinished extraction journal(s) found: rerun `cmdcl-cache extract`"
-                    " with the same options to finish them)") if journals else ""
-            raise CacheError(f"{self.dir}: no feature shards ({SHARD_GLOB}){hint}")
-        self._index: dict[str, tuple[int, int, int]] = {}
-        self._videos: dict[str, dict] = {}
-        self.provenance: dict | None = None
-        counts = set()
-        for s, path in enumerate(self.shard_paths):
-            try:
-                with h5py.File(path, "r") as f:
-                    prov = _provenance_from(f.attrs)
-                    table = f["videos"][:]
-                    dim = f["features"].shape[1]
-                    tokens = f["tokens"].shape[1] if "tokens" in f else 0
-            except (OSError, KeyError) as err:
-                raise CacheError(f"{path}: not a readable cmdcl shard ({err})") from err
-            if self.provenance is None:
-                self.provenance = {k: v for k, v in prov.items() if k not in PER_SHARD_KEYS}
-                self.feature_dim, self.tokens_per_frame = dim, tokens
-            else:
-                diff = provenance_difference(self.provenance, prov)
-                if diff:
-                    raise ProvenanceError(f"{path}: does not match {self.shard_paths[0].name}: {diff}")
-            counts.add(prov.get("shard_count"))
-            for row in table:
-                vid = row["video_id"].decode()
-                if vid in self._index:
-                    other = self.shard_paths[self._index[vid][0]].name
-                    raise CacheError(f"{path}: video {vid!r} is also in {other}")
-                self._index[vid] = (s, int(row["row_start"]), int(row["num_rows"]))
-                self._videos[vid] = {name: row[name].item() for name in VIDEO_DTYPE.names[1:]}
-        count = next(iter(counts)) if len(counts) == 1 else None
-        if require_complete and isinstance(count, int):
-            # A rank that has not finished leaves no shard: reading 7 of 8 would train on 7/8 of the data.
-            missing = [shard_name(i, count) for i in range(count) if not (self.dir / shard_name(i, count)).exists()]
-            if missing:
-                raise CacheError(f"{self.dir}: {len(missing)} of {count} shards missing ({', '.join(missing[:3])}"
-                                 f"{', ...' if len(missing) > 3 else ''}); finish those ranks' `cmdcl-cache extract`")
-        self.video_ids = sorted(self._index)
-        self.has_tokens = self.tokens_per_frame > 0
-        self._files: list | None = None
-        self._pid = None
-
-    def _file(self, shard: int) -> h5py.File:
-        if self._files is None or self._pid != os.getpid():
-            self._files = [h5py.File(p, "r") for p in self.shard_paths]
-            self._pid = os.getpid()
-        return self._files[shard]
-
-    def _rows(self, video_id: str, name: str) -> np.ndarray:
-        try:
-            shard, start, n = self._index[video_id]
-        except KeyError:
-            raise CacheError(f"{self.dir}: video {video_id!r} is not in the cache") from None
-        return self._file(shard)[name][start:start + n]
-
-    def __contains__(self, video_id: str) -> bool:
-        return video_id in self._index
-
-    def __len__(self) -> int:
-        return len(self._index)
-
-    def features(self, video_id: str) -> np.ndarray:
-        return self._rows(video_id, "features")
-
-    def tokens(self, video_id: str) -> np.ndarray:
-        if not self.has_tokens:
-            raise CacheError(f"{self.dir}: this cache has no grid tokens (extract with --tokens grid)")
-        return self._rows(video_id, "tokens")
-
-    def frame_info(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
-        return self._rows(video_id, "frame_index"), self._rows(video_id, "timestamps")
-
-    def num_frames(self, video_id: str) -> int:
-        return self._index[video_id][2]
-
-    def video_info(self, video_id: str) -> dict:
-        """fps, num_source_frames, duration and num_rows of one video."""
-        return dict(self._videos[video_id])
-
-    def close(self) -> None:
-        for f in self._files or []:
-            f.close()
-        self._files = None
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            prov = provenance_from_attrs(f.attrs)
+            if prov.get("schema_version") != SCHEMA_VERSION:
+                raise CacheError(f"{path}: written by another version of cmdcl (shard schema "
+                                 f"{prov.get('schema_version')!r}; this one reads {SCHEMA_VERSION}); "
+                                 "extract into a new --cache folder")
+            raw = f["videos"][:]
+            dim = int(f["features"].shape[1])
+            tokens = int(f["tokens"].shape[1]) if "tokens" in f else 0
+    except CacheError:
+        raise
+    except (OSError, KeyError, ValueError, IndexError) as err:
+        raise CacheError(f"{path}: not a readable cmdcl shard ({type(err).__name__}: {err}); "
+                         + _recovery(path)) from None
+    if raw.dtype.names != VIDEO_DTYPE.names:
+        raise CacheError(f"{path}: videos table has fields {raw.dtype.names}, expected {VIDEO_DTYPE.names}; "
+                         + _recovery(path))
+    table = [{name: (row[name].decode("utf-8") if isinstance(row[name], bytes) else row[name].item())
+              for name in VIDEO_DTYPE.names} for row in raw]
+    return prov, table, dim, tokens
 
 
 # ----------------------------------------------------------------------------------------------- texts
@@ -432,15 +502,19 @@ class TextEmbeddings:
 def write_texts(path: str | Path, label_sets: dict[str, TextEmbeddings], provenance: dict) -> None:
     path = Path(path)
     tmp = path.with_suffix(".h5.tmp")
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(_attrs_from({**provenance, "schema_version": SCHEMA_VERSION}))
-        for name, t in label_sets.items():
-            g = f.create_group(name)
-            g.create_dataset("names", data=np.array(t.names, dtype=h5py.string_dtype()))
-            g.create_dataset("texts", data=np.array(t.texts, dtype=h5py.string_dtype()))
-            g.create_dataset("templates", data=np.array(t.templates, dtype=h5py.string_dtype()))
-            g.create_dataset("per_prompt", data=np.asarray(t.per_prompt, np.float32))
-            g.create_dataset("ensemble", data=np.asarray(t.ensemble, np.float32))
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs_from({**provenance, "schema_version": SCHEMA_VERSION}))
+            for name, t in label_sets.items():
+                g = f.create_group(name)
+                g.create_dataset("names", data=np.array(t.names, dtype=_STR))
+                g.create_dataset("texts", data=np.array(t.texts, dtype=_STR))
+                g.create_dataset("templates", data=np.array(t.templates, dtype=_STR))
+                g.create_dataset("per_prompt", data=np.asarray(t.per_prompt, np.float32))
+                g.create_dataset("ensemble", data=np.asarray(t.ensemble, np.float32))
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"{path}: cannot write ({'disk full' if _disk_full(err) else err})") from err
     os.replace(tmp, path)
 
 
@@ -449,43 +523,22 @@ def read_texts(path: str | Path) -> dict[str, TextEmbeddings]:
     if not path.exists():
         raise CacheError(f"{path}: no label text embeddings; run `cmdcl-cache texts` for this cache")
     out = {}
-    with h5py.File(path, "r") as f:
-        for name, g in f.items():
-            out[name] = TextEmbeddings(
-                names=[s.decode() for s in g["names"][:]], texts=[s.decode() for s in g["texts"][:]],
-                templates=[s.decode() for s in g["templates"][:]],
-                per_prompt=g["per_prompt"][:], ensemble=g["ensemble"][:])
+    try:
+        with h5py.File(path, "r") as f:
+            for name, g in f.items():
+                out[name] = TextEmbeddings(
+                    names=[s.decode() for s in g["names"][:]], texts=[s.decode() for s in g["texts"][:]],
+                    templates=[s.decode() for s in g["templates"][:]],
+                    per_prompt=g["per_prompt"][:], ensemble=g["ensemble"][:])
+    except (OSError, KeyError, ValueError) as err:
+        raise CacheError(f"{path}: not a readable texts file ({type(err).__name__}: {err}); rerun "
+                         "`cmdcl-cache texts` for this cache") from None
     return out
 
 
 def texts_provenance(path: str | Path) -> dict:
-    with h5py.File(path, "r") as f:
-        return _provenance_from(f.attrs)
-
-
-# ------------------------------------------------------------------------------------------ synthetic
-
-def write_synthetic_cache(cache_dir: str | Path, features: dict[str, np.ndarray],
-                          texts: dict[str, TextEmbeddings] | None = None, provenance: dict | None = None,
-                          num_shards: int = 1, tokens: dict[str, np.ndarray] | None = None) -> Path:
-    """Write a cache in the real format from arrays (tests and benchmarks); returns the folder."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    dim = next(iter(features.values())).shape[1]
-    grid = int(round(next(iter(tokens.values())).shape[1] ** 0.5)) if tokens else None
-    prov = {"dataset": "synthetic", "model": "synthetic", "pretrained": "none", "precision": "fp32",
-            **(provenance or {}), "shard_count": num_shards}
-    ids = sorted(features)
-    for s in range(num_shards):
-        path = cache_dir / shard_name(s, num_shards)
-        with ShardWriter(path, {**prov, "shard_index": s}, dim, grid=grid, durable=False) as w:
-            for vid in ids[s::num_shards]:
-                x = features[vid]
-                t = len(x)
-                w.append_video(vid, x, np.arange(t), np.arange(t, dtype=np.float64), fps=1.0,
-                               num_source_frames=t, duration=float(t),
-                               tokens=tokens[vid] if tokens else None)
-            w.finalize()
-    if texts:
-        write_texts(cache_dir / "texts.h5", texts, prov)
-    return cache_dir
+    try:
+        with h5py.File(path, "r") as f:
+            return provenance_from_attrs(f.attrs)
+    except OSError as err:
+        raise CacheError(f"{path}: not a readable texts file ({err}); rerun `cmdcl-cache texts`") from None

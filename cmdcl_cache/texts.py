@@ -112,3 +112,28 @@ def build_text_embeddings(encoder, label_set_names: dict[str, list[str]],
                                        per_prompt=per_prompt,
                                        ensemble=TextEmbeddings.ensemble_of(per_prompt))
     return out
+
+
+def ensure_texts(folder, manifest, encoder, spec, prompts: str | Path | None = None,
+                 force: bool = False) -> tuple[Path, bool]:
+    """Write `folder`'s texts.h5 unless it exists with the same provenance; returns (path, written).
+
+    folder: a cache.CacheFolder; spec: its cache.CacheSpec (whose text provenance is recorded)."""
+    from .cache import provenance_difference
+    from .store import normalised, texts_provenance, write_texts
+
+    templates = load_templates(prompts) if prompts else list(DEFAULT_TEMPLATES)
+    prov = spec.text_provenance(encoder.provenance(), manifest.dataset, templates)
+    path = folder.texts_path
+    if path.exists() and not force:
+        try:
+            found = texts_provenance(path)
+        except Exception:   # noqa: BLE001 - an unreadable texts.h5 is rewritten
+            found = None
+        if found is not None and provenance_difference(normalised(prov), found, ignore={"schema_version"}) is None:
+            return path, False
+    sets = {name: list(ls.names) for name, ls in manifest.label_sets.items()}
+    embeddings = build_text_embeddings(encoder, sets, templates)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    write_texts(path, embeddings, prov)
+    return path, True

@@ -1,19 +1,23 @@
 """`verify` and `inspect`: is a cache complete and sound, and what is in it.
 
-verify checks, and lists every problem it finds (it does not stop at the first):
+verify checks, and lists every problem it finds (it does not stop at the first, and a shard that does not
+open is one problem among others, named with the way to recover):
 - no unfinished extraction journal is left, every shard named by the shard count exists and opens;
 - every manifest video of the selected split and ranks is committed exactly once, in the shard its rank
   writes, or is listed in failures.jsonl (a video listed there that was committed later counts as done);
   no video in the cache is unknown to the manifest;
 - datasets have the expected shapes and dtypes, the videos table covers the rows exactly, frame indices
-  lie inside the video, features (and tokens) hold no NaN or Inf;
+  lie inside the video, features (and tokens) hold no NaN or Inf, and (unless `quick`) every video's rows
+  match the crc32 recorded when they were committed: flipped bits are found;
+- with the video root (given, or the last run's), videos whose file changed (size or modification time)
+  since it was read: `extract --refresh-changed` extracts them again;
 - provenance agrees across shards (the reader refuses otherwise) and with texts.h5, which holds an
   L2-normalised [C, D] ensemble for every label set of the manifest, with the manifest's names.
 """
 
 from __future__ import annotations
 
-import re
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +25,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .failures import read_failures, read_lines, RUN_LOG
+from .cache import SHARD_RE, Cache, CacheFolder, shard_name
+from .failures import read_failures, read_lines
 from .ranks import split_ids
-from .store import (VIDEO_DTYPE, Cache, CacheError, PER_SHARD_KEYS, SHARD_GLOB, _provenance_from,
-                    is_cache_folder, locate_cache,
-                    provenance_difference, read_texts, shard_name, texts_provenance)
+from .store import CacheError, frame_records, read_shard, read_texts, rows_checksum
 
-# Keys that legitimately differ between shards and texts.h5 (texts do not depend on frames or shards).
-TEXT_ONLY_KEYS = {"templates"}
-FRAME_ONLY_KEYS = {"sampling", "decoder", "shard_index", "shard_count", "tokens", "grid"}
 SCAN_ROWS = 8192
-_SHARD_RE = re.compile(r"frames-(\d+)-of-(\d+)\.h5$")
 
 
 @dataclass
@@ -42,114 +41,151 @@ class VerifyReport:
     committed: int = 0
     failed: dict = field(default_factory=dict)     # video_id -> failure record (not committed)
     frames: int = 0
+    changed: list = field(default_factory=list)    # videos whose source file changed since extraction
+    checked_sums: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def find_cache_dir(cache: Path, dataset: str | None = None, model: str | None = None,
-                   pretrained: str | None = None, tokens: str = "cls", grid: int = 4) -> Path:
-    """The cache folder: `cache` itself when it holds one, else <cache>/<dataset>/<model_tag>/ when the
-    model is named, else the only cache folder below `cache`."""
-    from .pipeline import cache_folder
-    cache = Path(cache)
-    if dataset and model and not is_cache_folder(cache):
-        from .manifest import load_manifest
-        return cache_folder(cache, load_manifest(dataset).dataset, model, pretrained, tokens, grid)
-    return locate_cache(cache)
+def _check_table(name: str, table: list[dict], n: int, fi: np.ndarray, ts: np.ndarray, p: list[str]) -> dict:
+    """Coverage of the rows by the videos table; returns {video_id: row}."""
+    rows, row = {}, 0
+    for r in sorted(table, key=lambda r: int(r["row_start"])):
+        vid, start, k = r["video_id"], int(r["row_start"]), int(r["num_rows"])
+        if vid in rows:
+            p.append(f"{name}: video {vid!r} is committed twice")
+        if start != row or k < 1:
+            p.append(f"{name}: video {vid!r} has rows {start}..{start + k}, expected to start at {row}"
+                     " with at least one row")
+        idx = fi[start:start + k]
+        if len(idx) and (idx.min() < 0 or idx.max() >= int(r["num_source_frames"])):
+            p.append(f"{name}: video {vid!r} has frame indices outside 0..{int(r['num_source_frames']) - 1}")
+        if not np.isfinite(ts[start:start + k]).all():
+            p.append(f"{name}: video {vid!r} has non-finite timestamps")
+        rows[vid] = r
+        row = start + k
+    if row != n:
+        p.append(f"{name}: the videos table covers {row} rows, the features have {n}")
+    return rows
 
 
-def _check_shard(path: Path, report: VerifyReport) -> dict | None:
-    """Structure, dtypes, coverage and finiteness of one shard; returns {video_id: row} or None."""
-    p = report.problems
-    name = path.name
+def _check_values(name: str, f, rows: dict, checksums: bool, p: list[str]) -> None:
+    """NaN/Inf in features and tokens, and each video's crc32 (streamed, one video at a time)."""
+    feats, toks = f["features"], f.get("tokens")
+    n = feats.shape[0]
+    for dset in [feats] + ([toks] if toks is not None else []):
+        for lo in range(0, n, SCAN_ROWS):
+            block = dset[lo:lo + SCAN_ROWS]
+            if not np.isfinite(block).all():
+                bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0] + lo
+                owners = [v for v, r in rows.items() if r["row_start"] <= bad[0] < r["row_start"] + r["num_rows"]]
+                p.append(f"{name}: {dset.name.strip('/')} hold NaN/Inf in {len(bad)} rows "
+                         f"(first row {bad[0]}, video {owners[0] if owners else '?'})")
+                break
+    if not checksums:
+        return
+    fi, ts = f["frame_index"], f["timestamps"]
+    bad = []
+    for vid, r in rows.items():
+        lo, hi = int(r["row_start"]), int(r["row_start"]) + int(r["num_rows"])
+        got = rows_checksum(feats[lo:hi], frame_records(fi[lo:hi], ts[lo:hi]),
+                            toks[lo:hi] if toks is not None else None)
+        if got != int(r["crc32"]):
+            bad.append(vid)
+    if bad:
+        p.append(f"{name}: {len(bad)} video(s) whose rows do not match their checksum (bit rot or a damaged "
+                 f"copy): {', '.join(map(repr, bad[:5]))}{', ...' if len(bad) > 5 else ''}; move the shard aside "
+                 "and re-extract that rank, or restore it from a good copy")
+
+
+def _check_shard(path: Path, report: VerifyReport, checksums: bool) -> dict | None:
+    """Structure, dtypes, coverage, finiteness and checksums of one shard; returns {video_id: row} or None."""
+    p, name = report.problems, path.name
     try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        p.append(f"{name}: does not open ({err})")
+        prov, table, _, _ = read_shard(path)
+    except CacheError as err:
+        p.append(str(err))
         return None
-    with f:
-        prov = _provenance_from(f.attrs)
-        m = _SHARD_RE.search(name)
-        if m and (prov.get("shard_index"), prov.get("shard_count")) != (int(m.group(1)), int(m.group(2))):
-            p.append(f"{name}: attributes say shard {prov.get('shard_index')} of {prov.get('shard_count')}")
-        for key in ("features", "frame_index", "timestamps", "videos"):
-            if key not in f:
-                p.append(f"{name}: dataset '{key}' is missing")
-                return None
-        feats, fidx, stamps, table = f["features"], f["frame_index"], f["timestamps"], f["videos"][:]
-        n = feats.shape[0]
-        if feats.ndim != 2 or feats.dtype != np.float16:
-            p.append(f"{name}: features are {feats.dtype} {feats.shape}, expected float16 [N, D]")
-        if fidx.shape != (n,) or fidx.dtype != np.int64:
-            p.append(f"{name}: frame_index is {fidx.dtype} {fidx.shape}, expected int64 [{n}]")
-        if stamps.shape != (n,) or stamps.dtype != np.float64:
-            p.append(f"{name}: timestamps are {stamps.dtype} {stamps.shape}, expected float64 [{n}]")
-        if table.dtype != VIDEO_DTYPE:
-            p.append(f"{name}: videos table has dtype {table.dtype}")
-            return None
-        toks = f.get("tokens")
-        if toks is not None and (toks.ndim != 3 or toks.shape[0] != n or toks.shape[2] != feats.shape[1]
-                                 or toks.dtype != np.float16):
-            p.append(f"{name}: tokens are {toks.dtype} {toks.shape}, expected float16 [{n}, P, D]")
-        rows = {}
-        row = 0
-        fi, ts = fidx[:], stamps[:]
-        for r in sorted(table, key=lambda r: int(r["row_start"])):
-            vid = r["video_id"].decode()
-            start, k = int(r["row_start"]), int(r["num_rows"])
-            if vid in rows:
-                p.append(f"{name}: video {vid!r} is committed twice")
-            if start != row or k < 1:
-                p.append(f"{name}: video {vid!r} has rows {start}..{start + k}, expected to start at {row}"
-                         " with at least one row")
-            idx = fi[start:start + k]
-            if len(idx) and (idx.min() < 0 or idx.max() >= int(r["num_source_frames"])):
-                p.append(f"{name}: video {vid!r} has frame indices outside 0..{int(r['num_source_frames']) - 1}")
-            if not np.isfinite(ts[start:start + k]).all():
-                p.append(f"{name}: video {vid!r} has non-finite timestamps")
-            rows[vid] = {"start": start, "num_rows": k}
-            row = start + k
-        if row != n:
-            p.append(f"{name}: the videos table covers {row} rows, the features have {n}")
-        report.frames += n
-        for dset in [feats] + ([toks] if toks is not None else []):
-            for lo in range(0, n, SCAN_ROWS):
-                block = dset[lo:lo + SCAN_ROWS]
-                if not np.isfinite(block).all():
-                    bad = np.nonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0] + lo
-                    owners = [v for v, r in rows.items() if r["start"] <= bad[0] < r["start"] + r["num_rows"]]
-                    p.append(f"{name}: {dset.name.strip('/')} hold NaN/Inf in {len(bad)} rows "
-                             f"(first row {bad[0]}, video {owners[0] if owners else '?'})")
-                    break
-        return rows
+    m = SHARD_RE.search(name)
+    if m and (prov.get("shard_index"), prov.get("shard_count")) != (int(m.group(1)), int(m.group(2))):
+        p.append(f"{name}: attributes say shard {prov.get('shard_index')} of {prov.get('shard_count')}")
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("features", "frame_index", "timestamps"):
+                if key not in f:
+                    p.append(f"{name}: dataset '{key}' is missing")
+                    return None
+            feats, fidx, stamps = f["features"], f["frame_index"], f["timestamps"]
+            n = feats.shape[0]
+            if feats.ndim != 2 or feats.dtype != np.float16:
+                p.append(f"{name}: features are {feats.dtype} {feats.shape}, expected float16 [N, D]")
+            if fidx.shape != (n,) or fidx.dtype != np.int64:
+                p.append(f"{name}: frame_index is {fidx.dtype} {fidx.shape}, expected int64 [{n}]")
+            if stamps.shape != (n,) or stamps.dtype != np.float64:
+                p.append(f"{name}: timestamps are {stamps.dtype} {stamps.shape}, expected float64 [{n}]")
+            toks = f.get("tokens")
+            if toks is not None and (toks.ndim != 3 or toks.shape[0] != n or toks.shape[2] != feats.shape[1]
+                                     or toks.dtype != np.float16):
+                p.append(f"{name}: tokens are {toks.dtype} {toks.shape}, expected float16 [{n}, P, D]")
+            rows = _check_table(name, table, n, fidx[:], stamps[:], p)
+            report.frames += n
+            _check_values(name, f, rows, checksums, p)
+            return rows
+    except OSError as err:   # the file opened but its data does not read (truncated, damaged)
+        p.append(f"{path}: data cannot be read ({err}); move it aside and re-extract that rank")
+        return None
 
 
-def verify(cache_dir: str | Path, dataset: str | None = None, split: str | None = None,
-           shard_index: int | None = None, num_shards: int | None = None) -> VerifyReport:
+def _changed_sources(folder: CacheFolder, manifest, rows_by_id: dict, video_root: Path | None) -> list[str]:
+    """Committed videos whose file now has another size or modification time than when it was read."""
+    from .paths import VideoPathError, build_video_index
+    if video_root is None:
+        runs = read_lines(folder.log_path)
+        root = next((r.get("config", {}).get("video_root") for r in reversed(runs) if r.get("config")), None)
+        video_root = Path(root) if root else None
+    if video_root is None or not Path(video_root).is_dir():
+        return []
+    index = build_video_index(video_root)
+    changed = []
+    for rec in manifest.videos:
+        row = rows_by_id.get(rec.video_id)
+        if row is None or int(row["source_size"]) < 0:
+            continue
+        try:
+            st = os.stat(index.resolve(rec))
+        except (VideoPathError, OSError):
+            continue
+        if (st.st_size, st.st_mtime_ns) != (int(row["source_size"]), int(row["source_mtime_ns"])):
+            changed.append(rec.video_id)
+    return changed
+
+
+def verify(cache_dir: str | Path | CacheFolder, dataset: str | None = None, split: str | None = None,
+           shard_index: int | None = None, num_shards: int | None = None, quick: bool = False,
+           video_root: str | Path | None = None) -> VerifyReport:
     from .manifest import load_manifest
 
-    cache_dir = Path(cache_dir)
-    report = VerifyReport(cache_dir)
+    folder = cache_dir if isinstance(cache_dir, CacheFolder) else CacheFolder(cache_dir)
+    report = VerifyReport(folder.path, checked_sums=not quick)
     p = report.problems
-    if not cache_dir.is_dir():
-        p.append(f"{cache_dir}: not a folder")
+    if not folder.path.is_dir():
+        p.append(f"{folder.path}: not a folder")
         return report
-    for j in sorted(cache_dir.glob("frames-*-of-*.journal")):
+    for j in folder.journals:
         p.append(f"{j.name}: unfinished extraction journal; rerun `cmdcl-cache extract` with the same options")
-    shards = sorted(cache_dir.glob(SHARD_GLOB))
+    shards = folder.shard_paths
     if not shards:
-        p.append(f"{cache_dir}: no feature shards ({SHARD_GLOB})")
+        p.append(f"{folder.path}: no feature shards (frames-*-of-*.h5)")
         return report
     cache = None
     try:
-        cache = Cache(cache_dir, require_complete=False)  # missing ranks are reported below, per rank
+        cache = Cache(folder, require_complete=False)  # missing ranks are reported below, per rank
     except CacheError as err:
         p.append(str(err))
-    per_shard = {s.name: _check_shard(s, report) for s in shards}
-    with h5py.File(shards[0], "r") as f:
-        prov = _provenance_from(f.attrs)
+    per_shard = {s.name: _check_shard(s, report, not quick) for s in shards}
+    prov = folder.provenance()
     count = int(prov.get("shard_count", len(shards)))
     if num_shards is not None and num_shards != count:
         p.append(f"--num-shards {num_shards}, but the cache was written with {count} shards")
@@ -157,15 +193,28 @@ def verify(cache_dir: str | Path, dataset: str | None = None, split: str | None 
     for r in ranks:
         if shard_name(r, count) not in per_shard:
             p.append(f"{shard_name(r, count)}: missing (rank {r} of {count} has not finished)")
-
     try:
         manifest = load_manifest(dataset or prov.get("dataset"))
     except (ValueError, OSError) as err:
         p.append(f"manifest {dataset or prov.get('dataset')!r}: {err} (pass --dataset)")
         return report
+    _check_coverage(folder, manifest, per_shard, ranks, count, split, report)
+    rows_by_id = {vid: row for rows in per_shard.values() if rows for vid, row in rows.items()}
+    report.changed = _changed_sources(folder, manifest, rows_by_id, Path(video_root) if video_root else None)
+    if report.changed:
+        p.append(f"{len(report.changed)} video(s) changed on disk since they were extracted "
+                 f"({', '.join(map(repr, report.changed[:5]))}{', ...' if len(report.changed) > 5 else ''}); "
+                 "`cmdcl-cache extract ... --refresh-changed` extracts them again")
+    p += folder.texts_problems(manifest, prov, cache.feature_dim if cache else None)
+    report.problems = list(dict.fromkeys(p))   # a shard that does not open is named once, not twice
+    return report
+
+
+def _check_coverage(folder, manifest, per_shard: dict, ranks, count: int, split, report: VerifyReport) -> None:
+    p = report.problems
     all_ids = [v.video_id for v in manifest.videos]
     selected = {v.video_id for v in manifest.select(split)}
-    failures = read_failures(cache_dir)
+    failures = read_failures(folder.path)
     where = {vid: name for name, rows in per_shard.items() if rows for vid in rows}
     known = set(all_ids)
     for vid, name in sorted(where.items()):
@@ -186,81 +235,45 @@ def verify(cache_dir: str | Path, dataset: str | None = None, split: str | None 
             else:
                 p.append(f"video {vid!r}: neither in {expect_shard} nor in failures.jsonl")
 
-    _check_texts(cache_dir, manifest, prov, cache.feature_dim if cache else None, p)
-    return report
-
-
-def texts_difference(shard_prov: dict, texts_prov: dict) -> str | None:
-    """The first setting (model, weights, precision...) in which texts.h5 and the shards disagree, or None."""
-    ignore = PER_SHARD_KEYS | TEXT_ONLY_KEYS | FRAME_ONLY_KEYS
-    common = {k: v for k, v in shard_prov.items() if k in texts_prov}
-    return provenance_difference(common, {k: v for k, v in texts_prov.items() if k in shard_prov}, ignore=ignore)
-
-
-def _check_texts(cache_dir: Path, manifest, shard_prov: dict, dim: int | None, p: list[str]) -> None:
-    path = cache_dir / "texts.h5"
-    if not path.exists():
-        p.append("texts.h5: missing; run `cmdcl-cache texts` (or rerun extract on rank 0)")
-        return
-    diff = texts_difference(shard_prov, texts_provenance(path))
-    if diff:
-        p.append(f"texts.h5: made with other settings than the shards ({diff})")
-    try:
-        texts = read_texts(path)
-    except (OSError, KeyError) as err:
-        p.append(f"texts.h5: unreadable ({err})")
-        return
-    for name, ls in manifest.label_sets.items():
-        t = texts.get(name)
-        if t is None:
-            p.append(f"texts.h5: label set {name!r} is missing")
-            continue
-        c = len(ls.names)
-        if t.names != list(ls.names):
-            p.append(f"texts.h5: label set {name!r} has other names than the manifest")
-        if t.ensemble.ndim != 2 or t.ensemble.shape[0] != c or (dim and t.ensemble.shape[1] != dim):
-            p.append(f"texts.h5: {name}/ensemble has shape {t.ensemble.shape}, expected [{c}, {dim or 'D'}]")
-        elif not np.isfinite(t.ensemble).all():
-            p.append(f"texts.h5: {name}/ensemble holds NaN/Inf")
-        elif not np.allclose(np.linalg.norm(t.ensemble, axis=1), 1.0, atol=1e-3):
-            p.append(f"texts.h5: {name}/ensemble rows are not L2-normalised")
-        if t.per_prompt.ndim != 3 or t.per_prompt.shape[0] != c or t.per_prompt.shape[1] != len(t.templates):
-            p.append(f"texts.h5: {name}/per_prompt has shape {t.per_prompt.shape}, expected "
-                     f"[{c}, {len(t.templates)}, D]")
-
 
 # -------------------------------------------------------------------------------------------- inspect
 
-def summarize(cache_dir: str | Path) -> dict:
-    """Everything `inspect` shows, as plain data."""
-    cache_dir = Path(cache_dir)
-    out: dict = {"cache_dir": str(cache_dir), "shards": [], "journals": [], "provenance": {}, "texts": {}}
+def summarize(cache_dir: str | Path | CacheFolder) -> dict:
+    """Everything `inspect` shows, as plain data; a shard that does not open is listed with its error."""
+    folder = cache_dir if isinstance(cache_dir, CacheFolder) else CacheFolder(cache_dir)
+    out: dict = {"cache_dir": str(folder.path), "shards": [], "journals": [], "provenance": {}, "texts": {},
+                 "unreadable": []}
     committed: set[str] = set()
     lengths = []
-    for path in sorted(cache_dir.glob(SHARD_GLOB)):
-        with h5py.File(path, "r") as f:
-            table = f["videos"][:]
-            out["provenance"] = out["provenance"] or {k: v for k, v in _provenance_from(f.attrs).items()
-                                                      if k not in PER_SHARD_KEYS}
-            out["shards"].append({"file": path.name, "videos": len(table), "frames": int(f["features"].shape[0]),
-                                  "mb": round(path.stat().st_size / 2**20, 2)})
-            committed |= {r.decode() for r in table["video_id"]}
-            lengths += [int(k) for k in table["num_rows"]]
-    for j in sorted(cache_dir.glob("frames-*-of-*.journal")):
+    for path in folder.shard_paths:
+        try:
+            prov, table, _, _ = read_shard(path)
+        except CacheError as err:
+            out["unreadable"].append({"file": path.name, "error": str(err)})
+            continue
+        out["provenance"] = out["provenance"] or {k: v for k, v in prov.items() if k != "shard_index"}
+        out["shards"].append({"file": path.name, "videos": len(table), "frames": sum(r["num_rows"] for r in table),
+                              "mb": round(path.stat().st_size / 2**20, 2)})
+        committed |= {r["video_id"] for r in table}
+        lengths += [int(r["num_rows"]) for r in table]
+    for j in folder.journals:
         n = len(read_lines(j / "commits.jsonl"))
         out["journals"].append({"folder": j.name, "committed_videos": n})
-    failures = {v: r for v, r in read_failures(cache_dir).items() if v not in committed}
+    failures = {v: r for v, r in read_failures(folder.path).items() if v not in committed}
     out["videos"] = len(committed)
     out["frames"] = int(sum(lengths))
     out["frames_per_video"] = ({"min": int(min(lengths)), "mean": round(float(np.mean(lengths)), 2),
                                 "max": int(max(lengths))} if lengths else None)
     out["failures_by_stage"] = dict(sorted(Counter(r.get("stage", "?") for r in failures.values()).items()))
     out["failures"] = list(failures.values())
-    if (cache_dir / "texts.h5").exists():
-        for name, t in read_texts(cache_dir / "texts.h5").items():
-            out["texts"][name] = {"classes": len(t.names), "prompts": len(t.templates),
-                                  "dim": int(t.ensemble.shape[1])}
-    runs = read_lines(cache_dir / RUN_LOG)
+    if folder.texts_path.exists():
+        try:
+            for name, t in read_texts(folder.texts_path).items():
+                out["texts"][name] = {"classes": len(t.names), "prompts": len(t.templates),
+                                      "dim": int(t.ensemble.shape[1])}
+        except CacheError as err:
+            out["unreadable"].append({"file": folder.texts_path.name, "error": str(err)})
+    runs = read_lines(folder.log_path)
     out["runs"] = len(runs)
     out["last_run"] = runs[-1] if runs else None
     return out
@@ -272,6 +285,8 @@ def render_summary(s: dict, console) -> None:
     console.print(f"[bold]{s['cache_dir']}[/bold]: {s['videos']} videos, {s['frames']} frames"
                   + (f" ({s['frames_per_video']['min']}/{s['frames_per_video']['mean']}/"
                      f"{s['frames_per_video']['max']} per video, min/mean/max)" if s["frames_per_video"] else ""))
+    for bad in s["unreadable"]:
+        console.print(f"[red]unreadable:[/red] {bad['error']}")
     t = Table(title="provenance", show_header=False)
     for k, v in s["provenance"].items():
         t.add_row(k, str(v))

@@ -84,7 +84,8 @@ def confounders_build(
     from rich.table import Table
 
     from cmdcl_cache.manifest import ManifestError, load_manifest
-    from cmdcl_cache.store import Cache, CacheError
+    from cmdcl_cache.cache import Cache
+    from cmdcl_cache.store import CacheError
     from cmdcl_heads.confounders import FILE_NAME, build_confounders
 
     console = Console(stderr=True)

@@ -35,7 +35,8 @@ import h5py
 import numpy as np
 import torch
 
-from cmdcl_cache.store import Cache, CacheError, ProvenanceError
+from cmdcl_cache.cache import Cache
+from cmdcl_cache.store import CacheError, ProvenanceError
 
 FILE_NAME = "confounders.h5"
 SCHEMA_VERSION = 1
@@ -160,18 +161,7 @@ def load_for_training(cache: Cache, cfg, dataset: str = "DATASET", manifest=None
 # ------------------------------------------------------------------------------------------ fingerprint
 
 def cache_fingerprint(cache: Cache) -> str:
-    """sha256 over the sorted provenance, every (video id, frame count) and the rows of each shard."""
-    shard_rows = [0] * len(cache.shard_paths)
-    for vid in cache.video_ids:
-        shard, _, n = cache._index[vid]
-        shard_rows[shard] += n
-    payload = {
-        "provenance": {k: cache.provenance[k] for k in sorted(cache.provenance)},
-        "videos": [[vid, cache.num_frames(vid)] for vid in cache.video_ids],
-        "shards": [[p.name, rows] for p, rows in zip(cache.shard_paths, shard_rows)],
-        "feature_dim": cache.feature_dim,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return cache.fingerprint()
 
 
 # ---------------------------------------------------------------------------------------------- build

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cmdcl_cache.store import Cache, CacheError, locate_cache
+from cmdcl_cache.cache import Cache, locate
+from cmdcl_cache.store import CacheError
 
 MEMORY_FRACTION = 0.25  # share of available RAM (or free GPU memory) that memory mode may take
 
@@ -68,7 +69,9 @@ def tsn_rows(lengths: torch.Tensor, frames: int, offsets: torch.Tensor | None) -
 
 # ------------------------------------------------------------------------------------------- pairing
 
-resolve_cache_dir = locate_cache   # `--cache` may name the shard folder or a root above it
+def resolve_cache_dir(cache):
+    """`--cache` may name the shard folder or a root above it."""
+    return locate(cache).path
 
 
 @dataclass

@@ -33,9 +33,8 @@ import torch
 from torch.nn import functional as F
 
 from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.store import (Cache, CacheError, ProvenanceError, provenance_difference, read_texts,
-                               texts_provenance)
-from cmdcl_cache.verify import texts_difference
+from cmdcl_cache.cache import Cache, provenance_difference, texts_difference
+from cmdcl_cache.store import CacheError, ProvenanceError, read_texts, texts_provenance
 
 from . import report
 from .config import HeadConfig

@@ -8,7 +8,8 @@ import torch
 
 from _cmdcl_synth import ACTIONS, make_dataset
 from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.store import Cache, CacheError, ProvenanceError
+from cmdcl_cache.cache import Cache
+from cmdcl_cache.store import CacheError, ProvenanceError
 from cmdcl_heads.confounders import Confounders, build_confounders, cache_fingerprint
 
 KW = dict(kp=6, kz=10, niter=10, seed=3, progress=False)
@@ -159,7 +160,7 @@ def test_training_refuses_dictionaries_built_from_other_training_videos(tmp_path
 def _two_scheme_cache(tmp_path):
     """8 videos; scheme a trains on v0-v5, scheme b on v2-v7."""
     from cmdcl_cache.manifest import make_labels_json, write_manifest
-    from cmdcl_cache.store import write_synthetic_cache
+    from cmdcl_cache.synthetic import write_synthetic_cache
 
     rng = np.random.default_rng(0)
     feats = {f"v{i}": rng.standard_normal((4, 8)).astype(np.float16) for i in range(8)}

