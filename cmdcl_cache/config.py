@@ -140,15 +140,22 @@ def coerce(value: Any, hint, where: str) -> Any:
     return value
 
 
+def check_choices(obj) -> None:
+    """Refuse a value outside its Literal choices (for instances built in Python, not from a command line)."""
+    for f in dataclasses.fields(obj):
+        hint = typing.get_type_hints(type(obj))[f.name]
+        if typing.get_origin(hint) is typing.Literal and getattr(obj, f.name) not in typing.get_args(hint):
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, typing.get_args(hint)))}, "
+                             f"got {getattr(obj, f.name)!r}")
+
+
 def to_toml(sections: dict[str, Any]) -> str:
-    """TOML text of {section: dataclass instance}; None values are left out (they mean the default None)."""
+    """TOML text of {section: dataclass instance or dict}; None values are left out (they mean None)."""
     lines = []
     for section, obj in sections.items():
         lines.append(f"[{section}]")
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if value is not None:
-                lines.append(f"{f.name} = {_toml_value(value)}")
+        items = obj.items() if isinstance(obj, dict) else dataclasses.asdict(obj).items()
+        lines += [f"{key} = {_toml_value(value)}" for key, value in items if value is not None]
         lines.append("")
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 
 from .cache import CacheFolder, CacheSpec, for_writing
-from .config import option
+from .config import check_choices, option
 from .failures import append_line, read_failures, record_failure
 from .ranks import RankInfo, detect_rank, split_ids
 from .sampling import SamplingPolicy
@@ -90,6 +90,7 @@ class ExtractConfig:
     decode_threads: int | None = option(None, "Threads per decode worker.", cli=False)
 
     def __post_init__(self):
+        check_choices(self)
         for name in ("batch_size", "workers", "grid"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -51,6 +51,11 @@ Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -
 mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm). Modules that a switch turns off are
 not built, so every parameter of a built head is used.
 
+Built from the HeadConfig alone (its shapes: dim, num_classes, num_fine, kp, kz, tokens_per_frame), with
+zero tables; `initialise(inputs)` then copies the label texts and the dictionaries in before training. A
+trained head is its config plus its state dict: the dictionaries are buffers, so a run evaluates with
+its own whatever confounders.h5 holds now.
+
 Initialisation (*inferred*): the output projections Wo, Wv' (mediator values) and Wf are zero, so the
 untrained head computes T' = LN(T), Xm = X / 2 and V' = mean_t LN(X / 2) = mean_t LN(X): the Text4Vis
 path, and with H = 0 (where X = normalised F) zero-shot CLIP up to LayerNorm's centring. Why: the causal
@@ -70,9 +75,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmdcl_heads.config import HeadConfig
-from cmdcl_heads.layers import TemporalEncoder
-from cmdcl_heads.models import cosine_logits
+from .config import HeadConfig
+from .layers import DictionaryAttention, TemporalEncoder, cosine_logits
 
 LOG_PRIOR_FLOOR = 1e-12  # an empty cluster gets (almost) no weight instead of -inf
 
@@ -81,40 +85,14 @@ def _build_hint() -> str:
     return "build them with `cmdcl-heads confounders build --cache DIR --dataset D`"
 
 
-class DictionaryAttention(nn.Module):
-    """out = softmax(Q Wq (K Wk)^T / sqrt d + log prior) K Wv, single head, over a fixed key set K [N, D].
-
-    Adding log prior inside the softmax equals multiplying the attention by the prior and renormalising:
-    softmax(s + log p)_k = A_k p_k / sum_j A_j p_j. That is our reading (*inferred*) of the NWGM term
-    (A * prior) V_P Wv: without the renormalisation its weights sum to sum_k A_k p_k ~ 1/K, a scale that
-    shrinks with the dictionary size and that the next layer would have to undo.
-    """
-
-    def __init__(self, dim: int, zero_values: bool = False):
-        super().__init__()
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.k = nn.Linear(dim, dim, bias=False)
-        self.v = nn.Linear(dim, dim, bias=False)
-        if zero_values:
-            nn.init.zeros_(self.v.weight)
-        self.scale = 1.0 / math.sqrt(dim)
-
-    def forward(self, query: torch.Tensor, keys: torch.Tensor, log_prior: torch.Tensor | None = None):
-        scores = self.q(query) @ self.k(keys).T * self.scale          # [..., Nq, N]
-        if log_prior is not None:
-            scores = scores + log_prior
-        attn = scores.softmax(dim=-1)
-        return attn @ self.v(keys), attn
-
-
 class TextualIntervention(nn.Module):
     """Back-door adjustment on the text through the bias prototypes V_P: T' = LN(T + Wo [T ; b])."""
 
-    def __init__(self, dim: int, vp: torch.Tensor, vp_prior: torch.Tensor, dropout: float):
+    def __init__(self, dim: int, kp: int, dropout: float):
         super().__init__()
         # Dictionaries are frozen statistics of the training frames: buffers, L2-normalised like the frames.
-        self.register_buffer("vp", F.normalize(vp.float(), dim=-1))
-        self.register_buffer("log_prior", vp_prior.float().clamp_min(LOG_PRIOR_FLOOR).log())
+        self.register_buffer("vp", torch.zeros(kp, dim))
+        self.register_buffer("log_prior", torch.zeros(kp))
         self.attn = DictionaryAttention(dim)
         self.out = nn.Linear(2 * dim, dim)
         nn.init.zeros_(self.out.weight)
@@ -127,71 +105,51 @@ class TextualIntervention(nn.Module):
         return self.ln(t + self.out(torch.cat([t, self.drop(b)], dim=-1))), attn
 
 
+def _log_prior(prior: torch.Tensor) -> torch.Tensor:
+    return prior.float().clamp_min(LOG_PRIOR_FLOOR).log()
+
+
 class CMDCLHead(nn.Module):
     """The CMDCL head. forward(frames [B, T, D], tokens [B, T, P, D] | None) -> logits [B, C].
 
-    `text` [C, D]: the target label ensemble E. `fine_text` [Cf, D]: the fine vocabulary for the mediator
-    (COIN steps, Breakfast actions); None -> the target labels themselves (DESIGN.md). `confounders`:
-    a `Confounders` (V_P needed when cfg.tci, Z when cfg.vci and cfg.cross_sample).
-
-    *inferred*: the fine vocabulary is a second learnable text table, initialised from its own CLIP
-    ensemble, and goes through the SAME textual intervention as the target labels (T'_f = TCI(T_f)): the
-    cross-modal bias that TCI removes is a property of the text tower and of the training footage, not of
-    one vocabulary, so the mediator should attend to debiased atomic-action texts. With no fine set
-    (fine_text None, or equal to `text`, which is what the trainer passes then), the mediator reads T'.
+    *inferred*: the fine vocabulary (cfg.num_fine > 0: COIN steps, Breakfast actions) is a second learnable
+    text table, initialised from its own CLIP ensemble, and goes through the SAME textual intervention as
+    the target labels (T'_f = TCI(T_f)): the cross-modal bias that TCI removes is a property of the text
+    tower and of the training footage, not of one vocabulary, so the mediator should attend to debiased
+    atomic-action texts. With no fine set (num_fine 0), the mediator reads T'.
     """
 
-    def __init__(self, cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,
-                 confounders=None):
+    trainable = True
+
+    def __init__(self, cfg: HeadConfig):
         super().__init__()
         self.cfg = cfg
-        text = torch.as_tensor(text, dtype=torch.float32)
-        dim = text.shape[1]
-        self.dim = dim
+        dim = self.dim = cfg.dim
         need_vp, need_z = cfg.tci, cfg.vci and cfg.cross_sample
-        if (need_vp or need_z) and confounders is None:
+        if (need_vp and cfg.kp < 1) or (need_z and cfg.kz < 1):
             raise ValueError("CMDCL needs the confounder dictionaries (V_P for --tci, Z for the cross-sample "
                              f"term); {_build_hint()}, or train with --no-tci --no-cross-sample")
-        if confounders is not None and confounders.dim != dim and (need_vp or need_z):
-            raise ValueError(f"confounders have D={confounders.dim} but the text embeddings have D={dim}; "
-                             f"they come from another model: rebuild them ({_build_hint()})")
-
-        self.text = nn.Parameter(text.clone()) if cfg.learn_text else None
+        table = torch.zeros(cfg.num_classes, dim)
+        self.text = nn.Parameter(table) if cfg.learn_text else None
         if not cfg.learn_text:
-            self.register_buffer("text_buf", text.clone())
-        mode = getattr(cfg, "mediator_mode", "gate")
-        self.mediator_mode = mode if (cfg.vci and cfg.mediator) else None
+            self.register_buffer("text_buf", table.clone())
+        self.mediator_mode = cfg.mediator_mode if (cfg.vci and cfg.mediator) else None
         if self.mediator_mode == "project":
-            # fixed orthonormal basis of span(E_f) [r, D]; E_f = the target texts when there is no finer set
-            basis = torch.as_tensor(fine_text if fine_text is not None else text, dtype=torch.float32)
-            if basis.shape[1] != dim:
-                raise ValueError(f"fine_text has D={basis.shape[1]}, text has D={dim}")
-            u, sv, vh = torch.linalg.svd(basis, full_matrices=False)
-            self.register_buffer("fine_basis", vh[sv > sv[0] * 1e-5].contiguous())
-            if len(self.fine_basis) >= dim:
-                warnings.warn(f"mediator_mode='project': the {basis.shape[0]} fine texts span all D={dim} "
-                              "dimensions, so the projection is the identity and removes nothing (e.g. COIN's "
-                              "778 steps with D=512); use the gate or replace mode", stacklevel=2)
-            fine_text = None
+            # orthogonal projector onto span(E_f) [D, D]; E_f = the target texts when there is no finer set
+            self.register_buffer("fine_projector", torch.eye(dim))
         # the gate and replace modes read the fine texts through the mediator attention
         self.uses_fine = self.mediator_mode in ("gate", "replace")
-        if fine_text is not None and torch.equal(torch.as_tensor(fine_text, dtype=torch.float32), text):
-            fine_text = None  # the trainer passes the target texts when there is no finer set: share T
-        self.has_fine = self.uses_fine and fine_text is not None
+        self.has_fine = self.uses_fine and cfg.num_fine > 0
         if self.has_fine:
-            fine = torch.as_tensor(fine_text, dtype=torch.float32)
-            if fine.shape[1] != dim:
-                raise ValueError(f"fine_text has D={fine.shape[1]}, text has D={dim}")
+            fine = torch.zeros(cfg.num_fine, dim)
             if cfg.learn_text:
-                self.fine_text = nn.Parameter(fine.clone())
+                self.fine_text = nn.Parameter(fine)
             else:
-                self.register_buffer("fine_text_buf", fine.clone())
-
-        self.tci = TextualIntervention(dim, confounders.vp, confounders.vp_prior, cfg.dropout) if cfg.tci else None
-        tokens_per_frame = getattr(cfg, "tokens_per_frame", 0) or 0
-        self.tokens_per_frame = tokens_per_frame
+                self.register_buffer("fine_text_buf", fine)
+        self.tci = TextualIntervention(dim, cfg.kp, cfg.dropout) if cfg.tci else None
+        self.tokens_per_frame = cfg.tokens_per_frame
         self.encoder = TemporalEncoder(dim, cfg.layers, cfg.heads, cfg.max_frames, cfg.dropout,
-                                       tokens_per_frame=tokens_per_frame)
+                                       tokens_per_frame=cfg.tokens_per_frame)
         if self.uses_fine:
             replace = self.mediator_mode == "replace"
             self.mediator = DictionaryAttention(dim, zero_values=not replace)   # gate: M = 0 at init
@@ -199,10 +157,10 @@ class CMDCLHead(nn.Module):
                 # Xm = M must carry the signal from the start: Wv' = I, so M = S T'_f at init
                 with torch.no_grad():
                     self.mediator.v.weight.copy_(torch.eye(dim))
+        self.backdoor = need_z and cfg.cross_sample_mode == "backdoor"
         if need_z:
-            self.register_buffer("z", F.normalize(confounders.z.float(), dim=-1))
-            self.register_buffer("z_log_prior", confounders.z_prior.float().clamp_min(LOG_PRIOR_FLOOR).log())
-            self.backdoor = getattr(cfg, "cross_sample_mode", "attend") == "backdoor"
+            self.register_buffer("z", torch.zeros(cfg.kz, dim))
+            self.register_buffer("z_log_prior", torch.zeros(cfg.kz))
             if not self.backdoor:
                 self.cross = DictionaryAttention(dim)
             self.fuse = nn.Linear(2 * dim, dim)
@@ -212,6 +170,34 @@ class CMDCLHead(nn.Module):
         if cfg.vci:
             self.out_ln = nn.LayerNorm(dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+
+    @torch.no_grad()
+    def initialise(self, inputs) -> None:
+        """Copy the label texts (models.HeadInputs) and the dictionaries into the zero tables."""
+        text = inputs.text.float()
+        (self.text if self.text is not None else self.text_buf).copy_(text)
+        fine = inputs.fine_text.float() if inputs.fine_text is not None else None
+        if self.has_fine:
+            (self.fine_text if self.cfg.learn_text else self.fine_text_buf).copy_(fine)
+        if self.mediator_mode == "project":
+            self.fine_projector.copy_(self._projector(fine if fine is not None else text))
+        conf = inputs.confounders
+        if self.tci is not None:
+            self.tci.vp.copy_(F.normalize(conf.vp.float(), dim=-1))
+            self.tci.log_prior.copy_(_log_prior(conf.vp_prior))
+        if hasattr(self, "z"):
+            self.z.copy_(F.normalize(conf.z.float(), dim=-1))
+            self.z_log_prior.copy_(_log_prior(conf.z_prior))
+
+    def _projector(self, basis: torch.Tensor) -> torch.Tensor:
+        """P_f = V^T V for an orthonormal basis V of span(E_f) (the FROZEN CLIP ensemble of the fine texts)."""
+        _, sv, vh = torch.linalg.svd(basis, full_matrices=False)
+        v = vh[sv > sv[0] * 1e-5]
+        if len(v) >= self.dim:
+            warnings.warn(f"mediator_mode='project': the {basis.shape[0]} fine texts span all D={self.dim} "
+                          "dimensions, so the projection is the identity and removes nothing (e.g. COIN's "
+                          "778 steps with D=512); use the gate or replace mode", stacklevel=3)
+        return v.T @ v
 
     # ------------------------------------------------------------------------------------------ text
 
@@ -242,7 +228,7 @@ class CMDCLHead(nn.Module):
         """P_f x / ||P_f x||: the direction of x's part in the span of the frozen fine texts
         (mediator_mode='project'). Renormalised so that how much of a frame the scene takes up does not
         scale its atomic-action content either."""
-        return F.normalize((x @ self.fine_basis.T) @ self.fine_basis, dim=-1)
+        return F.normalize(x @ self.fine_projector, dim=-1)
 
     def video_features(self, frames, tokens, tf_prime):
         """(V' [B, D] (cross_sample_mode backdoor: V'_z [B, Kz, D]), X [B, T, D], parts: mediator
@@ -259,7 +245,7 @@ class CMDCLHead(nn.Module):
         if self.uses_fine:
             m, parts["mediator"] = self.mediator(x, tf_prime)
             xm = m if self.mediator_mode == "replace" else x * torch.sigmoid(m)
-        if getattr(self, "backdoor", False):
+        if self.backdoor:
             # Wf [Xm ; z] = Wx Xm + Wz z + b, one fused feature per stratum z: [B, T, Kz, D] -> V'_z [B, Kz, D]
             wx, wz = self.fuse.weight[:, :self.dim], self.fuse.weight[:, self.dim:]
             per_z = self.drop(self.z @ wz.T + self.fuse.bias)                          # [Kz, D]

@@ -1,49 +1,129 @@
-"""Head configuration: one dataclass whose fields mirror the `cmdcl-heads train` flags."""
+"""The two configurations of a run: the head's (architecture and switches) and the training's.
+
+Both are frozen dataclasses whose fields are the `cmdcl-heads train` flags (cmdcl_cache.config builds the
+command from them), so each default and help text is written once, here. A run folder's `config.toml`
+holds both, resolved, and `--config` reads it back. Fields marked `cli=False` are shapes the trainer
+derives from the data (feature dimension, number of classes, dictionary sizes); they are stored in
+checkpoints so that a head can be rebuilt from its configuration alone.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
+from typing import Literal
 
+from cmdcl_cache.config import check_choices, from_dict, option
 
 MEDIATOR_MODES = ("gate", "replace", "project")
 CROSS_SAMPLE_MODES = ("attend", "backdoor")
+MODELS = ("zeroshot", "linear", "text4vis", "cmdcl")
 
 
-@dataclass
+@dataclass(frozen=True)
 class HeadConfig:
-    model: str = "cmdcl"             # zeroshot | linear | text4vis | cmdcl
-    frames: int = 16                 # T frames sampled per video (TSN style) from the cached ones
-    layers: int = 2                  # H temporal transformer layers (the paper's best is 8)
-    heads: int = 8                   # attention heads
-    dropout: float = 0.1
-    logit_scale_init: float = 100.0  # CLIP's scale for cosine classifiers
-    max_frames: int = 512            # size of the learned temporal position table
-    tokens_per_frame: int = 0        # P grid tokens per frame (divided space-time attention); 0: frames only
+    model: Literal["zeroshot", "linear", "text4vis", "cmdcl"] = option("cmdcl", "Head to train.")
+    frames: int = option(16, "T frames sampled per video (TSN style) from the cached ones.")
+    layers: int = option(2, "H temporal transformer layers (the paper's best is 8).")
+    heads: int = option(8, "Attention heads.")
+    dropout: float = option(0.1, "Dropout in the temporal layers.")
+    logit_scale_init: float = option(100.0, "Initial scale of the cosine classifiers (CLIP's 100).")
+    max_frames: int = option(512, "Size of the learned temporal position table.")
     # CMDCL switches (the paper's ablations; see cmdcl_heads/cmdcl.py for what each does)
-    tci: bool = True                 # textual causal intervention (back-door over V_P); off: T' = T
-    vci: bool = True                 # visual causal intervention (front-door); off: V' = mean_t X
-    mediator: bool = True            # text-guided fine-grained mediator inside VCI
-    cross_sample: bool = True        # cross-sample approximator over Z inside VCI
-    # *inferred/ours* (not in the paper): how the mediator enters the video path, see cmdcl_heads/cmdcl.py
-    mediator_mode: str = "gate"      # gate: Xm = X*sigmoid(M) | replace: Xm = M | project: X = STA(P_f F)
-    cross_sample_mode: str = "attend"  # *ours*: attend (CS = attention over Z) | backdoor (E_z P(z) score_z)
-    learn_text: bool = True          # T learnable (initialised from the cached text ensemble)
-    fine_label_set: str | None = None  # vocabulary for the mediator; None: the dataset's fine set
+    tci: bool = option(True, "cmdcl: textual causal intervention (back-door over V_P); off: T' = T.")
+    vci: bool = option(True, "cmdcl: visual causal intervention (front-door); off: V' = mean_t X.")
+    mediator: bool = option(True, "cmdcl: text-guided fine-grained mediator inside VCI.")
+    cross_sample: bool = option(True, "cmdcl: cross-sample approximator over Z inside VCI.")
+    mediator_mode: Literal["gate", "replace", "project"] = option(
+        "gate", "cmdcl, *ours*: gate (Xm = X*sigmoid(M)), replace (Xm = M) or project (frames projected onto "
+                "the fine-text span before the temporal encoder).")
+    cross_sample_mode: Literal["attend", "backdoor"] = option(
+        "attend", "cmdcl, *ours*: attend (attention over Z, fused) or backdoor (class scores averaged over Z "
+                  "strata by P(z)).")
+    learn_text: bool = option(True, "cmdcl: the label text tables are learnable (initialised from texts.h5).")
+    fine_label_set: str | None = option(None, "cmdcl: mediator vocabulary (default: the manifest's fine set).")
+    # Shapes, resolved by the trainer from the data (a head is rebuilt from its config alone).
+    dim: int = option(0, "Feature dimension D.", cli=False)
+    num_classes: int = option(0, "Classes C of the target label set.", cli=False)
+    num_fine: int = option(0, "Fine labels C_f of the mediator's own table; 0: it reads the target table.",
+                           cli=False)
+    kp: int = option(0, "Rows of V_P (0: no textual intervention).", cli=False)
+    kz: int = option(0, "Rows of Z (0: no cross-sample term).", cli=False)
+    tokens_per_frame: int = option(0, "P grid tokens per frame (0: frame features only).", cli=False)
 
     def __post_init__(self):
-        if self.mediator_mode not in MEDIATOR_MODES:
-            raise ValueError(f"mediator_mode must be one of {', '.join(MEDIATOR_MODES)}, got {self.mediator_mode!r}")
-        if self.cross_sample_mode not in CROSS_SAMPLE_MODES:
-            raise ValueError(f"cross_sample_mode must be one of {', '.join(CROSS_SAMPLE_MODES)}, "
-                             f"got {self.cross_sample_mode!r}")
+        check_choices(self)
+        for name in ("frames", "heads", "max_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.layers < 0:
+            raise ValueError(f"--layers must be >= 0, got {self.layers}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.logit_scale_init <= 0:
+            raise ValueError(f"--logit-scale-init must be > 0, got {self.logit_scale_init}")
+        if self.dim and self.dim % self.heads:
+            raise ValueError(f"--heads {self.heads} does not divide the feature dimension {self.dim}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown head option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return from_dict(cls, d, "head configuration")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    cache: str = option(None, "Cache folder holding the shards, or a folder above it.", required=True)
+    dataset: str = option(None, "Manifest: built-in name (coin, breakfast, demo...) or folder.", required=True)
+    out: str = option(None, "Run folder (checkpoints, metrics, plots, config.toml).", required=True)
+    label_set: str | None = option(None, "Target label set (default: the manifest's default).")
+    split_scheme: str | None = option(None, "Split scheme (e.g. s1..s4, vis4mer); default: the first.")
+    train_split: str = option("train", "Split trained on.")
+    eval_split: str = option("test", "Split reported in summary.json, evaluated once at the end with best.")
+    select_split: str = option(
+        "auto", "Split whose primary metric picks best: auto (val when the manifest has val videos for the "
+                "label set, else none), none (best = last epoch), or a split; never the eval split.")
+    eval_each_epoch: bool = option(False, "Also evaluate --eval-split after every epoch, for the curves "
+                                          "(never used to select).")
+    epochs: int = option(10, "Training epochs.")
+    batch_size: int = option(32, "Videos per step.")
+    lr: float = option(1e-3, "Peak AdamW learning rate.")
+    weight_decay: float = option(0.05, "AdamW weight decay (matrices only).")
+    warmup: float = option(1.0, "Linear warm-up length in epochs (then cosine).")
+    clip_grad: float = option(1.0, "Max gradient norm (0: no clipping).")
+    seed: int = option(0, "Seed of initialisation and sampling.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    precision: Literal["fp32", "bf16"] = option(
+        "fp32", "fp32 (TF32 matmuls on CUDA) or bf16 autocast on CUDA; the CPU computes in fp32.")
+    data_mode: Literal["auto", "memory", "lazy"] = option(
+        "auto", "memory: all features on the device; lazy: HDF5 reads in workers; auto: memory when it fits.")
+    workers: int = option(2, "DataLoader workers in lazy mode.")
+    eval_every: int = option(1, "Evaluate the selection split every k epochs (and after the last).")
+    cudnn_attention: bool = option(False, "Let training use cuDNN's fused attention on GPU (off by default: "
+                                          "its bf16 backward is reported to return NaN gradients on H100/H200, "
+                                          "PyTorch issue #196678).")
+    tokens: bool | None = option(None, "Use grid tokens (default: when the cache has them).")
+    skip_missing: bool = option(False, "Skip split videos missing from the cache instead of failing.")
+    quiet: bool = option(False, "No progress bar or table.")
+    resume: bool = option(False, "Continue the run in --out from its last checkpoint.")
+
+    def __post_init__(self):
+        check_choices(self)
+        for name in ("epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0 or self.clip_grad < 0 or self.workers < 0:
+            raise ValueError("--lr must be > 0; --weight-decay, --warmup, --clip-grad and --workers >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return from_dict(cls, d, "training configuration")
+
+
+# Training options that may differ between an interrupted run and its resumption without changing the result.
+RESUME_FREE = frozenset({"device", "data_mode", "workers", "quiet", "eval_every", "resume", "cudnn_attention",
+                         "cache", "dataset", "out", "eval_each_epoch"})

@@ -28,19 +28,76 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import h5py
 import numpy as np
 import torch
 
-from cmdcl_cache.cache import Cache
+from cmdcl_cache.cache import Cache, locate
+from cmdcl_cache.config import check_choices, option
 from cmdcl_cache.store import CacheError, ProvenanceError
 
 FILE_NAME = "confounders.h5"
 SCHEMA_VERSION = 1
 DEFAULT_MAX_POINTS = 262_144
+
+
+@dataclass(frozen=True)
+class ConfoundersConfig:
+    """`cmdcl-heads confounders build`: its flags (and --config keys); recorded in confounders.h5."""
+
+    cache: str = option(None, "A cache folder, or a folder above it.", required=True)
+    dataset: str = option(None, "Manifest: built-in name or folder.", required=True)
+    kp: int = option(256, "K_p: bias prototypes V_P (textual back-door).")
+    kz: int = option(512, "K_z: visual dictionary Z (front-door cross-sample term).")
+    niter: int = option(20, "k-means iterations.")
+    seed: int = option(0, "Seed of the point sample and of k-means (Z uses seed + 1).")
+    spherical: bool = option(True, "Spherical k-means on L2-normalised features.")
+    max_points: int = option(262_144, "Frames sampled (seeded) for k-means.")
+    prototypes: Literal["kmeans", "class-mean"] = option("kmeans", "V_P from k-means centroids or class means.")
+    split_scheme: str | None = option(None, "Split scheme whose training split is used.")
+    label_set: str | None = option(None, "Labels of class-mean prototypes (default: the fine set).")
+    threads: int | None = option(None, "FAISS OpenMP threads.")
+    out: str | None = option(None, "Output file (default: <cache folder>/confounders.h5).")
+
+    def __post_init__(self):
+        check_choices(self)
+        if min(self.kp, self.kz, self.niter, self.max_points) < 1:
+            raise ValueError("--kp, --kz, --niter and --max-points must be >= 1")
+
+
+def build_and_save(config: ConfoundersConfig) -> tuple["Confounders", Path]:
+    """Build the dictionaries of `config` and write them (with the configuration in their settings)."""
+    from cmdcl_cache.manifest import load_manifest
+
+    manifest = load_manifest(config.dataset)
+    folder = locate(config.cache, manifest.dataset)
+    conf = build_confounders(folder.open(), manifest, kp=config.kp, kz=config.kz, niter=config.niter,
+                             seed=config.seed, spherical=config.spherical, max_points=config.max_points,
+                             prototypes=config.prototypes, split_scheme=config.split_scheme,
+                             label_set=config.label_set, threads=config.threads)
+    conf.settings["config"] = asdict(config)
+    return conf, conf.save(Path(config.out) if config.out else folder.confounders_path)
+
+
+def render(conf: "Confounders", path: Path, console) -> None:
+    from rich.table import Table
+
+    s = conf.settings
+    table = Table(title=f"confounders of {s['dataset']}", show_header=True)
+    for col in ("dictionary", "K", "source", "k-means objective", "max prior", "min prior"):
+        table.add_column(col)
+    source = "kmeans" if s["prototypes"] == "kmeans" else f"class means ({s['label_set']})"
+    table.add_row("V_P", str(len(conf.vp)), source, f"{s['objective'].get('vp', float('nan')):.4g}",
+                  f"{conf.vp_prior.max():.4f}", f"{conf.vp_prior.min():.4f}")
+    table.add_row("Z", str(len(conf.z)), "kmeans", f"{s['objective']['z']:.4g}", f"{conf.z_prior.max():.4f}",
+                  f"{conf.z_prior.min():.4f}")
+    console.print(table)
+    console.print(f"{s['train_videos']} training videos, {s['train_frames']} frames ({s['points']} clustered); "
+                  f"wrote {path}", markup=False)
 
 
 def build_command(cache_dir, dataset="DATASET") -> str:
@@ -161,6 +218,7 @@ def load_for_training(cache: Cache, cfg, dataset: str = "DATASET", manifest=None
 # ------------------------------------------------------------------------------------------ fingerprint
 
 def cache_fingerprint(cache: Cache) -> str:
+    """sha256 over the sorted provenance, every (video id, frame count) and the rows of each shard."""
     return cache.fingerprint()
 
 

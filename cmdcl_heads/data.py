@@ -15,17 +15,24 @@ Two ways to hold the features, which give the same batches for the same random n
 
 The random numbers (order and per-segment offsets) are drawn by the trainer from a torch.Generator, so the
 mode, the number of workers and the device do not change which rows a step sees.
+
+Every split that train, eval, predict or explain reads is checked for NaN/Inf: memory mode checks each video
+as it is loaded, lazy mode each video as it is read; either way the error names the video and its shard.
+
+`open_data` is what a run reads: the cache (found from `--cache` by cmdcl_cache.cache.locate), the manifest
+and the label texts, checked against each other.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmdcl_cache.cache import Cache, locate
+from cmdcl_cache.cache import Cache, CacheFolder, locate
 from cmdcl_cache.store import CacheError
 
 MEMORY_FRACTION = 0.25  # share of available RAM (or free GPU memory) that memory mode may take
@@ -33,6 +40,18 @@ MEMORY_FRACTION = 0.25  # share of available RAM (or free GPU memory) that memor
 
 class MissingVideosError(CacheError):
     """Videos of the split are not in the cache."""
+
+
+class NonFiniteFeatures(CacheError):
+    """A video's cached features hold NaN or Inf."""
+
+
+def check_finite(cache: Cache, video_id: str, x: np.ndarray, what: str = "features") -> None:
+    if not np.isfinite(x).all():
+        rows = np.nonzero(~np.isfinite(np.asarray(x, np.float32).reshape(len(x), -1)).all(axis=1))[0]
+        raise NonFiniteFeatures(f"{cache.shard_of(video_id)}: video {video_id!r} has NaN/Inf in {len(rows)} of its "
+                                f"{len(x)} cached {what} rows (first row {rows[0]}); run `cmdcl-cache verify`, "
+                                "then extract that video again (or leave it out of the manifest)")
 
 
 # ------------------------------------------------------------------------------------------- sampling
@@ -67,11 +86,56 @@ def tsn_rows(lengths: torch.Tensor, frames: int, offsets: torch.Tensor | None) -
     return torch.minimum(rows, lengths[:, None] - 1)
 
 
-# ------------------------------------------------------------------------------------------- pairing
+# ------------------------------------------------------------------------------------------- the run's data
 
-def resolve_cache_dir(cache):
-    """`--cache` may name the shard folder or a root above it."""
-    return locate(cache).path
+@dataclass
+class Labels:
+    """The target label set and the mediator's fine vocabulary, with their text ensembles."""
+
+    label_set: str
+    names: list[str]
+    keys: list[str]
+    multi_label: bool
+    text: torch.Tensor                # [C, D] target ensemble
+    fine_label_set: str
+    fine_names: list[str]
+    fine_text: torch.Tensor           # [Cf, D]
+
+
+@dataclass
+class RunData:
+    """The cache, manifest and label texts a run reads, checked against each other."""
+
+    folder: CacheFolder
+    cache: Cache
+    manifest: object
+    labels: Labels
+
+    def split(self, name: str, scheme: str | None, skip_missing: bool) -> "SplitVideos":
+        return pair_split(self.cache, self.manifest, name, self.labels.label_set, scheme, skip_missing)
+
+
+def open_data(cache: str | Path, dataset: str, label_set: str | None, fine_label_set: str | None = None) -> RunData:
+    from cmdcl_cache.manifest import load_manifest
+
+    manifest = load_manifest(dataset)
+    folder = locate(cache, manifest.dataset)
+    c = folder.open()
+    label_set = label_set or manifest.default_label_set
+    fine = fine_label_set or manifest.fine_label_set or label_set
+    for what, name in (("label set", label_set), ("fine label set", fine)):
+        if name not in manifest.label_sets:
+            raise ValueError(f"{manifest.root}: no {what} {name!r}; have {', '.join(manifest.label_sets)}")
+    texts = folder.texts_for(manifest, c.provenance, c.feature_dim, dict.fromkeys((label_set, fine)))
+    ls, fs = manifest.label_sets[label_set], manifest.label_sets[fine]
+    labels = Labels(label_set=label_set, names=list(ls.names), keys=list(ls.keys), multi_label=ls.multi_label,
+                    text=torch.from_numpy(np.asarray(texts[label_set].ensemble, np.float32)),
+                    fine_label_set=fine, fine_names=list(fs.names),
+                    fine_text=torch.from_numpy(np.asarray(texts[fine].ensemble, np.float32)))
+    return RunData(folder=folder, cache=c, manifest=manifest, labels=labels)
+
+
+# ------------------------------------------------------------------------------------------- pairing
 
 
 @dataclass
@@ -143,7 +207,7 @@ class MemoryFeatures:
     mode = "memory"
 
     def __init__(self, cache: Cache, split: SplitVideos, frames: int, device: torch.device, tokens: bool):
-        self.split, self.frames, self.device = split, frames, torch.device(device)
+        self.split, self.frames, self.device, self.cache = split, frames, torch.device(device), cache
         lengths = torch.as_tensor(split.lengths)
         self.lengths = lengths.to(self.device)
         self.offsets = (torch.cumsum(lengths, 0) - lengths).to(self.device)
@@ -155,7 +219,9 @@ class MemoryFeatures:
         out = torch.empty((int(split.lengths.sum()), *row_shape), dtype=torch.float16)
         start = 0
         for vid, n in zip(split.video_ids, split.lengths):
-            out[start:start + n] = torch.from_numpy(np.ascontiguousarray(read(vid), dtype=np.float16))
+            x = np.ascontiguousarray(read(vid), dtype=np.float16)
+            check_finite(self.cache, vid, x)
+            out[start:start + n] = torch.from_numpy(x)
             start += n
         return out.to(self.device)
 
@@ -184,10 +250,14 @@ class _VideoDataset(torch.utils.data.Dataset):
         vid = self.split.video_ids[pos]
         n = torch.tensor([int(self.split.lengths[pos])])
         rows = tsn_rows(n, self.frames, None if u is None else u[None])[0].numpy()
-        frames = torch.from_numpy(np.asarray(self.cache.features(vid))[rows])
+        x = np.asarray(self.cache.features(vid))
+        check_finite(self.cache, vid, x)
+        frames = torch.from_numpy(x[rows])
         if not self.tokens:
             return pos, frames
-        return pos, frames, torch.from_numpy(np.asarray(self.cache.tokens(vid))[rows])
+        toks = np.asarray(self.cache.tokens(vid))
+        check_finite(self.cache, vid, toks, "grid token")
+        return pos, frames, torch.from_numpy(toks[rows])
 
 
 class LazyFeatures:

@@ -124,24 +124,27 @@ def explain_run(run: str | Path, video_id: str, out: str | Path | None = None, c
                 cache: str | None = None, dataset: str | None = None, device: str = "auto",
                 top_k: int = 8) -> Path:
     """The PNG for one video of a trained `cmdcl` run (default: RUN/explain-VIDEO.png)."""
-    from cmdcl_heads.confounders import FILE_NAME, Confounders
-    from cmdcl_heads.train import _open_run
+    from cmdcl_heads.confounders import Confounders
+    from cmdcl_heads.data import check_finite
+    from cmdcl_heads.evaluate import open_run
 
-    ckpt, cfg, _, ctx, model, _, _ = _open_run(run, checkpoint, cache, dataset, device, "lazy")
-    if cfg.model != "cmdcl":
-        raise ValueError(f"{run}: explain draws CMDCL attention maps, this run trained '{cfg.model}'")
-    if video_id not in ctx.cache:
-        raise ValueError(f"{ctx.cache_dir}: video {video_id!r} is not in the cache")
-    feats = ctx.cache.features(video_id)
-    tokens = ctx.cache.tokens(video_id) if ckpt["tokens"] else None
-    maps, idx = explain_video(model, feats, tokens, cfg.frames)
-    _, times = ctx.cache.frame_info(video_id)
-    man = ctx.manifest
-    fine_names = list(man.label_sets[ctx.fine_label_set].names)
+    r = open_run(run, checkpoint, cache, dataset, device)
+    if r.cfg.model != "cmdcl":
+        raise ValueError(f"{run}: explain draws CMDCL attention maps, this run trained '{r.cfg.model}'")
+    cache_ = r.data.cache
+    if video_id not in cache_:
+        raise ValueError(f"{r.data.folder}: video {video_id!r} is not in the cache")
+    feats = np.asarray(cache_.features(video_id))
+    check_finite(cache_, video_id, feats)
+    tokens = cache_.tokens(video_id) if r.ckpt.meta["tokens"] else None
+    maps, idx = explain_video(r.head, feats, tokens, r.cfg.frames)
+    _, times = cache_.frame_info(video_id)
+    man, labels = r.data.manifest, r.data.labels
+    fine_names = labels.fine_names
     if "mediator" in maps and maps["mediator"].shape[1] != len(fine_names):
-        fine_names = list(ctx.label_names)  # no finer set: the mediator read the target labels
+        fine_names = list(labels.names)  # no finer set: the mediator read the target labels
     vp_names = None
-    conf_path = Path(ctx.cache_dir) / FILE_NAME
+    conf_path = r.data.folder.confounders_path
     if "tci" in maps and conf_path.exists():
         conf = Confounders.load(conf_path)
         if conf.vp_labels and conf.settings.get("label_set") in man.label_sets:
@@ -149,11 +152,11 @@ def explain_run(run: str | Path, video_id: str, out: str | Path | None = None, c
             vp_names = [ls.names[ls.index(k)] for k in conf.vp_labels]
     record = man.by_id().get(video_id)
     truth = None
-    if record is not None and ctx.label_set in record.labels:
-        ls = man.label_sets[ctx.label_set]
-        value = record.labels[ctx.label_set]
+    if record is not None and labels.label_set in record.labels:
+        ls = man.label_sets[labels.label_set]
+        value = record.labels[labels.label_set]
         truth = [ls.names[ls.index(k)] for k in ([value] if isinstance(value, str) else value)]
     out = Path(out) if out else Path(run) / f"explain-{video_id}.png"
-    return plot_explanation(maps, list(ctx.label_names), fine_names, out, times=times[idx], vp_names=vp_names,
-                            top_k=top_k, title=f"{video_id} ({man.dataset}, {checkpoint}.pt)", truth=truth,
-                            multi_label=ctx.multi_label)
+    return plot_explanation(maps, list(labels.names), fine_names, out, times=times[idx], vp_names=vp_names,
+                            top_k=top_k, title=f"{video_id} ({man.dataset}, {checkpoint})", truth=truth,
+                            multi_label=labels.multi_label)

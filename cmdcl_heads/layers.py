@@ -1,4 +1,5 @@
-"""Temporal (and divided space-time) transformer layers shared by the Text4Vis-style and CMDCL heads.
+"""Building blocks shared by the heads: temporal (and divided space-time) transformer layers, attention over
+a fixed dictionary, and the cosine classifier.
 
 `TemporalEncoder` computes X = STA^H(Linear(F) + pos). With frame features only, each layer is a pre-norm
 transformer block attending over time. With grid tokens [B, T, P, D], every frame is the sequence
@@ -9,8 +10,60 @@ transformer block attending over time. With grid tokens [B, T, P, D], every fram
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+MAX_LOG_SCALE = math.log(100.0)
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def cosine_logits(scale: torch.Tensor | float, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """scale * cos(video, text) in fp32 even under autocast: in bf16 the cosines times a scale of 100 are off
+    by up to ~0.1 logit."""
+    with torch.autocast(device_type=video.device.type, enabled=False):
+        return scale * normalise(video.float()) @ normalise(text.float()).transpose(-1, -2)
+
+
+@torch.no_grad()
+def clamp_logit_scales(model: nn.Module) -> None:
+    """After each optimiser step, cap every learnable logit scale at 100, as CLIP's training does:
+    an unbounded scale can grow until the loss overflows."""
+    for module in model.modules():
+        scale = getattr(module, "log_scale", None)
+        if isinstance(scale, nn.Parameter):
+            scale.clamp_(max=MAX_LOG_SCALE)
+
+
+class DictionaryAttention(nn.Module):
+    """out = softmax(Q Wq (K Wk)^T / sqrt d + log prior) K Wv, single head, over a fixed key set K [N, D].
+
+    Adding log prior inside the softmax equals multiplying the attention by the prior and renormalising:
+    softmax(s + log p)_k = A_k p_k / sum_j A_j p_j. That is our reading (*inferred*) of the NWGM term
+    (A * prior) V_P Wv: without the renormalisation its weights sum to sum_k A_k p_k ~ 1/K, a scale that
+    shrinks with the dictionary size and that the next layer would have to undo.
+    """
+
+    def __init__(self, dim: int, zero_values: bool = False):
+        super().__init__()
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        if zero_values:
+            nn.init.zeros_(self.v.weight)
+        self.scale = 1.0 / math.sqrt(dim)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, log_prior: torch.Tensor | None = None):
+        scores = self.q(query) @ self.k(keys).T * self.scale          # [..., Nq, N]
+        if log_prior is not None:
+            scores = scores + log_prior
+        attn = scores.softmax(dim=-1)
+        return attn @ self.v(keys), attn
 
 
 class MLP(nn.Module):

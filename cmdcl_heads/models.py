@@ -1,5 +1,10 @@
 """The head registry and the baselines, all on the same data path as CMDCL.
 
+Every head is built from its HeadConfig alone (`build_head(cfg)`: shapes included, no data), then given
+its data once before training (`head.initialise(inputs)`: the label texts, the fine vocabulary, the
+confounder dictionaries). A trained head is rebuilt from a checkpoint's config and its state dict, as
+nanoGPT rebuilds `GPT(GPTConfig(**model_args))`, without opening any cache.
+
 Every head maps frames [B, T, D] (raw cached features, float32) and optional grid tokens [B, T, P, D] to
 logits [B, C]; heads L2-normalise what they read because the cache stores features unnormalised.
 
@@ -8,53 +13,42 @@ logits [B, C]; heads L2-normalise what they read because the cache stores featur
 - `linear`: a linear probe on the mean of the L2-normalised frames.
 - `text4vis`: Text4Vis-style: TemporalEncoder (cfg.layers layers) + mean over time, classifier = the frozen
   text ensemble, cosine times a learnable scale initialised at cfg.logit_scale_init (100, CLIP's).
-- `cmdcl`: cmdcl_heads.cmdcl.CMDCLHead (imported only when asked for).
+- `cmdcl`: cmdcl_heads.cmdcl.CMDCLHead.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .config import HeadConfig
-from .layers import TemporalEncoder
+from .cmdcl import CMDCLHead
+from .config import MODELS, HeadConfig
+from .layers import TemporalEncoder, cosine_logits, normalise
 
-MAX_LOG_SCALE = math.log(100.0)
-
-
-@torch.no_grad()
-def clamp_logit_scales(model: nn.Module) -> None:
-    """After each optimiser step, cap every learnable logit scale at 100, as CLIP's training does:
-    an unbounded scale can grow until the loss overflows."""
-    for module in model.modules():
-        scale = getattr(module, "log_scale", None)
-        if isinstance(scale, nn.Parameter):
-            scale.clamp_(max=MAX_LOG_SCALE)
-
-MODELS = ("zeroshot", "linear", "text4vis", "cmdcl")
 CLIP_SCALE = 100.0
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=-1)
+@dataclass
+class HeadInputs:
+    """What a head is initialised from before training (never needed to load a trained one)."""
 
-
-def cosine_logits(scale: torch.Tensor | float, video: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """scale * cos(video, text) in fp32 even under autocast: in bf16 the cosines times a scale of 100 are off
-    by up to ~0.1 logit."""
-    with torch.autocast(device_type=video.device.type, enabled=False):
-        return scale * normalise(video.float()) @ normalise(text.float()).transpose(-1, -2)
+    text: torch.Tensor                 # [C, D] target label ensemble
+    fine_text: torch.Tensor | None     # [Cf, D] fine vocabulary (None: the target labels)
+    confounders: object = None         # confounders.Confounders, when the head reads V_P or Z
 
 
 class ZeroShotHead(nn.Module):
     trainable = False
 
-    def __init__(self, text: torch.Tensor):
+    def __init__(self, cfg: HeadConfig):
         super().__init__()
-        self.register_buffer("text", normalise(text.float()))
+        self.register_buffer("text", torch.zeros(cfg.num_classes, cfg.dim))
+
+    def initialise(self, inputs: HeadInputs) -> None:
+        self.text.copy_(normalise(inputs.text.float()))
 
     def forward(self, frames, tokens=None):
         video = normalise(normalise(frames).mean(dim=1))
@@ -64,49 +58,71 @@ class ZeroShotHead(nn.Module):
 class LinearHead(nn.Module):
     trainable = True
 
-    def __init__(self, dim: int, num_classes: int):
+    def __init__(self, cfg: HeadConfig):
         super().__init__()
-        self.fc = nn.Linear(dim, num_classes)
+        self.fc = nn.Linear(cfg.dim, cfg.num_classes)
+
+    def initialise(self, inputs: HeadInputs) -> None:
+        pass   # fitted by the trainer
+
+    @staticmethod
+    def pooled(frames: torch.Tensor) -> torch.Tensor:
+        """The probe's input: the mean of the L2-normalised frames."""
+        return normalise(frames).mean(dim=1)
 
     def forward(self, frames, tokens=None):
-        return self.fc(normalise(frames).mean(dim=1))
+        return self.fc(self.pooled(frames))
 
 
 class Text4VisHead(nn.Module):
     trainable = True
 
-    def __init__(self, cfg: HeadConfig, text: torch.Tensor, tokens_per_frame: int = 0):
+    def __init__(self, cfg: HeadConfig):
         super().__init__()
-        dim = text.shape[1]
-        self.encoder = TemporalEncoder(dim, cfg.layers, cfg.heads, cfg.max_frames, cfg.dropout,
-                                       tokens_per_frame=tokens_per_frame)
-        self.register_buffer("text", normalise(text.float()))  # frozen classifier
+        self.encoder = TemporalEncoder(cfg.dim, cfg.layers, cfg.heads, cfg.max_frames, cfg.dropout,
+                                       tokens_per_frame=cfg.tokens_per_frame)
+        self.register_buffer("text", torch.zeros(cfg.num_classes, cfg.dim))  # frozen classifier
         self.log_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
+
+    def initialise(self, inputs: HeadInputs) -> None:
+        self.text.copy_(normalise(inputs.text.float()))
 
     def forward(self, frames, tokens=None):
         x = self.encoder(normalise(frames), normalise(tokens) if tokens is not None else None)
         return cosine_logits(self.log_scale.exp(), x.mean(dim=1), self.text)
 
 
-def build_head(cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,
-               confounders=None) -> nn.Module:
-    """The head named by cfg.model; `text` is the target label set's ensemble [C, D].
+HEADS = {"zeroshot": ZeroShotHead, "linear": LinearHead, "text4vis": Text4VisHead, "cmdcl": CMDCLHead}
+assert tuple(HEADS) == MODELS
 
-    Grid tokens: cfg.tokens_per_frame (set by the trainer from the cache; 0 = frame features only).
-    """
-    name = cfg.model
-    if name == "zeroshot":
-        return ZeroShotHead(text)
-    if name == "linear":
-        return LinearHead(text.shape[1], text.shape[0])
-    if name == "text4vis":
-        return Text4VisHead(cfg, text, cfg.tokens_per_frame)
-    if name == "cmdcl":
-        from .cmdcl import CMDCLHead  # lazily: the baselines do not need it
 
-        return CMDCLHead(cfg, text, fine_text, confounders)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+def build_head(cfg: HeadConfig) -> nn.Module:
+    """The head named by cfg.model, with the shapes of cfg (dim, num_classes, ... set by the trainer)."""
+    if cfg.model not in HEADS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(HEADS)}")
+    if cfg.dim < 1 or cfg.num_classes < 1:
+        raise ValueError(f"head config has no shapes (dim={cfg.dim}, num_classes={cfg.num_classes}); the trainer "
+                         "sets them from the data, a checkpoint stores them")
+    return HEADS[cfg.model](cfg)
+
+
+def make_head(cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | None = None,
+              confounders=None) -> nn.Module:
+    """A head for these label texts (and dictionaries): cfg's shapes filled in from them, then initialised.
+
+    What the trainer does with a run's data, for callers that hold tensors (tests, notebooks)."""
+    from dataclasses import replace
+
+    text = torch.as_tensor(text, dtype=torch.float32)
+    shares = fine_text is None or torch.equal(torch.as_tensor(fine_text, dtype=torch.float32), text)
+    cfg = replace(cfg, dim=text.shape[1], num_classes=text.shape[0], num_fine=0 if shares else len(fine_text),
+                  kp=len(confounders.vp) if confounders is not None and cfg.tci else 0,
+                  kz=len(confounders.z) if confounders is not None and cfg.vci and cfg.cross_sample else 0)
+    head = build_head(cfg)
+    head.initialise(HeadInputs(text=text, fine_text=None if fine_text is None else torch.as_tensor(fine_text),
+                               confounders=confounders))
+    return head
 
 
 def is_trainable(model: nn.Module) -> bool:
-    return any(p.requires_grad for p in model.parameters())
+    return getattr(model, "trainable", True) and any(p.requires_grad for p in model.parameters())

@@ -1,48 +1,23 @@
-"""What a run leaves in its folder and on the terminal: metrics.jsonl, summary.json, PNG plots, rich table."""
+"""What a run shows: PNG plots in its folder and rich tables on the terminal (its files: run.py)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def append_metrics(run: Path, record: dict) -> None:
-    with open(run / METRICS_FILE, "a") as fh:
-        fh.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def read_metrics(run: Path) -> list[dict]:
-    path = run / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def truncate_metrics(run: Path, last_epoch: int) -> None:
-    """Keep the records of epochs <= last_epoch (a resumed run rewrites the epochs after its checkpoint)."""
-    kept = [r for r in read_metrics(run) if r["epoch"] <= last_epoch]
-    _write_atomic(run / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-
-
-def write_summary(run: Path, summary: dict) -> None:
-    _write_atomic(run / SUMMARY_FILE, json.dumps(summary, indent=2, sort_keys=True) + "\n")
-
-
-def read_summary(run: Path) -> dict:
-    return json.loads((Path(run) / SUMMARY_FILE).read_text())
+def write_outputs(run: Path, logits, split, names, metric, history, best_epoch, trained: bool, split_name: str = "") -> None:
+    """curves.png (trained heads only: a zero-shot run has no curve) and confusion.png or per_class_ap.png."""
+    from .metrics import confusion_matrix, per_class_ap
+    if trained:
+        plot_curves(history, metric, run / "curves.png", best_epoch)
+    if split.multi_label:
+        plot_per_class_ap(per_class_ap(logits, split.targets), names, run / "per_class_ap.png")
+    else:
+        cm = confusion_matrix(split.targets, logits.argmax(1), len(names))
+        plot_confusion(cm, names, run / "confusion.png")
 
 
 # ------------------------------------------------------------------------------------------------ plots

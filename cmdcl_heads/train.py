@@ -1,209 +1,373 @@
-"""Training, evaluation and prediction of heads on cached features.
+"""Training of a head on cached features: `train()`, read top to bottom.
 
-The loop, top to bottom: AdamW (weight decay on matrices only), a per-step schedule of linear warm-up then
-cosine decay, bf16 autocast on GPU, gradient clipping, a NaN guard, cross-entropy for single-label and BCE
-for multi-label targets, evaluation every `eval_every` epochs, `last.pt` every epoch and `best.pt` as chosen
-by the selection rule below.
+The loop: AdamW (weight decay on matrices only), a per-step schedule of linear warm-up then cosine decay,
+fp32 by default (TF32 matmuls on CUDA; `--precision bf16` for bf16 autocast), gradient clipping, a guard
+that skips a step whose loss or gradient is not finite, cross-entropy for single-label and BCE for
+multi-label targets. After every epoch: the selection split is evaluated, `last` is saved and `best` when
+the selection metric improved.
 
-Model selection never looks at the eval split. `best.pt` is the epoch whose *selection split*
-(`select_split`, default `auto` = `val` when the manifest has val videos for the label set and scheme) scores
-the highest primary metric; without a selection split (`none`, or `auto` on a manifest without val videos,
-e.g. COIN and Breakfast) `best.pt` is simply the last epoch. The eval split is evaluated every epoch only for
-the curves in metrics.jsonl; selecting on it (`--select-split test --eval-split test`) is refused, because
-the reported number would then be chosen on the data it reports on.
+Model selection never looks at the eval split. `best` is the epoch whose *selection split* (`select_split`,
+default `auto` = `val` when the manifest has val videos for the label set and scheme) scores the highest
+primary metric; without a selection split (`none`, or `auto` on a manifest without val videos, e.g. COIN
+and Breakfast) `best` is the last epoch. The eval split is evaluated once, at the end, with `best` (and
+every epoch only with --eval-each-epoch, for the curves); selecting on it is refused, because the reported
+number would then be chosen on the data it reports on.
+
+No host synchronisation inside a step: the loss, the skipped-step count, the streak of consecutive bad
+steps and the first bad step's parameters are accumulated on the device; a bad step is skipped inside
+the fused AdamW kernel (`found_inf`, as torch's GradScaler does); the host reads them once per epoch (and
+the streak every MAX_BAD_STEPS steps, to stop a run that only produces non-finite gradients).
 
 Exact resume: the sampling random numbers of epoch e come from a torch.Generator seeded with (seed, e), so
 they do not depend on what ran before; dropout's global RNG state, the optimizer and the scheduler are in
-the checkpoint. Interrupting after epoch k and resuming gives the metrics of a run never interrupted.
+`last`. Interrupting after epoch k and resuming gives the metrics of a run never interrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.cache import Cache, provenance_difference, texts_difference
-from cmdcl_cache.store import CacheError, ProvenanceError, read_texts, texts_provenance
+from .config import RESUME_FREE, HeadConfig, TrainConfig
+from .data import RunData, SplitVideos, make_features, open_data
+from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, evaluate_logits, loss_fn, predict_logits,
+                       resolve_device)
+from .layers import clamp_logit_scales
+from .metrics import primary_metric
+from .models import HeadInputs, build_head, is_trainable
+from .run import RunFolder, set_rng_state
 
-from . import report
-from .config import HeadConfig
-from .data import SplitVideos, make_features, pair_split, resolve_cache_dir
-from .metrics import compute_metrics, confusion_matrix, per_class_ap, primary_metric
-from .models import build_head, clamp_logit_scales, is_trainable
-
-CHECKPOINT_VERSION = 1
+MAX_BAD_STEPS = 20  # consecutive skipped steps before training stops
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, run folder in the way, ...)."""
+    """Training cannot go on (non-finite gradients, run folder in the way, ...)."""
 
 
-class CheckpointMismatch(CacheError):
-    """A checkpoint and the cache / manifest it is used with disagree."""
+# ------------------------------------------------------------------------------------------------ the loop
+
+def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
+    """Train (or, for zeroshot, only evaluate) and write the run folder; returns summary.json's content.
+
+    `on_epoch_end(epoch, record)` is called after each epoch's checkpoints are written (tests use it to
+    interrupt a run). Neither configuration is modified: resolved copies are written to config.toml.
+    """
+    check_select_split(config)
+    requested = config.select_split
+    device = resolve_device(config.device)
+    data = open_data(config.cache, config.dataset, config.label_set, head.fine_label_set)
+    confounders = load_confounders(data, head, config)
+    config, head = resolve_config(config, head, data, confounders)
+    run = RunFolder(config.out)
+    resumed = run.load_checkpoint("last") if config.resume else None
+    if resumed is None:
+        run.start_fresh()
+    run.write_config(head, config)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 = TF32 on CUDA
+
+    seed_everything(config.seed)
+    model = build_head(head)
+    model.initialise(HeadInputs(text=data.labels.text, fine_text=data.labels.fine_text, confounders=confounders))
+    model.to(device)
+    splits = Splits.load(data, config, head, device)
+    meta = checkpoint_meta(config, head, data)
+    if not is_trainable(model):   # nothing is trained, so nothing is selected: the one model is best and last
+        for name in ("last", "best"):
+            run.save_checkpoint(name, {**meta, "epoch": 0, "best_epoch": 0, "best_value": None}, model)
+        run.append_metrics({"epoch": 0, "train_loss": None})
+        return finish(run, config, head, data, model, splits, device, trainable_params=0, requested=requested)
+
+    steps_per_epoch = math.ceil(len(splits.train.video_ids) / config.batch_size)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, round(config.warmup * steps_per_epoch), config.epochs * steps_per_epoch)
+    state = {"epoch": 0, "best_epoch": 0, "best_value": -math.inf}
+    if resumed is not None:
+        state = restore(resumed, run, config, head, data, model, optimizer, scheduler)
+    metric = primary_metric(data.labels.multi_label)
+    progress = _progress(config.quiet)
+    with progress:
+        task = progress.add_task("train", total=(config.epochs - state["epoch"]) * steps_per_epoch)
+        for epoch in range(state["epoch"] + 1, config.epochs + 1):
+            record = train_epoch(model, splits, optimizer, scheduler, config, epoch, device,
+                                 lambda: progress.advance(task))
+            if epoch % config.eval_every == 0 or epoch == config.epochs:
+                record.update(evaluate_epoch(model, splits, config, device))
+            run.append_metrics(record)
+            value = record.get("select", {}).get(metric)
+            # no selection split: best = the last epoch; a nan metric (no positives) never improves
+            improved = splits.select is None or (value is not None and (value > state["best_value"]
+                                                                        or not run.checkpoint_path("best").exists()))
+            if improved:
+                state.update(best_epoch=epoch, best_value=None if splits.select is None else value)
+            ckpt_meta = {**meta, "epoch": epoch, "best_epoch": state["best_epoch"], "best_value": state["best_value"]}
+            if improved:  # best first: a kill between the two never leaves last naming a lost best
+                run.save_checkpoint("best", ckpt_meta, model)
+            run.save_checkpoint("last", ckpt_meta, model, optimizer, scheduler, with_rng=True)
+            progress.console.print(epoch_line(epoch, config.epochs, record, metric), soft_wrap=True,
+                                   markup=False, highlight=False)
+            if on_epoch_end:
+                on_epoch_end(epoch, record)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return finish(run, config, head, data, model, splits, device, trainable_params=trainable, requested=requested)
 
 
-@dataclass
-class TrainOptions:
-    cache: str = ""
-    dataset: str = ""
-    out: str = ""
-    label_set: str | None = None      # None: the manifest's default label set
-    split_scheme: str | None = None   # None: the manifest's default scheme
-    train_split: str = "train"
-    eval_split: str = "test"
-    select_split: str = "auto"        # auto | none | train | val | test: the split that picks best.pt
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup: float = 1.0               # epochs of linear warm-up (fractions allowed; per step)
-    clip_grad: float = 1.0            # max gradient norm; 0 disables
-    seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    data_mode: str = "auto"           # auto | memory | lazy
-    workers: int = 2                  # DataLoader workers in lazy mode
-    eval_every: int = 1
-    amp: bool = True                  # bf16 autocast on GPU
-    cudnn_attention: bool = False     # let training use cuDNN's fused attention on GPU (see _attention_kernels)
-    tokens: bool | None = None        # grid tokens: None = when the cache has them and the model uses them
-    skip_missing: bool = False
-    quiet: bool = False
-    resume: bool = False              # continue the run in `out` from its last.pt
+def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConfig, epoch: int, device,
+                advance) -> dict:
+    """One pass over the training split; the host waits on the device only at the end (see module doc)."""
+    model.train()
+    n = len(splits.train.video_ids)
+    gen = epoch_generator(config.seed, epoch)
+    order = torch.randperm(n, generator=gen)
+    offsets = torch.rand(n, splits.train_feats.frames, generator=gen).to(device)   # one copy an epoch
+    stats = StepStats(device, sum(1 for p in model.parameters() if p.requires_grad))
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    for step, (pos, frames, toks) in enumerate(splits.train_feats.batches(config.batch_size, order, offsets), 1):
+        y = splits.targets[pos.to(device)]
+        with autocast(device, config.precision), _attention_kernels(device, config.cudnn_attention):
+            logits = model(frames, toks)
+        loss = loss_fn(logits.float(), y, splits.train.multi_label)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        # the norm before clipping: clipping by a NaN norm would make every gradient NaN and hide which
+        # parameters the bad values reached
+        total, per_param = grad_norms(params)
+        bad = ~(torch.isfinite(total) & torch.isfinite(loss))
+        if config.clip_grad > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, config.clip_grad, total)
+        optimizer.found_inf = bad.float()   # the fused AdamW kernel skips the update when it is 1
+        optimizer.step()
+        clamp_logit_scales(model)
+        scheduler.step()
+        stats.add(step, loss.detach(), len(pos), bad, ~torch.isfinite(per_param))
+        advance()
+        if step % MAX_BAD_STEPS == 0:
+            stats.check(epoch, step, model)
+    stats.check(epoch, None, model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"epoch": epoch, **stats.record(model), "lr": scheduler.get_last_lr()[0],
+            "epoch_seconds": time.perf_counter() - t0}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainOptions":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
+class StepStats:
+    """Per-epoch step statistics kept on the device (no host sync per step)."""
+
+    def __init__(self, device, num_params: int):
+        zero = torch.zeros((), device=device)
+        self.loss_sum, self.count, self.skipped = zero.clone(), zero.clone(), zero.clone()
+        self.streak, self.worst = zero.clone(), zero.clone()
+        self.first_step = torch.full((), -1.0, device=device)
+        self.first_params = torch.zeros(num_params, dtype=torch.bool, device=device)
+
+    def add(self, step: int, loss, n: int, bad, bad_params) -> None:
+        good = (~bad).float()
+        self.loss_sum += torch.where(bad, torch.zeros_like(loss), loss) * n
+        self.count += good * n
+        self.skipped += bad.float()
+        self.streak = (self.streak + 1) * bad.float()
+        self.worst = torch.maximum(self.worst, self.streak)
+        first = bad & (self.first_step < 0)
+        self.first_step = torch.where(first, torch.full_like(self.first_step, step), self.first_step)
+        self.first_params = torch.where(first, bad_params, self.first_params)
+
+    def _bad_names(self, model) -> list[str]:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        return [n for n, b in zip(names, self.first_params.tolist()) if b]
+
+    def check(self, epoch: int, step: int | None, model) -> None:
+        if self.worst.item() >= MAX_BAD_STEPS:
+            where = f"step {step}" if step else "its end"
+            raise TrainingError(f"{int(self.worst.item())} steps in a row had a non-finite loss or gradient (epoch "
+                                f"{epoch}, {where}; first at step {int(self.first_step.item())}: "
+                                f"{describe_bad(self._bad_names(model), model)}): stopping; lower --lr, use "
+                                "--precision fp32, or check the cache with `cmdcl-cache verify`; last holds the "
+                                "last whole epoch")
+
+    def record(self, model) -> dict:
+        count = self.count.item()
+        out = {"train_loss": self.loss_sum.item() / count if count else None, "skipped_steps": int(self.skipped.item())}
+        if self.first_step.item() >= 0:
+            out["nonfinite_grads"] = {"step": int(self.first_step.item()), "params": self._bad_names(model)}
+        return out
+
+
+def grad_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total norm, per-parameter norms) of the gradients, on the device; a missing gradient counts 0."""
+    grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
+    per_param = torch.stack(torch._foreach_norm(grads))   # what clip_grad_norm_ computes, one kernel
+    return per_param.norm(), per_param
+
+
+def evaluate_epoch(model, splits: "Splits", config: TrainConfig, device) -> dict:
+    """{"select": {"split": name, metrics...}} (and "eval" with --eval-each-epoch), after an epoch."""
+    out = {}
+    t0 = time.perf_counter()
+    for part, name, videos, feats in splits.per_epoch(config):
+        logits = predict_logits(model, feats, config.batch_size, device, config.precision)
+        out[part] = {"split": name, **evaluate_logits(logits, videos)}
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def epoch_line(epoch: int, epochs: int, record: dict, metric: str) -> str:
+    parts = [f"epoch {epoch}/{epochs}", f"train loss {record['train_loss']:.4f}"
+             if record["train_loss"] is not None else "train loss -"]
+    for part in ("select", "eval"):
+        r = record.get(part)
+        if r:
+            label = f"{r['split']} (selects)" if part == "select" else r["split"]
+            parts.append(f"{label} {metric} {r[metric]:.4f} loss {r['eval_loss']:.4f}")
+    if record.get("skipped_steps"):
+        parts.append(f"{record['skipped_steps']} step(s) skipped (non-finite; first: "
+                     f"{', '.join(record['nonfinite_grads']['params'][:3]) or 'loss'})")
+    return " | ".join(parts) + f" ({record['epoch_seconds']:.2f} s)"
+
+
+# ------------------------------------------------------------------------------------------------ set-up
 
 SELECT_CHOICES = ("auto", "none", "train", "val", "test")
 
-# These may differ between an interrupted run and its resumption without changing the result.
-RESUME_FREE = {"device", "data_mode", "workers", "quiet", "epochs", "eval_every", "resume", "cudnn_attention"}
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def check_select_split(opts: TrainOptions) -> None:
+def check_select_split(config: TrainConfig) -> None:
     """Refuse an unknown --select-split and selection on the eval split (before anything is read or written)."""
-    if opts.select_split not in SELECT_CHOICES:
-        raise TrainingError(f"--select-split {opts.select_split!r}: expected one of {', '.join(SELECT_CHOICES)}")
-    if opts.select_split == opts.eval_split:
+    if config.select_split not in SELECT_CHOICES:
+        raise TrainingError(f"--select-split {config.select_split!r}: expected one of {', '.join(SELECT_CHOICES)}")
+    if config.select_split == config.eval_split:
         raise TrainingError(
-            f"--select-split {opts.select_split} is also the --eval-split: choosing best.pt on the split whose "
+            f"--select-split {config.select_split} is also the --eval-split: choosing best on the split whose "
             "metrics are reported selects the model on its own evaluation data and inflates them. Select on a held-out "
             "split (e.g. --select-split val; give the manifest val videos taken from the training videos) or "
             "pass --select-split none to report the last epoch")
 
 
-def resolve_select_split(opts: TrainOptions, manifest, label_set: str) -> str | None:
-    """The split that picks best.pt, or None (best.pt = last epoch). `auto`: `val` when some val video of the
+def resolve_select_split(config: TrainConfig, manifest, label_set: str) -> str | None:
+    """The split that picks best, or None (best = last epoch). `auto`: `val` when some val video of the
     split scheme carries a label of `label_set` and val is not the eval split, else None."""
-    if opts.select_split == "none":
+    if config.select_split == "none":
         return None
-    if opts.select_split != "auto":
-        return opts.select_split
-    has_val = any(label_set in v.labels for v in manifest.select("val", opts.split_scheme))
-    return "val" if has_val and opts.eval_split != "val" else None
+    if config.select_split != "auto":
+        return config.select_split
+    has_val = any(label_set in v.labels for v in manifest.select("val", config.split_scheme))
+    return "val" if has_val and config.eval_split != "val" else None
 
 
-# ------------------------------------------------------------------------------------------------ context
+def load_confounders(data: RunData, head: HeadConfig, config: TrainConfig):
+    """The dictionaries when the head reads them (checked against the cache and training videos), else None."""
+    from .confounders import load_for_training
+    if head.model != "cmdcl":
+        return None
+    return load_for_training(data.cache, head, config.dataset, data.manifest, config.split_scheme)
+
+
+def resolve_config(config: TrainConfig, head: HeadConfig, data: RunData, conf) -> tuple[TrainConfig, HeadConfig]:
+    """Frozen copies with everything the data decides filled in: label sets, selection split, tokens, shapes."""
+    cache, labels = data.cache, data.labels
+    uses_tokens = head.model in ("text4vis", "cmdcl")
+    if config.tokens and not cache.has_tokens:
+        raise TrainingError(f"{cache.dir}: --tokens asked for but this cache has no grid tokens")
+    tokens = uses_tokens and cache.has_tokens and config.tokens is not False
+    select = resolve_select_split(config, data.manifest, labels.label_set)
+    trainable = head.model != "zeroshot"
+    config = replace(config, label_set=labels.label_set, select_split=(select if trainable else None) or "none",
+                     tokens=tokens)
+    head = replace(head, fine_label_set=labels.fine_label_set, dim=cache.feature_dim, num_classes=len(labels.names),
+                   num_fine=len(labels.fine_names) if labels.fine_label_set != labels.label_set else 0,
+                   kp=len(conf.vp) if conf is not None and head.tci else 0,
+                   kz=len(conf.z) if conf is not None and head.vci and head.cross_sample else 0,
+                   tokens_per_frame=cache.tokens_per_frame if tokens else 0)
+    return config, head
+
 
 @dataclass
-class Context:
-    """The cache, manifest and label texts a run reads, checked against each other."""
+class Splits:
+    """The train, selection and eval splits of a run, paired with the cache, and their features."""
 
-    cache_dir: Path
-    cache: Cache
-    manifest: object
-    label_set: str
-    label_names: list[str]
-    label_keys: list[str]
-    multi_label: bool
-    text: torch.Tensor                # [C, D] target ensemble
-    fine_label_set: str
-    fine_text: torch.Tensor           # [Cf, D]
+    train: SplitVideos | None
+    train_feats: object
+    targets: torch.Tensor | None
+    select: tuple | None      # (name, SplitVideos, features)
+    eval: tuple               # (name, SplitVideos, features)
 
+    @classmethod
+    def load(cls, data: RunData, config: TrainConfig, head: HeadConfig, device) -> "Splits":
+        def part(name):
+            videos = data.split(name, config.split_scheme, config.skip_missing)
+            feats = make_features(data.cache, videos, head.frames, device, config.data_mode, config.tokens,
+                                  config.workers)
+            return name, videos, feats
 
-def open_context(cache: str | Path, dataset: str, label_set: str | None,
-                 fine_label_set: str | None = None) -> Context:
-    cache_dir = resolve_cache_dir(cache)
-    c = Cache(cache_dir)
-    manifest = load_manifest(dataset)
-    label_set = label_set or manifest.default_label_set
-    if label_set not in manifest.label_sets:
-        raise ValueError(f"{manifest.root}: no label set {label_set!r}; have {', '.join(manifest.label_sets)}")
-    fine = fine_label_set or manifest.fine_label_set or label_set
-    if fine not in manifest.label_sets:
-        raise ValueError(f"{manifest.root}: no fine label set {fine!r}; have {', '.join(manifest.label_sets)}")
-    texts_path = cache_dir / "texts.h5"
-    texts = read_texts(texts_path)
-    diff = texts_difference(c.provenance, texts_provenance(texts_path))
-    if diff:  # e.g. texts of another model's weights: zero-shot and T's initialisation would be wrong
-        raise ProvenanceError(f"{texts_path}: made with other settings than the frame shards ({diff}); "
-                              "rerun `cmdcl-cache texts` with the extraction's options")
-    embeddings = {}
-    for name in dict.fromkeys((label_set, fine)):
-        if name not in texts:
-            raise CacheError(f"{texts_path}: no text embeddings for label set {name!r} (has "
-                             f"{', '.join(texts) or 'none'}); run `cmdcl-cache texts` with this manifest")
-        _check_names(f"{texts_path} label set '{name}'", texts[name].names,
-                     f"{manifest.root}/labels.json", manifest.label_sets[name].names)
-        emb = torch.from_numpy(np.asarray(texts[name].ensemble, dtype=np.float32))
-        if emb.shape[1] != c.feature_dim:
-            raise CacheError(f"{texts_path}: text embeddings of {name!r} have dimension {emb.shape[1]}, "
-                             f"the frame features {c.feature_dim}")
-        embeddings[name] = emb
-    ls = manifest.label_sets[label_set]
-    return Context(cache_dir=cache_dir, cache=c, manifest=manifest, label_set=label_set,
-                   label_names=list(ls.names), label_keys=list(ls.keys), multi_label=ls.multi_label,
-                   text=embeddings[label_set], fine_label_set=fine, fine_text=embeddings[fine])
+        ev = part(config.eval_split)
+        if head.model == "zeroshot":
+            return cls(None, None, None, None, ev)
+        select = part(config.select_split) if config.select_split != "none" else None
+        _, train, train_feats = part(config.train_split)
+        return cls(train, train_feats, torch.as_tensor(train.targets).to(device), select, ev)
+
+    def per_epoch(self, config: TrainConfig):
+        if self.select is not None:
+            yield ("select", *self.select)
+        if config.eval_each_epoch:
+            yield ("eval", *self.eval)
+
+    def skipped(self) -> dict:
+        out = {"eval": len(self.eval[1].missing)}
+        if self.train is not None:
+            out["train"] = len(self.train.missing)
+        if self.select is not None:
+            out["select"] = len(self.select[1].missing)
+        return out
 
 
-def _check_names(where_a: str, a: list[str], where_b: str, b: list[str]) -> None:
-    if list(a) == list(b):
-        return
-    if len(a) != len(b):
-        raise CheckpointMismatch(f"{where_a} has {len(a)} label names, {where_b} has {len(b)}")
-    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    raise CheckpointMismatch(f"{where_a} and {where_b} disagree at label {i}: {a[i]!r} vs {b[i]!r}")
+def checkpoint_meta(config: TrainConfig, head: HeadConfig, data: RunData) -> dict:
+    labels = data.labels
+    return {"head_config": head.to_dict(), "train_config": config.to_dict(), "label_set": labels.label_set,
+            "label_names": labels.names, "label_keys": labels.keys, "multi_label": labels.multi_label,
+            "fine_label_set": labels.fine_label_set, "fine_label_names": labels.fine_names,
+            "cache_provenance": data.cache.provenance, "cache_dir": str(data.folder.path.resolve()),
+            "dataset": _dataset_ref(config.dataset), "feature_dim": data.cache.feature_dim,
+            "tokens": bool(config.tokens)}
 
 
-def _use_tokens(opts: TrainOptions, cfg: HeadConfig, cache: Cache) -> bool:
-    wants = cfg.model in ("text4vis", "cmdcl")
-    if opts.tokens is None:
-        return wants and cache.has_tokens
-    if opts.tokens and not cache.has_tokens:
-        raise CacheError(f"{cache.dir}: --tokens asked for but this cache has no grid tokens")
-    return bool(opts.tokens) and wants
+def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, optimizer,
+            scheduler) -> dict:
+    """Continue from `last`: same data, same options, then its weights, optimizer, scheduler and RNGs."""
+    where = run.checkpoint_path("last")
+    check_checkpoint(ckpt.meta, data, where)
+    check_resume_options(ckpt.meta, config, head, where)
+    model.load_state_dict(ckpt.model)
+    optimizer.load_state_dict(ckpt.optimizer)
+    scheduler.load_state_dict(ckpt.scheduler)
+    set_rng_state(ckpt.rng)
+    run.truncate_metrics(ckpt.meta["epoch"])
+    best = ckpt.meta["best_value"]
+    if not config.quiet:
+        from cmdcl_cache.progress import console
+        console().print(f"resuming {run} after epoch {ckpt.meta['epoch']}", markup=False)
+    return {"epoch": ckpt.meta["epoch"], "best_epoch": ckpt.meta["best_epoch"],
+            "best_value": -math.inf if best is None else best}
 
 
-def make_model(cfg: HeadConfig, ctx: Context, dataset: str, split_scheme: str | None = None) -> torch.nn.Module:
-    """The head of cfg, with the confounder dictionaries when it needs them (a missing file names the
-    `cmdcl-heads confounders build` command; a file built from other training videos is refused)."""
-    from .confounders import load_for_training
-
-    confounders = (load_for_training(ctx.cache, cfg, dataset, ctx.manifest, split_scheme)
-                   if cfg.model == "cmdcl" else None)
-    return build_head(cfg, ctx.text, ctx.fine_text, confounders)
+def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, where) -> None:
+    before_cfg, now_cfg = meta["head_config"], head.to_dict()
+    if before_cfg != now_cfg:   # over the union of keys
+        diff = next(k for k in sorted(set(before_cfg) | set(now_cfg)) if before_cfg.get(k) != now_cfg.get(k))
+        raise CheckpointMismatch(f"{where}: head option '{diff}' is {before_cfg.get(diff)!r} in the "
+                                 f"checkpoint, {now_cfg.get(diff)!r} now; resume with the same options")
+    before, now = meta["train_config"], config.to_dict()
+    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
+    if changed:
+        listing = ", ".join(f"'{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed)
+        hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in changed else ""
+        raise CheckpointMismatch(f"{where}: option {listing}{hint}; resume with the same options")
+    if meta["epoch"] >= config.epochs:
+        raise TrainingError(f"{where}: the run already finished its {config.epochs} epochs")
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -219,15 +383,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-MAX_BAD_STEPS = 20  # consecutive non-finite gradients before training stops
-
-
-def make_optimizer(model, opts: TrainOptions) -> torch.optim.Optimizer:
+def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel, and a skipped step costs no host sync); matrices decay, the rest not."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]        # matrices decay; biases, norms, scales do not
+    decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=True)
 
 
 def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
@@ -238,16 +400,6 @@ def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
-    if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, targets)
-    return F.cross_entropy(logits, targets)
-
-
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda")
 
 
 def _attention_kernels(device: torch.device, allow_cudnn: bool):
@@ -269,321 +421,13 @@ def _attention_kernels(device: torch.device, allow_cudnn: bool):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-@torch.no_grad()
-def predict_logits(model, feats, batch_size: int, device: torch.device, amp: bool) -> np.ndarray:
-    """Logits [N, C] float32 in split order, centre sampling, eval mode."""
-    model.eval()
-    n = len(feats.split.video_ids)
-    out = []
-    for _, frames, tokens in feats.batches(batch_size, torch.arange(n), None):
-        with _autocast(device, amp):
-            logits = model(frames, tokens)
-        out.append(logits.float().cpu())
-    return torch.cat(out).numpy()
-
-
-def evaluate_logits(logits: np.ndarray, split: SplitVideos) -> dict:
-    targets = torch.as_tensor(split.targets)
-    loss = float(loss_fn(torch.from_numpy(logits), targets, split.multi_label))
-    return {**compute_metrics(logits, split.targets, split.multi_label), "eval_loss": loss}
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-def load_checkpoint(path: Path) -> dict:
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no checkpoint here")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointMismatch(f"{path}: checkpoint version {ckpt.get('version')!r}, "
-                                 f"this code reads {CHECKPOINT_VERSION}")
-    return ckpt
-
-
-def check_checkpoint(ckpt: dict, ctx: Context, where: Path) -> None:
-    """Refuse a cache or manifest that is not the one the checkpoint was trained on; name what differs."""
-    if ckpt["feature_dim"] != ctx.cache.feature_dim:
-        raise CheckpointMismatch(f"{where}: feature dimension is {ckpt['feature_dim']} in the checkpoint but "
-                                 f"{ctx.cache.feature_dim} in the cache {ctx.cache_dir} (attribute 'feature_dim')")
-    if ckpt["label_set"] != ctx.label_set:
-        raise CheckpointMismatch(f"{where}: trained on label set {ckpt['label_set']!r}, asked for "
-                                 f"{ctx.label_set!r} (attribute 'label_set')")
-    try:
-        _check_names(f"{where} (attribute 'label_names')", ckpt["label_names"],
-                     f"label set '{ctx.label_set}' of {ctx.manifest.root}", ctx.label_names)
-        if "fine_label_names" in ckpt:  # the mediator's vocabulary (older checkpoints lack it)
-            _check_names(f"{where} (attribute 'fine_label_names')", ckpt["fine_label_names"],
-                         f"label set '{ctx.fine_label_set}' of {ctx.manifest.root}",
-                         list(ctx.manifest.label_sets[ctx.fine_label_set].names))
-    except CheckpointMismatch as err:
-        raise CheckpointMismatch(str(err)) from None
-    diff = provenance_difference(ckpt["cache_provenance"], ctx.cache.provenance)
-    if diff:
-        raise ProvenanceError(f"{where}: the cache {ctx.cache_dir} was not the one this checkpoint was trained "
-                              f"on: {diff.replace('expected', 'checkpoint has')}")
-
-
-# ------------------------------------------------------------------------------------------------ training
-
-def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
-    """Train (or, for zeroshot, only evaluate) and write the run folder; returns summary.json's content.
-
-    `on_epoch_end(epoch, record)` is called after each epoch's checkpoint is written (tests use it to
-    interrupt a run).
-    """
-    if not opts.out:
-        raise TrainingError("--out is required (the run folder)")
-    check_select_split(opts)
-    run = Path(opts.out)
-    device = resolve_device(opts.device)
-    ctx = open_context(opts.cache, opts.dataset, opts.label_set, cfg.fine_label_set)
-    opts.label_set = ctx.label_set
-    requested = opts.select_split
-    select = resolve_select_split(opts, ctx.manifest, ctx.label_set)
-    opts.select_split = select or "none"   # checkpoints record what was used, so resume compares like with like
-    tokens = _use_tokens(opts, cfg, ctx.cache)
-    cfg.tokens_per_frame = ctx.cache.tokens_per_frame if tokens else 0
-    last_path = run / "last.pt"
-    start = time.perf_counter()
-
-    seed_everything(opts.seed)
-    model = make_model(cfg, ctx, opts.dataset, opts.split_scheme).to(device)
-    trainable = is_trainable(model) and cfg.model != "zeroshot"
-    eval_split = pair_split(ctx.cache, ctx.manifest, opts.eval_split, ctx.label_set, opts.split_scheme,
-                            opts.skip_missing)
-    eval_feats = make_features(ctx.cache, eval_split, cfg.frames, device, opts.data_mode, tokens, opts.workers)
-    console = _console(opts.quiet)
-    evaluate = {"eval": (opts.eval_split, eval_split, eval_feats)}
-    meta = {"version": CHECKPOINT_VERSION, "head_config": cfg.to_dict(), "train_options": asdict(opts),
-            "label_set": ctx.label_set, "label_names": ctx.label_names, "label_keys": ctx.label_keys,
-            "multi_label": ctx.multi_label, "fine_label_set": ctx.fine_label_set,
-            "fine_label_names": list(ctx.manifest.label_sets[ctx.fine_label_set].names),
-            "cache_provenance": ctx.cache.provenance, "cache_dir": str(ctx.cache_dir.resolve()),
-            "dataset": _dataset_ref(opts.dataset), "feature_dim": ctx.cache.feature_dim, "tokens": tokens}
-    metric = primary_metric(ctx.multi_label)
-    skipped = {"eval": len(eval_split.missing)}
-
-    if not trainable:
-        # nothing is trained, so nothing is selected: the one model is best.pt and last.pt
-        select, opts.select_split = None, "none"
-        meta["train_options"] = asdict(opts)
-        run.mkdir(parents=True, exist_ok=True)
-        (run / report.METRICS_FILE).unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        record = {"epoch": 0, "train_loss": None, **_evaluate_splits(model, evaluate, opts, device),
-                  "eval_seconds": time.perf_counter() - t0}
-        report.append_metrics(run, record)
-        ckpt = {**meta, "model": model.state_dict(), "epoch": 0, "best_epoch": 0, "best_value": None}
-        _save_atomic(ckpt, last_path)
-        _save_atomic(ckpt, run / "best.pt")
-        if on_epoch_end:
-            on_epoch_end(0, record)
-        return _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped,
-                       data_mode=eval_feats.mode, start=start, console=console, trainable_params=0,
-                       select=select, requested=requested)
-
-    if select is not None:
-        try:
-            select_videos = pair_split(ctx.cache, ctx.manifest, select, ctx.label_set, opts.split_scheme,
-                                       opts.skip_missing)
-        except (CacheError, ValueError) as err:
-            raise type(err)(f"{err} (selection split {select!r}, from --select-split {requested}; "
-                            "--select-split none trains without selection)") from None
-        skipped["select"] = len(select_videos.missing)
-        evaluate["select"] = (select, select_videos, make_features(ctx.cache, select_videos, cfg.frames, device,
-                                                                   opts.data_mode, tokens, opts.workers))
-
-    train_split = pair_split(ctx.cache, ctx.manifest, opts.train_split, ctx.label_set, opts.split_scheme,
-                             opts.skip_missing)
-    skipped["train"] = len(train_split.missing)
-    train_feats = make_features(ctx.cache, train_split, cfg.frames, device, opts.data_mode, tokens, opts.workers)
-    targets = torch.as_tensor(train_split.targets).to(device)
-    steps_per_epoch = math.ceil(len(train_split.video_ids) / opts.batch_size)
-    optimizer = make_optimizer(model, opts)
-    scheduler = make_scheduler(optimizer, round(opts.warmup * steps_per_epoch), opts.epochs * steps_per_epoch)
-    first_epoch, best_value, best_epoch = 1, -math.inf, 0
-
-    if opts.resume:
-        ckpt = load_checkpoint(last_path)
-        check_checkpoint(ckpt, ctx, last_path)
-        _check_resume_options(ckpt, opts, cfg, last_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"])
-        first_epoch, best_value, best_epoch = ckpt["epoch"] + 1, ckpt["best_value"], ckpt["best_epoch"]
-        report.truncate_metrics(run, ckpt["epoch"])
-        console.print(f"resuming {run} after epoch {ckpt['epoch']} ("
-                      + (f"best {select} {metric} {best_value:.4f} at epoch {best_epoch})" if select
-                         else "no selection split: best.pt is the last epoch)"))
-    else:
-        if last_path.exists():
-            raise TrainingError(f"{run}: already holds a run (last.pt); pass --resume to continue it "
-                                "or choose another --out")
-        run.mkdir(parents=True, exist_ok=True)
-        (run / report.METRICS_FILE).unlink(missing_ok=True)
-        (run / "best.pt").unlink(missing_ok=True)   # a stale one would stop the first epoch becoming best
-
-    progress = _progress(opts.quiet)
-    with progress:
-        task = progress.add_task("train", total=(opts.epochs - first_epoch + 1) * steps_per_epoch)
-        for epoch in range(first_epoch, opts.epochs + 1):
-            model.train()
-            gen = epoch_generator(opts.seed, epoch)
-            n = len(train_split.video_ids)
-            order, offsets = torch.randperm(n, generator=gen), torch.rand(n, cfg.frames, generator=gen)
-            t0 = time.perf_counter()
-            total, count, skipped_steps, bad_steps, first_bad = 0.0, 0, 0, 0, None
-            for step, (pos, frames, toks) in enumerate(train_feats.batches(opts.batch_size, order, offsets), 1):
-                y = targets[pos.to(device)]
-                with _autocast(device, opts.amp), _attention_kernels(device, opts.cudnn_attention):
-                    logits = model(frames, toks)
-                loss = loss_fn(logits.float(), y, ctx.multi_label)
-                if not torch.isfinite(loss):
-                    name = "binary cross-entropy" if ctx.multi_label else "cross-entropy"
-                    raise TrainingError(f"{name} loss is {loss.item()} at epoch {epoch}, step {step}/"
-                                        f"{steps_per_epoch}: stopping ({_nan_diagnosis(model, frames, logits)};"
-                                        " lower --lr, or check the cache for non-finite features); last.pt, "
-                                        "if any, holds the last whole epoch")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                # the norm before clipping: clipping by a NaN norm would make every gradient NaN and hide
-                # which parameters the bad values reached
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-                if torch.isfinite(grad_norm):
-                    if opts.clip_grad > 0:
-                        torch.nn.utils.clip_grads_with_norm_(model.parameters(), opts.clip_grad, grad_norm)
-                    optimizer.step()
-                    clamp_logit_scales(model)
-                    bad_steps = 0
-                else:
-                    # A finite loss with a non-finite gradient (seen under bf16 on GPU): skip the step, as
-                    # AMP's GradScaler does, rather than let one step turn every weight into NaN.
-                    bad = _nonfinite_grads(model)
-                    first_bad = first_bad or {"step": step, "params": bad}
-                    optimizer.zero_grad(set_to_none=True)
-                    skipped_steps += 1
-                    bad_steps += 1
-                    if bad_steps >= MAX_BAD_STEPS:
-                        raise TrainingError(f"{bad_steps} steps in a row had a non-finite gradient (epoch "
-                                            f"{epoch}, step {step}; {_describe_bad(bad, model)}): stopping; "
-                                            "try --no-amp or a lower --lr")
-                scheduler.step()
-                total += loss.item() * len(pos)
-                count += len(pos)
-                progress.update(task, advance=1, description=f"epoch {epoch}/{opts.epochs} loss {total / count:.4f}")
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            record = {"epoch": epoch, "train_loss": total / count, "skipped_steps": skipped_steps,
-                      "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0}
-            if first_bad:
-                record["nonfinite_grads"] = first_bad
-                console.print(f"epoch {epoch}: skipped {skipped_steps} step(s) with a non-finite gradient (first "
-                              f"at step {first_bad['step']}: {_describe_bad(first_bad['params'], model)})")
-            if epoch % opts.eval_every == 0 or epoch == opts.epochs:
-                t1 = time.perf_counter()
-                record.update(_evaluate_splits(model, evaluate, opts, device))
-                record["eval_seconds"] = time.perf_counter() - t1
-            report.append_metrics(run, record)
-            if select is None:
-                improved, best_value, best_epoch = True, None, epoch   # no selection: best.pt = last epoch
-            else:
-                # a metric that is nan (no positives at all) never improves: keep some best.pt anyway
-                value = record.get("select", {}).get(metric)
-                improved = value is not None and (value > best_value or not (run / "best.pt").exists())
-                if improved:
-                    best_value, best_epoch = value, epoch
-            ckpt = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(), "epoch": epoch,
-                    "best_epoch": best_epoch, "best_value": best_value}
-            if improved:  # best.pt first: a kill between the two never leaves last.pt naming a lost best
-                _save_atomic(ckpt, run / "best.pt")
-            _save_atomic(ckpt, last_path)
-            if not opts.quiet:
-                shown = " | ".join([f"train loss {record['train_loss']:.4f}"] + [
-                    f"{r['split']} {metric} {r[metric]:.4f} loss {r['eval_loss']:.4f}"
-                    for r in (record.get("select"), record.get("eval")) if r])
-                progress.console.print(f"epoch {epoch}: {shown} ({record['epoch_seconds']:.2f} s)")
-            if on_epoch_end:
-                on_epoch_end(epoch, record)
-    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped,
-                   data_mode=train_feats.mode, start=start, console=console, trainable_params=trainable_params,
-                   select=select, requested=requested)
-
-
-def _evaluate_splits(model, evaluate: dict, opts: TrainOptions, device) -> dict:
-    """{"select": {"split": name, metrics...}, "eval": {...}} for the splits evaluated each epoch."""
-    out = {}
-    for part in ("select", "eval"):
-        if part in evaluate:
-            name, videos, feats = evaluate[part]
-            logits = predict_logits(model, feats, opts.batch_size, device, opts.amp)
-            out[part] = {"split": name, **evaluate_logits(logits, videos)}
-    return out
-
-
-def _check_resume_options(ckpt: dict, opts: TrainOptions, cfg: HeadConfig, where: Path) -> None:
-    before_cfg, now_cfg = ckpt["head_config"], cfg.to_dict()
-    if before_cfg != now_cfg:   # over the union of keys: a checkpoint from an older version lacks new ones
-        diff = next(k for k in sorted(set(before_cfg) | set(now_cfg)) if before_cfg.get(k) != now_cfg.get(k))
-        raise CheckpointMismatch(f"{where}: head option '{diff}' is {before_cfg.get(diff)!r} in the "
-                                 f"checkpoint, {now_cfg.get(diff)!r} now; resume with the same options")
-    before, now = ckpt["train_options"], asdict(opts)
-    for key in sorted(set(before) - RESUME_FREE - {"label_set", "cache", "dataset", "out"}):
-        if before.get(key) != now.get(key):
-            raise CheckpointMismatch(f"{where}: option '{key}' is {before.get(key)!r} in the checkpoint, "
-                                     f"{now.get(key)!r} now; resume with the same options")
-    if now["epochs"] != before["epochs"]:
-        raise CheckpointMismatch(f"{where}: --epochs {now['epochs']} differs from the interrupted run's "
-                                 f"{before['epochs']} (the learning-rate schedule depends on it)")
-    if ckpt["epoch"] >= opts.epochs:
-        raise TrainingError(f"{where}: the run already finished its {opts.epochs} epochs")
-
-
-def _nan_diagnosis(model, frames, logits) -> str:
-    """Where the non-finite values are: the input, the weights (a previous step), or only this forward."""
-    if not torch.isfinite(frames).all():
-        return "the input frames hold NaN/Inf"
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        return f"non-finite weights after the previous step: {', '.join(bad[:3])}"
-    return f"weights finite, logits {'finite' if torch.isfinite(logits).all() else 'non-finite'}"
-
-
-def _nonfinite_grads(model) -> list[str]:
-    """Names of the parameters whose gradient holds NaN/Inf, in registration order."""
-    return [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-
-
-def _describe_bad(bad: list[str], model) -> str:
+def describe_bad(bad: list[str], model) -> str:
     """Which parts of the model a non-finite gradient reached: backward carries NaN from the op that made it
     to every parameter used before that op and to none used after it, so in a temporal encoder the deepest
     block named is the one nearest the origin."""
     total = sum(1 for p in model.parameters() if p.requires_grad)
     if not bad:
-        return "every gradient finite, their norm overflowed"
+        return "every gradient finite: the loss itself was not finite, or the norm overflowed"
     parts = list(dict.fromkeys(_model_part(name) for name in bad))
     return f"non-finite in {len(bad)} of {total} parameter tensors: {', '.join(parts)}"
 
@@ -597,159 +441,71 @@ def _model_part(name: str) -> str:
     return ".".join(bits[:3] if bits[1:2] == ["blocks"] else bits[:2])
 
 
-def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped, *, data_mode,
-            start, console, trainable_params, select, requested) -> dict:
-    """Re-evaluate best.pt (so summary.json is exactly what `eval` reproduces), write the plots and summary."""
-    best = load_checkpoint(run / "best.pt")
-    model.load_state_dict(best["model"])
-    logits = predict_logits(model, eval_feats, opts.batch_size, device, opts.amp)
-    metrics = evaluate_logits(logits, eval_split)
-    history = report.read_metrics(run)
-    epoch_times = [r["epoch_seconds"] for r in history if r.get("epoch_seconds") is not None]
-    at_best = next((r for r in history if r["epoch"] == best["epoch"]), {})
-    selection = {"split": select, "metric": metric if select else None, "best_epoch": best["epoch"],
-                 "value": best["best_value"] if select else None, "requested": requested,
-                 "metrics": _split_part(at_best, "select") if select else None}
-    summary = {
-        "model": cfg.model, "dataset": meta["dataset"], "label_set": ctx.label_set, "split": opts.eval_split,
-        "split_scheme": opts.split_scheme, "checkpoint": "best", "best_epoch": best["epoch"],
-        "selection": selection, "primary_metric": metric, "metrics": metrics,
-        "last_metrics": _split_part(history[-1], "eval") if history else {},
-        "num_eval_videos": len(eval_split.video_ids), "skipped_missing": skipped,
-        "epochs": opts.epochs if trainable_params else 0, "data_mode": data_mode, "device": str(device),
-        "trainable_parameters": trainable_params, "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
-        "seconds_total": time.perf_counter() - start, "head_config": cfg.to_dict(), "cache_dir": meta["cache_dir"],
-    }
-    _write_outputs(run, logits, eval_split, ctx.label_names, metric, history, best["epoch"] if select else None)
-    if ctx.multi_label:
-        ap = per_class_ap(logits, eval_split.targets)
-        summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(ctx.label_names, ap)}
-    report.write_summary(run, summary)
-    if select:
-        how = f"best.pt = epoch {best['epoch']}, selected by {select} {metric}"
-        rows = {f"{opts.eval_split}, best.pt": metrics, f"{opts.eval_split}, last.pt": summary["last_metrics"],
-                f"{select} (selection), best.pt": selection["metrics"]}
-    else:
-        why = ("nothing trained" if not trainable_params else "--select-split none" if requested == "none"
-               else "auto: val is the eval split" if opts.eval_split == "val"
-               else f"auto: no val videos labelled with '{ctx.label_set}'")
-        how = f"best.pt = last epoch {best['epoch']} ({why})"
-        rows = {f"{opts.eval_split}, best.pt = last.pt": metrics}
-    console.print(report.metrics_table(f"{cfg.model} on {ctx.manifest.dataset}/{ctx.label_set}: "
-                                       f"{opts.eval_split} metrics", rows, caption=how))
-    console.print(f"run folder: {run}")
-    return summary
-
-
-def _split_part(record: dict, part: str) -> dict:
-    """Metrics of one split ("eval" or "select") in a metrics.jsonl record, without the split's name."""
-    return {k: v for k, v in record.get(part, {}).items() if k != "split"}
-
-
-def _write_outputs(run: Path, logits, split: SplitVideos, names, metric, history, best_epoch) -> None:
-    report.plot_curves(history, metric, run / "curves.png", best_epoch)
-    if split.multi_label:
-        report.plot_per_class_ap(per_class_ap(logits, split.targets), names, run / "per_class_ap.png")
-    else:
-        cm = confusion_matrix(split.targets, logits.argmax(1), len(names))
-        report.plot_confusion(cm, names, run / "confusion.png")
-
-
 def _dataset_ref(dataset: str) -> str:
     """Built-in names stay names; folders become absolute so eval works from another directory."""
+    from pathlib import Path
+
+    from cmdcl_cache.manifest import BUILTIN_DATASETS
     path = Path(dataset)
-    return str(path.resolve()) if path.is_dir() and ("/" in dataset or dataset not in ("coin", "breakfast",
-                                                                                       "charades", "demo")) else dataset
-
-
-def _console(quiet: bool):
-    from rich.console import Console
-
-    return Console(quiet=quiet)
+    return str(path.resolve()) if path.is_dir() and ("/" in dataset or dataset not in BUILTIN_DATASETS) else dataset
 
 
 def _progress(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from cmdcl_cache.progress import console
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=quiet, transient=True)
+                    disable=quiet, transient=True, console=console(quiet=quiet))
 
 
-# ------------------------------------------------------------------------------------------------ eval / predict
+# ------------------------------------------------------------------------------------------------ the end
 
-def _confounders_in(state: dict, dim: int):
-    """Confounders of the shapes a CMDCL checkpoint holds (values come with load_state_dict)."""
-    from .confounders import Confounders
+def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, splits: Splits, device,
+           trainable_params: int, requested: str) -> dict:
+    """Evaluate the eval split once, with best; write the plots, summary.json and the table."""
+    from cmdcl_cache.progress import console
 
-    def table(key, prior_key):
-        if key in state:
-            return state[key].float(), state[prior_key].float().exp()
-        return torch.zeros(1, dim), torch.ones(1)   # that part of the head is switched off
+    from . import report
 
-    vp, vp_prior = table("tci.vp", "tci.log_prior")
-    z, z_prior = table("z", "z_log_prior")
-    return Confounders(vp=vp, vp_prior=vp_prior, z=z, z_prior=z_prior)
-
-
-def _open_run(run: str | Path, checkpoint: str, cache: str | None, dataset: str | None, device: str,
-              data_mode: str):
-    run = Path(run)
-    path = run / f"{checkpoint}.pt"
-    ckpt = load_checkpoint(path)
-    cfg = HeadConfig.from_dict(ckpt["head_config"])
-    opts = TrainOptions.from_dict(ckpt["train_options"])
-    ctx = open_context(cache or ckpt["cache_dir"], dataset or ckpt["dataset"], ckpt["label_set"],
-                       ckpt["fine_label_set"])
-    check_checkpoint(ckpt, ctx, path)
-    dev = resolve_device(device)
-    if cfg.model == "cmdcl":
-        # The dictionaries are buffers of the head: a run evaluates with its own, whatever confounders.h5
-        # holds now (rebuilt with other K, or a cache grown by --retry-failed).
-        model = build_head(cfg, ctx.text, ctx.fine_text, _confounders_in(ckpt["model"], ctx.text.shape[1]))
-    else:
-        model = make_model(cfg, ctx, dataset or ckpt["dataset"], opts.split_scheme)
-    model = model.to(dev)
-    model.load_state_dict(ckpt["model"])
-    return ckpt, cfg, opts, ctx, model, dev, data_mode
-
-
-def evaluate_run(run: str | Path, checkpoint: str = "best", split: str | None = None, cache: str | None = None,
-                 dataset: str | None = None, device: str = "auto", data_mode: str = "auto",
-                 skip_missing: bool | None = None, quiet: bool = False) -> dict:
-    """Metrics of a run's checkpoint on a split (default: the split it was evaluated on)."""
-    ckpt, cfg, opts, ctx, model, dev, mode = _open_run(run, checkpoint, cache, dataset, device, data_mode)
-    split = split or opts.eval_split
-    videos = pair_split(ctx.cache, ctx.manifest, split, ctx.label_set, opts.split_scheme,
-                        opts.skip_missing if skip_missing is None else skip_missing)
-    feats = make_features(ctx.cache, videos, cfg.frames, dev, mode, ckpt["tokens"], opts.workers)
-    metrics = evaluate_logits(predict_logits(model, feats, opts.batch_size, dev, opts.amp), videos)
-    _console(quiet).print(report.metrics_table(f"{cfg.model} {checkpoint}.pt (epoch {ckpt['epoch']}) on {split}",
-                                               {checkpoint: metrics}))
-    return metrics
-
-
-def predict_run(run: str | Path, out: str | Path, top_k: int = 5, checkpoint: str = "best",
-                split: str | None = None, cache: str | None = None, dataset: str | None = None,
-                device: str = "auto", data_mode: str = "auto", skip_missing: bool | None = None) -> int:
-    """Per-video top-k labels with scores (softmax for single-label, sigmoid for multi-label) as JSON Lines."""
-    ckpt, cfg, opts, ctx, model, dev, mode = _open_run(run, checkpoint, cache, dataset, device, data_mode)
-    split = split or opts.eval_split
-    videos = pair_split(ctx.cache, ctx.manifest, split, ctx.label_set, opts.split_scheme,
-                        opts.skip_missing if skip_missing is None else skip_missing)
-    feats = make_features(ctx.cache, videos, cfg.frames, dev, mode, ckpt["tokens"], opts.workers)
-    logits = torch.from_numpy(predict_logits(model, feats, opts.batch_size, dev, opts.amp))
-    scores = torch.sigmoid(logits) if ctx.multi_label else torch.softmax(logits, dim=1)
-    k = min(top_k, scores.shape[1])
-    values, ids = scores.topk(k, dim=1)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as fh:
-        for i, vid in enumerate(videos.video_ids):
-            target = videos.targets[i]
-            truth = ([ctx.label_keys[j] for j in np.nonzero(target)[0]] if ctx.multi_label
-                     else ctx.label_keys[int(target)])
-            fh.write(json.dumps({"video_id": vid, "target": truth, "top_k": [
-                {"rank": r + 1, "id": int(c), "key": ctx.label_keys[c], "name": ctx.label_names[c],
-                 "score": round(float(s), 6)} for r, (c, s) in enumerate(zip(ids[i].tolist(), values[i].tolist()))]})
-                     + "\n")
-    return len(videos.video_ids)
+    best = run.load_checkpoint("best")
+    model.load_state_dict(best.model)
+    name, videos, feats = splits.eval
+    logits = predict_logits(model, feats, config.batch_size, device, config.precision)
+    metrics = evaluate_logits(logits, videos)
+    history = run.read_metrics()
+    metric = primary_metric(data.labels.multi_label)
+    select = splits.select[0] if splits.select else None
+    at_best = next((r for r in history if r["epoch"] == best.meta["epoch"]), {})
+    selection = {"split": select, "metric": metric if select else None, "best_epoch": best.meta["epoch"],
+                 "value": best.meta["best_value"] if select else None, "requested": requested,
+                 "metrics": {k: v for k, v in at_best.get("select", {}).items() if k != "split"} if select else None}
+    epoch_times = [r["epoch_seconds"] for r in history if r.get("epoch_seconds") is not None]
+    summary = {
+        "model": head.model, "dataset": _dataset_ref(config.dataset), "label_set": data.labels.label_set,
+        "split": name, "split_scheme": config.split_scheme, "checkpoint": "best", "best_epoch": best.meta["epoch"],
+        "selection": selection, "primary_metric": metric, "metrics": metrics,
+        "num_eval_videos": len(videos.video_ids), "skipped_missing": splits.skipped(),
+        "epochs": config.epochs if trainable_params else 0, "data_mode": feats.mode, "device": str(device),
+        "trainable_parameters": trainable_params,
+        "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
+        "head_config": head.to_dict(), "train_config": config.to_dict(), "cache_dir": str(data.folder.path.resolve()),
+    }
+    report.write_outputs(run.path, logits, videos, data.labels.names, metric, history,
+                         best.meta["epoch"] if select else None, trained=bool(trainable_params), split_name=name)
+    if data.labels.multi_label:
+        from .metrics import per_class_ap
+        ap = per_class_ap(logits, videos.targets)
+        summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(data.labels.names, ap)}
+    run.write_summary(summary)
+    how = (f"best = epoch {best.meta['epoch']}, selected by {select} {metric}" if select else
+           f"best = last epoch {best.meta['epoch']} ("
+           + ("nothing trained" if not trainable_params else "no selection split: --select-split "
+              + ("none" if config.select_split == "none" else "auto found no val videos")) + ")")
+    rows = {f"{name}, best": metrics}
+    if select:
+        rows[f"{select} (selection), best"] = selection["metrics"]
+    out = console(quiet=config.quiet)
+    out.print(report.metrics_table(f"{head.model} on {data.manifest.dataset}/{data.labels.label_set}: {name} "
+                                   "metrics", rows, caption=how))
+    out.print(f"run folder: {run}", markup=False)
+    return summary

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmdcl_heads.cmdcl import CMDCLHead
+from cmdcl_heads.models import make_head
 from cmdcl_heads.config import HeadConfig
 from cmdcl_heads.confounders import Confounders
 
@@ -24,7 +24,7 @@ def _head(fine=True, **cfg):
     cfg = HeadConfig(**{"layers": 1, "heads": 4, "dropout": 0.0, "max_frames": 32, **cfg})
     text = F.normalize(torch.randn(C, D), dim=-1)
     fine_text = F.normalize(torch.randn(CF, D), dim=-1) if fine else None
-    return CMDCLHead(cfg, text, fine_text, _conf())
+    return make_head(cfg, text, fine_text, _conf())
 
 
 def _inputs(tokens=False):
@@ -109,9 +109,9 @@ def test_switched_on_vci_differs_after_training_step_and_parts_switch_individual
         assert flag not in ex and ex["logits"].shape == (B, C)
     # no confounders needed when nothing uses them
     cfg = HeadConfig(layers=0, tci=False, cross_sample=False, dropout=0.0)
-    CMDCLHead(cfg, torch.randn(C, D), torch.randn(CF, D), None)(frames)
+    make_head(cfg, torch.randn(C, D), torch.randn(CF, D), None)(frames)
     with pytest.raises(ValueError, match="cmdcl-heads confounders build"):
-        CMDCLHead(HeadConfig(layers=0), torch.randn(C, D), None, None)
+        make_head(HeadConfig(layers=0), torch.randn(C, D), None, None)
 
 
 def test_untrained_head_starts_at_zero_shot():
@@ -119,11 +119,11 @@ def test_untrained_head_starts_at_zero_shot():
     torch.manual_seed(0)
     text = F.normalize(torch.randn(C, D), dim=-1)
     frames = text[torch.tensor([0, 3, 1])][:, None] * 4 + 0.3 * torch.randn(B, T, D)
-    off = CMDCLHead(HeadConfig(layers=0, tci=False, vci=False, dropout=0.0), text, None, None).eval()
+    off = make_head(HeadConfig(layers=0, tci=False, vci=False, dropout=0.0), text, None, None).eval()
     zs = 100 * F.normalize(F.normalize(frames, dim=-1).mean(1), dim=-1) @ text.T
     assert torch.allclose(off(frames), zs, atol=1e-4)
     # everything on: the zero-initialised branches leave the zero-shot decision in place
-    on = CMDCLHead(HeadConfig(layers=0, dropout=0.0), text, F.normalize(torch.randn(CF, D), dim=-1),
+    on = make_head(HeadConfig(layers=0, dropout=0.0), text, F.normalize(torch.randn(CF, D), dim=-1),
                    _conf()).eval()
     assert torch.equal(on(frames).argmax(-1), torch.tensor([0, 3, 1]))
     assert torch.corrcoef(torch.stack([on(frames).flatten(), zs.flatten()]))[0, 1] > 0.95

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from _cmdcl_synth import ACTIVITIES, make_dataset
 from cmdcl_heads.cli import app
+from cmdcl_heads.run import RunFolder
 
 CHANCE = 1 / len(ACTIVITIES)
 
@@ -42,7 +43,7 @@ def test_cmdcl_and_ablations_train_from_the_cli_and_beat_chance(synth, tmp_path)
         assert res.exit_code == 0, (name, res.output)
         summary = json.loads((run / "summary.json").read_text())
         results[name] = summary["metrics"]["top1"]
-        cfg = torch.load(run / "best.pt", weights_only=False)["head_config"]
+        cfg = RunFolder(run).load_checkpoint("best").meta["head_config"]
         assert cfg["tci"] == (name != "no-tci") and cfg["vci"] == (name != "no-vci")
     print(results)
     for name, top1 in results.items():
@@ -63,7 +64,7 @@ def test_cmdcl_and_ablations_train_from_the_cli_and_beat_chance(synth, tmp_path)
     res = CliRunner().invoke(app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),
                                    "--kp", "8", "--kz", "12", "--niter", "5"])
     assert res.exit_code == 0, res.output
-    from cmdcl_heads.train import evaluate_run
+    from cmdcl_heads.evaluate import evaluate_run
     assert evaluate_run(tmp_path / "cmdcl", quiet=True) == summary["metrics"]
 
 
@@ -78,17 +79,18 @@ def test_cmdcl_trains_under_bf16_autocast(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     autocasts = []
 
-    def cpu_bf16(device, amp):
-        autocasts.append(amp)
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp)
+    def cpu_bf16(device, precision):
+        autocasts.append(precision)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    monkeypatch.setattr(train_module, "_autocast", cpu_bf16)
+    monkeypatch.setattr(train_module, "autocast", cpu_bf16)
     run = tmp_path / "bf16"
-    res = _train((cache, manifest), run)
+    res = _train((cache, manifest), run, "--precision", "bf16")
     assert res.exit_code == 0, res.output
-    assert autocasts and all(autocasts)
+    assert autocasts and set(autocasts) == {"bf16"}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["skipped_steps"] == 0 for r in records)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["metrics"]["top1"] > CHANCE + 0.25
-    assert train_module.evaluate_run(run, quiet=True) == summary["metrics"]
+    from cmdcl_heads.evaluate import evaluate_run
+    assert evaluate_run(run, quiet=True) == summary["metrics"]

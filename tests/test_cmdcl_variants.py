@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmdcl_heads.cmdcl import CMDCLHead
+from cmdcl_heads.models import make_head
 from cmdcl_heads.config import HeadConfig
 from test_cmdcl import B, C, CF, D, KP, KZ, P, T, _conf, _head, _inputs
 
@@ -50,12 +50,13 @@ def test_replace_makes_the_video_feature_the_mediator_output():
 def test_project_removes_what_the_fine_texts_do_not_span():
     head = _head(mediator_mode="project").eval()
     assert not hasattr(head, "mediator") and not hasattr(head, "fine_text")
-    assert head.fine_basis.shape == (CF, D)
-    fine = head.fine_basis
+    proj = head.fine_projector
+    assert proj.shape == (D, D) and torch.linalg.matrix_rank(proj) == CF
+    assert torch.allclose(proj @ proj, proj, atol=1e-5) and torch.allclose(proj, proj.T, atol=1e-6)
     frames, _ = _inputs()
     # a component orthogonal to span(E_f) (a "scene") does not change the logits at all
     scene = torch.randn(D)
-    scene = scene - fine.T @ (fine @ scene)
+    scene = scene - proj @ scene
     normed = F.normalize(frames, dim=-1)
     assert torch.allclose(head(normed), head(normed + 3 * scene), atol=2e-3)  # logits are x100
     gate = _head(mediator_mode="gate").eval()
@@ -65,7 +66,7 @@ def test_project_removes_what_the_fine_texts_do_not_span():
 @pytest.mark.parametrize("mode", ["replace", "project"])
 def test_no_vci_ignores_the_mode_exactly(mode):
     head = _head(vci=False, mediator_mode=mode).eval()
-    assert not hasattr(head, "mediator") and not hasattr(head, "fine_basis")
+    assert not hasattr(head, "mediator") and not hasattr(head, "fine_projector")
     frames, _ = _inputs()
     v, x, parts = head.video_features(frames, None, None)
     assert parts == {} and torch.equal(v, x.mean(dim=1))
@@ -124,4 +125,4 @@ def test_backdoor_cross_sample_averages_scores_over_z_strata():
 def test_project_warns_when_the_fine_texts_span_everything():
     cfg = HeadConfig(layers=0, tci=False, cross_sample=False, dropout=0.0, mediator_mode="project")
     with pytest.warns(UserWarning, match="projection is the identity"):
-        CMDCLHead(cfg, torch.randn(C, D), torch.randn(D + 3, D), None)
+        make_head(cfg, torch.randn(C, D), torch.randn(D + 3, D), None)

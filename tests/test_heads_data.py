@@ -9,7 +9,12 @@ from cmdcl_cache.manifest import load_manifest
 from cmdcl_cache.cache import Cache
 from cmdcl_heads import data
 from cmdcl_heads.data import (LazyFeatures, MemoryFeatures, MissingVideosError, make_features, pair_split,
-                              resolve_cache_dir, tsn_indices, tsn_rows)
+                              tsn_indices, tsn_rows)
+
+
+def resolve_cache_dir(path):
+    from cmdcl_cache.cache import locate
+    return locate(path).path
 
 
 def test_tsn_eval_takes_segment_centres():

@@ -11,11 +11,14 @@ from typer.testing import CliRunner
 from _heads_synth import NUM_TASKS, make_synthetic
 from cmdcl_cache.cache import Cache
 from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.store import ProvenanceError, read_texts
+from cmdcl_cache.store import CacheError, ProvenanceError, read_texts
 from cmdcl_heads import train as train_module
 from cmdcl_heads.cli import app
-from cmdcl_heads.config import HeadConfig
-from cmdcl_heads.train import CheckpointMismatch, TrainingError, TrainOptions, evaluate_run, train
+from cmdcl_heads.config import HeadConfig, TrainConfig
+from cmdcl_heads.data import NonFiniteFeatures
+from cmdcl_heads.evaluate import CheckpointMismatch, evaluate_run
+from cmdcl_heads.run import CheckpointError, RunFolder
+from cmdcl_heads.train import TrainingError, train
 
 CHANCE = 1 / NUM_TASKS
 TIMING = ("epoch_seconds", "eval_seconds")
@@ -35,8 +38,14 @@ def synth_val(tmp_path_factory):
 def _opts(synth, out, **kw):
     cache, manifest = synth
     base = dict(cache=str(cache), dataset=str(manifest), out=str(out), epochs=4, batch_size=16, lr=3e-3,
-                warmup=0.5, device="cpu", quiet=True, data_mode="memory")
-    return TrainOptions(**{**base, **kw})
+                warmup=0.5, device="cpu", quiet=True, data_mode="memory", eval_each_epoch=True)
+    return TrainConfig(**{**base, **kw})
+
+
+def _ckpt(run, name="best"):
+    """A checkpoint as one dict: its metadata, "model" (the state dict) and "optimizer" when it has one."""
+    c = RunFolder(run).load_checkpoint(name)
+    return {**c.meta, "model": c.model, **({"optimizer": c.optimizer} if c.optimizer is not None else {})}
 
 
 def _cfg(model, **kw):
@@ -60,12 +69,13 @@ def test_zeroshot_evaluates_without_training(synth, tmp_path):
     assert summary["trainable_parameters"] == 0 and summary["epochs"] == 0
     records = _records(run)
     assert len(records) == 1 and records[0]["epoch"] == 0 and records[0]["train_loss"] is None
-    assert _metrics(records[0], "eval") == summary["metrics"] and "select" not in records[0]
+    assert "eval" not in records[0] and "select" not in records[0]   # the eval split is evaluated once, at the end
     assert summary["selection"]["split"] is None and summary["best_epoch"] == 0
-    ckpt = torch.load(run / "best.pt", weights_only=False)
+    ckpt = _ckpt(run, "best")
     assert "optimizer" not in ckpt and set(ckpt["model"]) == {"text"}
-    for name in ("summary.json", "curves.png", "confusion.png", "last.pt"):
+    for name in ("summary.json", "confusion.png", "last.safetensors", "config.toml", "metrics.csv"):
         assert (run / name).stat().st_size > 0
+    assert not (run / "curves.png").exists()   # nothing was trained: no curve to draw
     assert evaluate_run(run, quiet=True) == summary["metrics"]
 
 
@@ -81,7 +91,7 @@ def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
     # no val videos: nothing selects, best.pt is the last epoch (never the best test epoch)
     assert summary["selection"]["split"] is None and summary["best_epoch"] == 6
     assert summary["metrics"] == _metrics(records[-1], "eval")
-    for name in ("curves.png", "confusion.png", "best.pt", "last.pt"):
+    for name in ("curves.png", "confusion.png", "best.safetensors", "last.safetensors"):
         assert (run / name).exists()
 
 
@@ -99,7 +109,7 @@ def test_grid_tokens_reach_the_temporal_encoder(tmp_path):
     synth = make_synthetic(tmp_path, grid=2, train_per_class=4, test_per_class=2)
     run = tmp_path / "grid"
     summary = train(_opts(synth, run, epochs=1), _cfg("text4vis"))
-    ckpt = torch.load(run / "last.pt", weights_only=False)
+    ckpt = _ckpt(run, "last")
     assert ckpt["tokens"] is True and "encoder.space_pos" in ckpt["model"]
     assert evaluate_run(run, quiet=True) == summary["metrics"]
 
@@ -120,15 +130,15 @@ def test_resume_gives_the_same_final_metrics(data, request, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(_opts(synth, cut), _cfg("text4vis"), on_epoch_end=stop_after_two)
     assert len(_records(cut)) == 2
-    with pytest.raises(TrainingError, match="--resume"):
+    with pytest.raises(CheckpointError, match="--resume"):
         train(_opts(synth, cut), _cfg("text4vis"))
     resumed = train(_opts(synth, cut, resume=True, data_mode="lazy", workers=0), _cfg("text4vis"))
     assert _records(cut) == _records(full)
     assert resumed["metrics"] == ref["metrics"]
     assert resumed["selection"] == ref["selection"]
     assert resumed["selection"]["split"] == (None if data == "synth" else "val")
-    a = torch.load(full / "last.pt", weights_only=False)["model"]
-    b = torch.load(cut / "last.pt", weights_only=False)["model"]
+    a = _ckpt(full, "last")["model"]
+    b = _ckpt(cut, "last")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(CheckpointMismatch, match="'lr'"):
         train(_opts(synth, tmp_path / "cut", resume=True, lr=1.0, epochs=6), _cfg("text4vis"))
@@ -153,9 +163,9 @@ def test_cli_train_eval_predict(synth, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--config", str(config), "--epochs", "3", "--out", str(run)])
     assert res.exit_code == 0, res.output
-    ckpt = torch.load(run / "last.pt", weights_only=False)
-    assert ckpt["train_options"]["epochs"] == 3 and ckpt["train_options"]["lr"] == 0.03
-    assert ckpt["head_config"]["model"] == "linear" and ckpt["train_options"]["batch_size"] == 16
+    ckpt = _ckpt(run, "last")
+    assert ckpt["train_config"]["epochs"] == 3 and ckpt["train_config"]["lr"] == 0.03
+    assert ckpt["head_config"]["model"] == "linear" and ckpt["train_config"]["batch_size"] == 16
     summary = json.loads((run / "summary.json").read_text())
 
     out = tmp_path / "eval.json"
@@ -200,9 +210,9 @@ def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, m
     assert [r["select"]["top1"] for r in records] == [0.3, 0.9, 0.5, 0.6]
     assert summary["selection"] == {"split": "val", "metric": "top1", "best_epoch": 2, "value": 0.9,
                                     "requested": "auto", "metrics": _metrics(records[1], "select")}
-    assert summary["best_epoch"] == 2 and torch.load(run / "best.pt", weights_only=False)["epoch"] == 2
+    assert summary["best_epoch"] == 2 and _ckpt(run, "best")["epoch"] == 2
     assert summary["metrics"] == _metrics(records[1], "eval")     # test metrics of the val-selected epoch
-    assert summary["last_metrics"] == _metrics(records[3], "eval")
+    assert evaluate_run(run, checkpoint="last", quiet=True) == _metrics(records[3], "eval")
     assert summary["skipped_missing"] == {"eval": 0, "train": 0, "select": 0}
     assert evaluate_run(run, quiet=True) == summary["metrics"]
     on_val = evaluate_run(run, split="val", quiet=True)   # all but the scripted top1 are reproduced
@@ -229,13 +239,13 @@ def test_without_selection_split_best_is_last(synth, synth_val, tmp_path):
         summary = train(_opts(data, run, epochs=2, lr=3e-2, **kw), _cfg("linear"))
         assert summary["selection"] == {"split": None, "metric": None, "best_epoch": 2, "value": None,
                                         "requested": kw.get("select_split", "auto"), "metrics": None}, name
-        best = torch.load(run / "best.pt", weights_only=False)
-        last = torch.load(run / "last.pt", weights_only=False)
-        assert best["epoch"] == last["epoch"] == 2 and best["train_options"]["select_split"] == "none"
+        best = _ckpt(run, "best")
+        last = _ckpt(run, "last")
+        assert best["epoch"] == last["epoch"] == 2 and best["train_config"]["select_split"] == "none"
         assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
         records = _records(run)
         assert all("select" not in r for r in records)
-        assert summary["metrics"] == summary["last_metrics"] == _metrics(records[-1], "eval")
+        assert summary["metrics"] == _metrics(records[-1], "eval")
         assert evaluate_run(run, checkpoint="last", quiet=True) == summary["metrics"]
 
 
@@ -277,38 +287,41 @@ def test_checkpoint_and_cache_mismatches_name_the_attribute(synth, tmp_path):
     with pytest.raises(CheckpointMismatch, match="'label_names'.*'task number 0' vs 'other 0'"):
         evaluate_run(run, cache=str(renamed[0]), dataset=str(renamed[1]), quiet=True)
     # texts.h5 written for another labels.json
-    with pytest.raises(CheckpointMismatch, match="texts.h5 label set 'task'.*labels.json"):
+    with pytest.raises(CacheError, match="texts.h5: label set 'task' has other names than .*labels.json"):
         train(_opts((renamed[0], synth[1]), tmp_path / "t"), _cfg("linear"))
 
 
-def test_nan_features_stop_training_with_a_clear_message(synth, tmp_path):
+@pytest.mark.parametrize("split,mode", [("train", "memory"), ("test", "memory"), ("test", "lazy")])
+def test_nan_features_in_any_split_read_are_refused_naming_the_video(synth, tmp_path, split, mode):
     cache = Cache(synth[0])
     feats = {v: np.asarray(cache.features(v)) for v in cache.video_ids}
-    feats["train_3_004"][:] = np.nan
+    vid = f"{split}_3_004"
+    feats[vid][2] = np.nan
     bad = write_synthetic_cache(tmp_path / "bad", feats, read_texts(synth[0] / "texts.h5"))
-    with pytest.raises(TrainingError, match=r"cross-entropy loss is nan at epoch 1, step \d+/4"):
-        train(_opts((bad, synth[1]), tmp_path / "nan"), _cfg("linear"))
+    with pytest.raises(NonFiniteFeatures, match=rf"video '{vid}' has NaN/Inf in 1 of its \d+ cached features rows"):
+        train(_opts((bad, synth[1]), tmp_path / "nan", data_mode=mode, workers=0), _cfg("linear"))
+    assert not (tmp_path / "nan" / "best.safetensors").exists()
 
 
 def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path, monkeypatch):
-    real = torch.nn.utils.get_total_norm
+    real = train_module.grad_norms
     calls = {"n": 0}
 
-    def norm_inf_on_first_two(grads, *a, **k):
+    def norm_inf_on_first_two(params):
         calls["n"] += 1
-        norm = real(grads, *a, **k)
-        return torch.tensor(float("inf")) if calls["n"] <= 2 else norm
+        total, per = real(params)
+        return (torch.tensor(float("inf")), per) if calls["n"] <= 2 else (total, per)
 
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", norm_inf_on_first_two)
+    monkeypatch.setattr(train_module, "grad_norms", norm_inf_on_first_two)
     run = tmp_path / "skip"
     train(_opts(synth, run, epochs=2), _cfg("linear"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [2, 0]
     assert all(np.isfinite(r["train_loss"]) for r in records)
 
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: torch.tensor(float("nan")))
+    monkeypatch.setattr(train_module, "grad_norms", lambda params: (torch.tensor(float("nan")), real(params)[1]))
     monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
-    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite gradient"):
+    with pytest.raises(TrainingError, match=r"\d+ steps in a row had a non-finite loss or gradient"):
         train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("linear"))
 
 
@@ -336,7 +349,7 @@ def test_a_skipped_step_names_the_parameters_with_a_non_finite_gradient(synth, t
     assert [r["skipped_steps"] for r in records] == [1, 0]
     assert records[0]["nonfinite_grads"] == {"step": 1, "params": [target]}
     assert "nonfinite_grads" not in records[1]
-    weights = torch.load(run / "last.pt", weights_only=False)["model"]
+    weights = _ckpt(run, "last")["model"]
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -357,10 +370,14 @@ def test_texts_of_other_weights_are_refused(synth, tmp_path):
 def test_checkpoint_with_another_fine_vocabulary_is_refused(synth, tmp_path):
     run = tmp_path / "fine"
     train(_opts(synth, run, epochs=1), _cfg("linear"))
-    ckpt = torch.load(run / "best.pt", weights_only=False)
-    assert ckpt["fine_label_names"]
-    ckpt["fine_label_names"] = list(reversed(ckpt["fine_label_names"]))
-    torch.save(ckpt, run / "best.pt")
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    path = run / "best.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["cmdcl"])
+    assert meta["fine_label_names"]
+    meta["fine_label_names"] = list(reversed(meta["fine_label_names"]))
+    save_file(load_file(str(path)), str(path), metadata={"cmdcl": json.dumps(meta)})
     with pytest.raises(CheckpointMismatch, match="attribute 'fine_label_names'"):
         evaluate_run(run, quiet=True)
 
@@ -369,9 +386,9 @@ def test_non_finite_gradients_are_described_by_model_part():
     names = ["encoder.proj.weight", "encoder.blocks.0.time.attn.in_proj_weight", "encoder.blocks.0.mlp.fc.bias",
              "encoder.blocks.3.time.ln.weight", "tci.attn.q.weight"]
     model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(4)))   # only its 8 tensors are counted
-    assert train_module._describe_bad(names, model) == (
+    assert train_module.describe_bad(names, model) == (
         "non-finite in 5 of 8 parameter tensors: encoder.proj, encoder.blocks.0, encoder.blocks.3, tci")
-    assert "norm overflowed" in train_module._describe_bad([], model)
+    assert "norm overflowed" in train_module.describe_bad([], model)
 
 
 def test_training_on_cuda_leaves_cudnn_attention_out_unless_asked():

@@ -1,0 +1,200 @@
+"""Evaluation and prediction of a trained head: used by `train` (its final report), `eval`, `predict`, `explain`.
+
+`load_run(run, checkpoint)` rebuilds the head from the checkpoint's configuration alone and loads its
+weights (no cache needed for that); `open_run` then attaches the data the run was trained on, after
+checking that the cache and manifest are those of the checkpoint (feature dimension, label names, the
+fine vocabulary, the cache's provenance), naming what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from cmdcl_cache.cache import provenance_difference
+from cmdcl_cache.store import CacheError, ProvenanceError
+
+from .config import HeadConfig, TrainConfig
+from .data import RunData, SplitVideos, make_features, open_data
+from .metrics import compute_metrics
+from .models import build_head
+from .run import Checkpoint, RunFolder
+
+
+class CheckpointMismatch(CacheError):
+    """A checkpoint and the cache / manifest it is used with disagree."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when asked for; fp32 (TF32 matmuls on CUDA) otherwise."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    return F.cross_entropy(logits, targets)
+
+
+@torch.no_grad()
+def predict_logits(model, feats, batch_size: int, device: torch.device, precision: str = "fp32") -> np.ndarray:
+    """Logits [N, C] float32 in split order, centre sampling, eval mode."""
+    model.eval()
+    n = len(feats.split.video_ids)
+    out = []
+    for _, frames, tokens in feats.batches(batch_size, torch.arange(n), None):
+        with autocast(device, precision):
+            logits = model(frames, tokens)
+        out.append(logits.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def evaluate_logits(logits: np.ndarray, split: SplitVideos) -> dict:
+    targets = torch.as_tensor(split.targets)
+    loss = float(loss_fn(torch.from_numpy(logits), targets, split.multi_label))
+    return {**compute_metrics(logits, split.targets, split.multi_label), "eval_loss": loss}
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+def load_run(run: str | Path, checkpoint: str = "best", device: str = "cpu"):
+    """(Checkpoint, HeadConfig, TrainConfig, head with its weights, in eval mode) from a run folder alone."""
+    ckpt = RunFolder(run).load_checkpoint(checkpoint)
+    path = RunFolder(run).checkpoint_path(checkpoint)
+    try:
+        cfg = HeadConfig.from_dict(ckpt.meta["head_config"])
+        train_cfg = TrainConfig.from_dict(ckpt.meta["train_config"])
+        head = build_head(cfg)
+        head.load_state_dict(ckpt.model)
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise CheckpointMismatch(f"{path}: its configuration and weights do not make a head "
+                                 f"({type(err).__name__}: {str(err)[:300]})") from None
+    return ckpt, cfg, train_cfg, head.to(resolve_device(device)).eval()
+
+
+def check_checkpoint(meta: dict, data: RunData, where: Path) -> None:
+    """Refuse a cache or manifest that is not the one the checkpoint was trained on; name what differs."""
+    labels = data.labels
+    if meta["feature_dim"] != data.cache.feature_dim:
+        raise CheckpointMismatch(f"{where}: feature dimension is {meta['feature_dim']} in the checkpoint but "
+                                 f"{data.cache.feature_dim} in the cache {data.folder} (attribute 'feature_dim')")
+    if meta["label_set"] != labels.label_set:
+        raise CheckpointMismatch(f"{where}: trained on label set {meta['label_set']!r}, asked for "
+                                 f"{labels.label_set!r} (attribute 'label_set')")
+    check_names(f"{where} (attribute 'label_names')", meta["label_names"],
+                f"label set '{labels.label_set}' of {data.manifest.root}", labels.names)
+    check_names(f"{where} (attribute 'fine_label_names')", meta["fine_label_names"],
+                f"label set '{labels.fine_label_set}' of {data.manifest.root}", labels.fine_names)
+    diff = provenance_difference(meta["cache_provenance"], data.cache.provenance)
+    if diff:
+        raise ProvenanceError(f"{where}: the cache {data.folder} was not the one this checkpoint was trained "
+                              f"on: {diff.replace('expected', 'checkpoint has')}")
+
+
+def check_names(where_a: str, a: list[str], where_b: str, b: list[str]) -> None:
+    if list(a) == list(b):
+        return
+    if len(a) != len(b):
+        raise CheckpointMismatch(f"{where_a} has {len(a)} label names, {where_b} has {len(b)}")
+    i = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    raise CheckpointMismatch(f"{where_a} and {where_b} disagree at label {i}: {a[i]!r} vs {b[i]!r}")
+
+
+@dataclass
+class OpenRun:
+    ckpt: Checkpoint
+    cfg: HeadConfig
+    train: TrainConfig
+    head: torch.nn.Module
+    data: RunData
+    device: torch.device
+
+    def features(self, split: str, skip_missing: bool | None = None, data_mode: str = "auto"):
+        """(SplitVideos, features) of `split`, sampled as the run was trained."""
+        videos = self.data.split(split, self.train.split_scheme,
+                                 self.train.skip_missing if skip_missing is None else skip_missing)
+        feats = make_features(self.data.cache, videos, self.cfg.frames, self.device, data_mode,
+                              self.ckpt.meta["tokens"], self.train.workers)
+        return videos, feats
+
+    def logits(self, feats) -> np.ndarray:
+        return predict_logits(self.head, feats, self.train.batch_size, self.device, self.train.precision)
+
+
+def open_run(run: str | Path, checkpoint: str = "best", cache: str | None = None, dataset: str | None = None,
+             device: str = "auto") -> OpenRun:
+    ckpt, cfg, train_cfg, head = load_run(run, checkpoint, device)
+    meta = ckpt.meta
+    data = open_data(cache or meta["cache_dir"], dataset or meta["dataset"], meta["label_set"],
+                     meta["fine_label_set"])
+    check_checkpoint(meta, data, RunFolder(run).checkpoint_path(checkpoint))
+    return OpenRun(ckpt, cfg, train_cfg, head, data, resolve_device(device))
+
+
+def evaluate_run(run: str | Path, checkpoint: str = "best", split: str | None = None, cache: str | None = None,
+                 dataset: str | None = None, device: str = "auto", data_mode: str = "auto",
+                 skip_missing: bool | None = None, quiet: bool = False) -> dict:
+    """Metrics of a run's checkpoint on a split (default: the split it was evaluated on)."""
+    from cmdcl_cache.progress import console
+
+    from . import report
+
+    r = open_run(run, checkpoint, cache, dataset, device)
+    split = split or r.train.eval_split
+    videos, feats = r.features(split, skip_missing, data_mode)
+    metrics = evaluate_logits(r.logits(feats), videos)
+    console(quiet=quiet).print(report.metrics_table(
+        f"{r.cfg.model} {checkpoint} (epoch {r.ckpt.meta['epoch']}) on {split}", {checkpoint: metrics}))
+    return metrics
+
+
+def predict_run(run: str | Path, out: str | Path, top_k: int = 5, checkpoint: str = "best",
+                split: str | None = None, cache: str | None = None, dataset: str | None = None,
+                device: str = "auto", data_mode: str = "auto", skip_missing: bool | None = None) -> int:
+    """Per-video top-k labels with scores (softmax for single-label, sigmoid for multi-label) as JSON Lines."""
+    r = open_run(run, checkpoint, cache, dataset, device)
+    split = split or r.train.eval_split
+    videos, feats = r.features(split, skip_missing, data_mode)
+    logits = torch.from_numpy(r.logits(feats))
+    labels = r.data.labels
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (vid, top) in enumerate(zip(videos.video_ids, top_labels(logits, labels, top_k))):
+        target = videos.targets[i]
+        truth = ([labels.keys[j] for j in np.nonzero(target)[0]] if labels.multi_label
+                 else labels.keys[int(target)])
+        lines.append(json.dumps({"video_id": vid, "target": truth, "top_k": top}, allow_nan=False) + "\n")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(lines))
+    tmp.replace(out)
+    return len(videos.video_ids)
+
+
+def top_labels(logits: torch.Tensor, labels, top_k: int) -> list[list[dict]]:
+    """[{rank, id, key, name, score}] per row: softmax scores for single-label sets, sigmoid for multi-label."""
+    scores = torch.sigmoid(logits) if labels.multi_label else torch.softmax(logits, dim=1)
+    values, ids = scores.topk(min(top_k, scores.shape[1]), dim=1)
+    return [[{"rank": r + 1, "id": int(c), "key": labels.keys[c], "name": labels.names[c], "score": round(float(s), 6)}
+             for r, (c, s) in enumerate(zip(row_ids.tolist(), row_values.tolist()))]
+            for row_ids, row_values in zip(ids, values)]

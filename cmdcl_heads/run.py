@@ -1,0 +1,255 @@
+"""The run folder contract: what `train` writes and `eval`, `predict`, `explain`, `train --resume` read.
+
+    runs/<name>/
+        config.toml          the resolved head and training configuration; `--config` repeats the run
+        best.safetensors     weights of the selected epoch + metadata (configs, labels, cache provenance)
+        last.safetensors     the same for the last epoch, plus optimizer, scheduler and RNG states (resume)
+        metrics.jsonl        one record per epoch; metrics.csv: the same, flat, for a spreadsheet
+        summary.json         the eval split's metrics of best, the selection, timings
+        curves.png, confusion.png | per_class_ap.png
+
+Checkpoints are safetensors files: tensors and a JSON metadata string, nothing else. Loading one parses
+JSON and reads raw tensor bytes; no pickle is involved anywhere, so a checkpoint from a stranger cannot
+run code. A `.pt` file (the pickle format of cmdcl 0.1, or anyone's `torch.save`) is never opened: the
+reader refuses it by name. Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmdcl_cache.config import to_toml
+
+CHECKPOINT_VERSION = 2
+METRICS_FILE = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.toml"
+SUFFIX = ".safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, not a cmdcl safetensors file, or another version."""
+
+
+@dataclass
+class Checkpoint:
+    meta: dict                       # configs, labels, provenance, epoch, best_epoch, best_value
+    model: dict                      # state dict
+    optimizer: dict | None = None    # last only
+    scheduler: dict | None = None
+    rng: dict | None = None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def checkpoint_path(self, name: str) -> Path:
+        return self.path / f"{name}{SUFFIX}"
+
+    @property
+    def has_run(self) -> bool:
+        return self.checkpoint_path("last").exists()
+
+    def start_fresh(self) -> None:
+        """A new run: the folder must not hold one; stale metrics and checkpoints of a failed start go."""
+        if self.has_run:
+            raise CheckpointError(f"{self.path}: already holds a run (last{SUFFIX}); pass --resume to continue "
+                                  "it or choose another --out")
+        self.path.mkdir(parents=True, exist_ok=True)
+        for name in (METRICS_FILE, METRICS_CSV, f"best{SUFFIX}"):
+            (self.path / name).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------------------------ configuration
+
+    def write_config(self, head, train) -> Path:
+        path = self.path / CONFIG_FILE
+        text = ("# The resolved configuration of this run; `cmdcl-heads train --config " + str(path)
+                + " --out OTHER` repeats it.\n" + to_toml({"train": _public(train), "head": _public(head)}))
+        _write_atomic(path, text.encode())
+        return path
+
+    # -------------------------------------------------------------------------------------- checkpoints
+
+    def save_checkpoint(self, name: str, meta: dict, model: torch.nn.Module, optimizer=None, scheduler=None,
+                        with_rng: bool = False) -> Path:
+        from safetensors.torch import save
+
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        extra = {}
+        if optimizer is not None:
+            opt_tensors, extra["optimizer"] = _split_optimizer(optimizer.state_dict())
+            tensors.update(opt_tensors)
+        if scheduler is not None:
+            extra["scheduler"] = scheduler.state_dict()
+        if with_rng:
+            rng_tensors, extra["rng"] = _rng_state()
+            tensors.update(rng_tensors)
+        tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        header = {"cmdcl": json.dumps({**meta, "version": CHECKPOINT_VERSION, **extra}, allow_nan=True)}
+        path = self.checkpoint_path(name)
+        _write_atomic(path, save(tensors, metadata=header))
+        return path
+
+    def load_checkpoint(self, name: str) -> Checkpoint:
+        """Read `name`.safetensors; refuse anything else (a pickle `.pt` is never opened)."""
+        path = self.checkpoint_path(name)
+        if not path.exists():
+            legacy = self.path / f"{name}.pt"
+            if legacy.exists():
+                raise CheckpointError(f"{legacy}: a pickle checkpoint (cmdcl 0.1 or torch.save); cmdcl reads only "
+                                      f"{SUFFIX} checkpoints and never unpickles a file, so nothing was loaded; "
+                                      "retrain with this version")
+            raise CheckpointError(f"{path}: no checkpoint here (is {self.path} a run folder written by "
+                                  "`cmdcl-heads train`?)")
+        tensors, meta = _read_safetensors(path)
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, this cmdcl reads "
+                                  f"{CHECKPOINT_VERSION}")
+        model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        optimizer = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
+        rng = {"tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}, **meta["rng"]} \
+            if "rng" in meta else None
+        return Checkpoint(meta=meta, model=model, optimizer=optimizer, scheduler=meta.get("scheduler"), rng=rng)
+
+    # ------------------------------------------------------------------------------------------ metrics
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.path / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        self._write_csv()
+
+    def read_metrics(self) -> list[dict]:
+        path = self.path / METRICS_FILE
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Keep the records of epochs <= last_epoch (a resumed run rewrites the epochs after its checkpoint)."""
+        kept = [r for r in self.read_metrics() if r["epoch"] <= last_epoch]
+        _write_atomic(self.path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        self._write_csv()
+
+    def _write_csv(self) -> None:
+        rows = [_flat(r) for r in self.read_metrics()]
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        _write_atomic(self.path / METRICS_CSV, out.getvalue().encode())
+
+    def write_summary(self, summary: dict) -> None:
+        _write_atomic(self.path / SUMMARY_FILE,
+                      (json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def _public(cfg) -> dict:
+    """The configuration without its derived (cli=False) fields, which the trainer recomputes, and --resume."""
+    from dataclasses import fields
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("cli", True) and f.name != "resume"}
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif not isinstance(value, list):
+            out[prefix + key] = value
+    return out
+
+
+def _unshared(tensors: dict) -> dict:
+    """safetensors refuses tensors sharing memory: give each its own copy when two share."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        ptr = (v.data_ptr(), v.numel())
+        out[k] = v.clone() if ptr in seen and v.numel() else v
+        seen.add(ptr)
+    return out
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        data = path.read_bytes()
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
+        meta = json.loads(header.get("__metadata__", {})["cmdcl"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a cmdcl checkpoint ({type(err).__name__}: {str(err)[:200]}); nothing "
+                              "was loaded") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata is not a JSON object; nothing was loaded")
+    return tensors, meta
+
+
+# --------------------------------------------------------------------------- optimizer and RNG, as tensors
+
+def _split_optimizer(state: dict) -> tuple[dict, dict]:
+    """An optimizer state dict as (tensors, JSON): per-parameter tensors get names, the rest stays plain."""
+    tensors, plain = {}, {"param_groups": state["param_groups"], "state": {}}
+    for idx, per_param in state["state"].items():
+        plain["state"][str(idx)] = {}
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = value
+                plain["state"][str(idx)][key] = "tensor"
+            else:
+                plain["state"][str(idx)][key] = value
+    return tensors, plain
+
+
+def _join_optimizer(tensors: dict, plain: dict) -> dict:
+    state = {}
+    for idx, per_param in plain["state"].items():
+        state[int(idx)] = {k: (tensors[f"optim.{idx}.{k}"] if v == "tensor" else v) for k, v in per_param.items()}
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def _rng_state() -> tuple[dict, dict]:
+    """Every RNG a resumed run must continue: torch (CPU, CUDA), numpy's global and Python's."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(keys.astype(np.int64)),
+               "rng.python": torch.tensor(py_state, dtype=torch.int64)}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors, {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, py_gauss]}
+
+
+def set_rng_state(rng: dict) -> None:
+    t = rng["tensors"]
+    torch.set_rng_state(t["rng.torch"])
+    kind, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, t["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_gauss = rng["python"]
+    random.setstate((version, tuple(int(x) for x in t["rng.python"].tolist()), py_gauss))
+    cuda = [t[k] for k in sorted((k for k in t if k.startswith("rng.cuda.")), key=lambda k: int(k.split(".")[2]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
