@@ -271,6 +271,97 @@ def _assigner(centroids: np.ndarray, spherical: bool):
     return index
 
 
+class _TrainingFrames:
+    """The frames of the training videos that the cache holds, read one video at a time (normalised when
+    spherical), each checked for NaN/Inf."""
+
+    def __init__(self, cache: Cache, manifest, split_scheme: str | None, spherical: bool):
+        train = manifest.select("train", split_scheme)
+        self.records = {v.video_id: v for v in train if v.video_id in cache}
+        if not self.records:
+            raise CacheError(f"{cache.dir}: none of the {len(train)} training videos of {manifest.root} "
+                             f"(split scheme {split_scheme or 'default'}) is in the cache")
+        if len(train) > len(self.records):
+            warnings.warn(f"{len(train) - len(self.records)} of {len(train)} training videos are not in the cache "
+                          "(failed extraction?); building from the others", stacklevel=3)
+        self.cache, self.spherical = cache, spherical
+        self.ids = training_ids(cache, manifest, split_scheme)
+        counts = np.array([cache.num_frames(v) for v in self.ids], dtype=np.int64)
+        self.total = int(counts.sum())
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+
+    def read(self, vid: str) -> np.ndarray:
+        from .data import check_finite
+        x = np.asarray(self.cache.features(vid), dtype=np.float32)
+        check_finite(self.cache, vid, x)
+        return _normalise(x) if self.spherical else x
+
+
+class _ClassMeans:
+    """Per-label sums of frame features: segments of the fine set where a video has them, else its labels."""
+
+    def __init__(self, manifest, label_set: str | None, dim: int):
+        self.set_name = label_set or manifest.fine_label_set or manifest.default_label_set
+        self.lset = manifest.label_sets[self.set_name]
+        self.root = manifest.root
+        self.sums = np.zeros((len(self.lset), dim), dtype=np.float64)
+        self.frames = np.zeros(len(self.lset), dtype=np.int64)
+
+    def add(self, record, x: np.ndarray, times: np.ndarray) -> None:
+        rows, labs = _frame_labels(record, times, self.lset, self.set_name)
+        np.add.at(self.sums, labs, x[rows])
+        self.frames += np.bincount(labs, minlength=len(self.lset))
+
+    def prototypes(self, spherical: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        keep = np.nonzero(self.frames)[0]
+        if len(keep) == 0:
+            raise CacheError(f"{self.root}: no training frame carries a '{self.set_name}' label; "
+                             "class-mean prototypes need labelled frames")
+        if len(keep) < len(self.lset):
+            warnings.warn(f"class-mean V_P: {len(self.lset) - len(keep)} of {len(self.lset)} '{self.set_name}' "
+                          "labels have no training frame and are left out", stacklevel=3)
+        vp = (self.sums[keep] / self.frames[keep, None]).astype(np.float32)
+        if spherical:
+            vp = _normalise(vp).astype(np.float32)
+        prior = (self.frames[keep] / self.frames[keep].sum()).astype(np.float32)
+        return vp, prior, [self.lset.keys[c] for c in keep]
+
+
+def _read_sample(frames: _TrainingFrames, chosen: np.ndarray, means: _ClassMeans | None, bar) -> np.ndarray:
+    """Pass 1: the seeded sample of frames for k-means (and, for class means, the sums over all frames)."""
+    sample = np.empty((len(chosen), frames.cache.feature_dim), dtype=np.float32)
+    task = bar.add_task("reading training frames", total=len(frames.ids))
+    filled = 0
+    for i, vid in enumerate(frames.ids):
+        lo, hi = np.searchsorted(chosen, [frames.starts[i], frames.starts[i + 1]])
+        if hi > lo or means is not None:
+            x = frames.read(vid)
+            sample[filled:filled + hi - lo] = x[chosen[lo:hi] - frames.starts[i]]
+            filled += hi - lo
+            if means is not None:
+                means.add(frames.records[vid], x, frames.cache.frame_info(vid)[1])
+        bar.advance(task)
+    assert filled == len(chosen)
+    return sample
+
+
+def _cluster_priors(frames: _TrainingFrames, sample: np.ndarray, centroids: dict, bar) -> dict:
+    """Cluster frequencies over every training frame (the sample itself when it is every frame)."""
+    hist = {k: np.zeros(len(c), dtype=np.int64) for k, c in centroids.items()}
+    index = {k: _assigner(c, frames.spherical) for k, c in centroids.items()}
+    if len(sample) == frames.total:
+        blocks = [sample]
+    else:
+        task = bar.add_task("cluster priors over all training frames", total=len(frames.ids))
+        blocks = (frames.read(vid) for vid in frames.ids)
+    for x in blocks:
+        for k in centroids:
+            hist[k] += np.bincount(index[k].search(x, 1)[1][:, 0], minlength=len(hist[k]))
+        if len(sample) != frames.total:
+            bar.advance(task)
+    return {k: (h / frames.total).astype(np.float32) for k, h in hist.items()}
+
+
 def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: int = 512, niter: int = 20,
                       seed: int = 0, spherical: bool = True, max_points: int = DEFAULT_MAX_POINTS,
                       prototypes: str = "kmeans", split_scheme: str | None = None,
@@ -291,110 +382,44 @@ def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: in
     if min(kp, kz, niter, max_points) < 1:
         raise ValueError("kp, kz, niter and max_points must be positive")
     cache = cache if isinstance(cache, Cache) else Cache(cache)
-    train = [v for v in manifest.select("train", split_scheme)]
-    records = {v.video_id: v for v in train if v.video_id in cache}
-    missing = len(train) - len(records)
-    if not records:
-        raise CacheError(f"{cache.dir}: none of the {len(train)} training videos of {manifest.root} "
-                         f"(split scheme {split_scheme or 'default'}) is in the cache")
-    if missing:
-        warnings.warn(f"{missing} of {len(train)} training videos are not in the cache (failed extraction?); "
-                      "building from the others", stacklevel=2)
-    ids = training_ids(cache, manifest, split_scheme)
-    counts = np.array([cache.num_frames(v) for v in ids], dtype=np.int64)
-    total = int(counts.sum())
+    frames = _TrainingFrames(cache, manifest, split_scheme, spherical)
+    n = min(frames.total, max_points)
     rng = np.random.default_rng(seed)
-    n = min(total, max_points)
-    chosen = np.sort(rng.choice(total, size=n, replace=False)) if n < total else np.arange(total)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-
-    class_mean = prototypes == "class-mean"
-    if class_mean:
-        set_name = label_set or manifest.fine_label_set or manifest.default_label_set
-        lset = manifest.label_sets[set_name]
-        sums = np.zeros((len(lset), cache.feature_dim), dtype=np.float64)
-        label_frames = np.zeros(len(lset), dtype=np.int64)
-
+    chosen = np.sort(rng.choice(frames.total, size=n, replace=False)) if n < frames.total else np.arange(n)
+    means = _ClassMeans(manifest, label_set, cache.feature_dim) if prototypes == "class-mean" else None
     old_threads = faiss.omp_get_max_threads()
     if threads:
         faiss.omp_set_num_threads(int(threads))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
+    objective, vp_labels = {}, None
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
-            # Pass 1: the seeded sample for k-means (and, for class means, per-label sums over all frames).
-            sample = np.empty((n, cache.feature_dim), dtype=np.float32)
-            task = bar.add_task("reading training frames", total=len(ids))
-            filled = 0
-            for i, vid in enumerate(ids):
-                lo, hi = np.searchsorted(chosen, [starts[i], starts[i + 1]])
-                if hi > lo or class_mean:
-                    x = np.asarray(cache.features(vid), dtype=np.float32)
-                    if spherical:
-                        x = _normalise(x)
-                    sample[filled:filled + hi - lo] = x[chosen[lo:hi] - starts[i]]
-                    filled += hi - lo
-                    if class_mean:
-                        _, times = cache.frame_info(vid)
-                        rows, labs = _frame_labels(records[vid], times, lset, set_name)
-                        np.add.at(sums, labs, x[rows])
-                        label_frames += np.bincount(labs, minlength=len(lset))
-                bar.advance(task)
-            assert filled == n
+            sample = _read_sample(frames, chosen, means, bar)
 
-            objective = {}
-            if class_mean:
-                keep = np.nonzero(label_frames)[0]
-                if len(keep) == 0:
-                    raise CacheError(f"{manifest.root}: no training frame carries a '{set_name}' label; "
-                                     "class-mean prototypes need labelled frames")
-                if len(keep) < len(lset):
-                    warnings.warn(f"class-mean V_P: {len(lset) - len(keep)} of {len(lset)} '{set_name}' labels "
-                                  "have no training frame and are left out", stacklevel=2)
-                vp = (sums[keep] / label_frames[keep, None]).astype(np.float32)
-                if spherical:
-                    vp = _normalise(vp).astype(np.float32)
-                vp_prior = (label_frames[keep] / label_frames[keep].sum()).astype(np.float32)
-                vp_labels = [lset.keys[c] for c in keep]
-            else:
-                task = bar.add_task(f"k-means V_P (K={min(kp, n)}, {n} points)", total=1)
-                vp, objective["vp"] = _kmeans(sample, kp, niter, seed, spherical, "V_P")
+            def kmeans(name, k, s):
+                task = bar.add_task(f"k-means {name} (K={min(k, n)}, {n} points)", total=1)
+                out = _kmeans(sample, k, niter, s, spherical, name)
                 bar.advance(task)
-                vp_labels = None
-            task = bar.add_task(f"k-means Z (K={min(kz, n)}, {n} points)", total=1)
-            z, objective["z"] = _kmeans(sample, kz, niter, seed + 1, spherical, "Z")
-            bar.advance(task)
+                return out
 
-            # Priors: cluster frequencies over every training frame.
-            targets = {"z": z} if class_mean else {"vp": vp, "z": z}
-            hist = {k: np.zeros(len(c), dtype=np.int64) for k, c in targets.items()}
-            index = {k: _assigner(c, spherical) for k, c in targets.items()}
-            if n == total:
-                for k in targets:
-                    hist[k] += np.bincount(index[k].search(sample, 1)[1][:, 0], minlength=len(hist[k]))
+            if means is not None:
+                vp, vp_prior, vp_labels = means.prototypes(spherical)
             else:
-                task = bar.add_task("cluster priors over all training frames", total=len(ids))
-                for vid in ids:
-                    x = np.asarray(cache.features(vid), dtype=np.float32)
-                    if spherical:
-                        x = _normalise(x)
-                    for k in targets:
-                        hist[k] += np.bincount(index[k].search(x, 1)[1][:, 0], minlength=len(hist[k]))
-                    bar.advance(task)
+                vp, objective["vp"] = kmeans("V_P", kp, seed)
+            z, objective["z"] = kmeans("Z", kz, seed + 1)
+            priors = _cluster_priors(frames, sample, {"z": z} if means else {"vp": vp, "z": z}, bar)
     finally:
         faiss.omp_set_num_threads(old_threads)
-    if not class_mean:
-        vp_prior = (hist["vp"] / total).astype(np.float32)
-    z_prior = (hist["z"] / total).astype(np.float32)
-
+    vp_prior = vp_prior if means is not None else priors["vp"]
     settings = {
         "kp": int(kp), "kz": int(kz), "kp_effective": int(len(vp)), "kz_effective": int(len(z)),
         "niter": int(niter), "seed": int(seed), "spherical": bool(spherical), "max_points": int(max_points),
         "prototypes": prototypes, "split_scheme": split_scheme,
-        "label_set": set_name if class_mean else None,
-        "train_videos": len(ids), "train_frames": total, "points": int(n),
-        "train_ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "label_set": means.set_name if means is not None else None,
+        "train_videos": len(frames.ids), "train_frames": frames.total, "points": int(n),
+        "train_ids_sha256": hashlib.sha256("\n".join(frames.ids).encode()).hexdigest(),
         "objective": objective, "faiss_version": faiss.__version__, "dataset": manifest.dataset,
     }
-    return Confounders(vp=vp, vp_prior=vp_prior, z=z, z_prior=z_prior, settings=settings,
+    return Confounders(vp=vp, vp_prior=vp_prior, z=z, z_prior=priors["z"], settings=settings,
                        cache_fingerprint=cache_fingerprint(cache), vp_labels=vp_labels)
