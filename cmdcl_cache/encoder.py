@@ -24,7 +24,9 @@ file says nothing about its activation: name the `-quickgelu` model when the fil
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
@@ -460,6 +462,19 @@ def check_encoder_spec(spec: EncoderSpec) -> tuple[str | None, str, bool]:
                        f"{spec.model!r} (tags: {', '.join(tags) or 'none'}; 'none' for random weights)")
 
 
+@contextlib.contextmanager
+def _quiet_if(quiet: bool):
+    """open_clip warns that no weights were loaded: with `pretrained none` that is what was asked for."""
+    logger = logging.getLogger()
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_encoder(spec: EncoderSpec, seed: int | None = 0) -> FrameEncoder:
     """Build the model through open_clip's factory (weights from a tag, a checkpoint file, or none).
 
@@ -469,7 +484,7 @@ def load_encoder(spec: EncoderSpec, seed: int | None = 0) -> FrameEncoder:
     model_cfg = open_clip.get_model_config(spec.model)
     device = _resolve_device(spec.device)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _quiet_if(pretrained_arg is None):
             if seed is not None:
                 torch.manual_seed(seed)
             model = open_clip.create_model(spec.model, pretrained=pretrained_arg, precision="fp32",

@@ -183,8 +183,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
     if _already_done(plan):
         result.seconds = time.monotonic() - t_start
         return result
+    encoder = load_encoder(config.spec.encoder_spec(plan.rank.device(config.device)))   # fails before mkdir
     plan.folder.path.mkdir(parents=True, exist_ok=True)
-    encoder = load_encoder(config.spec.encoder_spec(plan.rank.device(config.device)))
     if plan.rank.rank == 0:
         ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts)
     prov = config.spec.frame_provenance(encoder.provenance(), plan.manifest.dataset, _decoder_name(),

@@ -135,3 +135,20 @@ def slow_decord(path: str, threads: int = 1):
 
     video.get_batch = slow_get_batch
     return video
+
+
+def gated_decord(path: str, threads: int = 1):
+    """decord, but no frame is returned before the file named by $CMDCL_GATE exists: a test holds an
+    extraction in the middle of its work (lock taken, journal open) for as long as it needs."""
+    from cmdcl_cache.decode import DecordVideo
+
+    video = DecordVideo(path, threads)
+    get_batch = video.get_batch
+
+    def gated_get_batch(indices):
+        while not os.path.exists(os.environ["CMDCL_GATE"]):
+            time.sleep(0.02)
+        return get_batch(indices)
+
+    video.get_batch = gated_get_batch
+    return video
