@@ -8,17 +8,17 @@ import typer
 
 from cmdcl_cache.config import config_command, option, version_option
 from cmdcl_cache.pipeline import ExtractConfig
-from cmdcl_cache.progress import configure_logging, console
+from cmdcl_cache.progress import configure_logging, console, markup_mode
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=markup_mode(),
                   help="Build manifests, render the demo set, and cache CLIP features of videos in HDF5.")
 
 
 @app.callback()
 def _main(version: bool = version_option("cmdcl-cache")):
     """Build manifests, render the demo set, and cache CLIP features of videos in HDF5."""
-manifest_app = typer.Typer(no_args_is_help=True, help="Build and check dataset manifests.")
-demo_app = typer.Typer(no_args_is_help=True, help="The offline demo set of rendered videos.")
+manifest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="Build and check dataset manifests.")
+demo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="The offline demo set of rendered videos.")
 app.add_typer(manifest_app, name="manifest")
 app.add_typer(demo_app, name="demo")
 

@@ -16,6 +16,11 @@ import warnings
 _configured = False
 
 
+def markup_mode() -> str | None:
+    """typer's help and error panels on a terminal; plain click text (never wrapped) in a pipe or a log."""
+    return "rich" if sys.stdout.isatty() and sys.stderr.isatty() else None
+
+
 def console(stderr: bool = False, quiet: bool = False):
     from rich.console import Console
 

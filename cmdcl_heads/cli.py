@@ -15,14 +15,14 @@ from typing import Optional
 import typer
 
 from cmdcl_cache.config import ConfigError, config_command, version_option
-from cmdcl_cache.progress import configure_logging, console
+from cmdcl_cache.progress import configure_logging, console, markup_mode
 
 from .config import HeadConfig, TrainConfig
 from .confounders import ConfoundersConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=markup_mode(),
                   help="Train and evaluate heads (baselines and CMDCL) on cached CLIP features.")
-confounders_app = typer.Typer(no_args_is_help=True, help="Confounder dictionaries built with FAISS k-means.")
+confounders_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="Confounder dictionaries built with FAISS k-means.")
 app.add_typer(confounders_app, name="confounders")
 
 
