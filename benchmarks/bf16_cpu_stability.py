@@ -6,7 +6,7 @@ Two bf16 H100 runs of `coin_sized_training.py` (H=8, T=64, batch 64, lr 1e-3, 30
 non-finite in epoch 4: finite losses, then every weight NaN after one step. This script trains the same head on
 the same kind of cache (9,030 training videos x 64 frames x 512, 180 classes; --test-videos kept small) with
 bf16 autocast on the CPU, which the trainer never enables itself (`--amp` is bf16 on GPU only), so it swaps
-`cmdcl_heads.train._autocast` for a CPU bf16 one. Everything else is `cmdcl_heads.train.train`: the schedule
+`cmdcl_heads.train.autocast` for a CPU bf16 one. Everything else is `cmdcl_heads.train.train`: the schedule
 of --epochs, clipping, the non-finite-gradient guard. It stops after --stop-after epochs and prints, per epoch,
 the loss, the steps skipped for a non-finite gradient and the largest gradient norm before clipping.
 A CPU run cannot show what a CUDA kernel does; it shows whether the model's own bf16 arithmetic goes non-finite.
@@ -30,7 +30,7 @@ from _common import machine, report_json, stamp  # noqa: E402
 from coin_sized_training import write_coin_sized  # noqa: E402
 
 from cmdcl_heads import train as train_module  # noqa: E402
-from cmdcl_heads.config import HeadConfig  # noqa: E402
+from cmdcl_heads.config import HeadConfig, TrainConfig  # noqa: E402
 
 
 class Stop(Exception):
@@ -55,23 +55,23 @@ def main() -> None:
                     "--dataset", str(work / "manifest"), "--max-points", "65536"], check=True,
                    stdout=subprocess.DEVNULL)
     bf16 = args.precision == "bf16"
-    train_module._autocast = lambda device, amp: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    train_module.autocast = lambda device, precision: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     norms: list[float] = []
-    real_norm = torch.nn.utils.get_total_norm
+    real_norms = train_module.grad_norms
 
-    def recording_norm(grads, *a, **k):
-        norm = real_norm(grads, *a, **k)
-        norms.append(float(norm))
-        return norm
+    def recording_norms(params):
+        total, per_param = real_norms(params)
+        norms.append(float(total))   # a host sync per step: fine for this diagnostic, not for the trainer
+        return total, per_param
 
-    torch.nn.utils.get_total_norm = recording_norm
+    train_module.grad_norms = recording_norms
     epochs = []
 
     def end_of_epoch(epoch, record):
         row = {"epoch": epoch, "train_loss": round(record["train_loss"], 4), "skipped_steps": record["skipped_steps"],
                "max_grad_norm": round(max(norms), 2), "seconds": round(record["epoch_seconds"], 1),
-               "test_top1": round(record["eval"]["top1"], 4)}
+               "test_top1": round(record["eval"]["top1"], 4) if "eval" in record else None}
         if "nonfinite_grads" in record:
             row["nonfinite_grads"] = record["nonfinite_grads"]
         epochs.append(row)
@@ -80,9 +80,9 @@ def main() -> None:
         if epoch >= args.stop_after:
             raise Stop
 
-    opts = train_module.TrainOptions(cache=str(cache), dataset=str(work / "manifest"), out=str(work / "run"),
-                                     epochs=args.epochs, batch_size=64, lr=1e-3, device="cpu", quiet=True,
-                                     data_mode="memory")
+    opts = TrainConfig(cache=str(cache), dataset=str(work / "manifest"), out=str(work / "run"),
+                       epochs=args.epochs, batch_size=64, lr=1e-3, device="cpu", quiet=True, data_mode="memory",
+                       precision=args.precision, eval_each_epoch=True)
     t0 = time.perf_counter()
     try:
         train_module.train(opts, HeadConfig(model="cmdcl", layers=8, frames=64), on_epoch_end=end_of_epoch)

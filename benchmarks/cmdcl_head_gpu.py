@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cmdcl_heads.cmdcl import CMDCLHead
 from cmdcl_heads.config import HeadConfig
 from cmdcl_heads.confounders import Confounders
+from cmdcl_heads.models import make_head
 
 
 def make(d, c, cf, kp, kz, **cfg):
@@ -25,7 +25,7 @@ def make(d, c, cf, kp, kz, **cfg):
     text = F.normalize(torch.randn(c, d, generator=g), dim=-1)
     fine = F.normalize(torch.randn(cf, d, generator=g), dim=-1)
     torch.manual_seed(0)
-    return CMDCLHead(HeadConfig(**cfg), text, fine, conf), text
+    return make_head(HeadConfig(**cfg), text, fine, conf), text
 
 
 def step_time(head, frames, tokens, y, amp, steps):

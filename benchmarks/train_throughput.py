@@ -119,7 +119,8 @@ class NpyFeatures:
 def run_epoch(model, feats, targets, optimizer, opts, frames: int, seed: int, epoch: int, device,
               compute: bool = True) -> float:
     """One training epoch as cmdcl_heads.train.train runs it; returns seconds (loader only if not compute)."""
-    from cmdcl_heads.train import epoch_generator, loss_fn
+    from cmdcl_heads.evaluate import loss_fn
+    from cmdcl_heads.train import epoch_generator
 
     model.train()
     gen = epoch_generator(seed, epoch)
@@ -172,8 +173,9 @@ def main(argv=None) -> None:
     from cmdcl_cache.store import read_texts
     from cmdcl_heads.config import HeadConfig
     from cmdcl_heads.data import make_features, pair_split
-    from cmdcl_heads.models import build_head
-    from cmdcl_heads.train import TrainOptions, make_optimizer, seed_everything
+    from cmdcl_heads.config import TrainConfig
+    from cmdcl_heads.models import make_head
+    from cmdcl_heads.train import make_optimizer, seed_everything
 
     torch.set_num_threads(args.threads)
     console = Console(width=150)
@@ -193,7 +195,8 @@ def main(argv=None) -> None:
 
         confounders = build_confounders(cache, manifest, kp=64, kz=128, seed=0, progress=False)
     cfg = HeadConfig(model=args.model, frames=args.frames, layers=args.layers)
-    opts = TrainOptions(batch_size=args.batch_size, workers=args.workers)
+    opts = TrainConfig(cache=str(cache_dir), dataset=str(manifest_dir), out="-", batch_size=args.batch_size,
+                       workers=args.workers)
     targets = torch.as_tensor(split.targets).to(device)
 
     t1 = time.perf_counter()
@@ -211,7 +214,7 @@ def main(argv=None) -> None:
     state = {}
     for mode in loaders:
         seed_everything(args.seed)
-        model = build_head(cfg, text, text, confounders).to(device)
+        model = make_head(cfg, text, text, confounders).to(device)
         state[mode] = (model, make_optimizer(model, opts))
 
     # The same batches, checked once: the three paths must feed identical frames.
