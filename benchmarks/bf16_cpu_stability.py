@@ -5,7 +5,7 @@
 Two bf16 H100 runs of `coin_sized_training.py` (H=8, T=64, batch 64, lr 1e-3, 30- and 10-epoch schedules) went
 non-finite in epoch 4: finite losses, then every weight NaN after one step. This script trains the same head on
 the same kind of cache (9,030 training videos x 64 frames x 512, 180 classes; --test-videos kept small) with
-bf16 autocast on the CPU, which the trainer never enables itself (`--amp` is bf16 on GPU only), so it swaps
+bf16 autocast on the CPU, which the trainer never enables itself (`--precision bf16` autocasts on GPU only), so it swaps
 `cmdcl_heads.train.autocast` for a CPU bf16 one. Everything else is `cmdcl_heads.train.train`: the schedule
 of --epochs, clipping, the non-finite-gradient guard. It stops after --stop-after epochs and prints, per epoch,
 the loss, the steps skipped for a non-finite gradient and the largest gradient norm before clipping.

@@ -82,6 +82,8 @@ def main() -> None:
     p.add_argument("--max-points", type=int, default=65536, help="frames clustered by k-means")
     p.add_argument("--device", default="auto")
     p.add_argument("--cudnn-attention", action="store_true", help="allow cuDNN's fused attention in training")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="the trainer's --precision (fp32 = TF32 matmuls on CUDA, the default)")
     p.add_argument("--stop-after", type=int, default=0, help="interrupt training after this many epochs "
                                                                "(the schedule stays that of --epochs)")
     p.add_argument("--out", type=Path, default=None)
@@ -99,7 +101,8 @@ def main() -> None:
     train_s, train_rc = run(cli + ["train", "--cache", str(cache), "--dataset", dataset, "--model", "cmdcl",
                                    "--epochs", str(args.epochs), "--layers", str(args.layers),
                                    "--frames", str(args.frames), "--batch-size", str(args.batch_size),
-                                   "--device", args.device, "--quiet", "--out", str(work / "run")]
+                                   "--device", args.device, "--precision", args.precision, "--quiet",
+                                   "--out", str(work / "run")]
                              + (["--cudnn-attention"] if args.cudnn_attention else []), check=False,
                              metrics=metrics_file, stop_after=args.stop_after)
     epochs = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
@@ -108,7 +111,7 @@ def main() -> None:
     times = [r["epoch_seconds"] for r in epochs]
     figures = {"videos": args.videos, "test_videos": args.test_videos, "rows": args.rows, "dim": args.dim,
                "epochs": args.epochs, "layers": args.layers, "frames": args.frames, "batch_size": args.batch_size,
-               "cudnn_attention": args.cudnn_attention, "write_cache_s": round(write_s, 1),
+               "cudnn_attention": args.cudnn_attention, "precision": args.precision, "write_cache_s": round(write_s, 1),
                "confounders_build_s": round(confounders_s, 1), "train_wall_s": round(train_s, 1),
                "train_exit_code": train_rc, "stop_after": args.stop_after, "epochs_done": len(epochs),
                "mean_epoch_s": round(sum(times) / len(times), 2) if times else None,
