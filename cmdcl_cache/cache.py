@@ -86,6 +86,26 @@ class CacheSpec:
     grid: int = 4
     sampling: SamplingPolicy = field(default_factory=SamplingPolicy)
 
+    @classmethod
+    def from_provenance(cls, prov: dict, pretrained: str | None = None) -> "CacheSpec":
+        """The spec a cache was made with, read back from its attributes. A cache of a checkpoint file records
+        only its sha256: pass the file as `pretrained` (it is checked against that sha256)."""
+        weights = str(prov.get("pretrained", "none"))
+        if weights.startswith("sha256:"):
+            from .encoder import file_sha256
+            if pretrained is None or not Path(pretrained).is_file():
+                raise CacheError(f"the cache was made with a checkpoint file ({weights[:19]}...): pass that file "
+                                 "with --pretrained")
+            if "sha256:" + file_sha256(pretrained) != weights:
+                raise ProvenanceError(f"{pretrained}: not the checkpoint the cache was made with (its sha256 "
+                                      f"differs from {weights[:19]}...)")
+            weights = str(pretrained)
+        sampling = prov.get("sampling", "{}")
+        sampling = json.loads(sampling) if isinstance(sampling, str) else sampling
+        return cls(model=prov["model"], pretrained=weights, precision=prov.get("precision", "fp32"),
+                   tokens=prov.get("tokens", "cls"), grid=int(prov.get("grid") or 4),
+                   sampling=SamplingPolicy.from_dict(sampling))
+
     @property
     def tag(self) -> str:
         """Folder name: model + weights (+ grid). A checkpoint file gives its stem."""

@@ -430,6 +430,42 @@ class FrameEncoder:
         }
 
 
+def _cached_weights(tag_cfg: dict) -> bool:
+    """Whether open_clip would find these weights without a download (hub cache, or its URL cache)."""
+    hub = tag_cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+        repo, filename = os.path.split(hub)
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+            return True
+    url = tag_cfg.get("url", "")
+    return bool(url) and (Path.home() / ".cache" / "clip" / os.path.basename(url)).exists()
+
+
+def _online(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_weights_reachable(model: str, tag: str, tag_cfg: dict) -> None:
+    """Fail in seconds, saying what to do, when the weights are neither cached nor downloadable: offline
+    (HF_HUB_OFFLINE set, or no route to the hub), the hub client would otherwise retry for about a minute."""
+    if _cached_weights(tag_cfg):
+        return
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or not _online():
+        why = "HF_HUB_OFFLINE is set" if offline else "huggingface.co cannot be reached"
+        raise EncoderError(f"weights {tag!r} of {model!r} are not in the local cache and {why}: download them "
+                           f"once where there is a network (`python -c \"import open_clip; open_clip.create_model("
+                           f"'{model}', pretrained='{tag}')\"`), pass a checkpoint file with --pretrained PATH, "
+                           "or try the pipeline with --model cmdcl-tiny --pretrained none (random weights)")
+
+
 def check_encoder_spec(spec: EncoderSpec) -> tuple[str | None, str, bool]:
     """Validate the spec without building anything: (pretrained argument for open_clip, the id recorded in
     the provenance, force QuickGELU). Raises EncoderError naming what is wrong, within milliseconds, so that
@@ -440,7 +476,8 @@ def check_encoder_spec(spec: EncoderSpec) -> tuple[str | None, str, bool]:
         raise EncoderError(f"tokens {spec.tokens!r}: expected one of {TOKEN_MODES}")
     model_cfg = open_clip.get_model_config(spec.model)
     if model_cfg is None:
-        close = [m for m in open_clip.list_models() if m.lower().startswith(spec.model.lower()[:4])][:6]
+        import difflib
+        close = difflib.get_close_matches(spec.model, open_clip.list_models(), n=5, cutoff=0.6)
         raise EncoderError(f"model {spec.model!r}: not an open_clip model config"
                            + (f" (similar: {', '.join(close)})" if close else "")
                            + "; `python -c 'import open_clip; print(open_clip.list_models())'` lists them all, "
@@ -450,6 +487,7 @@ def check_encoder_spec(spec: EncoderSpec) -> tuple[str | None, str, bool]:
         return None, "none", False
     tag_cfg = open_clip.get_pretrained_cfg(spec.model, pretrained)
     if tag_cfg:
+        check_weights_reachable(spec.model, pretrained, tag_cfg)
         # OpenAI weights need QuickGELU; open_clip only warns when the config lacks it.
         quick = (bool(tag_cfg.get("quick_gelu")) or pretrained == "openai") and not model_cfg.get("quick_gelu", False)
         return pretrained, pretrained, quick

@@ -31,6 +31,7 @@ other settings, another extract writing the same shard, a write error).
 from __future__ import annotations
 
 import collections
+import json
 import os
 import sys
 import time
@@ -267,6 +268,65 @@ def main_exit_message(result: ExtractResult) -> str:
     return (f"{result.committed} videos extracted ({result.frames} frames, "
             f"{result.frames / max(result.seconds, 1e-9):.1f} frames/s), {len(result.failed)} failed, "
             f"{len(result.missing)} of {result.selected} not in the cache; cache: {result.cache_dir}")
+
+
+# --------------------------------------------------------------------------- files that are in no manifest
+
+ENCODER_KEYS = ("model", "pretrained", "image_size", "mean", "std", "resize_mode", "interpolation", "tokens",
+                "grid", "quick_gelu")
+
+
+@dataclass
+class FileFeatures:
+    path: Path
+    features: np.ndarray             # float16 [T, D], as a cache stores them
+    tokens: np.ndarray | None        # float16 [T, P, D] with grid tokens
+    timestamps: np.ndarray           # seconds of each row
+
+
+def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str | None = None,
+                 batch_size: int = 64):
+    """Features of video files that are in no manifest, computed exactly as the cache with `provenance` was:
+    the same model, weights, preprocessing, tokens and sampling, padded fixed-size batches; decoded in this
+    process. Yields (path, FileFeatures) or (path, the exception that stopped that file), in order."""
+    import torch
+
+    from .cache import CacheSpec, provenance_difference
+    from .decode import decode_video, resolve_decoder
+    from .encoder import load_encoder
+    from .store import ProvenanceError
+
+    spec = CacheSpec.from_provenance(provenance, pretrained)
+    encoder = load_encoder(spec.encoder_spec(device))
+    here = {k: v for k, v in _plain_provenance(encoder.provenance()).items() if k in ENCODER_KEYS}
+    recorded = {k: provenance.get(k) for k in ENCODER_KEYS if k in provenance}
+    diff = provenance_difference(recorded, {k: v for k, v in here.items() if k in recorded}, ignore=("pretrained",))
+    if diff:
+        raise ProvenanceError(f"this machine's encoder differs from the one the cache was made with: {diff}")
+    opener = resolve_decoder(None)
+    for path in map(Path, paths):
+        try:
+            feats, toks, stamps = [], [], None
+            for msg in decode_video(opener, str(path), spec.sampling, transform=encoder.transform_spec):
+                if msg[0] == "meta":
+                    stamps = np.asarray(msg[5], dtype=np.float64)
+                elif msg[0] == "frames":
+                    for lo in range(0, len(msg[2]), batch_size):
+                        pixels = encoder.normalise_crops(msg[2][lo:lo + batch_size])
+                        k = len(pixels)
+                        pixels = torch.cat([pixels, pixels.new_zeros((batch_size - k, *pixels.shape[1:]))])
+                        f, t = encoder.encode_pixels(pixels)
+                        feats.append(f[:k].numpy().astype(np.float16))
+                        toks.append(t[:k].numpy().astype(np.float16) if t is not None else None)
+            yield path, FileFeatures(path, np.concatenate(feats),
+                                     np.concatenate(toks) if toks[0] is not None else None, stamps)
+        except Exception as err:   # noqa: BLE001 - one bad file is reported, the others go on
+            yield path, err
+
+
+def _plain_provenance(prov: dict) -> dict:
+    from .store import normalised
+    return normalised(json.loads(json.dumps(prov)))
 
 
 # --------------------------------------------------------------------------------------- the run

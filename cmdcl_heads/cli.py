@@ -110,23 +110,57 @@ def eval_(
 @app.command()
 def predict(
     run: Path = typer.Option(..., help="Run folder written by `train`."),
-    out: Path = typer.Option(..., help="Output JSON Lines, one video per line."),
+    video: Optional[list[Path]] = typer.Option(None, help="A video file or a folder of them, in no manifest: "
+                                                         "decoded and encoded as the run's cache was (repeat "
+                                                         "--video for more). Without it: a split of the cache."),
+    out: Optional[Path] = typer.Option(None, help="Output JSON Lines, one video per line (default: "
+                                                  "RUN/predictions.jsonl)."),
     top_k: int = typer.Option(5, help="Labels kept per video."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     split: Optional[str] = typer.Option(None, help="Split to predict (default: the run's eval split)."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    pretrained: Optional[str] = typer.Option(None, help="With --video: the checkpoint file of the image tower, "
+                                                        "when the cache was made from one (checked by sha256)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ):
     """Write per-video top-k predictions (label keys, names, scores) as JSON Lines."""
-    from .evaluate import predict_run
+    from .evaluate import predict_files, predict_run
 
+    out = out or run / "predictions.jsonl"
+    configure_logging()
     try:
-        n = predict_run(run, out, top_k, checkpoint.value, split, None if cache is None else str(cache),
-                        dataset, device)
+        if not video:
+            n = predict_run(run, out, top_k, checkpoint.value, split, None if cache is None else str(cache),
+                            dataset, device)
+            typer.echo(f"wrote {n} predictions to {out}")
+            return
+        n, failed = predict_files(run, video, out, top_k, checkpoint.value, device, pretrained)
     except _ERRORS as err:
         _fail(err)
-    typer.echo(f"wrote {n} predictions to {out}")
+    _show_file_predictions(out)
+    for path, error in failed:
+        console(stderr=True).print(f"failed: {path}: {error}", markup=False)
+    typer.echo(f"wrote {n} predictions to {out}" + (f"; {len(failed)} file(s) failed" if failed else ""))
+    if failed:
+        raise typer.Exit(1 if n else 2)
+
+
+def _show_file_predictions(path: Path) -> None:
+    import json
+
+    from rich.table import Table
+
+    table = Table(title=f"predictions ({path})")
+    for col in ("file", "top-1", "score", "next"):
+        table.add_column(col)
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if "top_k" in r:
+            top = r["top_k"]
+            table.add_row(Path(r["file"]).name, top[0]["name"], f"{top[0]['score']:.3f}",
+                          ", ".join(f"{t['name']} {t['score']:.2f}" for t in top[1:3]))
+    console().print(table)
 
 
 @app.command()

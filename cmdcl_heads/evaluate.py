@@ -198,3 +198,65 @@ def top_labels(logits: torch.Tensor, labels, top_k: int) -> list[list[dict]]:
     return [[{"rank": r + 1, "id": int(c), "key": labels.keys[c], "name": labels.names[c], "score": round(float(s), 6)}
              for r, (c, s) in enumerate(zip(row_ids.tolist(), row_values.tolist()))]
             for row_ids, row_values in zip(ids, values)]
+
+
+# ------------------------------------------------------------------------------------------ new files
+
+def video_files(paths) -> list[Path]:
+    """The files given, with folders replaced by the video files they hold (sorted, recursively)."""
+    from cmdcl_cache.paths import VIDEO_EXTENSIONS
+
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in VIDEO_EXTENSIONS)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    if not out:
+        raise FileNotFoundError(f"no video files in {', '.join(map(str, paths))}")
+    return out
+
+
+def predict_files(run: str | Path, paths, out: str | Path, top_k: int = 5, checkpoint: str = "best",
+                  device: str = "auto", pretrained: str | None = None) -> tuple[int, list[tuple[Path, str]]]:
+    """Top-k labels of video files that are in no manifest: each is decoded, sampled and encoded exactly as the
+    run's cache was (model, weights, preprocessing, sampling from the checkpoint's cache provenance), then
+    classified by the run's head. Needs only the run folder (and the weights). Writes JSON Lines, one file a
+    line ({"file", "top_k"} or {"file", "error"}); returns (files predicted, [(file, error)])."""
+    from cmdcl_cache.pipeline import encode_files
+
+    from .data import tsn_indices
+
+    ckpt, cfg, train_cfg, head = load_run(run, checkpoint, device)
+    meta = ckpt.meta
+    labels = _Labels(meta["label_names"], meta["label_keys"], meta["multi_label"])
+    dev = resolve_device(device)
+    files = video_files(paths)
+    lines, failed = [], []
+    for path, result in encode_files(meta["cache_provenance"], files, str(dev), pretrained):
+        if isinstance(result, Exception):
+            failed.append((path, f"{type(result).__name__}: {result}"))
+            lines.append({"file": str(path), "error": failed[-1][1]})
+            continue
+        rows = tsn_indices(len(result.features), cfg.frames, train=False)
+        frames = torch.from_numpy(result.features[rows].astype(np.float32))[None].to(dev)
+        toks = (torch.from_numpy(result.tokens[rows].astype(np.float32))[None].to(dev)
+                if meta["tokens"] and result.tokens is not None else None)
+        with torch.no_grad(), autocast(dev, train_cfg.precision):
+            logits = head(frames, toks).float().cpu()
+        lines.append({"file": str(path), "frames": len(result.features), "top_k": top_labels(logits, labels, top_k)[0]})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(line, allow_nan=False) + "\n" for line in lines))
+    tmp.replace(out)
+    return len(files) - len(failed), failed
+
+
+@dataclass
+class _Labels:
+    names: list[str]
+    keys: list[str]
+    multi_label: bool

@@ -380,3 +380,21 @@ def test_head_training_defaults_to_fp32_and_bf16_is_opt_in():
     assert isinstance(autocast(torch.device("cuda"), "bf16"), torch.autocast)
     res = runner.invoke(heads_app, ["train", "--cache", "c", "--dataset", "d", "--out", "o", "--precision", "fp16"])
     assert res.exit_code == 2 and "fp16" in res.output
+
+
+def test_a_bad_model_name_or_unreachable_weights_exit_2_and_leave_no_folder(tmp_path):
+    root = tmp_path / "videos"
+    manifest = write_manifest(tmp_path / "manifest", good_videos(root, 1, frames=8))
+    args = [a if a != "cmdcl-tiny" else "ViT-X-99" for a in extract_args(manifest, root, tmp_path / "cache")]
+    res = runner.invoke(cache_app, args)
+    assert res.exit_code == 2 and "'ViT-X-99': not an open_clip model config" in res.output
+    offline = [a if a != "cmdcl-tiny" else "ViT-B-16" for a in extract_args(manifest, root, tmp_path / "cache")]
+    offline[offline.index("none")] = "openai"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path)}
+    t0 = time.monotonic()
+    out = subprocess.run([PY, "-m", "cmdcl_cache.cli", *offline], env={**env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not in the local cache and HF_HUB_OFFLINE is set" in out.stderr
+    assert "--pretrained PATH" in out.stderr and out.stderr.count("\n") < 5   # one message, not forty warnings
+    assert time.monotonic() - t0 < 60            # the hub client's retries alone take about a minute
+    assert not (tmp_path / "cache").exists()

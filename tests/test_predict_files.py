@@ -1,0 +1,70 @@
+"""`cmdcl-heads predict --video FILE`: new files, in no manifest, encoded exactly as the run's cache was."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from _extract_util import extract_args, good_videos, write_manifest, write_video
+from cmdcl_cache.cache import Cache
+from cmdcl_cache.cli import app as cache_app
+from cmdcl_heads.cli import app as heads_app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    t = tmp_path_factory.mktemp("predict_files")
+    root = t / "videos"
+    vids = good_videos(root, 4, frames=16)
+    manifest = write_manifest(t / "manifest", vids, splits={"good0": "train", "good1": "train", "good2": "train",
+                                                            "good3": "test"})
+    assert runner.invoke(cache_app, extract_args(manifest, root, t / "cache")).exit_code == 0
+    leaf = t / "cache" / "tiny" / "cmdcl-tiny-none"
+    run = t / "run"
+    res = runner.invoke(heads_app, ["train", "--cache", str(leaf), "--dataset", str(manifest), "--model", "text4vis",
+                                    "--frames", "4", "--layers", "1", "--heads", "4", "--epochs", "2",
+                                    "--batch-size", "2", "--out", str(run), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return t, root, leaf, run
+
+
+def test_new_files_get_the_features_the_cache_would_hold(trained):
+    from cmdcl_cache.pipeline import encode_files
+    t, root, leaf, run = trained
+    cache = Cache(leaf)
+    got = dict(encode_files(cache.provenance, [root / "good1.mp4", root / "good3.mp4"], "cpu"))
+    for vid in ("good1", "good3"):
+        f = got[root / f"{vid}.mp4"]
+        np.testing.assert_allclose(f.features.astype(np.float32), cache.features(vid).astype(np.float32),
+                                   atol=2e-3, rtol=2e-3)
+        np.testing.assert_array_equal(f.timestamps, cache.frame_info(vid)[1])
+
+
+def test_predict_on_files_and_a_folder_writes_top_k_and_names_bad_files(trained, tmp_path):
+    t, root, leaf, run = trained
+    new = tmp_path / "new"
+    new.mkdir()
+    write_video(new / "fresh clip.mp4", 24, seed=77)      # in no manifest; a space in its name
+    (new / "broken.mp4").write_bytes(b"not a video at all")
+    out = tmp_path / "preds.jsonl"
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(new), "--video",
+                                    str(root / "good3.mp4"), "--out", str(out), "--top-k", "2", "--device", "cpu"])
+    assert res.exit_code == 1, res.output                # one of three files failed
+    assert "broken.mp4" in res.output and "2 predictions" in res.output
+    lines = {json.loads(x)["file"]: json.loads(x) for x in out.read_text().splitlines()}
+    assert set(lines) == {str(new / "broken.mp4"), str(new / "fresh clip.mp4"), str(root / "good3.mp4")}
+    assert "error" in lines[str(new / "broken.mp4")]
+    top = lines[str(new / "fresh clip.mp4")]["top_k"]
+    assert len(top) == 2 and top[0]["score"] >= top[1]["score"] and top[0]["key"] in {"t0", "t1", "t2"}
+    # the same video through the cache gives the same answer
+    split = tmp_path / "split.jsonl"
+    assert runner.invoke(heads_app, ["predict", "--run", str(run), "--out", str(split), "--device", "cpu"]).exit_code == 0
+    cached = json.loads(split.read_text().splitlines()[0])
+    assert cached["video_id"] == "good3"
+    assert cached["top_k"][0]["key"] == lines[str(root / "good3.mp4")]["top_k"][0]["key"]
+    assert abs(cached["top_k"][0]["score"] - lines[str(root / "good3.mp4")]["top_k"][0]["score"]) < 1e-2
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(tmp_path / "nope.mp4")])
+    assert res.exit_code == 2 and "nope.mp4" in res.output
