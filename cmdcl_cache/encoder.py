@@ -238,6 +238,31 @@ def resize_order(h: int, w: int, oh: int, ow: int, interpolation: str) -> str | 
     return None
 
 
+class PendingFeatures:
+    """Features being computed on the device: a non-blocking copy into pinned host memory and a CUDA event."""
+
+    def __init__(self, features: torch.Tensor, tokens: torch.Tensor | None):
+        self._event = None
+        if features.device.type == "cuda":
+            host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) if t is not None else None
+                    for t in (features, tokens)]
+            for h, t in zip(host, (features, tokens)):
+                if t is not None:
+                    h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            features, tokens = host
+        self._features, self._tokens = features, tokens
+
+    def ready(self) -> bool:
+        return self._event is None or self._event.query()
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._event is not None:
+            self._event.synchronize()   # the only wait: when the caller needs the numbers
+        return self._features, self._tokens
+
+
 class FrameEncoder:
     """One open_clip model on one device: preprocess uint8 frames, encode frames and label texts.
 
@@ -362,10 +387,16 @@ class FrameEncoder:
 
         Use this to encode one batch gathered from frames of different sizes (preprocess each group).
         """
+        return self.encode_pixels_async(pixels).result()
+
+    def encode_pixels_async(self, pixels: torch.Tensor) -> "PendingFeatures":
+        """Start encoding; `.result()` gives what `encode_pixels` returns. On CUDA the features are copied into
+        pinned host memory without blocking, so the caller can go on (receive the next frames) while the
+        device computes; on the CPU the work is done when this returns."""
         pixels = pixels.to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast_ctx():
             if self.spec.tokens == "cls":
-                return self.model.encode_image(pixels).float().cpu(), None
+                return PendingFeatures(self.model.encode_image(pixels).float(), None)
             visual = self.model.visual
             # With output_tokens set, the ViT returns (pooled @ proj, patch tokens after ln_post);
             # pooled is what encode_image returns.
@@ -382,7 +413,7 @@ class FrameEncoder:
             # Pool then project: the projection is linear, so this equals projecting then pooling.
             grid = nnf.adaptive_avg_pool2d(grid, self.spec.grid).flatten(2).transpose(1, 2)
             grid = grid @ visual.proj.float()
-            return pooled.float().cpu(), grid.cpu()
+            return PendingFeatures(pooled.float(), grid)
 
     def encode_frames(self, frames) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 frames [N, H, W, 3] -> (features float32 [N, D] on cpu, grid tokens [N, P, D] | None).

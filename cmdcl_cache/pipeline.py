@@ -345,9 +345,48 @@ class _Job:
     encoded: int = 0
 
 
+MAX_IN_FLIGHT = 2   # encoder batches the device may hold while the main process receives frames
+
+
+class _Committer:
+    """Appends finished videos to the journal in a thread of its own, in the order they finished, so that
+    encoding never waits on a write or an fsync. A write error (disk full) is kept and raised in the main
+    thread at its next `check`; a video the writer refuses (its rows do not fit) is recorded as failed."""
+
+    def __init__(self, run: "_Run"):
+        import queue
+        import threading
+        self.run, self.error = run, None
+        self.queue = queue.Queue(maxsize=8)   # bounded: at most 8 finished videos held in memory
+        self.thread = threading.Thread(target=self._loop, name="cmdcl-commit", daemon=True)
+        self.thread.start()
+
+    def put(self, job: "_Job", feats, toks) -> None:
+        self.check()
+        self.queue.put((job, feats, toks))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.run.commit(*item)
+                except BaseException as err:   # noqa: BLE001 - handed to the main thread
+                    self.error = err
+
+
 class _Run:
-    """One rank's extraction in flight: decoded crops wait in `pending` until a full batch is encoded; a
-    video is committed once all its frames are encoded and its worker said "done"."""
+    """One rank's extraction in flight: decoded crops wait in `pending` until a full batch is launched on the
+    encoder; up to MAX_IN_FLIGHT batches compute while frames keep arriving; a video goes to the committer
+    once all its frames are encoded and its worker said "done"."""
 
     def __init__(self, plan: _Plan, encoder, writer, result: ExtractResult, replace: set[str]):
         from .progress import ExtractProgress
@@ -356,6 +395,7 @@ class _Run:
         self.queue: collections.deque[_Job] = collections.deque()
         self.jobs: dict[str, _Job] = {}
         self.pending: collections.deque = collections.deque()   # (job, uint8 crops [k, S, S, 3])
+        self.in_flight: collections.deque = collections.deque()  # (parts, k, PendingFeatures)
         self.buffered = 0
         self.restarts = 0
         self.pool = None
@@ -393,23 +433,30 @@ class _Run:
         self.pending = collections.deque(keep)
 
     def loop(self, pool) -> None:
-        self.pool = pool
-        while self.queue or self.jobs:
-            while self.queue and pool.idle:
-                job = self.queue.popleft()
-                job.t0 = time.monotonic()
-                self.jobs[job.video_id] = job
-                pool.submit(job.video_id, job.path)
-            if self.buffered >= self.bs or (self.buffered and not pool.busy):
-                self.encode_batch()
-                continue
-            if not pool.busy:  # cannot happen unless a decoder under-delivers: never spin
-                for job in list(self.jobs.values()):
-                    self.drop(job, "decode", "the decoder ended without all sampled frames")
-                continue
-            # Wait for the workers; only briefly when some frames are waiting to be encoded.
-            for msg in pool.poll(0.05 if self.buffered else 0.5):
-                self.on_message(msg)
+        self.pool, self.committer = pool, _Committer(self)
+        try:
+            while self.queue or self.jobs:
+                self.committer.check()
+                while self.queue and pool.idle:
+                    job = self.queue.popleft()
+                    job.t0 = time.monotonic()
+                    self.jobs[job.video_id] = job
+                    pool.submit(job.video_id, job.path)
+                if self.buffered >= self.bs or (self.buffered and not pool.busy):
+                    self.launch_batch()
+                    continue
+                if self.in_flight and (not pool.busy or self.in_flight[0][2].ready()):
+                    self.harvest()
+                    continue
+                if not pool.busy:  # cannot happen unless a decoder under-delivers: never spin
+                    for job in list(self.jobs.values()):
+                        self.drop(job, "decode", "the decoder ended without all sampled frames")
+                    continue
+                # Wait for the workers; only briefly when frames wait to be encoded or batches to be read.
+                for msg in pool.poll(0.005 if self.in_flight else 0.05 if self.buffered else 0.5):
+                    self.on_message(msg)
+        finally:
+            self.committer.close()
         self.restarts = pool.restarts
 
     def on_message(self, msg) -> None:
@@ -447,7 +494,13 @@ class _Run:
         self.buffered -= self.bs - take
         return parts
 
-    def encode_batch(self) -> None:
+    def _encode_failed(self, parts, err: BaseException) -> None:
+        for job in {id(j): j for j, _ in parts}.values():
+            if job.video_id in self.jobs:
+                self.pool.cancel(job.video_id)
+                self.drop(job, "encode", f"{type(err).__name__}: {err}")
+
+    def launch_batch(self) -> None:
         import torch
         parts = self._take_batch()
         try:
@@ -456,16 +509,23 @@ class _Run:
             k = len(pixels)
             if k < self.bs:   # fixed batch shape: see the module docstring
                 pixels = torch.cat([pixels, pixels.new_zeros((self.bs - k, *pixels.shape[1:]))])
-            feats, toks = self.encoder.encode_pixels(pixels)
+            self.in_flight.append((parts, k, self.encoder.encode_pixels_async(pixels)))
+        except Exception as err:  # noqa: BLE001 - one batch's videos fail, the run goes on
+            self._encode_failed(parts, err)
+        while len(self.in_flight) > MAX_IN_FLIGHT:
+            self.harvest()
+
+    def harvest(self) -> None:
+        """Read the oldest batch's features (waiting for the device only if it is still computing)."""
+        parts, k, pending = self.in_flight.popleft()
+        try:
+            feats, toks = pending.result()
             feats = feats[:k].numpy()
             toks = toks[:k].numpy() if toks is not None else None
             if not np.isfinite(feats).all():
                 raise FloatingPointError("the encoder returned NaN or Inf")
         except Exception as err:  # noqa: BLE001 - one batch's videos fail, the run goes on
-            for job in {id(j): j for j, _ in parts}.values():
-                if job.video_id in self.jobs:
-                    self.pool.cancel(job.video_id)
-                    self.drop(job, "encode", f"{type(err).__name__}: {err}")
+            self._encode_failed(parts, err)
             return
         lo = 0
         for job, x in parts:
@@ -481,10 +541,14 @@ class _Run:
     def maybe_commit(self, job: _Job) -> None:
         if not (job.decoded and job.meta is not None and job.encoded == job.total):
             return
+        if job.video_id not in self.jobs:
+            return   # dropped (an encode failure) while its last batch was in flight
         self.jobs.pop(job.video_id, None)
+        self.committer.put(job, np.concatenate(job.feats), np.concatenate(job.toks) if job.toks else None)
+
+    def commit(self, job: _Job, feats, toks) -> None:
+        """In the committer's thread: the journal write of one video."""
         n, fps, duration, index_, stamps = job.meta
-        feats = np.concatenate(job.feats)
-        toks = np.concatenate(job.toks) if job.toks else None
         try:
             self.writer.append_video(job.video_id, feats, index_, stamps, fps, n, duration, tokens=toks,
                                      source_size=job.source[0], source_mtime_ns=job.source[1],

@@ -69,6 +69,8 @@ class ExtractProgress:
     """rich progress bar, or (quiet) one log line every 30 s, on stderr."""
 
     def __init__(self, total: int, quiet: bool, label: str):
+        import threading
+        self._lock = threading.Lock()   # updated from the main thread and the committer's
         self.console = console(stderr=True)
         self.quiet, self.total, self.label = quiet, total, label
         self.done = self.failed = self.frames = 0
@@ -89,6 +91,10 @@ class ExtractProgress:
         self.console.print(text, markup=False)
 
     def update(self, done=0, failed=0, frames=0) -> None:
+        with self._lock:
+            self._update(done, failed, frames)
+
+    def _update(self, done, failed, frames) -> None:
         self.done += done
         self.failed += failed
         self.frames += frames
