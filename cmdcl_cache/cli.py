@@ -70,7 +70,8 @@ def manifest_build(
                                      help="Annotation folder (shared/datasets/<name>, your Charades folder) "
                                           "or, for COIN, an official COIN.json with the taxonomy CSVs beside it."),
     out: Optional[Path] = typer.Option(None, "--out", help="Manifest folder to write (default: the built-in "
-                                                           "location manifests/<dataset>, where load_manifest finds it)."),
+                                                           "location, the package's cmdcl_cache/manifests/<dataset>, "
+                                                           "where the built-in names are found)."),
 ):
     """Build a manifest (videos.jsonl + labels.json) from a dataset's annotation files."""
     from rich.console import Console
