@@ -144,6 +144,9 @@ def manifest_check(
 
 # ------------------------------------------------------------------------------------- feature cache
 
+PROMPTS_HELP = ("Prompt templates for texts.h5: a set (actions: verb phrases, things: noun phrases, generic: any "
+                "phrase) or a file with one template a line ({} marks the label); default: the manifest's "
+                "labels.json `prompts`, else actions.")
 _FATAL_HELP = "Exit status: 0 every selected video is in the cache, 1 some failed (listed in failures.jsonl; the cache holds the others), 2 nothing extracted or a fatal error."
 
 
@@ -176,7 +179,7 @@ def extract_cmd(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Only the videos listed in failures.jsonl that are not committed."),
     tokens: str = typer.Option("cls", "--tokens", help="cls: one feature per frame; grid: also a pooled patch grid."),
     grid: int = typer.Option(4, "--grid", help="Side of the pooled patch grid with --tokens grid."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", exists=True, dir_okay=False, help="Prompt templates file for texts.h5 (one template with {} a line)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help=PROMPTS_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="Log lines instead of a progress bar (for batch jobs)."),
 ):
     from rich.console import Console
@@ -211,7 +214,7 @@ def texts_cmd(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     tokens: str = typer.Option("cls", "--tokens", help="Which cache folder: cls or grid (as extracted)."),
     grid: int = typer.Option(4, "--grid", help="Grid side, with --tokens grid."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", exists=True, dir_okay=False, help="Prompt templates file."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help=PROMPTS_HELP),
     force: bool = typer.Option(False, "--force", help="Rewrite even when texts.h5 has the same provenance."),
 ):
     from cmdcl_cache.encoder import EncoderSpec

@@ -138,17 +138,13 @@ def texts_provenance_for(encoder, dataset: str, templates: list[str]) -> dict:
     return _plain(prov)
 
 
-def _templates(texts_mod, prompts: Path | None) -> list[str]:
-    return list(texts_mod.load_templates(prompts)) if prompts else list(texts_mod.DEFAULT_TEMPLATES)
-
-
 def ensure_texts(cache_dir: Path, manifest, encoder, prompts: Path | None = None,
                  force: bool = False) -> tuple[Path, bool]:
     """Write texts.h5 unless it exists with the same provenance; returns (path, written)."""
     from . import texts as texts_mod
     from .store import _normalised, provenance_difference, texts_provenance, write_texts
 
-    templates = _templates(texts_mod, prompts)
+    templates = texts_mod.choose_templates(prompts, manifest)  # --prompts, else the manifest's set
     prov = texts_provenance_for(encoder, manifest.dataset, templates)
     path = Path(cache_dir) / "texts.h5"
     if path.exists() and not force:

@@ -8,10 +8,18 @@ Readable names (`readable_label`):
   closest thing a text tower knows; this mapping is ours, not the dataset's.
 - Anything that already reads as text (COIN step names such as "remove the tire") is kept as is.
 
-Templates: `DEFAULT_TEMPLATES` is a small CLIP-style set worded for actions (our choice, in the spirit of
-CLIP's ImageNet prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts).
-`--prompts FILE` replaces it: one template per line, each with one "{}", blank lines and "#" comments
-skipped.
+Templates come in named sets (`TEMPLATE_SETS`, CLIP-style ensembles in the spirit of CLIP's ImageNet and
+Kinetics prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts), one per kind of
+label name:
+
+- `actions` (the default): verb phrases, "change car tire", "stir tea" -> "a video of a person stir tea."
+- `things`: noun phrases without an article, "cartoon rabbit", "vehicles" -> "a video of the cartoon rabbit."
+- `generic`: any phrase, read as a title, "cartoon rabbit", "stir tea", "a red circle sliding"
+  -> "a video titled cartoon rabbit."; what `manifest build --dataset folder` writes unless told otherwise.
+
+`choose_templates` picks them, first match wins: `--prompts` (a set name, or a file of templates: one per
+line, each with one "{}", blank lines and "#" comments skipped; `./actions` means a file named actions),
+then the manifest's labels.json `prompts` (a set name), then `actions`.
 """
 
 from __future__ import annotations
@@ -24,16 +32,40 @@ import numpy as np
 
 from .store import TextEmbeddings
 
-DEFAULT_TEMPLATES = (
-    "a video of a person {}.",
-    "a photo of a person {}.",
-    "a video of {}.",
-    "a photo of {}.",
-    "a person is {}.",
-    "a clip of someone {}.",
-    "a close-up video of {}.",
-    "a frame from a video of {}.",
-)
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "actions": (
+        "a video of a person {}.",
+        "a photo of a person {}.",
+        "a video of {}.",
+        "a photo of {}.",
+        "a person is {}.",
+        "a clip of someone {}.",
+        "a close-up video of {}.",
+        "a frame from a video of {}.",
+    ),
+    "things": (
+        "a video of the {}.",
+        "a photo of the {}.",
+        "a video showing the {}.",
+        "a clip of the {}.",
+        "a close-up video of the {}.",
+        "a frame from a video of the {}.",
+        "a blurry photo of the {}.",
+        "a video with the {} in it.",
+    ),
+    "generic": (
+        "a video titled {}.",
+        "a clip titled {}.",
+        "a photo titled {}.",
+        "a video labelled {}.",
+        "a frame of a video titled {}.",
+        "a short film titled {}.",
+        "video: {}.",
+        "{}.",
+    ),
+}
+DEFAULT_TEMPLATE_SET = "actions"
+DEFAULT_TEMPLATES = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET]
 
 SPECIAL_NAMES = {"SIL": "background"}
 
@@ -87,6 +119,22 @@ def load_templates(path: str | Path) -> list[str]:
     if not templates:
         raise PromptError(f"{path}: no prompt templates (one per line, each with '{{}}')")
     return templates
+
+
+def choose_templates(prompts: str | Path | None = None, manifest=None) -> list[str]:
+    """The prompt templates to use: `prompts` (a set name or a templates file) when given, else the
+    manifest's `prompts` set, else the default set. A string that is exactly a set name means the set."""
+    if prompts is not None:
+        if str(prompts) in TEMPLATE_SETS and isinstance(prompts, str):
+            return list(TEMPLATE_SETS[prompts])
+        if not Path(prompts).exists() and "/" not in str(prompts):
+            raise PromptError(f"--prompts {str(prompts)!r}: neither a template set "
+                              f"({', '.join(TEMPLATE_SETS)}) nor a file")
+        return load_templates(prompts)
+    name = getattr(manifest, "prompts", None) or DEFAULT_TEMPLATE_SET
+    if name not in TEMPLATE_SETS:
+        raise PromptError(f"unknown prompt template set {name!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+    return list(TEMPLATE_SETS[name])
 
 
 def build_text_embeddings(encoder, label_set_names: dict[str, list[str]],
