@@ -349,7 +349,8 @@ def _load_json(file, text: str, line_offset: int = 0):
 
 def decode_lines(file, data: bytes, errors: ErrorCollector) -> list[tuple[int, str]]:
     """(line number, text) of each line of a file's bytes; a line that is not UTF-8 is reported to `errors`
-    (field '(encoding)') and left out. A UTF-8 byte-order mark at the start is dropped."""
+    (field '(encoding)') and kept as an empty line, so that later lines keep their numbers. A UTF-8
+    byte-order mark at the start is dropped."""
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     lines = []
@@ -360,6 +361,7 @@ def decode_lines(file, data: bytes, errors: ErrorCollector) -> list[tuple[int, s
             errors.add(ManifestError(file, number, "(encoding)",
                                      f"byte {raw[err.start:err.start + 1]!r} at byte {err.start + 1} of the line "
                                      f"is not UTF-8 ({err.reason}); save the file as UTF-8"))
+            lines.append((number, ""))
     return lines
 
 

@@ -6,7 +6,8 @@ Readable names (`readable_label`):
 - snake_case keys (Breakfast actions) become words: `stir_tea` -> "stir tea".
 - Breakfast's `SIL` ("silence": frames before, between and after the actions) becomes "background", the
   closest thing a text tower knows; this mapping is ours, not the dataset's.
-- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is.
+- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is, and
+  keys with non-ASCII letters are only split at `_` and `-` (`crème_brûlée` -> "crème brûlée").
 
 Templates come in named sets (`TEMPLATE_SETS`, CLIP-style ensembles in the spirit of CLIP's ImageNet and
 Kinetics prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts), one per kind of
@@ -86,6 +87,8 @@ def readable_label(key: str) -> str:
         return SPECIAL_NAMES[key]
     if " " in key:
         return key  # already text (COIN step names)
+    if not key.isascii():  # the word rules below know ASCII letters only: split on _ and - alone
+        return " ".join(part for part in re.split(r"[_\-]+", key) if part) or key
     words = []
     for part in re.split(r"[_\-]+", key):
         for word in _WORDS.findall(part):

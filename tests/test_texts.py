@@ -25,6 +25,9 @@ from cmdcl_cache.texts import (DEFAULT_TEMPLATES, TEMPLATE_SETS, PromptError, bu
     ("remove the tire", "remove the tire"),          # COIN step names are already text
     ("use the SIM card slot", "use the SIM card slot"),
     ("cereals", "cereals"),
+    ("café", "café"),                                 # non-ASCII letters are kept
+    ("crème_brûlée", "crème brûlée"),
+    ("数据-集", "数据 集"),
 ])
 def test_readable_label(key, text):
     assert readable_label(key) == text
