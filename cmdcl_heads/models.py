@@ -5,7 +5,7 @@ logits [B, C]; heads L2-normalise what they read because the cache stores featur
 
 - `zeroshot`: CLIP zero-shot. Mean of the L2-normalised frames, normalised again, cosine with the label
   text ensemble, times CLIP's fixed scale 100. No trainable parameter, never trained.
-- `linear`: a linear probe on the mean of the L2-normalised frames.
+- `linear`: a linear probe on the mean of the L2-normalised frames, fitted by L-BFGS (cmdcl_heads/probe.py).
 - `text4vis`: Text4Vis-style: TemporalEncoder (cfg.layers layers) + mean over time, classifier = the frozen
   text ensemble, cosine times a learnable scale initialised at cfg.logit_scale_init (100, CLIP's).
 - `cmdcl`: cmdcl_heads.cmdcl.CMDCLHead (imported only when asked for).
@@ -62,14 +62,20 @@ class ZeroShotHead(nn.Module):
 
 
 class LinearHead(nn.Module):
+    """fc(mean_t normalise(frames)); `cmdcl-heads train` fits fc with cmdcl_heads/probe.py (L-BFGS)."""
+
     trainable = True
 
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes)
 
+    def pooled(self, frames):
+        """What the probe reads: the mean of the L2-normalised frames [B, T, D] -> [B, D]."""
+        return normalise(frames).mean(dim=1)
+
     def forward(self, frames, tokens=None):
-        return self.fc(normalise(frames).mean(dim=1))
+        return self.fc(self.pooled(frames))
 
 
 class Text4VisHead(nn.Module):

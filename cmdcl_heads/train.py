@@ -42,6 +42,7 @@ from .config import HeadConfig
 from .data import SplitVideos, make_features, pair_split, resolve_cache_dir
 from .metrics import compute_metrics, confusion_matrix, per_class_ap, primary_metric
 from .models import build_head, clamp_logit_scales, is_trainable
+from .probe import fit_linear_head
 
 CHECKPOINT_VERSION = 1
 
@@ -370,7 +371,9 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
 
     seed_everything(opts.seed)
     model = make_model(cfg, ctx, opts.dataset, opts.split_scheme).to(device)
-    trainable = is_trainable(model) and cfg.model != "zeroshot"
+    # linear probe hook: fitted once by L-BFGS (cmdcl_heads/probe.py), then saved and evaluated as zeroshot is
+    probe = fit_linear_head(model, ctx, opts, cfg.frames, select) if cfg.model == "linear" else None
+    trainable = is_trainable(model) and cfg.model not in ("zeroshot", "linear")
     eval_split = pair_split(ctx.cache, ctx.manifest, opts.eval_split, ctx.label_set, opts.split_scheme,
                             opts.skip_missing)
     eval_feats = make_features(ctx.cache, eval_split, cfg.frames, device, opts.data_mode, tokens, opts.workers)
@@ -394,15 +397,21 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
         t0 = time.perf_counter()
         record = {"epoch": 0, "train_loss": None, **_evaluate_splits(model, evaluate, opts, device),
                   "eval_seconds": time.perf_counter() - t0}
+        if probe:  # linear probe hook
+            record.update(train_loss=probe["train_loss"], probe=probe)
         report.append_metrics(run, record)
         ckpt = {**meta, "model": model.state_dict(), "epoch": 0, "best_epoch": 0, "best_value": None}
         _save_atomic(ckpt, last_path)
         _save_atomic(ckpt, run / "best.pt")
         if on_epoch_end:
             on_epoch_end(0, record)
-        return _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped,
-                       data_mode=eval_feats.mode, start=start, console=console, trainable_params=0,
-                       select=select, requested=requested)
+        summary = _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, meta, skipped,
+                          data_mode=eval_feats.mode, start=start, console=console, trainable_params=0,
+                          select=select, requested=requested)
+        if probe:  # linear probe hook: what was fitted, and how, beside the metrics
+            summary.update(probe=probe, trainable_parameters=probe["parameters"])
+            report.write_summary(run, summary)
+        return summary
 
     if select is not None:
         try:
@@ -631,7 +640,8 @@ def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, 
         rows = {f"{opts.eval_split}, best.pt": metrics, f"{opts.eval_split}, last.pt": summary["last_metrics"],
                 f"{select} (selection), best.pt": selection["metrics"]}
     else:
-        why = ("nothing trained" if not trainable_params else "--select-split none" if requested == "none"
+        why = ("fitted by L-BFGS, see summary.json 'probe'" if cfg.model == "linear"   # linear probe hook
+               else "nothing trained" if not trainable_params else "--select-split none" if requested == "none"
                else "auto: val is the eval split" if opts.eval_split == "val"
                else f"auto: no val videos labelled with '{ctx.label_set}'")
         how = f"best.pt = last epoch {best['epoch']} ({why})"
