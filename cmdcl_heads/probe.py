@@ -127,12 +127,19 @@ def _as_inputs(x, y, multi_label: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _scores(x, y, centre, weight, bias, l2: float, multi_label: bool) -> tuple[float, float]:
-    """(primary metric, data loss) of a fit on held-out features."""
+def _scores(x, y, centre, weight, bias, l2: float, multi_label: bool) -> tuple[float | None, float]:
+    """(primary metric, or None when it is undefined, e.g. mAP without positives; data loss) on held-out
+    features. None rather than NaN: the sweep goes into JSON files that jq must read."""
     logits = (x - centre) @ weight.T + bias
     loss = float(_objective(x - centre, y, weight, bias, 0.0, multi_label))
     value = compute_metrics(logits.numpy(), y.numpy(), multi_label)[primary_metric(multi_label)]
-    return (float("-inf") if np.isnan(value) else float(value)), loss
+    return (None if np.isnan(value) else float(value)), loss
+
+
+def _rank(record: dict) -> tuple:
+    """Sort key of the sweep: the higher metric, then the lower loss, then the larger l2."""
+    metric = record["val_metric"]
+    return (float("-inf") if metric is None else metric, -record["val_loss"], record["l2"])
 
 
 def fit_linear_probe(train_x, train_y, num_classes: int, multi_label: bool, val_x=None, val_y=None,
@@ -152,7 +159,7 @@ def fit_linear_probe(train_x, train_y, num_classes: int, multi_label: bool, val_
             init = (weight, bias)
             metric, loss = _scores(vx, vy, centre, weight, bias, value, multi_label)
             sweep.append({"l2": value, "val_metric": metric, "val_loss": loss, "iterations": iterations})
-        best = max(sweep, key=lambda r: (r["val_metric"], -r["val_loss"], r["l2"]))
+        best = max(sweep, key=_rank)
         chosen_on, l2, fitted_on = val_name, best["l2"], ["train", val_name]
         x, y = torch.cat([x, vx]), torch.cat([y, vy])
     centre = x.mean(dim=0)

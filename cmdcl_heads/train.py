@@ -411,6 +411,7 @@ def train(opts: TrainOptions, cfg: HeadConfig, on_epoch_end=None) -> dict:
         if probe:  # linear probe hook: what was fitted, and how, beside the metrics
             summary.update(probe=probe, trainable_parameters=probe["parameters"])
             report.write_summary(run, summary)
+            report.plot_probe_sweep(probe, metric, run / "probe.png")
         return summary
 
     if select is not None:
@@ -630,7 +631,8 @@ def _finish(run, opts, cfg, ctx, model, eval_feats, eval_split, device, metric, 
         "trainable_parameters": trainable_params, "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
         "seconds_total": time.perf_counter() - start, "head_config": cfg.to_dict(), "cache_dir": meta["cache_dir"],
     }
-    _write_outputs(run, logits, eval_split, ctx.label_names, metric, history, best["epoch"] if select else None)
+    _write_outputs(run, logits, eval_split, ctx.label_names, metric, history, best["epoch"] if select else None,
+                   opts.eval_split)
     if ctx.multi_label:
         ap = per_class_ap(logits, eval_split.targets)
         summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(ctx.label_names, ap)}
@@ -657,13 +659,14 @@ def _split_part(record: dict, part: str) -> dict:
     return {k: v for k, v in record.get(part, {}).items() if k != "split"}
 
 
-def _write_outputs(run: Path, logits, split: SplitVideos, names, metric, history, best_epoch) -> None:
+def _write_outputs(run: Path, logits, split: SplitVideos, names, metric, history, best_epoch,
+                   split_name: str | None = None) -> None:
     report.plot_curves(history, metric, run / "curves.png", best_epoch)
     if split.multi_label:
-        report.plot_per_class_ap(per_class_ap(logits, split.targets), names, run / "per_class_ap.png")
+        report.plot_per_class_ap(per_class_ap(logits, split.targets), names, run / "per_class_ap.png", split_name)
     else:
         cm = confusion_matrix(split.targets, logits.argmax(1), len(names))
-        report.plot_confusion(cm, names, run / "confusion.png")
+        report.plot_confusion(cm, names, run / "confusion.png", split_name)
 
 
 def _dataset_ref(dataset: str) -> str:

@@ -142,3 +142,14 @@ def test_non_finite_features_are_refused_with_the_video_named(tmp_path):
     cache, manifest, _ = separable_cache(tmp_path, nan_video="train_1_3")
     with pytest.raises(ProbeError, match="features of 1 train video.*train_1_3.*cmdcl-cache verify"):
         train(_opts(cache, manifest, tmp_path / "run"), HeadConfig(model="linear", frames=8))
+
+
+def test_an_undefined_val_metric_leaves_plain_json():
+    """mAP over a val split without any positive is undefined: the sweep says None (JSON null), never NaN or
+    -Infinity, which jq and strict JSON readers refuse; l2 is then chosen by the val loss."""
+    x, y = _random_problem(5)
+    targets = np.eye(4)[y]
+    fit = fit_linear_probe(x[:90], targets[:90], 4, True, x[90:], np.zeros((30, 4)))
+    assert all(r["val_metric"] is None for r in fit.sweep)
+    assert fit.l2 == min(fit.sweep, key=lambda r: r["val_loss"])["l2"]
+    json.dumps(fit.summary(), allow_nan=False)
