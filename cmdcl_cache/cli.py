@@ -353,23 +353,27 @@ def inspect_cmd(
         render_summary(s, Console(highlight=False))
 
 
-@app.command("export-npy", help="Write one <video_id>.npy [T, D] per cached video.")
+@app.command("export-npy", help="Write each cached video's features [T, D] with its timestamps and fps, in "
+                                 "video_features' layout (<name>.npy, <name>_timestamps_ms.npy, <name>_fps.npy, or "
+                                 "one <name>.npz), and index.jsonl mapping every video id to its file names (ids "
+                                 "that are not safe file names get '<prefix>~<sha256>'; see cmdcl_cache/export.py).")
 def export_cmd(
     cache: Path = typer.Option(..., "--cache", help="Cache folder, or the root with --dataset/--model/--pretrained."),
-    out: Path = typer.Option(..., "--out", help="Folder for the .npy files."),
+    out: Path = typer.Option(..., "--out", help="Folder for the exported files."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="To find the folder under a cache root."),
     model: Optional[str] = typer.Option(None, "--model", help="To find the folder under a cache root."),
     pretrained: Optional[str] = typer.Option("openai", "--pretrained", help="To find the folder under a cache root."),
     dtype: str = typer.Option("float16", "--dtype", help="float16 (as stored) or float32."),
+    layout: str = typer.Option("npy", "--format", help="npy: three .npy files per video; npz: one .npz per video."),
 ):
     from cmdcl_cache.export import export_npy
     from cmdcl_cache.store import CacheError
 
     try:
-        n = export_npy(_cache_dir(cache, dataset, model, pretrained), out, dtype=dtype)
+        n = export_npy(_cache_dir(cache, dataset, model, pretrained), out, dtype=dtype, layout=layout)
     except (CacheError, ValueError, TypeError) as err:
         _fail(str(err), 2)
-    print(f"wrote {n} files to {out}")
+    print(f"wrote {n} videos to {out} (index.jsonl maps video ids to file names)")
 
 
 if __name__ == "__main__":
