@@ -192,7 +192,7 @@ def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, m
 
     monkeypatch.setattr(train_module, "evaluate_logits", scripted)
     run = tmp_path / "sel"
-    summary = train(_opts(synth_val, run, epochs=4, lr=3e-2), _cfg("text4vis"))
+    summary = train(_opts(synth_val, run, epochs=4, lr=3e-2), _cfg("text4vis", layers=0))
     monkeypatch.undo()
     records = _records(run)
     assert [(r["select"]["split"], r["eval"]["split"]) for r in records] == [("val", "test")] * 4
@@ -211,7 +211,7 @@ def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, m
 
 def test_multi_label_selection_is_the_argmax_of_val_map(synth_val, tmp_path):
     run = tmp_path / "steps"
-    summary = train(_opts(synth_val, run, label_set="steps", lr=3e-2, epochs=4), _cfg("text4vis"))
+    summary = train(_opts(synth_val, run, label_set="steps", lr=3e-2, epochs=4), _cfg("text4vis", layers=0))
     records = _records(run)
     val_map = [r["select"]["mAP"] for r in records]
     assert summary["selection"]["split"] == "val" and summary["selection"]["metric"] == "mAP"
@@ -225,7 +225,7 @@ def test_without_selection_split_best_is_last(synth, synth_val, tmp_path):
             "eval-on-val": (synth_val, {"eval_split": "val"})}   # auto never selects on the eval split
     for name, (data, kw) in runs.items():
         run = tmp_path / name
-        summary = train(_opts(data, run, epochs=2, lr=3e-2, **kw), _cfg("text4vis"))
+        summary = train(_opts(data, run, epochs=2, lr=3e-2, **kw), _cfg("text4vis", layers=0))
         assert summary["selection"] == {"split": None, "metric": None, "best_epoch": 2, "value": None,
                                         "requested": kw.get("select_split", "auto"), "metrics": None}, name
         best = torch.load(run / "best.pt", weights_only=False)
@@ -286,7 +286,7 @@ def test_nan_features_stop_training_with_a_clear_message(synth, tmp_path):
     feats["train_3_004"][:] = np.nan
     bad = write_synthetic_cache(tmp_path / "bad", feats, read_texts(synth[0] / "texts.h5"))
     with pytest.raises(TrainingError, match=r"cross-entropy loss is nan at epoch 1, step \d+/4"):
-        train(_opts((bad, synth[1]), tmp_path / "nan"), _cfg("text4vis"))
+        train(_opts((bad, synth[1]), tmp_path / "nan"), _cfg("text4vis", layers=0))
 
 
 def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path, monkeypatch):
@@ -300,7 +300,7 @@ def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path,
 
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", norm_inf_on_first_two)
     run = tmp_path / "skip"
-    train(_opts(synth, run, epochs=2), _cfg("text4vis"))
+    train(_opts(synth, run, epochs=2), _cfg("text4vis", layers=0))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [2, 0]
     assert all(np.isfinite(r["train_loss"]) for r in records)
@@ -308,7 +308,7 @@ def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path,
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: torch.tensor(float("nan")))
     monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite gradient"):
-        train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("text4vis"))
+        train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("text4vis", layers=0))
 
 
 def test_a_skipped_step_names_the_parameters_with_a_non_finite_gradient(synth, tmp_path, monkeypatch):

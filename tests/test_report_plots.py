@@ -33,8 +33,8 @@ def test_confusion_matrix_has_whole_wrapped_names_and_the_split():
 
 
 def test_many_classes_keep_whole_names_on_one_line(tmp_path):
-    names = [f"class {i} {LONG}" for i in range(60)]
-    cm = np.diag(np.arange(1, 61))
+    names = [f"class {i} {LONG}" for i in range(report.WRAP_CLASSES + 1)]
+    cm = np.diag(np.arange(1, len(names) + 1))
     fig = report.confusion_figure(cm, names, split="val")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == names
     report.plot_confusion(cm, names, tmp_path / "c.png", split="val")
