@@ -283,3 +283,16 @@ def test_labels_json_reports_all_its_problems_at_once(tmp_path):
     fields = {e.field for e in info.value.errors}
     assert fields == {"colour", "licence", "split_schemes", "label_sets.b.multi_label", "default_label_set"}
     assert "name the one to train on" in str(info.value)
+
+
+def test_manifest_check_lists_every_problem_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from cmdcl_cache.cli import app
+
+    folder = write_raw(tmp_path / "m", [good(0, split="dev"), good(1), good(2, video_id="a\x00b")])
+    (tmp_path / "videos").mkdir()
+    res = CliRunner().invoke(app, ["manifest", "check", "--dataset", str(folder), "--video-root",
+                                   str(tmp_path / "videos")])
+    assert res.exit_code == 2 and "2 problems" in res.output
+    assert "videos.jsonl:1: field 'split'" in res.output and "videos.jsonl:3: field 'video_id'" in res.output
