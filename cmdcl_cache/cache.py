@@ -277,10 +277,13 @@ def _matches(folder: CacheFolder, dataset: str | None, model: str | None, pretra
 
 def locate(given: str | Path, dataset: str | None = None, model: str | None = None,
            pretrained: str | None = None) -> CacheFolder:
-    """The one cache folder at or below `given` that matches what is named (None: anything)."""
+    """The cache folder `given` itself when it is one (what it holds is then checked by the caller, against
+    a manifest or a checkpoint), else the one cache below it that matches what is named (None: anything)."""
     given = Path(given)
     if not given.is_dir():
         raise CacheError(f"{given}: cache folder does not exist")
+    if CacheFolder.holds_cache(given):
+        return CacheFolder(given)
     found = candidates(given)
     if not found:
         raise CacheError(f"{given}: no feature cache here or up to two folders below (no {SHARD_GLOB}); "

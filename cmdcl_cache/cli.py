@@ -9,6 +9,7 @@ import typer
 from cmdcl_cache.config import config_command, option, version_option
 from cmdcl_cache.pipeline import ExtractConfig
 from cmdcl_cache.progress import configure_logging, console, markup_mode
+from cmdcl_cache.texts import PROMPTS_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=markup_mode(),
                   help="Build manifests, render the demo set, and cache CLIP features of videos in HDF5.")
@@ -73,33 +74,98 @@ def demo_make(
                   "--model cmdcl-tiny --pretrained none", soft_wrap=True)
 
 
-@manifest_app.command("build")
+def _print_error(err) -> None:
+    """`error: <message>` on stderr; several manifest problems one a line."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    errors = getattr(err, "errors", None)
+    text = str(err) if not errors else f"{err.total} problems:\n  " + str(err).replace("\n", "\n  ")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(text)}")
+
+
+_BUILD_EPILOG = ("Your own videos: --dataset folder --videos DIR --out FOLDER, with one subfolder of DIR per class "
+                 "(or --from-csv FILE: columns path,label[,split]). Then: cmdcl-cache extract --dataset FOLDER "
+                 "--video-root DIR ...  Exit status 2 lists every problem found (file:line: field).")
+
+
+@manifest_app.command("build", epilog=_BUILD_EPILOG)
 def manifest_build(
-    dataset: str = typer.Option(..., "--dataset", help="Which builder: coin, breakfast or charades."),
-    annotations: Path = typer.Option(..., "--annotations", exists=True,
-                                     help="Annotation folder (shared/datasets/<name>, your Charades folder) "
-                                          "or, for COIN, an official COIN.json with the taxonomy CSVs beside it."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Manifest folder to write (default: the built-in "
-                                                           "location manifests/<dataset>, where load_manifest finds it)."),
+    dataset: str = typer.Option(..., "--dataset", help="Builder: coin, breakfast, charades (from official "
+                                                       "annotation files) or folder (your own videos)."),
+    annotations: Optional[Path] = typer.Option(None, "--annotations", exists=True,
+                                               help="coin, breakfast, charades: annotation folder (shared/datasets/"
+                                                    "<name>, your Charades folder) or, for COIN, an official "
+                                                    "COIN.json with the taxonomy CSVs beside it."),
+    videos: Optional[Path] = typer.Option(None, "--videos", exists=True, file_okay=False,
+                                          help="folder: the video root (the later --video-root); one subfolder "
+                                               "per class, videos inside, unless --from-csv."),
+    from_csv: Optional[Path] = typer.Option(None, "--from-csv", exists=True, dir_okay=False,
+                                            help="folder: CSV with a header row path,label[,split]; paths relative "
+                                                 "to --videos."),
+    val_fraction: float = typer.Option(0.1, "--val-fraction", help="folder, without a split column: share of each "
+                                                                   "class's videos for val."),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="folder, without a split column: share of each "
+                                                                     "class's videos for test (at least one per "
+                                                                     "class of two or more)."),
+    seed: int = typer.Option(0, "--seed", help="folder: seed of the stratified split."),
+    prompts: str = typer.Option("generic", "--prompts", help="folder: prompt template set for labels.json: generic "
+                                                             "(any phrase), things (noun phrases) or actions (verb "
+                                                             "phrases)."),
+    name: Optional[str] = typer.Option(None, "--name", help="folder: dataset name, which names the cache folder "
+                                                            "(default: the --out folder's name)."),
+    source: str = typer.Option("", "--source", help="folder: where the videos come from (labels.json)."),
+    licence: str = typer.Option("", "--licence", help="folder: the videos' licence (labels.json)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Manifest folder to write (folder: required; others: "
+                                                           "default the built-in location, the package's "
+                                                           "cmdcl_cache/manifests/<dataset>)."),
 ):
-    """Build a manifest (videos.jsonl + labels.json) from a dataset's annotation files."""
+    """Build a manifest (videos.jsonl + labels.json) from a dataset's annotation files or your own videos."""
     from rich.console import Console
 
     from cmdcl_cache.datasets import BUILDERS, build_manifest
-    from cmdcl_cache.manifest import ManifestError, resolve_dataset_dir
+    from cmdcl_cache.manifest import resolve_dataset_dir
 
     if dataset not in BUILDERS:
         raise typer.BadParameter(f"no builder for {dataset!r}; choose one of {', '.join(BUILDERS)}",
                                  param_hint="--dataset")
+    options = {}
+    if dataset == "folder":
+        if videos is None or out is None or annotations is not None:
+            raise typer.BadParameter("the folder builder needs --videos DIR and --out FOLDER (and reads no "
+                                     "--annotations)", param_hint="--dataset folder")
+        options = dict(videos=videos, csv_path=from_csv, val_fraction=val_fraction, test_fraction=test_fraction,
+                       seed=seed, prompts=prompts, name=name, source=source,
+                       licence=licence)
+    elif annotations is None or videos is not None or from_csv is not None:
+        raise typer.BadParameter(f"the {dataset} builder needs --annotations (--videos and --from-csv are for "
+                                 "--dataset folder)", param_hint="--annotations")
     out = out or resolve_dataset_dir(dataset)
     try:
-        m = build_manifest(dataset, annotations, out)
-    except ManifestError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        m = build_manifest(dataset, annotations, out, **options)
+    except ValueError as err:   # ManifestError(s) and bad options
+        _print_error(err)
         raise typer.Exit(2)
+    _print_build_summary(Console(highlight=False, soft_wrap=True), m, out, videos)
+
+
+def _print_build_summary(console, m, out: Path, videos: Path | None) -> None:
     sizes = ", ".join(f"{n} {len(ls)}" for n, ls in m.label_sets.items())
     splits = ", ".join(f"{s} {len(m.select(s))}" for s in ("train", "val", "test") if m.select(s))
-    Console().print(f"wrote {out}: {len(m.videos)} videos; label sets: {sizes}; {splits}", highlight=False)
+    console.print(f"wrote {out}: {len(m.videos)} videos; label sets: {sizes}; {splits}", markup=False)
+    if videos is None:
+        return
+    ls = m.label_sets[m.default_label_set]
+    for split in ("val", "test"):
+        have = {v.labels[ls.name] for v in m.select(split)}
+        lacking = [k for k in ls.keys if k not in have]
+        if lacking and len(lacking) < len(ls.keys):
+            console.print(f"note: no {split} video for {len(lacking)} class(es): {', '.join(lacking[:10])}"
+                          f"{', ...' if len(lacking) > 10 else ''}", markup=False)
+    if not m.select("val"):
+        console.print("note: no val videos: best.pt is the last epoch and the linear probe uses its default "
+                      "regularisation", markup=False)
+    console.print(f"next: cmdcl-cache extract --dataset {out} --video-root {videos} --cache cache", markup=False)
 
 
 @manifest_app.command("check")
@@ -125,7 +191,7 @@ def manifest_check(
     try:
         m = load_manifest(dataset)
     except ManifestError as e:
-        Console(stderr=True).print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+        _print_error(e)
         raise typer.Exit(2)
     result = check_videos(m.videos, video_root)
     table = Table(title=f"{m.dataset}: {len(m.videos)} videos under {video_root}")
@@ -196,7 +262,7 @@ class TextsConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     tokens: Literal["cls", "grid"] = option("cls", "Which cache folder: cls or grid (as extracted).")
     grid: int = option(4, "Grid side, with --tokens grid.")
-    prompts: str | None = option(None, "Prompt templates file (one template with {} a line).")
+    prompts: str | None = option(None, PROMPTS_HELP)
     force: bool = option(False, "Rewrite even when texts.h5 has the same provenance.")
 
 
@@ -295,23 +361,27 @@ def inspect_cmd(
         raise typer.Exit(1)
 
 
-@app.command("export-npy", help="Write one <video_id>.npy [T, D] per cached video.")
+@app.command("export-npy", help="Write each cached video's features [T, D] with its timestamps and fps, in "
+                                 "video_features' layout (<name>.npy, <name>_timestamps_ms.npy, <name>_fps.npy, or "
+                                 "one <name>.npz), and index.jsonl mapping every video id to its file names (ids "
+                                 "that are not safe file names get '<prefix>~<sha256>'; see cmdcl_cache/export.py).")
 def export_cmd(
     cache: Path = typer.Option(..., "--cache", help=_CACHE_HELP),
-    out: Path = typer.Option(..., "--out", help="Folder for the .npy files."),
+    out: Path = typer.Option(..., "--out", help="Folder for the exported files."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help=_FIND),
     model: Optional[str] = typer.Option(None, "--model", help=_FIND),
     pretrained: Optional[str] = typer.Option(None, "--pretrained", help=_FIND),
     dtype: str = typer.Option("float16", "--dtype", help="float16 (as stored) or float32."),
+    layout: str = typer.Option("npy", "--format", help="npy: three .npy files per video; npz: one .npz per video."),
 ):
     from cmdcl_cache.export import export_npy
     from cmdcl_cache.store import CacheError
 
     try:
-        n = export_npy(_locate(cache, dataset, model, pretrained).path, out, dtype=dtype)
+        n = export_npy(_locate(cache, dataset, model, pretrained).path, out, dtype=dtype, layout=layout)
     except (CacheError, ValueError, TypeError) as err:
         _fail(str(err), 2)
-    print(f"wrote {n} files to {out}")
+    print(f"wrote {n} videos to {out} (index.jsonl maps video ids to file names)")
 
 
 if __name__ == "__main__":

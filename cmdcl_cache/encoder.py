@@ -30,6 +30,7 @@ import logging
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -43,7 +44,7 @@ from open_clip.transform import center_crop_or_pad
 
 from .transform import TransformSpec, plan, resize_crop, shortest_edge_size  # noqa: F401 (re-exported)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = resources.files("cmdcl_cache") / "model_configs"  # package data
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKEN_MODES = ("cls", "grid")
 # Frames are preprocessed in slices of at most this many pixels, so that a batch of 1080p frames

@@ -48,6 +48,7 @@ from .failures import append_line, read_failures, record_failure
 from .ranks import RankInfo, detect_rank, split_ids
 from .sampling import SamplingPolicy
 from .store import CacheError, StorageError, read_shard
+from .texts import PROMPTS_HELP
 
 EXIT_OK, EXIT_PARTIAL, EXIT_FATAL = 0, 1, 2
 
@@ -85,7 +86,7 @@ class ExtractConfig:
                                           "modification time) since it was read.")
     tokens: Literal["cls", "grid"] = option("cls", "cls: one feature per frame; grid: also a pooled patch grid.")
     grid: int = option(4, "Side of the pooled patch grid with --tokens grid.")
-    prompts: str | None = option(None, "Prompt templates file for texts.h5 (one template with {} a line).")
+    prompts: str | None = option(None, PROMPTS_HELP)
     quiet: bool = option(False, "Log lines instead of a progress bar (for batch jobs).")
     decoder: str | None = option(None, "Decoder (test seam, see decode.resolve_decoder).", cli=False)
     decode_threads: int | None = option(None, "Threads per decode worker.", cli=False)

@@ -6,12 +6,21 @@ Readable names (`readable_label`):
 - snake_case keys (Breakfast actions) become words: `stir_tea` -> "stir tea".
 - Breakfast's `SIL` ("silence": frames before, between and after the actions) becomes "background", the
   closest thing a text tower knows; this mapping is ours, not the dataset's.
-- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is.
+- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is, and
+  keys with non-ASCII letters are only split at `_` and `-` (`crème_brûlée` -> "crème brûlée").
 
-Templates: `DEFAULT_TEMPLATES` is a small CLIP-style set worded for actions (our choice, in the spirit of
-CLIP's ImageNet prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts).
-`--prompts FILE` replaces it: one template per line, each with one "{}", blank lines and "#" comments
-skipped.
+Templates come in named sets (`TEMPLATE_SETS`, CLIP-style ensembles in the spirit of CLIP's ImageNet and
+Kinetics prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts), one per kind of
+label name:
+
+- `actions` (the default): verb phrases, "change car tire", "stir tea" -> "a video of a person stir tea."
+- `things`: noun phrases without an article, "cartoon rabbit", "vehicles" -> "a video of the cartoon rabbit."
+- `generic`: any phrase, read as a title, "cartoon rabbit", "stir tea", "a red circle sliding"
+  -> "a video titled cartoon rabbit."; what `manifest build --dataset folder` writes unless told otherwise.
+
+`choose_templates` picks them, first match wins: `--prompts` (a set name, or a file of templates: one per
+line, each with one "{}", blank lines and "#" comments skipped; `./actions` means a file named actions),
+then the manifest's labels.json `prompts` (a set name), then `actions`.
 """
 
 from __future__ import annotations
@@ -24,16 +33,40 @@ import numpy as np
 
 from .store import TextEmbeddings
 
-DEFAULT_TEMPLATES = (
-    "a video of a person {}.",
-    "a photo of a person {}.",
-    "a video of {}.",
-    "a photo of {}.",
-    "a person is {}.",
-    "a clip of someone {}.",
-    "a close-up video of {}.",
-    "a frame from a video of {}.",
-)
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "actions": (
+        "a video of a person {}.",
+        "a photo of a person {}.",
+        "a video of {}.",
+        "a photo of {}.",
+        "a person is {}.",
+        "a clip of someone {}.",
+        "a close-up video of {}.",
+        "a frame from a video of {}.",
+    ),
+    "things": (
+        "a video of the {}.",
+        "a photo of the {}.",
+        "a video showing the {}.",
+        "a clip of the {}.",
+        "a close-up video of the {}.",
+        "a frame from a video of the {}.",
+        "a blurry photo of the {}.",
+        "a video with the {} in it.",
+    ),
+    "generic": (
+        "a video titled {}.",
+        "a clip titled {}.",
+        "a photo titled {}.",
+        "a video labelled {}.",
+        "a frame of a video titled {}.",
+        "a short film titled {}.",
+        "video: {}.",
+        "{}.",
+    ),
+}
+DEFAULT_TEMPLATE_SET = "actions"
+DEFAULT_TEMPLATES = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET]
 
 SPECIAL_NAMES = {"SIL": "background"}
 
@@ -54,6 +87,8 @@ def readable_label(key: str) -> str:
         return SPECIAL_NAMES[key]
     if " " in key:
         return key  # already text (COIN step names)
+    if not key.isascii():  # the word rules below know ASCII letters only: split on _ and - alone
+        return " ".join(part for part in re.split(r"[_\-]+", key) if part) or key
     words = []
     for part in re.split(r"[_\-]+", key):
         for word in _WORDS.findall(part):
@@ -89,6 +124,27 @@ def load_templates(path: str | Path) -> list[str]:
     return templates
 
 
+PROMPTS_HELP = ("Prompt templates for texts.h5: a set (actions: verb phrases, things: noun phrases, generic: any "
+                "phrase) or a file with one template a line ({} marks the label); default: the manifest's "
+                "labels.json `prompts`, else actions.")
+
+
+def choose_templates(prompts: str | Path | None = None, manifest=None) -> list[str]:
+    """The prompt templates to use: `prompts` (a set name or a templates file) when given, else the
+    manifest's `prompts` set, else the default set. A string that is exactly a set name means the set."""
+    if prompts is not None:
+        if str(prompts) in TEMPLATE_SETS and isinstance(prompts, str):
+            return list(TEMPLATE_SETS[prompts])
+        if not Path(prompts).exists() and "/" not in str(prompts):
+            raise PromptError(f"--prompts {str(prompts)!r}: neither a template set "
+                              f"({', '.join(TEMPLATE_SETS)}) nor a file")
+        return load_templates(prompts)
+    name = getattr(manifest, "prompts", None) or DEFAULT_TEMPLATE_SET
+    if name not in TEMPLATE_SETS:
+        raise PromptError(f"unknown prompt template set {name!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+    return list(TEMPLATE_SETS[name])
+
+
 def build_text_embeddings(encoder, label_set_names: dict[str, list[str]],
                           templates: Sequence[str] = DEFAULT_TEMPLATES,
                           batch_size: int = 256) -> dict[str, TextEmbeddings]:
@@ -122,7 +178,7 @@ def ensure_texts(folder, manifest, encoder, spec, prompts: str | Path | None = N
     from .cache import provenance_difference
     from .store import normalised, texts_provenance, write_texts
 
-    templates = load_templates(prompts) if prompts else list(DEFAULT_TEMPLATES)
+    templates = choose_templates(prompts, manifest)   # --prompts, else the manifest's set, else actions
     prov = spec.text_provenance(encoder.provenance(), manifest.dataset, templates)
     path = folder.texts_path
     if path.exists() and not force:

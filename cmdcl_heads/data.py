@@ -270,6 +270,10 @@ class LazyFeatures:
         self.split, self.frames, self.device = split, frames, torch.device(device)
         self.dataset = _VideoDataset(cache, split, frames, tokens)
         self.workers = workers
+        for vid in split.video_ids:   # one streaming pass now, so that a NaN stops the run before it starts
+            check_finite(cache, vid, np.asarray(cache.features(vid)))
+            if tokens:
+                check_finite(cache, vid, np.asarray(cache.tokens(vid)), "grid token")
 
     def batches(self, batch_size: int, order: torch.Tensor, offsets: torch.Tensor | None):
         chunks = torch.split(order, batch_size)

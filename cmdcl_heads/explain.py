@@ -1,12 +1,14 @@
 """One picture of why a CMDCL head predicted what it did for one video.
 
 Four panels: the mediator's attention S over the top-k fine labels (atomic actions) along time; the
-top-5 predicted classes with their probabilities; the cross-sample attention over the top-k entries of the
-visual dictionary Z along time; the textual intervention's weights over V_P for the predicted class.
+top-5 predicted classes (all of them when there are 5 or fewer) with their probabilities; the cross-sample
+attention over the top-k entries of the visual dictionary Z along time; the textual intervention's weights
+over V_P for the predicted class. Each panel's title gives the k it shows.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +50,14 @@ def _top(weights_over_time: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-weights_over_time.mean(axis=0), kind="stable")[:k]
 
 
-def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_names: list[str],
-                     out: str | Path, times: np.ndarray | None = None, vp_names: list[str] | None = None,
-                     top_k: int = 8, title: str = "", truth: str | list[str] | None = None,
-                     multi_label: bool = False) -> Path:
-    """Write the four-panel PNG; `maps` as returned by `explain_video`."""
+def explanation_figure(maps: dict[str, np.ndarray], class_names: list[str], fine_names: list[str],
+                       times: np.ndarray | None = None, vp_names: list[str] | None = None, top_k: int = 8,
+                       title: str = "", truth: str | list[str] | None = None, multi_label: bool = False):
+    """The four-panel matplotlib Figure of `plot_explanation`; returns (figure, its title artist).
+
+    Every panel says how many entries it shows (k never exceeds what there is: 3 classes give a top-3
+    panel), and the layout engine keeps the (wrapped) title and all labels on the canvas.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,7 +72,7 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
     truths = set([truth] if isinstance(truth, str) else truth or [])
     steps = len(next(iter(v for k, v in maps.items() if k in ("mediator", "cross_sample")), np.zeros(1)))
     xt = times if times is not None else np.arange(steps)
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), gridspec_kw={"width_ratios": [2.2, 1]}, layout="constrained")
 
     def heat(ax, w, names, what):
         order = _top(w, min(top_k, w.shape[1]))
@@ -76,7 +81,7 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
         ticks = np.linspace(0, w.shape[0] - 1, min(8, w.shape[0])).astype(int)
         ax.set_xticks(ticks, [f"{xt[i]:.1f}" if times is not None else f"{xt[i]:.0f}" for i in ticks], fontsize=8)
         ax.set_xlabel("time (s)" if times is not None else "sampled frame")
-        ax.set_title(what, fontsize=10)
+        ax.set_title(what.format(k=len(order)), fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.03)
 
     def missing(ax, what):
@@ -84,21 +89,21 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
         ax.axis("off")
 
     if "mediator" in maps:
-        heat(axes[0, 0], maps["mediator"], fine_names, f"mediator S: top-{top_k} atomic actions over time")
+        heat(axes[0, 0], maps["mediator"], fine_names, "mediator S: top-{k} atomic actions over time")
     else:
         missing(axes[0, 0], "mediator")
-    top5 = np.argsort(-probs, kind="stable")[:5]
+    top = np.argsort(-probs, kind="stable")[:min(5, len(probs))]
     ax = axes[0, 1]
-    ax.barh(range(len(top5))[::-1], probs[top5], color=["tab:green" if class_names[i] in truths else "tab:blue"
-                                                          for i in top5])
-    ax.set_yticks(range(len(top5))[::-1], [f"{_short(class_names[i])} ({logits[i]:.1f})" for i in top5],
+    ax.barh(range(len(top))[::-1], probs[top], color=["tab:green" if class_names[i] in truths else "tab:blue"
+                                                      for i in top])
+    ax.set_yticks(range(len(top))[::-1], [f"{_short(class_names[i])} ({logits[i]:.1f})" for i in top],
                   fontsize=8)
     ax.set_xlim(0, 1)
-    ax.set_title("top-5 prediction: probability (logit)" +
+    ax.set_title(f"top-{len(top)} of {len(probs)} classes: probability (logit)" +
                  (f"\ntruth: {_short(', '.join(sorted(truths)), 45)}" if truths else ""), fontsize=10)
     if "cross_sample" in maps:
         z_names = [f"z{i}" for i in range(maps["cross_sample"].shape[1])]
-        heat(axes[1, 0], maps["cross_sample"], z_names, f"cross-sample approximator: top-{top_k} entries of Z")
+        heat(axes[1, 0], maps["cross_sample"], z_names, "cross-sample approximator: top-{k} entries of Z")
     else:
         missing(axes[1, 0], "cross-sample term")
     ax = axes[1, 1]
@@ -107,12 +112,22 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
         order = np.argsort(-w, kind="stable")[:top_k]
         names = vp_names or [f"b{i}" for i in range(len(w))]
         ax.barh(range(len(order))[::-1], w[order])
-        ax.set_yticks(range(len(order))[::-1], [names[i] for i in order], fontsize=8)
-        ax.set_title(f"textual intervention: V_P weights\nfor '{_short(class_names[top5[0]], 30)}'", fontsize=10)
+        ax.set_yticks(range(len(order))[::-1], [_short(names[i]) for i in order], fontsize=8)
+        ax.set_title(f"textual intervention: top-{len(order)} V_P weights\nfor '{_short(class_names[top[0]], 30)}'",
+                     fontsize=10)
     else:
         missing(ax, "textual intervention")
-    fig.suptitle(title)
-    fig.tight_layout()
+    return fig, fig.suptitle(textwrap.fill(title, 110))
+
+
+def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_names: list[str],
+                     out: str | Path, times: np.ndarray | None = None, vp_names: list[str] | None = None,
+                     top_k: int = 8, title: str = "", truth: str | list[str] | None = None,
+                     multi_label: bool = False) -> Path:
+    """Write the four-panel PNG of `explanation_figure`; `maps` as returned by `explain_video`."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = explanation_figure(maps, class_names, fine_names, times, vp_names, top_k, title, truth, multi_label)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -1,7 +1,8 @@
 """Classification metrics in plain numpy (no torch, no sklearn), so they are easy to check by hand.
 
-- single-label: top-1 and top-5 accuracy, mean per-class accuracy (mean over classes present in the
-  targets), confusion matrix (rows = true class).
+- single-label: top-1 and top-5 accuracy (top-5 only with more than 5 classes: with 5 or fewer it is 1 by
+  definition and says nothing), mean per-class accuracy (mean over classes present in the targets),
+  confusion matrix (rows = true class).
 - multi-label: average precision per class as sklearn defines it (sum over score thresholds of
   (R_n - R_{n-1}) P_n, tied scores form one threshold), and mAP in the Charades convention: the mean over
   classes with at least one positive.
@@ -10,6 +11,8 @@
 from __future__ import annotations
 
 import numpy as np
+
+TOP_K = 5  # the second accuracy reported, when there are more classes than this
 
 
 def top_k_accuracy(scores: np.ndarray, targets: np.ndarray, k: int = 1) -> float:
@@ -65,11 +68,15 @@ def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
 
 
 def compute_metrics(scores: np.ndarray, targets: np.ndarray, multi_label: bool) -> dict[str, float]:
-    """The headline numbers of one evaluation: top1/top5/mean_class_acc or mAP."""
+    """The headline numbers of one evaluation: top1, top5 (more than TOP_K classes only), mean_class_acc;
+    or mAP."""
     if multi_label:
         return {"mAP": mean_average_precision(scores, targets)}
-    return {"top1": top_k_accuracy(scores, targets, 1), "top5": top_k_accuracy(scores, targets, 5),
-            "mean_class_acc": mean_class_accuracy(scores, targets)}
+    out = {"top1": top_k_accuracy(scores, targets, 1)}
+    if np.asarray(scores).shape[1] > TOP_K:
+        out[f"top{TOP_K}"] = top_k_accuracy(scores, targets, TOP_K)
+    out["mean_class_acc"] = mean_class_accuracy(scores, targets)
+    return out
 
 
 def primary_metric(multi_label: bool) -> str:

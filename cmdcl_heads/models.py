@@ -10,7 +10,7 @@ logits [B, C]; heads L2-normalise what they read because the cache stores featur
 
 - `zeroshot`: CLIP zero-shot. Mean of the L2-normalised frames, normalised again, cosine with the label
   text ensemble, times CLIP's fixed scale 100. No trainable parameter, never trained.
-- `linear`: a linear probe on the mean of the L2-normalised frames.
+- `linear`: a linear probe on the mean of the L2-normalised frames, fitted by L-BFGS (cmdcl_heads/probe.py).
 - `text4vis`: Text4Vis-style: TemporalEncoder (cfg.layers layers) + mean over time, classifier = the frozen
   text ensemble, cosine times a learnable scale initialised at cfg.logit_scale_init (100, CLIP's).
 - `cmdcl`: cmdcl_heads.cmdcl.CMDCLHead.
@@ -56,7 +56,9 @@ class ZeroShotHead(nn.Module):
 
 
 class LinearHead(nn.Module):
-    trainable = True
+    """fc(mean_t normalise(frames)); `cmdcl-heads train` fits fc with cmdcl_heads/probe.py (L-BFGS)."""
+
+    trainable = False   # not by the epoch loop: fitted once by L-BFGS
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()
@@ -65,9 +67,8 @@ class LinearHead(nn.Module):
     def initialise(self, inputs: HeadInputs) -> None:
         pass   # fitted by the trainer
 
-    @staticmethod
-    def pooled(frames: torch.Tensor) -> torch.Tensor:
-        """The probe's input: the mean of the L2-normalised frames."""
+    def pooled(self, frames):
+        """What the probe reads: the mean of the L2-normalised frames [B, T, D] -> [B, D]."""
         return normalise(frames).mean(dim=1)
 
     def forward(self, frames, tokens=None):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,13 @@ def write_outputs(run: Path, logits, split, names, metric, history, best_epoch, 
     from .metrics import confusion_matrix, per_class_ap
     if trained:
         plot_curves(history, metric, run / "curves.png", best_epoch)
+    else:
+        (run / "curves.png").unlink(missing_ok=True)
     if split.multi_label:
-        plot_per_class_ap(per_class_ap(logits, split.targets), names, run / "per_class_ap.png")
+        plot_per_class_ap(per_class_ap(logits, split.targets), names, run / "per_class_ap.png", split_name)
     else:
         cm = confusion_matrix(split.targets, logits.argmax(1), len(names))
-        plot_confusion(cm, names, run / "confusion.png")
+        plot_confusion(cm, names, run / "confusion.png", split_name)
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -31,14 +35,19 @@ def _pyplot():
     return plt
 
 
-def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | None = None) -> None:
+def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | None = None) -> bool:
     """Loss (train, and each evaluated split) and the headline metric of each evaluated split, per epoch.
 
     Records hold the evaluated splits under "select" (the split that picks best.pt) and "eval" (the
     reported split, for the curves only); a dotted line marks the selected epoch when there is one.
+    Without a trained epoch (zero-shot, the L-BFGS linear probe: one record, epoch 0) there is no curve to
+    draw: nothing is written, a stale `path` is removed, and False is returned.
     """
+    if not any(r.get("epoch", 0) >= 1 for r in history):
+        Path(path).unlink(missing_ok=True)
+        return False
     plt = _pyplot()
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     pts = [(r["epoch"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
     if pts:
         ax_loss.plot(*zip(*pts), marker="o", label="train loss", color="tab:blue")
@@ -64,25 +73,36 @@ def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | 
             ax.legend()
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
-def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
-    """Row-normalised confusion matrix; readable from 10 to about 180 classes (labels thinned when many)."""
+WRAP_CLASSES, WRAP_WIDTH = 40, 24   # up to 40 classes, names wrap at 24 characters; beyond, one line each
+
+
+def class_label(name: str, classes: int) -> str:
+    """A whole class name for an axis: wrapped onto short lines where the cells are large enough."""
+    return textwrap.fill(name, WRAP_WIDTH, break_long_words=False) if classes <= WRAP_CLASSES else name
+
+
+def confusion_figure(cm: np.ndarray, names: list[str], split: str | None = None):
+    """The row-normalised confusion matrix as a matplotlib Figure, readable from 2 to about 200 classes:
+    whole class names (wrapped up to 40 classes), the split and its size in the title, values in the cells
+    up to 20 classes. The layout engine keeps every label and the title on the canvas."""
     plt = _pyplot()
     c = len(names)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
     size = min(40.0, max(6.0, 0.18 * c + 3))
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = plt.subplots(figsize=(size, size), layout="constrained")
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     step = max(1, math.ceil(c / 200))  # every class up to 200 (cells stay ~19 px at this size)
     ticks = np.arange(0, c, step)
     font = 8 if c <= 40 else 7
-    ax.set_xticks(ticks, [names[i][:28] for i in ticks], rotation=90, fontsize=font)
-    ax.set_yticks(ticks, [names[i][:28] for i in ticks], fontsize=font)
+    labels = [class_label(names[i], c) for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=90, fontsize=font)
+    ax.set_yticks(ticks, labels, fontsize=font)
     if c <= 20:
         for i in range(c):
             for j in range(c):
@@ -91,28 +111,59 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
                             color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title("confusion matrix (rows normalised)")
+    where = f", {split} split" if split else ""
+    ax.set_title(f"confusion matrix{where}: {int(cm.sum())} videos, rows normalised")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(cm: np.ndarray, names: list[str], path: Path, split: str | None = None) -> None:
+    """Write `confusion_figure` as a PNG."""
+    fig = confusion_figure(cm, names, split)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
-def plot_per_class_ap(ap: np.ndarray, names: list[str], path: Path) -> None:
-    """Per-class AP sorted from best to worst; classes without a positive are left out."""
+def plot_per_class_ap(ap: np.ndarray, names: list[str], path: Path, split: str | None = None) -> None:
+    """Per-class AP sorted from best to worst, whole class names; classes without a positive are left out."""
     plt = _pyplot()
     keep = [i for i in np.argsort(-np.nan_to_num(ap, nan=-1)) if not np.isnan(ap[i])]
     c = len(keep)
-    fig, ax = plt.subplots(figsize=(6, max(3.0, 0.16 * c + 1)))
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.16 * c + 1)), layout="constrained")
     ax.barh(np.arange(c), ap[keep], color="tab:blue")
-    ax.set_yticks(np.arange(c), [names[i][:32] for i in keep], fontsize=8 if c <= 60 else 5)
+    ax.set_yticks(np.arange(c), [names[i] for i in keep], fontsize=8 if c <= 60 else 5)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("average precision")
-    ax.set_title(f"per-class AP (mAP {np.nanmean(ap) if c else float('nan'):.3f})")
-    fig.tight_layout()
+    where = f", {split} split" if split else ""
+    ax.set_title(f"per-class AP{where} (mAP {np.nanmean(ap) if c else float('nan'):.3f})")
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_probe_sweep(probe: dict, metric: str, path: Path) -> bool:
+    """The linear probe's search for l2 (cmdcl_heads/probe.py): validation metric and loss against l2, the
+    chosen value marked. Nothing is written (False) when l2 was not searched (no validation split)."""
+    sweep = probe.get("sweep") or []
+    if not sweep:
+        return False
+    plt = _pyplot()
+    fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    l2 = [r["l2"] for r in sweep]
+    for ax, key, label in ((ax_metric, "val_metric", f"{probe['chosen_on']} {metric}"),
+                           (ax_loss, "val_loss", f"{probe['chosen_on']} loss")):
+        ax.plot(l2, [r[key] for r in sweep], marker="o")
+        ax.axvline(probe["l2"], color="grey", linestyle=":", label=f"chosen l2 = {probe['l2']:.2g}")
+        ax.set_xscale("log")
+        ax.set_xlabel("l2 (weight of ||W||^2 / 2)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"linear probe: l2 chosen on {probe['chosen_on']}, then refitted on "
+                 f"{' + '.join(probe['fitted_on'])}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ terminal

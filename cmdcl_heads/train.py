@@ -41,6 +41,7 @@ from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, evaluate_
 from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
+from .probe import fit_linear_head
 from .run import RunFolder, set_rng_state
 
 MAX_BAD_STEPS = 20  # consecutive skipped steps before training stops
@@ -77,11 +78,17 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     model.to(device)
     splits = Splits.load(data, config, head, device)
     meta = checkpoint_meta(config, head, data)
-    if not is_trainable(model):   # nothing is trained, so nothing is selected: the one model is best and last
+    if not is_trainable(model):   # no epoch loop, so nothing is selected: the one model is best and last
+        probe = None
+        if head.model == "linear":   # the CLIP paper's probe: L-BFGS, l2 chosen on the selection split
+            probe = fit_linear_head(model, (splits.train, splits.train_feats), splits.select, head.num_classes,
+                                    data.labels.multi_label, config.batch_size)
         for name in ("last", "best"):
             run.save_checkpoint(name, {**meta, "epoch": 0, "best_epoch": 0, "best_value": None}, model)
-        run.append_metrics({"epoch": 0, "train_loss": None})
-        return finish(run, config, head, data, model, splits, device, trainable_params=0, requested=requested)
+        run.append_metrics({"epoch": 0, "train_loss": probe["train_loss"] if probe else None,
+                            **({"probe": probe} if probe else {})})
+        return finish(run, config, head, data, model, splits, device, trainable_params=0, requested=requested,
+                      probe=probe)
 
     steps_per_epoch = math.ceil(len(splits.train.video_ids) / config.batch_size)
     optimizer = make_optimizer(model, config)
@@ -461,7 +468,7 @@ def _progress(quiet: bool):
 # ------------------------------------------------------------------------------------------------ the end
 
 def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, splits: Splits, device,
-           trainable_params: int, requested: str) -> dict:
+           trainable_params: int, requested: str, probe: dict | None = None) -> dict:
     """Evaluate the eval split once, with best; write the plots, summary.json and the table."""
     from cmdcl_cache.progress import console
 
@@ -474,7 +481,7 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
     metrics = evaluate_logits(logits, videos)
     history = run.read_metrics()
     metric = primary_metric(data.labels.multi_label)
-    select = splits.select[0] if splits.select else None
+    select = splits.select[0] if splits.select and not probe else None   # the probe's val chose l2, not an epoch
     at_best = next((r for r in history if r["epoch"] == best.meta["epoch"]), {})
     selection = {"split": select, "metric": metric if select else None, "best_epoch": best.meta["epoch"],
                  "value": best.meta["best_value"] if select else None, "requested": requested,
@@ -496,11 +503,11 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
         from .metrics import per_class_ap
         ap = per_class_ap(logits, videos.targets)
         summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(data.labels.names, ap)}
+    if probe:
+        summary.update(probe=probe, trainable_parameters=probe["parameters"])
+        report.plot_probe_sweep(probe, metric, run.path / "probe.png")
     run.write_summary(summary)
-    how = (f"best = epoch {best.meta['epoch']}, selected by {select} {metric}" if select else
-           f"best = last epoch {best.meta['epoch']} ("
-           + ("nothing trained" if not trainable_params else "no selection split: --select-split "
-              + ("none" if config.select_split == "none" else "auto found no val videos")) + ")")
+    how = _caption(best.meta["epoch"], select, metric, trainable_params, config.select_split, probe)
     rows = {f"{name}, best": metrics}
     if select:
         rows[f"{select} (selection), best"] = selection["metrics"]
@@ -509,3 +516,16 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
                                    "metrics", rows, caption=how))
     out.print(f"run folder: {run}", markup=False)
     return summary
+
+
+def _caption(epoch: int, select: str | None, metric: str, trainable_params: int, select_option: str,
+             probe: dict | None) -> str:
+    """How the reported checkpoint was chosen, in one line under the table."""
+    if probe:
+        return f"fitted by L-BFGS (l2 {probe['l2']:g} chosen on {probe['chosen_on']}; see summary.json 'probe')"
+    if select:
+        return f"best = epoch {epoch}, selected by {select} {metric}"
+    if not trainable_params:
+        return f"best = last epoch {epoch} (nothing trained)"
+    why = "none" if select_option == "none" else "auto found no val videos"
+    return f"best = last epoch {epoch} (no selection split: --select-split {why})"

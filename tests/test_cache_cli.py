@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from _extract_util import good_videos, write_manifest
 from cmdcl_cache.cli import app
 from cmdcl_cache.cache import Cache
+from cmdcl_cache.export import read_index
 
 runner = CliRunner()
 
@@ -82,9 +83,11 @@ def test_inspect_and_export(small_cache, tmp_path):
     res = runner.invoke(app, ["export-npy", "--cache", str(t / "cache"), "--out", str(out)])
     assert res.exit_code == 0, res.output
     cache = Cache(t / "cache" / "tiny" / "cmdcl-tiny-none")
-    assert sorted(p.stem for p in out.glob("*.npy")) == cache.video_ids
+    assert sorted(read_index(out)) == cache.video_ids
+    assert sorted(p.name for p in out.glob("good1*")) == ["good1.npy", "good1_fps.npy", "good1_timestamps_ms.npy"]
     x = np.load(out / "good1.npy")
     assert x.shape == (cache.num_frames("good1"), 64) and np.array_equal(x, cache.features("good1"))
+    np.testing.assert_array_equal(np.load(out / "good1_timestamps_ms.npy"), cache.frame_info("good1")[1] * 1000)
 
 
 def test_fatal_errors_exit_2_with_a_message(small_cache, tmp_path):

@@ -35,8 +35,9 @@ def breakfast_manifest():
     return load_manifest("breakfast")
 
 
-def test_builtin_names_resolve_to_the_repository():
-    assert load_manifest("coin").root == REPO / "manifests" / "coin"
+def test_builtin_names_resolve_to_the_package_data():
+    # package data read through importlib.resources, so that a regular (non-editable) install finds them
+    assert load_manifest("coin").root == REPO / "cmdcl_cache" / "manifests" / "coin"
 
 
 def test_coin_counts(coin_manifest):
@@ -102,7 +103,7 @@ def test_breakfast_counts(breakfast_manifest):
 def test_rebuild_reproduces_committed_manifest(tmp_path, shared, dataset):
     build_manifest(dataset, shared / dataset, tmp_path / dataset)
     for f in ("videos.jsonl", "labels.json"):
-        assert (tmp_path / dataset / f).read_bytes() == (REPO / "manifests" / dataset / f).read_bytes(), f
+        assert (tmp_path / dataset / f).read_bytes() == (REPO / "cmdcl_cache" / "manifests" / dataset / f).read_bytes(), f
 
 
 def test_coin_from_official_coin_json(tmp_path, shared, coin_manifest):

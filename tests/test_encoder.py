@@ -215,6 +215,8 @@ def test_quick_gelu_forced_for_tags_trained_with_it(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", fake_create)
     monkeypatch.setattr(open_clip, "get_pretrained_cfg",
                         lambda model, tag: {"quick_gelu": True} if tag == "openai" else {})
+    import cmdcl_cache.encoder as encoder_module
+    monkeypatch.setattr(encoder_module, "check_weights_reachable", lambda *a: None)   # nothing to download
     enc = load_encoder(EncoderSpec(model="cmdcl-tiny", pretrained="openai", device="cpu"))
     assert seen["force_quick_gelu"] is True and seen["pretrained"] == "openai"
     assert enc.provenance()["quick_gelu"] is True and enc.provenance()["pretrained"] == "openai"

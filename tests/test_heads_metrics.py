@@ -48,3 +48,14 @@ def test_perfect_and_worst_rankings():
     assert average_precision(np.array([1, 2, 3, 4]), y) == pytest.approx((1 / 3 + 2 / 4) / 2)
     scores = np.eye(3)[[0, 1, 2, 0]]
     assert compute_metrics(scores, np.array([0, 1, 2, 1]), multi_label=False)["top1"] == 0.75
+
+
+@pytest.mark.parametrize("classes", [2, 3, 5, 6, 12])
+def test_top5_is_reported_only_with_more_than_5_classes(classes):
+    rng = np.random.default_rng(classes)
+    scores, targets = rng.standard_normal((40, classes)), rng.integers(0, classes, 40)
+    out = compute_metrics(scores, targets, multi_label=False)
+    assert ("top5" in out) == (classes > 5)
+    assert list(out)[0] == "top1" and list(out)[-1] == "mean_class_acc"
+    if classes > 5:
+        assert out["top5"] == pytest.approx(skm.top_k_accuracy_score(targets, scores, k=5, labels=np.arange(classes)))

@@ -79,7 +79,7 @@ def test_zeroshot_evaluates_without_training(synth, tmp_path):
     assert evaluate_run(run, quiet=True) == summary["metrics"]
 
 
-@pytest.mark.parametrize("model,lr", [("linear", 3e-2), ("text4vis", 3e-3)])
+@pytest.mark.parametrize("model,lr", [("text4vis", 3e-3)])   # linear is fitted by L-BFGS: tests/test_probe.py
 def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
     run = tmp_path / model
     summary = train(_opts(synth, run, epochs=6, lr=lr), _cfg(model))
@@ -203,7 +203,7 @@ def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, m
 
     monkeypatch.setattr(train_module, "evaluate_logits", scripted)
     run = tmp_path / "sel"
-    summary = train(_opts(synth_val, run, epochs=4, lr=3e-2), _cfg("linear"))
+    summary = train(_opts(synth_val, run, epochs=4, lr=3e-2), _cfg("text4vis", layers=0))
     monkeypatch.undo()
     records = _records(run)
     assert [(r["select"]["split"], r["eval"]["split"]) for r in records] == [("val", "test")] * 4
@@ -222,7 +222,7 @@ def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, m
 
 def test_multi_label_selection_is_the_argmax_of_val_map(synth_val, tmp_path):
     run = tmp_path / "steps"
-    summary = train(_opts(synth_val, run, label_set="steps", lr=3e-2, epochs=4), _cfg("linear"))
+    summary = train(_opts(synth_val, run, label_set="steps", lr=3e-2, epochs=4), _cfg("text4vis", layers=0))
     records = _records(run)
     val_map = [r["select"]["mAP"] for r in records]
     assert summary["selection"]["split"] == "val" and summary["selection"]["metric"] == "mAP"
@@ -236,7 +236,7 @@ def test_without_selection_split_best_is_last(synth, synth_val, tmp_path):
             "eval-on-val": (synth_val, {"eval_split": "val"})}   # auto never selects on the eval split
     for name, (data, kw) in runs.items():
         run = tmp_path / name
-        summary = train(_opts(data, run, epochs=2, lr=3e-2, **kw), _cfg("linear"))
+        summary = train(_opts(data, run, epochs=2, lr=3e-2, **kw), _cfg("text4vis", layers=0))
         assert summary["selection"] == {"split": None, "metric": None, "best_epoch": 2, "value": None,
                                         "requested": kw.get("select_split", "auto"), "metrics": None}, name
         best = _ckpt(run, "best")
@@ -314,7 +314,7 @@ def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path,
 
     monkeypatch.setattr(train_module, "grad_norms", norm_inf_on_first_two)
     run = tmp_path / "skip"
-    train(_opts(synth, run, epochs=2), _cfg("linear"))
+    train(_opts(synth, run, epochs=2), _cfg("text4vis", layers=0))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [2, 0]
     assert all(np.isfinite(r["train_loss"]) for r in records)
@@ -322,7 +322,7 @@ def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path,
     monkeypatch.setattr(train_module, "grad_norms", lambda params: (torch.tensor(float("nan")), real(params)[1]))
     monkeypatch.setattr(train_module, "MAX_BAD_STEPS", 3)
     with pytest.raises(TrainingError, match=r"\d+ steps in a row had a non-finite loss or gradient"):
-        train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("linear"))
+        train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("text4vis", layers=0))
 
 
 def test_a_skipped_step_names_the_parameters_with_a_non_finite_gradient(synth, tmp_path, monkeypatch):

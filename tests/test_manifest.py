@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from cmdcl_cache.manifest import (LabelSet, ManifestError, VideoRecord, load_manifest, make_labels_json,
-                                  resolve_dataset_dir, write_manifest)
+from cmdcl_cache.manifest import (MAX_ERRORS, LabelSet, ManifestError, ManifestErrors, VideoRecord, load_manifest,
+                                  make_labels_json, resolve_dataset_dir, write_manifest)
 
 LABELS = make_labels_json("toy", {"task": (False, [("a", "task a"), ("b", "task b")]),
                                   "step": (True, [("1", "one"), ("2", "two"), ("3", "three")])},
@@ -171,3 +171,128 @@ def test_resolve_dataset_dir(tmp_path, monkeypatch):
         resolve_dataset_dir("nosuchdataset")
     with pytest.raises(ManifestError, match="does not exist"):
         load_manifest("charades")
+
+
+# ------------------------------------------------------------------------------------ many errors at once
+
+def test_three_errors_in_three_lines_are_reported_in_one_run(tmp_path):
+    lines = [good(0), good(1, split="dev"), good(2), good(3, labels={"task": "zzz", "step": []}),
+             good(4, duration=-1.0)]
+    with pytest.raises(ManifestErrors) as info:
+        load_manifest(write_raw(tmp_path, lines))
+    err = info.value
+    assert [(e.line, e.field) for e in err.errors] == [(2, "split"), (4, "labels.task"), (5, "duration")]
+    assert err.total == 3 and (err.line, err.field) == (2, "split")   # the first one, for callers of one error
+    msg = str(err).splitlines()
+    assert len(msg) == 3 and all(m.startswith(f"{tmp_path / 'videos.jsonl'}:") for m in msg)
+    assert isinstance(err, ManifestError)
+
+
+def test_errors_beyond_the_limit_are_counted(tmp_path):
+    lines = [good(i, split="dev") for i in range(MAX_ERRORS + 7)]
+    with pytest.raises(ManifestErrors) as info:
+        load_manifest(write_raw(tmp_path, lines))
+    assert len(info.value.errors) == MAX_ERRORS and info.value.total == MAX_ERRORS + 7
+    assert str(info.value).endswith("... and 7 more error(s)")
+
+
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
+    folder = write_raw(tmp_path, [good(0), good(1), good(2)])
+    data = (folder / "videos.jsonl").read_bytes().split(b"\n")
+    data[1] = data[1].replace(b'"dir/v1"', b'"dir/caf\xe9"')          # Latin-1, not UTF-8
+    (folder / "videos.jsonl").write_bytes(b"\n".join(data))
+    expect_error(folder, "videos.jsonl", 2, "(encoding)", r"byte b'\\xe9' at byte \d+ of the line is not UTF-8")
+    data[1] = b'\xff\xfe' + data[1]
+    data[2] = data[2].replace(b'"split": "train"', b'"split": "dev"')
+    (folder / "videos.jsonl").write_bytes(b"\n".join(data))
+    with pytest.raises(ManifestErrors) as info:   # a bad byte does not hide the other lines' errors
+        load_manifest(folder)
+    assert [(e.line, e.field) for e in info.value.errors] == [(2, "(encoding)"), (3, "split")]
+    labels = json.dumps(LABELS, indent=2, ensure_ascii=False).replace('"task a"', '"t\u00e2che a"')
+    (folder / "labels.json").write_bytes(labels.encode("latin-1"))
+    line = 1 + labels.split("\n").index(next(l for l in labels.split("\n") if "che a" in l))
+    expect_error(folder, "labels.json", line, "(encoding)", "not UTF-8")
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tmp_path):
+    folder = write_raw(tmp_path, [good(0)])
+    for name in ("videos.jsonl", "labels.json"):
+        (folder / name).write_bytes(b"\xef\xbb\xbf" + (folder / name).read_bytes())
+    assert [v.video_id for v in load_manifest(folder).videos] == ["v0"]
+
+
+# ------------------------------------------------------------------------------------ ids and paths
+
+@pytest.mark.parametrize("vid,what", [
+    ("a\x00b", r"control character \(U\+0000\)"), ("tab\there", r"U\+0009"), ("del\x7f", r"U\+007F"),
+    ("c1\x85", r"U\+0085"), ("line\u2028sep", "line separator"), ("para\u2029", "paragraph separator"),
+    ("\ud800lone", "lone surrogate"), (" lead", "leading or trailing whitespace"),
+    ("trail\u3000", "leading or trailing whitespace"), ("", "non-empty"), ("a/b", "path separators"),
+    ("a\\b", "path separators"), ("..", "'..'"),
+])
+def test_video_ids_with_control_characters_or_separators_are_refused(tmp_path, vid, what):
+    expect_error(write_raw(tmp_path, [good(0), good(1, video_id=vid)]), "videos.jsonl", 2, "video_id", what)
+
+
+def test_odd_but_valid_video_ids_are_kept_as_written(tmp_path):
+    ids = ["with spaces", "café au lait", "数据-1", "emoji 🐇", "x" * 300, "Case", "case", "-8NaVGEccgc",
+           "zero\u200bwidth"]
+    m = load_manifest(write_raw(tmp_path, [good(i, video_id=v, path=f"p{i}") for i, v in enumerate(ids)]))
+    assert [v.video_id for v in m.videos] == ids
+
+
+@pytest.mark.parametrize("written,stored", [("./x.mp4", "x.mp4"), ("a//b.mp4", "a/b.mp4"),
+                                            ("./a/./b/", "a/b"), ("a b/c d.mp4", "a b/c d.mp4")])
+def test_paths_are_normalised(tmp_path, written, stored):
+    assert load_manifest(write_raw(tmp_path, [good(0, path=written)])).videos[0].path == stored
+
+
+def test_two_spellings_of_one_path_are_one_path(tmp_path):
+    lines = [good(0, path="clips/x.mp4"), good(1, path="./clips//x.mp4")]
+    expect_error(write_raw(tmp_path, lines), "videos.jsonl", 2, "path",
+                 r"duplicate path 'clips/x.mp4' \(first on line 1, video 'v0'\)")
+
+
+@pytest.mark.parametrize("path,what", [(".", "names no file"), ("./", "names no file"),
+                                       ("a\x00.mp4", "control character"), ("a/..", "escapes")])
+def test_paths_that_name_no_file_are_refused(tmp_path, path, what):
+    expect_error(write_raw(tmp_path, [good(0, path=path)]), "videos.jsonl", 1, "path", what)
+
+
+# ------------------------------------------------------------------------------------ labels.json defaults
+
+def test_a_minimal_labels_json_gets_sensible_defaults(tmp_path):
+    folder = write_raw(tmp_path / "my_clips", [{"video_id": "a", "path": "cat/a.mp4", "split": "train",
+                                                 "labels": {"class": "cat"}}],
+                       labels={"label_sets": {"class": {"labels": ["cat", {"key": "dog"}, {"key": "cartoon_rabbit",
+                                                                                             "name": "cartoon rabbit"}]}}})
+    m = load_manifest(folder)
+    assert (m.dataset, m.default_label_set, m.fine_label_set, m.split_schemes) == ("my_clips", "class", None,
+                                                                                   ["default"])
+    assert (m.source, m.licence, m.prompts) == ("", "", None)
+    ls = m.label_sets["class"]
+    assert not ls.multi_label and ls.keys == ["cat", "dog", "cartoon_rabbit"]
+    assert ls.names == ["cat", "dog", "cartoon rabbit"]
+
+
+def test_labels_json_reports_all_its_problems_at_once(tmp_path):
+    labels = {"label_sets": {"a": {"labels": ["x"]}, "b": {"labels": ["y"], "multi_label": "yes"}},
+              "split_schemes": [], "licence": 3, "colour": "red"}
+    with pytest.raises(ManifestErrors) as info:
+        load_manifest(write_raw(tmp_path, [good(0)], labels=labels))
+    fields = {e.field for e in info.value.errors}
+    assert fields == {"colour", "licence", "split_schemes", "label_sets.b.multi_label", "default_label_set"}
+    assert "name the one to train on" in str(info.value)
+
+
+def test_manifest_check_lists_every_problem_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from cmdcl_cache.cli import app
+
+    folder = write_raw(tmp_path / "m", [good(0, split="dev"), good(1), good(2, video_id="a\x00b")])
+    (tmp_path / "videos").mkdir()
+    res = CliRunner().invoke(app, ["manifest", "check", "--dataset", str(folder), "--video-root",
+                                   str(tmp_path / "videos")])
+    assert res.exit_code == 2 and "2 problems" in res.output
+    assert "videos.jsonl:1: field 'split'" in res.output and "videos.jsonl:3: field 'video_id'" in res.output

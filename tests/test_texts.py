@@ -1,13 +1,16 @@
-"""Readable label names, prompt template files, and CLIP-style prompt ensembles."""
+"""Readable label names, prompt template sets and files, and CLIP-style prompt ensembles."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from cmdcl_cache.encoder import EncoderSpec, load_encoder
+from cmdcl_cache.manifest import ManifestError, load_manifest
 from cmdcl_cache.store import read_texts, write_texts
-from cmdcl_cache.texts import (DEFAULT_TEMPLATES, PromptError, build_text_embeddings, load_templates,
-                               readable_label)
+from cmdcl_cache.texts import (DEFAULT_TEMPLATES, TEMPLATE_SETS, PromptError, build_text_embeddings,
+                               choose_templates, load_templates, readable_label)
 
 
 @pytest.mark.parametrize("key,text", [
@@ -22,6 +25,9 @@ from cmdcl_cache.texts import (DEFAULT_TEMPLATES, PromptError, build_text_embedd
     ("remove the tire", "remove the tire"),          # COIN step names are already text
     ("use the SIM card slot", "use the SIM card slot"),
     ("cereals", "cereals"),
+    ("café", "café"),                                 # non-ASCII letters are kept
+    ("crème_brûlée", "crème brûlée"),
+    ("数据-集", "数据 集"),
 ])
 def test_readable_label(key, text):
     assert readable_label(key) == text
@@ -114,3 +120,71 @@ def test_build_with_the_tiny_clip_batches_and_round_trips(tmp_path):
     back = read_texts(tmp_path / "texts.h5")["task"]
     assert back.texts == ["change car tire", "make pizza", "perform CPR"]
     np.testing.assert_array_equal(back.ensemble, t.ensemble)
+
+
+# ------------------------------------------------------------------------------------ template sets
+
+def test_every_template_set_reads_well_for_its_kind_of_label():
+    assert set(TEMPLATE_SETS) == {"actions", "things", "generic"} and TEMPLATE_SETS["actions"] == DEFAULT_TEMPLATES
+    for name, templates in TEMPLATE_SETS.items():
+        assert 6 <= len(templates) <= 10 and len(set(templates)) == len(templates), name
+        assert all(t.count("{}") == 1 and t.format("x") for t in templates), name
+    # a noun ("cartoon rabbit") must never land in a verb slot ("a person {}", "someone {}")
+    for name in ("things", "generic"):
+        prompts = [t.format("cartoon rabbit") for t in TEMPLATE_SETS[name]]
+        assert not any("person cartoon" in p or "someone cartoon" in p or "is cartoon" in p for p in prompts), name
+    assert all("the cartoon rabbit" in t.format("cartoon rabbit") for t in TEMPLATE_SETS["things"])
+
+
+def _manifest_with_prompts(folder, prompts):
+    labels = {"label_sets": {"class": {"labels": ["cartoon_rabbit", "dog"]}}}
+    if prompts is not None:
+        labels["prompts"] = prompts
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "labels.json").write_text(json.dumps(labels, indent=2))
+    (folder / "videos.jsonl").write_text(json.dumps({"video_id": "a", "path": "a.mp4", "split": "train",
+                                                     "labels": {"class": "dog"}}) + "\n")
+    return folder
+
+
+def test_choose_templates_flag_then_manifest_then_default(tmp_path, monkeypatch):
+    things = load_manifest(_manifest_with_prompts(tmp_path / "t", "things"))
+    plain = load_manifest(_manifest_with_prompts(tmp_path / "p", None))
+    assert things.prompts == "things" and plain.prompts is None
+    assert choose_templates(None, things) == list(TEMPLATE_SETS["things"])
+    assert choose_templates(None, plain) == list(DEFAULT_TEMPLATES)
+    assert choose_templates("generic", things) == list(TEMPLATE_SETS["generic"])   # the flag wins
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "actions").write_text("a film of {}.\n")
+    assert choose_templates("actions") == list(DEFAULT_TEMPLATES)     # the exact name is the set ...
+    assert choose_templates("./actions") == ["a film of {}."]        # ... ./ names the file
+    with pytest.raises(PromptError, match="'nouns': neither a template set .*actions, things, generic.* nor a file"):
+        choose_templates("nouns")
+
+
+def test_an_unknown_template_set_in_labels_json_names_the_line(tmp_path):
+    folder = _manifest_with_prompts(tmp_path / "m", "nouns")
+    with pytest.raises(ManifestError, match=r"labels.json:\d+: field 'prompts': unknown prompt template set "
+                                            r"'nouns'; choose one of actions, things, generic") as info:
+        load_manifest(folder)
+    assert '"prompts"' in (folder / "labels.json").read_text().splitlines()[info.value.line - 1]
+
+
+def test_texts_cli_writes_the_chosen_set(tmp_path):
+    from typer.testing import CliRunner
+
+    from cmdcl_cache.cli import app
+
+    manifest = _manifest_with_prompts(tmp_path / "mine", "things")
+    base = ["texts", "--dataset", str(manifest), "--cache", str(tmp_path / "cache"), "--model", "cmdcl-tiny",
+            "--pretrained", "none", "--device", "cpu", "--precision", "fp32"]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 0, res.output
+    texts = read_texts(tmp_path / "cache" / "mine" / "cmdcl-tiny-none" / "texts.h5")["class"]
+    assert texts.templates == list(TEMPLATE_SETS["things"]) and texts.texts == ["cartoon rabbit", "dog"]
+    res = CliRunner().invoke(app, base + ["--prompts", "generic"])
+    assert res.exit_code == 0, res.output
+    texts = read_texts(tmp_path / "cache" / "mine" / "cmdcl-tiny-none" / "texts.h5")["class"]
+    assert texts.templates == list(TEMPLATE_SETS["generic"])
+    res = CliRunner().invoke(app, base + ["--prompts", "nouns"])
+    assert res.exit_code == 2 and "neither a template set" in res.output

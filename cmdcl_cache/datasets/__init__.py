@@ -1,4 +1,8 @@
-"""Manifest builders, one module per dataset. Each exposes `build(annotations) -> (videos, labels_json)`."""
+"""Manifest builders, one module per dataset. Each exposes `build(...) -> (videos, labels_json)`.
+
+coin, breakfast and charades read official annotation files (`build(annotations)`); folder reads the user's
+own videos (`build(videos, csv_path=None, ...)`, see cmdcl_cache/datasets/folder.py).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,15 @@ from pathlib import Path
 
 from cmdcl_cache.manifest import Manifest, write_manifest
 
-BUILDERS = ("coin", "breakfast", "charades")
+BUILDERS = ("coin", "breakfast", "charades", "folder")
 
 
-def build_records(dataset: str, annotations) -> tuple[list[dict], dict]:
+def build_records(dataset: str, annotations=None, **options) -> tuple[list[dict], dict]:
+    """(videos.jsonl records, labels.json object); `options` go to the folder builder."""
+    if dataset == "folder":
+        from cmdcl_cache.datasets import folder
+
+        return folder.build(**options)
     if dataset == "coin":
         from cmdcl_cache.datasets import coin as mod
     elif dataset == "breakfast":
@@ -21,7 +30,12 @@ def build_records(dataset: str, annotations) -> tuple[list[dict], dict]:
     return mod.build(Path(annotations))
 
 
-def build_manifest(dataset: str, annotations, out) -> Manifest:
-    """Build `dataset` from its annotation files and write the manifest folder `out`."""
-    videos, labels = build_records(dataset, annotations)
+def build_manifest(dataset: str, annotations, out, **options) -> Manifest:
+    """Build `dataset` from its annotation files (or, for folder, from `options`) and write the folder `out`.
+
+    The folder builder's dataset name defaults to the name of `out`.
+    """
+    if dataset == "folder" and not options.get("name"):
+        options["name"] = Path(out).resolve().name
+    videos, labels = build_records(dataset, annotations, **options)
     return write_manifest(out, videos, labels)

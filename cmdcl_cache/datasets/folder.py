@@ -1,0 +1,246 @@
+"""Your own videos: a manifest from class folders, or from a CSV of `path,label[,split]`.
+
+`cmdcl-cache manifest build --dataset folder --videos DIR --out NAME [--from-csv FILE]` reads one of two
+layouts:
+
+- Class folders (the ImageFolder convention): `DIR/<class>/.../<video>.<ext>`. Each first-level folder is a
+  class, and every video file below it (any depth; the extensions of cmdcl_cache/paths.py) is one of its
+  videos. Hidden files and folders (starting with ".") and files that are not videos are ignored.
+- `--from-csv FILE`: a header row naming the columns `path`, `label` and optionally `split` (in any order,
+  no others; case and surrounding spaces ignored), then one video a row. Quoted fields may hold commas.
+  `path` is relative to DIR (an absolute path inside DIR is made relative) and must name a video file;
+  `split` is train, val or test. Surrounding spaces of every field are dropped.
+
+Ids: the path relative to DIR without its extension, with "/" written "__" (`cat/001.mp4` -> `cat__001`),
+so that ids are readable and unique when the paths are. Labels: one single-label set "class" whose keys are
+the folder names (CSV labels), sorted, named by their readable text (`cartoon_rabbit` -> "cartoon rabbit",
+see cmdcl_cache/texts.py); no finer set (the classes are their own fine vocabulary); one split scheme
+"default"; the prompt template set given by --prompts (default "generic", which reads well for nouns and
+verb phrases alike); source and licence as given (default empty).
+
+Splits, unless the CSV gives them: seeded and stratified. Per class of n videos, test gets round(n * test)
+videos (halves up; at least one when n >= 2 and the test fraction is above 0), val round(n * val), and train
+the rest, but at least one (val shrinks first, then test). Which videos: the class's videos ordered by
+sha256("<seed>:<video id>"), the first ones to test, the next to val. So the split depends only on the seed
+and the ids, not on the order files are listed in, and a class folder with one video is a training video.
+
+Every problem is reported in one run (cmdcl_cache.manifest.ManifestErrors, up to MAX_ERRORS), each naming
+the file (the CSV, or the folder or video) with its line (0 for a folder or a video file) and field:
+a class folder without videos, videos outside class folders, fewer than two classes, files that do not exist
+or are no videos, unknown or missing columns, a row with a wrong number of fields, an unknown split, two
+rows with one path, two videos with one id.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cmdcl_cache.manifest import (SPLITS, ErrorCollector, ManifestError, check_video_id, decode_lines,
+                                  make_labels_json, normalise_path)
+from cmdcl_cache.paths import VIDEO_EXTENSIONS
+
+LABEL_SET = "class"
+SPLIT_SCHEME = "default"
+DEFAULT_PROMPTS = "generic"
+CSV_COLUMNS = ("path", "label", "split")   # split is optional
+
+
+@dataclass(frozen=True)
+class FoundVideo:
+    path: str            # relative to the video root, normalised
+    label: str           # class key
+    split: str | None    # given by the CSV, else None (assigned by assign_splits)
+    where: tuple         # (file, line) that named it, for error messages
+
+
+def video_id_for(path: str) -> str:
+    """`cat/sub/001.mp4` -> `cat__sub__001`."""
+    stem, _, _ = path.rpartition(".")
+    return (stem or path).replace("/", "__")
+
+
+def _is_video(name: str) -> bool:
+    return Path(name).suffix.lower() in VIDEO_EXTENSIONS
+
+
+def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
+    """Videos of DIR/<class>/..., sorted by path; problems go to `errors`."""
+    found: list[FoundVideo] = []
+    classes = 0
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_file():
+            if _is_video(entry.name):
+                errors.add(ManifestError(entry, 0, "(folder)", "video outside a class folder: put each video "
+                                                              "in DIR/<class>/ (or list them with --from-csv)"))
+            continue
+        classes += 1
+        videos = [FoundVideo(rel, entry.name, None, (root / rel, 0)) for rel in _videos_below(root, entry)]
+        if not videos:
+            errors.add(ManifestError(entry, 0, "(folder)", f"class folder {entry.name!r} holds no video file "
+                                                           f"({' '.join(VIDEO_EXTENSIONS)}); remove it or add videos"))
+        found += videos
+    if not classes:
+        errors.add(ManifestError(root, 0, "(folder)", "no class folders: expected DIR/<class>/<video> (one "
+                                                      "folder per class), or pass --from-csv FILE"))
+    return found
+
+
+def _videos_below(root: Path, folder: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        out += [f"{rel_dir}/{name}" for name in sorted(filenames) if not name.startswith(".") and _is_video(name)]
+    return out
+
+
+def read_csv(csv_path: Path, root: Path, errors: ErrorCollector) -> list[FoundVideo]:
+    """Rows of a `path,label[,split]` CSV whose files exist under `root`; problems go to `errors`."""
+    lines = decode_lines(csv_path, Path(csv_path).read_bytes(), errors)
+    reader = csv.reader([text + "\n" for _, text in lines])
+    header = next(reader, None)
+    columns = _csv_columns(csv_path, header, errors)
+    if columns is None:
+        return []
+    found, first_line = [], {}
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(columns):
+            errors.add(ManifestError(csv_path, line, "(row)", f"expected {len(columns)} fields "
+                                     f"({', '.join(columns)}), got {len(row)}: {row!r} (quote fields that hold commas)"))
+            continue
+        cells = {name: cell.strip() for name, cell in zip(columns, row)}
+        try:
+            video = _csv_video(csv_path, line, cells, root)
+        except ManifestError as err:
+            errors.add(err)
+            continue
+        if video.path in first_line:
+            errors.add(ManifestError(csv_path, line, "path", f"duplicate path {video.path!r} (first on line "
+                                                             f"{first_line[video.path]})"))
+            continue
+        first_line[video.path] = line
+        found.append(video)
+    return found
+
+
+def _csv_columns(csv_path: Path, header: list[str] | None, errors: ErrorCollector) -> list[str] | None:
+    if not header or not any(h.strip() for h in header):
+        errors.add(ManifestError(csv_path, 1, "(header)", "empty; expected a header row: path,label[,split]"))
+        return None
+    columns = [h.strip().lower() for h in header]
+    problems = [f"unknown column {h!r}" for h in columns if h not in CSV_COLUMNS]
+    problems += [f"missing column {c!r}" for c in CSV_COLUMNS[:2] if c not in columns]
+    problems += [f"column {c!r} given twice" for c in CSV_COLUMNS if columns.count(c) > 1]
+    if problems:
+        errors.add(ManifestError(csv_path, 1, "(header)", "; ".join(problems) + f" (the header row names "
+                                                          f"path, label and optionally split; got {header!r})"))
+        return None
+    return columns
+
+
+def _csv_video(csv_path: Path, line: int, cells: dict[str, str], root: Path) -> FoundVideo:
+    def fail(field_name, what):
+        raise ManifestError(csv_path, line, field_name, what)
+
+    path, label = cells["path"], cells["label"]
+    if not label:
+        fail("label", "empty")
+    if Path(path).is_absolute():
+        try:
+            path = Path(path).relative_to(root.resolve()).as_posix()
+        except ValueError:
+            fail("path", f"{path!r} is outside --videos {root}")
+    try:
+        path = normalise_path(path)
+    except ValueError as err:
+        fail("path", str(err))
+    if not _is_video(path):
+        fail("path", f"{path!r} has no video extension ({' '.join(VIDEO_EXTENSIONS)})")
+    if not (root / path).is_file():
+        fail("path", f"no file {path!r} under --videos {root}")
+    split = cells.get("split")
+    if split is not None:
+        split = split.lower()
+        if split not in SPLITS:
+            fail("split", f"unknown split {cells['split']!r}; allowed: {', '.join(SPLITS)} (or drop the column "
+                          "to let the builder split)")
+    return FoundVideo(path, label, split, (csv_path, line))
+
+
+def split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, val, test) sizes of a class of n videos; the rules are in the module docstring."""
+    n_test = math.floor(n * test_fraction + 0.5)
+    if test_fraction > 0 and n >= 2:
+        n_test = max(n_test, 1)
+    n_test = min(n_test, max(n - 1, 0))
+    n_val = min(math.floor(n * val_fraction + 0.5), max(n - 1 - n_test, 0))
+    return n - n_val - n_test, n_val, n_test
+
+
+def assign_splits(ids_by_class: dict[str, list[str]], val_fraction: float, test_fraction: float,
+                  seed: int) -> dict[str, str]:
+    """video id -> split, stratified by class and seeded (see the module docstring)."""
+    out = {}
+    for ids in ids_by_class.values():
+        order = sorted(ids, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
+        _, n_val, n_test = split_counts(len(order), val_fraction, test_fraction)
+        for i, vid in enumerate(order):
+            out[vid] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    return out
+
+
+def build(videos: Path, csv_path: Path | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
+          seed: int = 0, prompts: str = DEFAULT_PROMPTS, name: str | None = None, source: str = "",
+          licence: str = "") -> tuple[list[dict], dict]:
+    """(videos.jsonl records, labels.json object) of a folder of videos; raises every problem at once.
+
+    `name` (the dataset's name, which names its cache folder) defaults to the name of `videos`.
+    """
+    root = Path(videos)
+    if not root.is_dir():
+        raise ManifestError(root, 0, "(folder)", "--videos is not a folder")
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"split fractions val {val_fraction} and test {test_fraction} must be in [0, 1) and "
+                         "leave some videos for training")
+    from cmdcl_cache.texts import TEMPLATE_SETS, readable_label  # the owner of prompts and label texts
+
+    if prompts not in TEMPLATE_SETS:
+        raise ValueError(f"unknown prompt template set {prompts!r}; choose one of {', '.join(TEMPLATE_SETS)}")
+    errors = ErrorCollector()
+    found = read_csv(Path(csv_path), root, errors) if csv_path else find_class_folders(root, errors)
+    ids: dict[str, FoundVideo] = {}
+    for video in found:
+        vid = video_id_for(video.path)
+        problem = check_video_id(vid)
+        if problem or vid in ids:
+            what = problem or f"id {vid!r} is also the id of {ids[vid].path!r}; rename one of the two files"
+            errors.add(ManifestError(video.where[0], video.where[1], "video_id", what))
+            continue
+        ids[vid] = video
+    classes = sorted({v.label for v in ids.values()})
+    if found and len(classes) < 2 and not errors:   # judged only on an otherwise sound list
+        errors.add(ManifestError(csv_path or root, 0, "label", f"{len(classes)} class(es) {classes}: a classifier "
+                                                               "needs at least two"))
+    errors.raise_if_any()
+    given = {vid: v.split for vid, v in ids.items() if v.split is not None}
+    if len(given) != len(ids):
+        by_class: dict[str, list[str]] = {}
+        for vid, v in ids.items():
+            by_class.setdefault(v.label, []).append(vid)
+        given = assign_splits(by_class, val_fraction, test_fraction, seed)
+    records = [{"video_id": vid, "path": v.path, "split": given[vid], "labels": {LABEL_SET: v.label}}
+               for vid, v in ids.items()]
+    labels = make_labels_json(name or root.resolve().name, {LABEL_SET: (False, [(c, readable_label(c)) for c in classes])},
+                              default_label_set=LABEL_SET, fine_label_set=None, split_schemes=[SPLIT_SCHEME],
+                              source=source, licence=licence, prompts=prompts)
+    return records, labels
