@@ -3,16 +3,19 @@
 A manifest folder holds:
 
 - `videos.jsonl`, one JSON object per line: `{"video_id": str, "path": str (relative to --video-root, POSIX,
-  may be a stem without extension), "split": "train"|"val"|"test", "labels": {set: key | [key, ...]},
+  may be a stem without extension), "split": a declared split, "labels": {set: key | [key, ...]},
   "splits"?: {scheme: split}, "duration"?: seconds, "segments"?: [{"label": key, "set": set, "start": s,
   "end": s}], "meta"?: {...}}`. `split` is the default scheme's split; `splits` carries the other schemes
   (Breakfast s1-s4).
 - `labels.json`: `{"label_sets": {set: {"multi_label"?: bool, "labels": [{"key": unique key, "name"?: text}
   | "key", ...]}}, "dataset"?, "default_label_set"?, "fine_label_set"?, "split_schemes"?: [default first,
-  ...], "prompts"?, "source"?, "licence"?}`. Label ids are positions in `labels`. Only `label_sets` is
+  ...], "split_roles"?: {name: "train" | "val" | "test"}, "prompts"?, "source"?, "licence"?}`. Label ids are
+  positions in `labels`. Only `label_sets` is
   required; the defaults are: `dataset` the folder's name, `default_label_set` the only set (required when
   there are several), `fine_label_set` null (the target set is its own fine vocabulary), `split_schemes`
-  ["default"], `multi_label` false, a label's `name` its key, `prompts` null (the "actions" templates, see
+  ["default"], `split_roles` adds split names to train, val and test, each with the role that says what it
+  may be used for (`{"test_ood": "test", "s2_test": "test", "dev": "val"}`: checkpoints are selected on a
+  val-role split, never on a test-role one), `multi_label` false, a label's `name` its key, `prompts` null (the "actions" templates, see
   cmdcl_cache/texts.py), `source` and `licence` "".
 
 Rules for ids and paths (checked at load time):
@@ -52,7 +55,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")          # the split names every manifest has, and the three roles
+ROLES = SPLITS
+DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 BUILTIN_DATASETS = ("coin", "breakfast", "charades", "demo")
 VIDEOS_FILE = "videos.jsonl"
 LABELS_FILE = "labels.json"
@@ -60,8 +66,8 @@ MAX_ERRORS = 20  # errors listed by one load; the rest are counted
 
 _RECORD_FIELDS = ("video_id", "path", "split", "labels", "splits", "duration", "segments", "meta")
 _REQUIRED_FIELDS = ("video_id", "path", "split", "labels")
-_LABELS_JSON_FIELDS = ("dataset", "default_label_set", "fine_label_set", "split_schemes", "label_sets",
-                       "prompts", "source", "licence")
+_LABELS_JSON_FIELDS = ("dataset", "default_label_set", "fine_label_set", "split_schemes", "split_roles",
+                       "label_sets", "prompts", "source", "licence")
 DEFAULT_SPLIT_SCHEMES = ["default"]
 # Characters that break file systems, terminals and line-based files when they sit in an id or a path.
 _FORBIDDEN_CATEGORIES = {"Cc": "a control character", "Cs": "a lone surrogate", "Zl": "a line separator",
@@ -180,6 +186,7 @@ class Manifest:
     source: str = ""
     licence: str = ""
     prompts: str | None = None        # name of the prompt template set (None: the default, "actions")
+    split_roles: dict = field(default_factory=lambda: dict(DEFAULT_SPLITS))   # split name -> role
 
     def by_id(self) -> dict[str, VideoRecord]:
         return {v.video_id: v for v in self.videos}
@@ -189,11 +196,22 @@ class Manifest:
         if scheme is not None and scheme not in self.split_schemes:
             raise ValueError(f"{self.root}: unknown split scheme {scheme!r}; this manifest has "
                              f"{', '.join(self.split_schemes)}")
-        if split is not None and split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+        if split is not None and split not in self.split_roles:
+            raise ValueError(f"{self.root}: unknown split {split!r}; this manifest declares "
+                             f"{', '.join(self.split_roles)} (labels.json 'split_roles' adds more)")
         if scheme == self.split_schemes[0]:
             scheme = None
         return [v for v in self.videos if split is None or v.split_for(scheme) == split]
+
+    def role(self, split: str) -> str:
+        """train, val or test: what a split is for (labels.json 'split_roles'; the three defaults are themselves)."""
+        if split not in self.split_roles:
+            raise ValueError(f"{self.root}: unknown split {split!r}; this manifest declares "
+                             f"{', '.join(self.split_roles)}")
+        return self.split_roles[split]
+
+    def splits_with_role(self, role: str) -> list[str]:
+        return [name for name, r in self.split_roles.items() if r == role]
 
     def targets(self, videos, label_set: str) -> np.ndarray:
         """int64 [N] class ids (single-label set) or float32 [N, C] multi-hot (multi-label set)."""
@@ -398,6 +416,7 @@ def parse_labels(file, text: str) -> tuple[dict, dict[str, LabelSet]]:
     for f in ("default_label_set", "fine_label_set", "prompts"):
         if obj[f] is not None and not isinstance(obj[f], str):
             problem(f, "expected a string or null")
+    obj["split_roles"] = _parse_split_roles(raw.get("split_roles"), problem)
     schemes = obj["split_schemes"]
     if not isinstance(schemes, list) or not schemes or not all(isinstance(s, str) and s for s in schemes):
         problem("split_schemes", "expected a non-empty list of scheme names (first = default)")
@@ -412,6 +431,26 @@ def parse_labels(file, text: str) -> tuple[dict, dict[str, LabelSet]]:
         _check_set_references(obj, list(raw["label_sets"]), problem)
     errors.raise_if_any()
     return obj, sets
+
+
+def _parse_split_roles(raw, problem) -> dict[str, str]:
+    """labels.json 'split_roles': {name: role} declares splits beyond train/val/test (e.g. "test_ood": "test");
+    the role says what a split may be used for: selecting checkpoints needs a val split, never a test one."""
+    splits = dict(DEFAULT_SPLITS)
+    if raw is None:
+        return splits
+    if not isinstance(raw, dict):
+        problem("split_roles", 'expected an object {"<split name>": "train" | "val" | "test", ...}')
+        return splits
+    for name, role in raw.items():
+        if not isinstance(name, str) or not _SPLIT_NAME.match(name):
+            problem(f"split_roles.{name}", "a split name is letters, digits, '_', '.' or '-' (no spaces or commas)",
+                    key=str(name))
+        elif role not in ROLES:
+            problem(f"split_roles.{name}", f"role {role!r}: expected one of {', '.join(ROLES)}", key=name)
+        else:
+            splits[name] = role
+    return splits
 
 
 def _parse_label_sets(text: str, raw_sets, problem) -> dict[str, LabelSet]:
@@ -486,7 +525,7 @@ def _is_number(x) -> bool:
 
 
 def parse_record(file, line: int, obj, label_sets: dict[str, LabelSet], schemes: list[str],
-                 default_label_set: str) -> VideoRecord:
+                 default_label_set: str, split_names=SPLITS) -> VideoRecord:
     """Validate one videos.jsonl object; raises the first problem of the line."""
     def fail(field_name: str, what: str):
         raise ManifestError(file, line, field_name, what)
@@ -506,7 +545,7 @@ def parse_record(file, line: int, obj, label_sets: dict[str, LabelSet], schemes:
         path = normalise_path(obj["path"])
     except ValueError as err:
         fail("path", str(err))
-    splits = _checked_splits(obj, schemes, fail)
+    splits = _checked_splits(obj, schemes, fail, list(split_names))
     _check_labels(obj["labels"], label_sets, default_label_set, fail)
     duration, segments = _checked_timing(obj, label_sets, fail)
     meta = obj.get("meta", {})
@@ -516,9 +555,10 @@ def parse_record(file, line: int, obj, label_sets: dict[str, LabelSet], schemes:
                        splits=splits, duration=duration, segments=segments, meta=meta)
 
 
-def _checked_splits(obj: dict, schemes: list[str], fail) -> dict:
-    if obj["split"] not in SPLITS:
-        fail("split", f"unknown split {obj['split']!r}; allowed: {', '.join(SPLITS)}")
+def _checked_splits(obj: dict, schemes: list[str], fail, names: list[str]) -> dict:
+    if obj["split"] not in names:
+        fail("split", f"unknown split {obj['split']!r}; allowed: {', '.join(names)} (labels.json "
+                      "'split_roles' declares more)")
     splits = obj.get("splits", {})
     if not isinstance(splits, dict):
         fail("splits", "expected an object {scheme: split}")
@@ -527,8 +567,8 @@ def _checked_splits(obj: dict, schemes: list[str], fail) -> dict:
             fail(f"splits.{scheme}", f"default scheme says {value!r} but 'split' says {obj['split']!r}")
         if scheme not in schemes:
             fail(f"splits.{scheme}", f"scheme not declared in labels.json split_schemes ({', '.join(schemes)})")
-        if value not in SPLITS:
-            fail(f"splits.{scheme}", f"unknown split {value!r}; allowed: {', '.join(SPLITS)}")
+        if value not in names:
+            fail(f"splits.{scheme}", f"unknown split {value!r}; allowed: {', '.join(names)}")
     missing = [s for s in schemes[1:] if s not in splits]
     if missing:
         fail(f"splits.{missing[0]}", "missing; labels.json declares this split scheme, so every video needs it")
@@ -607,7 +647,7 @@ def parse_manifest(root, labels_text: str | bytes, videos_text: str | bytes) -> 
             continue
         try:
             rec = parse_record(videos_file, lineno, _load_json(videos_file, raw, lineno - 1), sets,
-                               obj["split_schemes"], obj["default_label_set"])
+                               obj["split_schemes"], obj["default_label_set"], obj["split_roles"])
             _check_unique(videos_file, lineno, rec, first_id, first_path)
         except ManifestError as err:
             errors.add(err)
@@ -617,7 +657,7 @@ def parse_manifest(root, labels_text: str | bytes, videos_text: str | bytes) -> 
     return Manifest(root=root, dataset=obj["dataset"], videos=videos, label_sets=sets,
                     default_label_set=obj["default_label_set"], fine_label_set=obj["fine_label_set"],
                     split_schemes=list(obj["split_schemes"]), source=obj["source"], licence=obj["licence"],
-                    prompts=obj["prompts"])
+                    prompts=obj["prompts"], split_roles=dict(obj["split_roles"]))
 
 
 def _check_unique(file, line: int, rec: VideoRecord, first_id: dict, first_path: dict) -> None:
@@ -637,10 +677,12 @@ def _check_unique(file, line: int, rec: VideoRecord, first_id: dict, first_path:
 
 def make_labels_json(dataset: str, label_sets: dict[str, tuple[bool, Iterable[tuple[str, str]]]],
                      default_label_set: str, fine_label_set: str | None, split_schemes: list[str],
-                     source: str, licence: str, prompts: str | None = None) -> dict:
+                     source: str, licence: str, prompts: str | None = None,
+                     split_roles: dict | None = None) -> dict:
     """Build the labels.json object; `label_sets` maps name -> (multi_label, [(key, name), ...]).
 
-    Every field is written out (no defaults left implicit), except `prompts` when it is None.
+    Every field is written out (no defaults left implicit), except `prompts` when it is None and `splits`
+    (extra split names and their roles) when it declares nothing beyond train/val/test.
     """
     obj = {"dataset": dataset, "default_label_set": default_label_set, "fine_label_set": fine_label_set,
            "split_schemes": list(split_schemes),
@@ -649,6 +691,9 @@ def make_labels_json(dataset: str, label_sets: dict[str, tuple[bool, Iterable[tu
            "source": source, "licence": licence}
     if prompts is not None:
         obj["prompts"] = prompts
+    extra = {k: v for k, v in (split_roles or {}).items() if DEFAULT_SPLITS.get(k) != v}
+    if extra:
+        obj["split_roles"] = extra
     return obj
 
 

@@ -86,25 +86,29 @@ def train(head: HeadConfig, config: TrainConfig):
 def eval_(
     run: Path = typer.Option(..., help="Run folder written by `train`."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
-    split: Optional[str] = typer.Option(None, help="Split to evaluate (default: the run's eval split)."),
+    split: Optional[str] = typer.Option(None, help="Split(s) to evaluate, comma-separated, any the manifest "
+                                                   "declares (e.g. val,test,test_ood); default: the run's eval split."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     data_mode: str = typer.Option("auto", help="memory or lazy feature loading (auto: memory when it fits)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file "
+                                                                 "({split: metrics} for several splits)."),
 ):
-    """Evaluate a run's checkpoint and print its metrics table."""
+    """Evaluate a run's checkpoint on one or more splits (one model load) and print the metrics table."""
     import json
 
-    from .evaluate import evaluate_run
+    from .evaluate import evaluate_splits
 
+    splits = [s.strip() for s in split.split(",") if s.strip()] if split else None
     try:
-        metrics = evaluate_run(run, checkpoint.value, split, None if cache is None else str(cache), dataset,
-                               device, data_mode)
+        out = evaluate_splits(run, checkpoint.value, splits, None if cache is None else str(cache), dataset,
+                              device, data_mode)
     except _ERRORS as err:
         _fail(err)
     if json_out:
-        json_out.write_text(json.dumps(metrics, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        value = out if splits and len(splits) > 1 else next(iter(out.values()))
+        json_out.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 @app.command()

@@ -80,10 +80,14 @@ class TrainConfig:
     label_set: str | None = option(None, "Target label set (default: the manifest's default).")
     split_scheme: str | None = option(None, "Split scheme (e.g. s1..s4, vis4mer); default: the first.")
     train_split: str = option("train", "Split trained on.")
-    eval_split: str = option("test", "Split reported in summary.json, evaluated once at the end with best.")
+    eval_split: str = option("test", "Split reported in summary.json (any declared split), evaluated once at "
+                                     "the end with best.")
     select_split: str = option(
-        "auto", "Split whose primary metric picks best: auto (val when the manifest has val videos for the "
-                "label set, else none), none (best = last epoch), or a split; never the eval split.")
+        "auto", "Split whose primary metric picks best: auto (the manifest's split of role val that has videos "
+                "for the label set, else none), none (best = last epoch), or a split; never the eval split, "
+                "and not a split of role test unless --force-select.")
+    force_select: bool = option(False, "Allow --select-split to name a split whose role is test (the numbers "
+                                       "reported on it are then optimistic).")
     eval_each_epoch: bool = option(False, "Also evaluate --eval-split after every epoch, for the curves "
                                           "(never used to select).")
     epochs: int = option(10, "Training epochs.")

@@ -155,17 +155,31 @@ def evaluate_run(run: str | Path, checkpoint: str = "best", split: str | None = 
                  dataset: str | None = None, device: str = "auto", data_mode: str = "auto",
                  skip_missing: bool | None = None, quiet: bool = False) -> dict:
     """Metrics of a run's checkpoint on a split (default: the split it was evaluated on)."""
+    out = evaluate_splits(run, checkpoint, [split] if split else None, cache, dataset, device, data_mode,
+                          skip_missing, quiet)
+    return next(iter(out.values()))
+
+
+def evaluate_splits(run: str | Path, checkpoint: str = "best", splits: list[str] | None = None,
+                    cache: str | None = None, dataset: str | None = None, device: str = "auto",
+                    data_mode: str = "auto", skip_missing: bool | None = None, quiet: bool = False) -> dict:
+    """{split: metrics} of a run's checkpoint on several splits (any the manifest declares), one model load;
+    default: the split it was evaluated on. The table shows each split's role."""
     from cmdcl_cache.progress import console
 
     from . import report
 
     r = open_run(run, checkpoint, cache, dataset, device)
-    split = split or r.train.eval_split
-    videos, feats = r.features(split, skip_missing, data_mode)
-    metrics = evaluate_logits(r.logits(feats), videos)
+    splits = list(dict.fromkeys(splits or [r.train.eval_split]))
+    out, rows = {}, {}
+    for split in splits:
+        videos, feats = r.features(split, skip_missing, data_mode)
+        out[split] = evaluate_logits(r.logits(feats), videos)
+        label = f"{split} ({r.data.manifest.role(split)}, {len(videos.video_ids)} videos)"
+        rows[label if len(splits) > 1 else checkpoint] = out[split]
     console(quiet=quiet).print(report.metrics_table(
-        f"{r.cfg.model} {checkpoint} (epoch {r.ckpt.meta['epoch']}) on {split}", {checkpoint: metrics}))
-    return metrics
+        f"{r.cfg.model} {checkpoint} (epoch {r.ckpt.meta['epoch']}) on {', '.join(splits)}", rows))
+    return out
 
 
 def predict_run(run: str | Path, out: str | Path, top_k: int = 5, checkpoint: str = "best",

@@ -239,13 +239,8 @@ def epoch_line(epoch: int, epochs: int, record: dict, metric: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ set-up
 
-SELECT_CHOICES = ("auto", "none", "train", "val", "test")
-
-
 def check_select_split(config: TrainConfig) -> None:
-    """Refuse an unknown --select-split and selection on the eval split (before anything is read or written)."""
-    if config.select_split not in SELECT_CHOICES:
-        raise TrainingError(f"--select-split {config.select_split!r}: expected one of {', '.join(SELECT_CHOICES)}")
+    """Refuse selection on the eval split (before anything is read or written)."""
     if config.select_split == config.eval_split:
         raise TrainingError(
             f"--select-split {config.select_split} is also the --eval-split: choosing best on the split whose "
@@ -254,15 +249,27 @@ def check_select_split(config: TrainConfig) -> None:
             "pass --select-split none to report the last epoch")
 
 
-def resolve_select_split(config: TrainConfig, manifest, label_set: str) -> str | None:
-    """The split that picks best, or None (best = last epoch). `auto`: `val` when some val video of the
-    split scheme carries a label of `label_set` and val is not the eval split, else None."""
+def resolve_select_split(config: TrainConfig, manifest, label_set: str) -> tuple[str | None, str]:
+    """(the split that picks best or None, why), from the manifest's declared splits and their roles.
+
+    `auto`: the splits of role val that have videos of `label_set` under the scheme, minus the eval split;
+    "val" when it is one of them, else the first declared. A split named explicitly must exist, and one of
+    role test is refused unless --force-select."""
     if config.select_split == "none":
-        return None
+        return None, "--select-split none"
     if config.select_split != "auto":
-        return config.select_split
-    has_val = any(label_set in v.labels for v in manifest.select("val", config.split_scheme))
-    return "val" if has_val and config.eval_split != "val" else None
+        role = manifest.role(config.select_split)
+        if role == "test" and not config.force_select:
+            raise TrainingError(f"--select-split {config.select_split}: {manifest.root}/labels.json declares it a "
+                                "test split; selecting on it makes its numbers optimistic. Select on a split of "
+                                "role val, or pass --force-select")
+        return config.select_split, f"--select-split {config.select_split} (role {role})"
+    found = [name for name in manifest.splits_with_role("val") if name != config.eval_split
+             and any(label_set in v.labels for v in manifest.select(name, config.split_scheme))]
+    if not found:
+        return None, "auto: no split of role val has videos of this label set"
+    chosen = "val" if "val" in found else found[0]
+    return chosen, "auto: the split of role val" + (f" (of {', '.join(found)})" if len(found) > 1 else "")
 
 
 def load_confounders(data: RunData, head: HeadConfig, config: TrainConfig):
@@ -280,7 +287,12 @@ def resolve_config(config: TrainConfig, head: HeadConfig, data: RunData, conf) -
     if config.tokens and not cache.has_tokens:
         raise TrainingError(f"{cache.dir}: --tokens asked for but this cache has no grid tokens")
     tokens = uses_tokens and cache.has_tokens and config.tokens is not False
-    select = resolve_select_split(config, data.manifest, labels.label_set)
+    select, why = resolve_select_split(config, data.manifest, labels.label_set)
+    if not config.quiet:   # the first line of the run: the split that will choose best, and why
+        from cmdcl_cache.progress import console
+        chooses = f"best = the epoch with the best {select} metric" if select else "best = the last epoch"
+        console().print(f"selection: {chooses} ({why}); reported: {config.eval_split}, evaluated once at the end",
+                        markup=False)
     trainable = head.model != "zeroshot"
     config = replace(config, label_set=labels.label_set, select_split=(select if trainable else None) or "none",
                      tokens=tokens)

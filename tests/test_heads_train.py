@@ -255,7 +255,7 @@ def test_selection_on_the_eval_split_is_refused(synth_val, tmp_path):
         train(_opts(synth_val, run, select_split="test"), _cfg("linear"))
     with pytest.raises(TrainingError, match="--select-split val is also the --eval-split"):
         train(_opts(synth_val, run, select_split="val", eval_split="val"), _cfg("linear"))
-    with pytest.raises(TrainingError, match="'dev': expected one of auto, none, train, val, test"):
+    with pytest.raises(ValueError, match="unknown split 'dev'; this manifest declares train, val, test"):
         train(_opts(synth_val, run, select_split="dev"), _cfg("linear"))
     assert not run.exists()   # refused before anything was written
     config = tmp_path / "run.toml"
