@@ -151,7 +151,7 @@ def manifest_build(
 
 def _print_build_summary(console, m, out: Path, videos: Path | None) -> None:
     sizes = ", ".join(f"{n} {len(ls)}" for n, ls in m.label_sets.items())
-    splits = ", ".join(f"{s} {len(m.select(s))}" for s in ("train", "val", "test") if m.select(s))
+    splits = ", ".join(f"{s} {len(m.select(s))}" for s in m.split_roles if m.select(s))
     console.print(f"wrote {out}: {len(m.videos)} videos; label sets: {sizes}; {splits}", markup=False)
     if videos is None:
         return
@@ -195,12 +195,12 @@ def manifest_check(
         raise typer.Exit(2)
     result = check_videos(m.videos, video_root)
     table = Table(title=f"{m.dataset}: {len(m.videos)} videos under {video_root}")
-    for col in ("status", "videos", "train", "val", "test"):
+    for col in ("status", "videos", *m.split_roles):
         table.add_column(col, justify="left" if col == "status" else "right")
     split_of = {v.video_id: v.split for v in m.videos}
     for status in ("found", "missing", "ambiguous"):
         ids = [x if isinstance(x, str) else x[0] for x in result[status]]
-        counts = [sum(split_of[i] == s for i in ids) for s in ("train", "val", "test")]
+        counts = [sum(split_of[i] == s for i in ids) for s in m.split_roles]
         table.add_row(status, str(len(ids)), *map(str, counts))
     console.print(table)
     for status in ("missing", "ambiguous"):
