@@ -1,14 +1,22 @@
-"""Which source frames of a video are encoded: a pure function of (frame count, fps, policy).
+"""Which source frames of a video are encoded: a pure function of (frame count, fps, timestamps, policy).
 
-Two modes, both uniform over the whole video, each sampled frame at the centre of one of T equal bins
-(index = floor((i + 0.5) * n / T)), so the first and last seconds are covered as evenly as the middle:
+Both modes are uniform in time over the whole video: T target times at the centres of T equal bins of
+the video's duration, each taking the frame on screen at that time, so the first and last seconds are
+covered as evenly as the middle:
 
 - rate (default): T = round(duration * fps), clamped to [min_frames, max_frames] and then to n, the number
-  of source frames, so rate mode never repeats a frame. A 2-hour video at 1 fps with max_frames 4096 gets
-  4096 frames spread over the two hours; a 3-second clip with min_frames 8 gets 8 of its ~75 frames.
+  of source frames. A 2-hour video at 1 fps with max_frames 4096 gets 4096 frames spread over the two
+  hours; a 3-second clip with min_frames 8 gets 8 of its ~75 frames.
 - exact (`--num-frames N`): exactly N frames per video. When N > n (very short videos, a one-frame video)
-  the centre-of-bin formula repeats source indices in order (e.g. n=2, N=4 -> 0 0 1 1), so every video
-  has the same T, which some consumers rely on.
+  frames repeat in order (e.g. n=2, N=4 -> 0 0 1 1), so every video has the same T.
+
+Timestamps are the decoder's presentation times (`pts`, seconds, presentation order). On a constant
+frame rate video (pts_i = pts_0 + i / fps, to within a quarter of a frame) the frame on screen at the
+centre of bin k is frame floor((2k + 1) n / 2T), computed in integers as it always was, so the frames
+of a constant-rate video do not depend on timestamp rounding (and caches made before timestamps were
+read keep their frames). On a variable-frame-rate video the same rule runs on the timestamps: the
+duration is first pts to last pts plus one typical frame (the median interval), and a frame shown for
+longer than a bin can be taken twice, even in rate mode: the video shows it that long.
 
 Heads resample T frames from the cache, so one cache serves experiments with different T.
 """
@@ -22,7 +30,7 @@ import numpy as np
 
 
 class SamplingError(ValueError):
-    """The video's frame count or frame rate cannot be sampled (no frames, no usable fps)."""
+    """The video's frame count, frame rate or timestamps cannot be sampled."""
 
 
 @dataclass(frozen=True)
@@ -61,27 +69,89 @@ class SamplingPolicy:
         return cls(fps=float(d["fps"]), min_frames=int(d["min_frames"]), max_frames=int(d["max_frames"]))
 
 
-def num_samples(num_source_frames: int, source_fps: float, policy: SamplingPolicy) -> int:
+@dataclass(frozen=True)
+class Timing:
+    """When a video's frames are shown: what sampling needs, and what the cache stores per video."""
+    pts: np.ndarray        # float64 [n] seconds, presentation order
+    fps: float             # the decoder's rate when constant, else n / duration
+    duration: float        # seconds from the first frame's start to the last frame's end
+    constant_rate: bool    # pts_i = pts_0 + i / fps to within a quarter of a frame
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.pts)
+
+
+def video_timing(num_source_frames: int, source_fps: float, pts=None) -> Timing:
+    """Check what a decoder reports and derive the duration. pts None: frames at i / fps."""
+    n = int(num_source_frames)
+    if n < 1:
+        raise SamplingError(f"the video has {num_source_frames} frames")
+    fps_ok = source_fps is not None and source_fps > 0 and math.isfinite(source_fps)
+    if pts is None:
+        if not fps_ok:
+            raise SamplingError(f"the video reports a frame rate of {source_fps}")
+        return Timing(np.arange(n) / float(source_fps), float(source_fps), n / float(source_fps), True)
+    pts = np.asarray(pts, dtype=np.float64)
+    if pts.shape != (n,):
+        raise SamplingError(f"the decoder gave {pts.size} timestamps for {n} frames")
+    if not np.isfinite(pts).all():
+        raise SamplingError("the video has frames without a presentation time")
+    if n > 1 and (np.diff(pts) < 0).any():
+        raise SamplingError("the video's timestamps are not in presentation order")
+    if fps_ok:
+        grid = pts[0] + np.arange(n) / float(source_fps)
+        if np.abs(pts - grid).max() <= 0.25 / source_fps:
+            return Timing(pts, float(source_fps), n / float(source_fps), True)
+    steps = np.diff(pts)
+    steps = steps[steps > 0]
+    if len(steps) == 0:
+        if not fps_ok:
+            raise SamplingError(f"the video's frames share one timestamp and its frame rate is {source_fps}")
+        frame = 1.0 / source_fps
+    else:
+        frame = float(np.median(steps))
+    duration = float(pts[-1] - pts[0] + frame)
+    return Timing(pts, n / duration, duration, False)
+
+
+def num_samples(num_source_frames: int, source_fps: float, policy: SamplingPolicy,
+                duration: float | None = None) -> int:
     n = int(num_source_frames)
     if policy.num_frames is not None:
         return int(policy.num_frames)
-    duration = n / source_fps
+    duration = n / source_fps if duration is None else duration
     t = int(round(duration * policy.fps))
     t = min(max(t, policy.min_frames), policy.max_frames)
     return max(1, min(t, n))
 
 
-def sample_frames(num_source_frames: int, source_fps: float,
-                  policy: SamplingPolicy) -> tuple[np.ndarray, np.ndarray]:
-    """Source frame indices (int64 [T], non-decreasing) and their timestamps in seconds (float64 [T])."""
-    n = int(num_source_frames)
-    if n < 1:
-        raise SamplingError(f"the video has {num_source_frames} frames")
-    if not (source_fps > 0 and math.isfinite(source_fps)):
-        raise SamplingError(f"the video reports a frame rate of {source_fps}")
-    t = num_samples(n, source_fps, policy)
-    # Integer arithmetic: floor((2i + 1) * n / 2T) has no float rounding at bin edges.
-    i = np.arange(t, dtype=np.int64)
-    idx = ((2 * i + 1) * n) // (2 * t)
-    return idx, idx.astype(np.float64) / float(source_fps)
+def sample_timing(timing: Timing, policy: SamplingPolicy) -> tuple[np.ndarray, np.ndarray]:
+    """Source frame indices (int64 [T], non-decreasing) and their presentation times (float64 [T])."""
+    n = timing.num_frames
+    if timing.constant_rate:
+        t = num_samples(n, timing.fps, policy)
+        # Integer arithmetic: floor((2i + 1) * n / 2T) has no float rounding at bin edges.
+        i = np.arange(t, dtype=np.int64)
+        idx = ((2 * i + 1) * n) // (2 * t)
+    else:
+        t = num_samples(n, timing.fps, policy, timing.duration)
+        idx = frames_shown_at(timing.pts, bin_centres(timing.pts[0], timing.duration, t))
+    return idx, timing.pts[idx]
 
+
+def bin_centres(start: float, duration: float, t: int) -> np.ndarray:
+    return start + (np.arange(t) + 0.5) * (duration / t)
+
+
+def frames_shown_at(pts: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Index of the frame on screen at each time: the last one whose pts is <= the time. A nanosecond of
+    slack puts a time that float arithmetic lands just before a frame's start on that frame."""
+    idx = np.searchsorted(pts, times + 1e-9, side="right") - 1
+    return np.clip(idx, 0, len(pts) - 1).astype(np.int64)
+
+
+def sample_frames(num_source_frames: int, source_fps: float, policy: SamplingPolicy,
+                  pts=None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and timestamps of the sampled frames; see the module docstring."""
+    return sample_timing(video_timing(num_source_frames, source_fps, pts), policy)
