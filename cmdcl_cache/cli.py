@@ -177,6 +177,8 @@ def extract_cmd(
     grid: int = typer.Option(4, "--grid", help="Side of the pooled patch grid with --tokens grid."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", exists=True, dir_okay=False, help="Prompt templates file for texts.h5 (one template with {} a line)."),
     quiet: bool = typer.Option(False, "--quiet", help="Log lines instead of a progress bar (for batch jobs)."),
+    decoder: Optional[str] = typer.Option(None, "--decoder", help="Decoder backend: decord (default), pyav, torchcodec (CPU) or torchcodec-cuda (NVDEC; frames resized on the GPU). Checked before any work."),
+    fallback_decoder: str = typer.Option("pyav", "--fallback-decoder", help="Tried when --decoder refuses a file (decord refuses 90/270-degree rotated videos): pyav or none."),
 ):
     from rich.console import Console
 
@@ -189,7 +191,8 @@ def extract_cmd(
                               pretrained=pretrained, precision=precision, device=device, policy=policy,
                               batch_size=batch_size, workers=workers, decode_timeout=decode_timeout,
                               split=split, shard_index=shard_index, num_shards=num_shards,
-                              retry_failed=retry_failed, tokens=tokens, grid=grid, prompts=prompts, quiet=quiet)
+                              retry_failed=retry_failed, tokens=tokens, grid=grid, prompts=prompts, quiet=quiet,
+                              decoder=decoder, fallback_decoder=fallback_decoder)
         result = extract(opts)
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command to resume", 2)

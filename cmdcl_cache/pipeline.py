@@ -69,7 +69,8 @@ class ExtractOptions:
     grid: int = 4
     prompts: Path | None = None
     quiet: bool = False
-    decoder: str | None = None       # test seam, see decode.resolve_decoder
+    decoder: str | None = None       # --decoder: a backend of decoders/ (None: decord) or a test seam
+    fallback_decoder: str | None = "pyav"   # --fallback-decoder: tried when `decoder` refuses a file
     decode_threads: int | None = None
 
 
@@ -115,10 +116,12 @@ def load_encoder_seeded(spec):
         return load_encoder(spec)
 
 
-def shard_provenance(encoder, dataset: str, policy: SamplingPolicy, rank: RankInfo) -> dict:
-    import decord
+def shard_provenance(encoder, dataset: str, policy: SamplingPolicy, rank: RankInfo,
+                     decoder: str | None = None, fallback: str | None = "pyav") -> dict:
+    from .decode import decoder_provenance
     prov = {**encoder.provenance(), "dataset": dataset, "sampling": policy.to_dict(),
-            "decoder": f"decord {decord.__version__}", "shard_index": rank.rank, "shard_count": rank.world}
+            "decoder": decoder_provenance(decoder, fallback), "shard_index": rank.rank,
+            "shard_count": rank.world}
     if prov.get("pretrained") == "none":
         prov["init_seed"] = INIT_SEED
     return _plain(prov)
@@ -235,7 +238,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     encoder's and store's own errors) for fatal problems."""
     import torch
 
-    from .decode import DecodePool
+    from .decode import check_decoders, start_pool
     from .encoder import EncoderSpec
     from .manifest import load_manifest
     from .paths import VideoPathError, build_video_index
@@ -245,6 +248,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     t_start = time.monotonic()
     if opts.batch_size < 1:
         raise ExtractError(f"--batch-size must be >= 1, got {opts.batch_size}")
+    check_decoders(opts.decoder, opts.fallback_decoder)   # BackendMissing says what to install
     manifest = load_manifest(opts.dataset)
     rank = detect_rank(opts.shard_index, opts.num_shards)
     video_root = Path(opts.video_root).resolve()
@@ -260,7 +264,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         ensure_texts(cache_dir, manifest, encoder, opts.prompts)
 
     shard = cache_dir / shard_name(rank.rank, rank.world)
-    prov = shard_provenance(encoder, manifest.dataset, opts.policy, rank)
+    prov = shard_provenance(encoder, manifest.dataset, opts.policy, rank, opts.decoder, opts.fallback_decoder)
     writer = ShardWriter(shard, prov, encoder.feature_dim, grid=opts.grid if opts.tokens == "grid" else None)
     selected, todo = _select(opts, manifest, rank, cache_dir, writer.committed_ids)
     result = ExtractResult(cache_dir, EXIT_OK, selected=len(selected), todo=len(todo), shard=shard)
@@ -364,7 +368,7 @@ def extract(opts: ExtractOptions) -> ExtractResult:
         if job is None:
             return  # a video already dropped
         if kind == "meta":
-            n, fps, duration, index_, stamps = msg[2:]
+            n, fps, duration, index_, stamps = msg[2:7]   # msg[7]: the backend that decoded it
             job.meta, job.total = (n, fps, duration, index_, stamps), len(index_)
         elif kind == "frames":
             x = msg[3]
@@ -387,8 +391,8 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     restarts = 0
     try:
         if queue:
-            with DecodePool(min(opts.workers, len(queue)), opts.policy, opts.decode_timeout, opts.decoder,
-                            opts.decode_threads, transform=encoder.transform_spec) as pool:
+            with start_pool(min(opts.workers, len(queue)), opts.policy, opts.decode_timeout, opts.decoder,
+                            opts.decode_threads, encoder, opts.fallback_decoder) as pool:
                 while queue or jobs:
                     while queue and pool.idle:
                         job = queue.popleft()
