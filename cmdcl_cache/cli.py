@@ -148,7 +148,8 @@ _FATAL_HELP = "Exit status: 0 every selected video is in the cache, 1 some faile
 
 def _fail(message: str, code: int = 2):
     from rich.console import Console
-    Console(stderr=True).print(f"[red]error:[/red] {message}", markup=True, highlight=False, soft_wrap=True)
+    from rich.markup import escape   # the message is text: "pip install 'cmdcl[torchcodec]'" is no markup
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -135,3 +135,52 @@ def slow_decord(path: str, threads: int = 1):
 
     video.get_batch = slow_get_batch
     return video
+
+
+def _frame_image(i: int, size, mark: bool = True) -> np.ndarray:
+    """A frame whose value encodes its number (i * 7 mod 256), with a white block at the top left
+    so that orientation can be checked."""
+    w, h = size
+    img = np.full((h, w, 3), (i * 7) % 256, np.uint8)
+    if mark:
+        img[: h // 4, : w // 3] = 255
+    return img
+
+
+def write_timed_video(path: Path, pts_ms, size=(64, 48), rotation: int = 0, gop: int | None = None) -> Path:
+    """An H.264 mp4 with frames at the given presentation times (milliseconds): variable frame rate when
+    the gaps differ. rotation: display matrix (degrees counter-clockwise); gop: keyframe interval."""
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        s.codec_context.time_base = Fraction(1, 1000)
+        if gop:
+            s.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i, t in enumerate(pts_ms):
+            frame = av.VideoFrame.from_ndarray(_frame_image(i, size), format="rgb24")
+            frame.pts, frame.time_base = int(t), Fraction(1, 1000)
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def write_gop_video(path: Path, frames: int, gop: int, size=(96, 64), fps: int = 25) -> Path:
+    """A constant-rate H.264 mp4 with a keyframe exactly every `gop` frames (no B-frame reordering)."""
+    return write_timed_video(path, [round(i * 1000 / fps) for i in range(frames)], size, gop=gop)
+
+
+def torch_frames(path: str, threads: int = 1):
+    """decord, but get_batch returns torch tensors, as torchcodec-cuda returns CUDA ones."""
+    import torch
+
+    from cmdcl_cache.decode import DecordVideo
+
+    video = DecordVideo(path, threads)
+    get_batch = video.get_batch
+    video.get_batch = lambda indices: torch.from_numpy(get_batch(indices))
+    return video
