@@ -417,10 +417,10 @@ class GpuDecodePool:
     """
 
     def __init__(self, workers: int, policy: SamplingPolicy, timeout: float, crop, transform: TransformSpec,
-                 decoder: str = "torchcodec-cuda", fallback: str | None = DEFAULT_FALLBACK):
+                 decoder: str = "torchcodec-cuda", fallback: str | None = DEFAULT_FALLBACK, device=None):
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
-        self.policy, self.timeout = policy, float(timeout)
+        self.policy, self.timeout, self._device = policy, float(timeout), device
         self._opener, self._backup = resolve_decoder(decoder), resolve_decoder(_fallback_of(fallback)) \
             if _fallback_of(fallback) else None
         cpu_crop = _as_crop(transform)
@@ -453,6 +453,9 @@ class GpuDecodePool:
         return False
 
     def _run(self, slot: _Thread, job, path: str) -> None:
+        if self._device is not None and self._device.type == "cuda":
+            import torch
+            torch.cuda.set_device(self._device)   # per thread: NVDEC decodes on the encoder's GPU
         try:
             for msg in decode_video(self._opener, path, self.policy, 1, self._crop, self._backup):
                 if not self._send(slot, (msg[0], job, *msg[1:])):
@@ -517,5 +520,6 @@ def start_pool(workers: int, policy: SamplingPolicy, timeout: float, decoder: st
     gives the crop: its TransformSpec for the workers, its GPU resize_crop for NVDEC."""
     if decoder == "torchcodec-cuda":
         crop = lambda frames: encoder.resize_crop(frames).cpu().numpy()  # noqa: E731
-        return GpuDecodePool(workers, policy, timeout, crop, encoder.transform_spec, decoder, fallback)
+        return GpuDecodePool(workers, policy, timeout, crop, encoder.transform_spec, decoder, fallback,
+                             encoder.device)
     return DecodePool(workers, policy, timeout, decoder, threads, encoder.transform_spec, fallback)
