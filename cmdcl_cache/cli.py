@@ -167,6 +167,7 @@ def extract_cmd(
     min_frames: int = typer.Option(8, "--min-frames", help="Rate mode: at least this many frames (never more than the video has)."),
     max_frames: int = typer.Option(4096, "--max-frames", help="Rate mode: at most this many frames per video."),
     num_frames: Optional[int] = typer.Option(None, "--num-frames", help="Exactly N frames per video, uniform (repeats frames of very short videos)."),
+    keyframes_only: bool = typer.Option(False, "--keyframes-only", help="Each sample is the keyframe nearest its bin centre: one decoded frame per sample, up to half a keyframe interval from the uniform time (stored timestamps are exact)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Frames per encoder batch, gathered across videos."),
     workers: int = typer.Option(4, "--workers", help="Decode worker processes."),
     decode_timeout: float = typer.Option(120.0, "--decode-timeout", help="Seconds without decode progress after which a worker is killed and its video failed."),
@@ -187,7 +188,8 @@ def extract_cmd(
     from cmdcl_cache.sampling import SamplingPolicy
 
     try:
-        policy = SamplingPolicy(fps=fps, min_frames=min_frames, max_frames=max_frames, num_frames=num_frames)
+        policy = SamplingPolicy(fps=fps, min_frames=min_frames, max_frames=max_frames, num_frames=num_frames,
+                                keyframes_only=keyframes_only)
         opts = ExtractOptions(dataset=dataset, video_root=video_root, cache=cache, model=model,
                               pretrained=pretrained, precision=precision, device=device, policy=policy,
                               batch_size=batch_size, workers=workers, decode_timeout=decode_timeout,

@@ -180,7 +180,10 @@ def _open(opener, path: str, policy: SamplingPolicy, threads: int):
     try:
         video = opener(path, threads)
         timing = video_timing(video.num_frames, float(video.fps), getattr(video, "pts", None))
-        index, stamps = sample_timing(timing, policy)
+        keys = getattr(video, "key_indices", None) if policy.keyframes_only else None
+        index, stamps = sample_timing(timing, policy, keys)
+        if policy.keyframes_only and hasattr(video, "skip_non_keyframes"):
+            video.skip_non_keyframes()
     except SamplingError as err:
         raise DecodeError("open", f"cannot sample frames: {err}") from err
     except Exception as err:

@@ -18,6 +18,11 @@ read keep their frames). On a variable-frame-rate video the same rule runs on th
 duration is first pts to last pts plus one typical frame (the median interval), and a frame shown for
 longer than a bin can be taken twice, even in rate mode: the video shows it that long.
 
+Keyframes only (`--keyframes-only`, opt-in): each bin centre takes the keyframe nearest to it, so a
+decoder decodes one frame per sample instead of up to a keyframe interval of them. A sample then lies up
+to half the largest keyframe interval away from its bin centre (the stored timestamp is the keyframe's
+own, exact); rate mode takes at most one sample per keyframe.
+
 Heads resample T frames from the cache, so one cache serves experiments with different T.
 """
 
@@ -39,6 +44,7 @@ class SamplingPolicy:
     min_frames: int = 8           # rate mode lower bound (before the cap at the source frame count)
     max_frames: int = 4096        # rate mode upper bound
     num_frames: int | None = None  # exact mode: exactly this many frames per video
+    keyframes_only: bool = False   # each sample is the keyframe nearest its bin centre
 
     def __post_init__(self):
         if self.num_frames is not None:
@@ -57,16 +63,19 @@ class SamplingPolicy:
 
     def to_dict(self) -> dict:
         """What goes into the shard provenance: only the fields that decide the frames."""
+        placement = "nearest-keyframe" if self.keyframes_only else "bin-centre"
         if self.num_frames is not None:
-            return {"mode": "exact", "num_frames": int(self.num_frames), "placement": "bin-centre"}
+            return {"mode": "exact", "num_frames": int(self.num_frames), "placement": placement}
         return {"mode": "rate", "fps": float(self.fps), "min_frames": int(self.min_frames),
-                "max_frames": int(self.max_frames), "placement": "bin-centre"}
+                "max_frames": int(self.max_frames), "placement": placement}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SamplingPolicy":
+        keys = d.get("placement") == "nearest-keyframe"
         if d.get("mode") == "exact":
-            return cls(num_frames=int(d["num_frames"]))
-        return cls(fps=float(d["fps"]), min_frames=int(d["min_frames"]), max_frames=int(d["max_frames"]))
+            return cls(num_frames=int(d["num_frames"]), keyframes_only=keys)
+        return cls(fps=float(d["fps"]), min_frames=int(d["min_frames"]), max_frames=int(d["max_frames"]),
+                   keyframes_only=keys)
 
 
 @dataclass(frozen=True)
@@ -126,10 +135,13 @@ def num_samples(num_source_frames: int, source_fps: float, policy: SamplingPolic
     return max(1, min(t, n))
 
 
-def sample_timing(timing: Timing, policy: SamplingPolicy) -> tuple[np.ndarray, np.ndarray]:
-    """Source frame indices (int64 [T], non-decreasing) and their presentation times (float64 [T])."""
+def sample_timing(timing: Timing, policy: SamplingPolicy, keyframes=None) -> tuple[np.ndarray, np.ndarray]:
+    """Source frame indices (int64 [T], non-decreasing) and their presentation times (float64 [T]).
+    keyframes: frame indices of the keyframes, needed by keyframes-only sampling."""
     n = timing.num_frames
-    if timing.constant_rate:
+    if policy.keyframes_only:
+        idx = nearest_keyframes(timing, policy, keyframes)
+    elif timing.constant_rate:
         t = num_samples(n, timing.fps, policy)
         # Integer arithmetic: floor((2i + 1) * n / 2T) has no float rounding at bin edges.
         i = np.arange(t, dtype=np.int64)
@@ -138,6 +150,23 @@ def sample_timing(timing: Timing, policy: SamplingPolicy) -> tuple[np.ndarray, n
         t = num_samples(n, timing.fps, policy, timing.duration)
         idx = frames_shown_at(timing.pts, bin_centres(timing.pts[0], timing.duration, t))
     return idx, timing.pts[idx]
+
+
+def nearest_keyframes(timing: Timing, policy: SamplingPolicy, keyframes) -> np.ndarray:
+    if keyframes is None or len(keyframes) == 0:
+        raise SamplingError("--keyframes-only: the decoder lists no keyframes for this video")
+    keys = np.unique(np.asarray(keyframes, dtype=np.int64))
+    if keys[0] < 0 or keys[-1] >= timing.num_frames:
+        raise SamplingError(f"keyframe indices outside the video's {timing.num_frames} frames")
+    t = num_samples(len(keys), timing.fps, policy, timing.duration)   # rate mode: <= one per keyframe
+    centres = bin_centres(timing.pts[0], timing.duration, t)
+    key_pts = timing.pts[keys]
+    after = np.clip(np.searchsorted(key_pts, centres), 0, len(keys) - 1)
+    before = np.clip(after - 1, 0, len(keys) - 1)
+    # Ties (within a millisecond: decord's timestamps are float32) go to the earlier keyframe, so that
+    # backends agree.
+    nearer_before = np.abs(centres - key_pts[before]) <= np.abs(key_pts[after] - centres) + 1e-3
+    return keys[np.where(nearer_before, before, after)]
 
 
 def bin_centres(start: float, duration: float, t: int) -> np.ndarray:

@@ -213,3 +213,21 @@ def test_gpu_pool_abandons_a_hung_decode(tmp_path):
             msgs = pool.poll(0.2)
         assert msgs[0][:3] == ("error", "hang", "open") and "timeout" in msgs[0][3]
         assert pool.idle == 1 and pool.restarts == 1
+
+
+@pytest.mark.parametrize("gop", [25, 60])
+def test_keyframes_only_decodes_one_frame_per_sample_with_every_backend(tmp_path, gop):
+    path = write_gop_video(tmp_path / f"gop{gop}.mp4", 300, gop)       # 12 s at 25 fps
+    policy = SamplingPolicy(fps=1, min_frames=2, max_frames=100, keyframes_only=True)
+    ref_meta, ref = _decode("decord", path, policy)
+    assert set(ref_meta[4]) <= set(range(0, 300, gop)) and len(ref_meta[4]) == min(12, 300 // gop)
+    centres = (np.arange(len(ref_meta[4])) + 0.5) * 12 / len(ref_meta[4])
+    assert np.abs(ref_meta[5] - centres).max() <= gop / 25 / 2 + 1e-6
+    for backend in CPU_BACKENDS[1:]:
+        meta, frames = _decode(backend, path, policy)
+        np.testing.assert_array_equal(meta[4], ref_meta[4])
+        assert np.array_equal(frames, ref), backend
+    video = PyAVVideo(str(path))
+    video.skip_non_keyframes()
+    video.get_batch(ref_meta[4])
+    assert video.decoded == len(set(ref_meta[4]))                    # nothing but the sampled keyframes

@@ -123,3 +123,18 @@ def test_variable_rate_and_rotated_videos_are_cached_with_their_times(tmp_path):
     assert verify(r.cache_dir, str(manifest)).problems == []
     with h5py.File(r.shard) as f:
         assert "decord" in f.attrs["decoder"] and "fallback pyav" in f.attrs["decoder"]
+
+
+def test_keyframes_only_extract_records_its_placement(tmp_path):
+    from _extract_util import write_gop_video
+    root = tmp_path / "videos"
+    root.mkdir()
+    write_gop_video(root / "gop.mp4", 200, 50)                  # 8 s, keyframes every 2 s
+    manifest = write_manifest(tmp_path / "manifest", {"gop": "gop.mp4"})
+    r = run_cli(extract_args(manifest, root, tmp_path / "cache", "--keyframes-only", "--max-frames", "8"))
+    assert r.returncode == 0, r.stderr
+    folder = Path(r.stdout.strip().splitlines()[-1])
+    idx, ts = Cache(folder).frame_info("gop")
+    assert list(idx) == [0, 50, 100, 150] and np.allclose(ts, [0, 2, 4, 6])
+    with h5py.File(folder / "frames-00000-of-00001.h5") as f:
+        assert "nearest-keyframe" in str(f.attrs["sampling"])

@@ -98,3 +98,34 @@ def test_bad_timestamps_are_refused(pts, match):
 def test_frames_with_one_timestamp_and_no_rate_are_refused():
     with pytest.raises(SamplingError, match="share one timestamp"):
         sample_frames(3, float("nan"), SamplingPolicy(), [1.0, 1.0, 1.0])
+
+
+def test_keyframes_only_takes_the_keyframe_nearest_each_bin_centre():
+    from cmdcl_cache.sampling import sample_timing, video_timing
+    timing = video_timing(300, 25.0)                         # 12 s; keyframes at 0, 1.6, 5.2, 8, 11.6 s
+    keys = np.array([0, 40, 130, 200, 290])
+    rate = SamplingPolicy(fps=1, min_frames=2, max_frames=100, keyframes_only=True)
+    idx, ts = sample_timing(timing, rate, keys)
+    assert len(idx) == 5                                     # rate mode: at most one sample per keyframe
+    centres = (np.arange(5) + 0.5) * 12 / 5
+    nearest = [keys[np.argmin(np.abs(keys / 25 - c))] for c in centres]
+    np.testing.assert_array_equal(idx, nearest)             # 40 130 130 200 290: a keyframe can repeat
+    np.testing.assert_allclose(ts, idx / 25)
+    assert np.abs(ts - centres).max() <= (130 - 40) / 25 / 2  # within half the largest keyframe interval
+    idx, _ = sample_timing(timing, SamplingPolicy(num_frames=10, keyframes_only=True), keys)
+    assert len(idx) == 10 and set(idx) <= set(keys) and (np.diff(idx) >= 0).all()
+    # a centre exactly between two keyframes takes the earlier one
+    # one sample of a 10 s video: its centre (5 s) is 4 s from both keyframes (1 s, 9 s): the earlier
+    idx, _ = sample_timing(video_timing(100, 10.0), SamplingPolicy(num_frames=1, keyframes_only=True), [10, 90])
+    assert list(idx) == [10]
+
+
+def test_keyframes_only_policy_round_trips_and_needs_keyframes():
+    from cmdcl_cache.sampling import sample_timing, video_timing
+    p = SamplingPolicy(fps=0.5, keyframes_only=True)
+    assert p.to_dict()["placement"] == "nearest-keyframe" and SamplingPolicy.from_dict(p.to_dict()) == p
+    assert SamplingPolicy().to_dict()["placement"] == "bin-centre"
+    with pytest.raises(SamplingError, match="lists no keyframes"):
+        sample_timing(video_timing(10, 10.0), p, None)
+    with pytest.raises(SamplingError, match="outside"):
+        sample_timing(video_timing(10, 10.0), p, [0, 12])

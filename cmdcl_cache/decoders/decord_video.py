@@ -18,5 +18,9 @@ class DecordVideo:
                     if self.num_frames else np.zeros(0))
         self.decoded = None   # decord does not say how many frames it decoded
 
+    @property
+    def key_indices(self) -> np.ndarray:
+        return np.asarray(self._vr.get_key_indices(), dtype=np.int64)
+
     def get_batch(self, indices) -> np.ndarray:
         return self._vr.get_batch([int(i) for i in indices]).asnumpy()

@@ -6,6 +6,9 @@ seeking to the last keyframe at or before it: at 1 frame/s of a 30 fps video wit
 second or two this decodes about one GOP per sampled frame instead of every frame. `decoded` counts
 the frames FFmpeg returned, so the benchmark can report decoded / sampled.
 
+With keyframes-only sampling (`skip_non_keyframes`) FFmpeg decodes the keyframes alone: one decoded
+frame per sampled frame.
+
 Frames come out upright: a display matrix (phone videos) is applied with np.rot90, counter-clockwise
 as FFmpeg and PyAV's `VideoFrame.rotation` define it.
 """
@@ -31,6 +34,7 @@ class PyAVVideo:
         self._ticks, self._keys = self._scan()
         self.num_frames = len(self._ticks)
         self.pts = np.asarray(self._ticks, dtype=np.float64) * float(stream.time_base)
+        self.key_indices = np.searchsorted(np.asarray(self._ticks), np.asarray(self._keys, dtype=np.int64))
         rate = stream.average_rate or stream.guessed_rate
         self.fps = float(rate) if rate else float("nan")
         self.decoded = 0
@@ -72,6 +76,10 @@ class PyAVVideo:
             self._last = (target, upright(frame))
             return self._last[1]
         raise RuntimeError(f"the stream ended before the frame at pts {target}")
+
+    def skip_non_keyframes(self) -> None:
+        """Keyframes-only sampling asks for keyframes alone: FFmpeg need not decode anything else."""
+        self._stream.codec_context.skip_frame = "NONKEY"
 
     def get_batch(self, indices) -> np.ndarray:
         return np.stack([self._frame_at(self._ticks[int(i)]) for i in indices])

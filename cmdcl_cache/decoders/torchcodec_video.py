@@ -25,6 +25,7 @@ class TorchCodecVideo:
         self.fps = float(meta.average_fps) if meta.average_fps else float("nan")
         index = Demuxer(path, streams=meta.stream_index).streams[0].scan()
         self.pts = index.pts_seconds.double().numpy()
+        self.key_indices = index.key_frame_indices.long().numpy()
         if len(self.pts) != self.num_frames:
             raise RuntimeError(f"torchcodec's scan found {len(self.pts)} frames, its decoder "
                                f"{self.num_frames}")
