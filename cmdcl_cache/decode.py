@@ -7,7 +7,9 @@ a time over its own pipe and answers on its own pipe:
     ("frames", job, start, uint8 [k, S, S, 3])                                  one chunk of sampled frames
     ("done", job)  |  ("error", job, stage, message)                            stage: open | decode
 
-`backend` (added to "meta" with the fallback decoder) names the backend that decoded the video:
+The protocol changed deliberately in two ways when backends came: "meta" ends with `backend`, and it is
+sent after the first chunk has been decoded (a backend that refuses a file does so there, before anything
+was sent, so that the fallback can take over). `backend` names the backend that decoded the video:
 the one asked for (`--decoder`, default decord) or, when that one refused the file before sending a
 frame, the fallback (`--fallback-decoder`, default pyav; decord refuses videos with a 90 or 270
 degree display rotation). A video both refuse fails with both reasons. Timestamps are the decoder's
@@ -424,8 +426,8 @@ class GpuDecodePool:
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.policy, self.timeout, self._device = policy, float(timeout), device
-        self._opener, self._backup = resolve_decoder(decoder), resolve_decoder(_fallback_of(fallback)) \
-            if _fallback_of(fallback) else None
+        self._opener = resolve_decoder(decoder)
+        self._backup = resolve_decoder(_fallback_of(fallback)) if _fallback_of(fallback) else None
         cpu_crop = _as_crop(transform)
         self._crop = lambda frames: (crop(frames) if type(frames).__module__.startswith("torch")
                                      else cpu_crop(frames))
