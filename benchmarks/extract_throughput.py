@@ -21,8 +21,8 @@ shapes over noise written with PyAV, or OpenCV where PyAV is missing). Measureme
    cache, wall time including model loading and worker start-up, and the start-up alone;
 4. naive: per video, sequentially: decord -> sampled frames -> preprocess -> encode -> np.save, as
    common feature extractors do;
-5. peak RSS of an extract process (main + decode workers) on the longest video alone and on one short
-   clip alone: memory must not grow with video length;
+5. peak RSS of an extract run's main process and of its decode worker (VmHWM from /proc) on the longest
+   video alone and on one short clip alone: memory must not grow with video length;
 6. keyframe intervals (`--skip-keyframes` to leave out): three generated `--gop-seconds` videos, 640x360
    at 25 fps, with a keyframe every 0.5 s, every 10 s and only at the start, sampled at 1 frame/s. Per
    backend, in one process: seconds of decoding (after opening) for the sampled frames and for every
@@ -31,7 +31,8 @@ shapes over noise written with PyAV, or OpenCV where PyAV is missing). Measureme
    frames per sampled frame" = (seconds per sampled frame) / (seconds per frame of a full decode); each
    also with `--keyframes-only` sampling, and the largest distance of a sample from its bin centre;
 7. two-hour video (`--skip-two-hour` to leave out): one generated 2-hour `--two-hour-size` video at 25 fps
-   (180,000 frames), extracted at 1 frame/s with --max-frames 4096 by each CPU backend: peak RSS and time.
+   (180,000 frames), extracted at 1 frame/s with --max-frames 4096 by each CPU backend: peak RSS of the
+   main process and of the decode worker, and the wall time.
 
 It prints the frames/s of each and the ratios extract / min(decode, encode) (of the pipeline's own stages,
 1 and 2 with `--extract-decoder`) and extract / naive, and writes them as JSON (--out).
@@ -43,7 +44,6 @@ import argparse
 import importlib.util
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -229,29 +229,51 @@ def naive(encoder, videos, policy, batch_size, out_dir: Path) -> tuple[int, floa
     return n, time.perf_counter() - t0
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def _hwm_mib(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def peak_rss_of_extract(manifest: Path, video_root: Path, cache: Path, args, decoder: str = "decord",
-                        max_frames: int | None = None) -> tuple[float, float]:
-    """Peak resident memory (MiB) of the largest process of a fresh `cmdcl-cache extract` run, and its
-    wall time (s)."""
-    code = ("import resource, sys; from cmdcl_cache.cli import app\n"
-            "try:\n    app()\nexcept SystemExit:\n    pass\n"
-            "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-            "print('RSS', own, kids)")
-    cmd = [sys.executable, "-c", code, "extract", "--dataset", str(manifest), "--video-root", str(video_root),
-           "--cache", str(cache), "--model", args.model, "--pretrained", args.pretrained,
-           "--precision", args.precision, "--device", args.device, "--fps", str(args.fps),
-           "--max-frames", str(max_frames or args.max_frames), "--batch-size", str(args.batch_size),
-           "--workers", "1", "--quiet", "--decoder", decoder, "--fallback-decoder", "none"]
+                        max_frames: int | None = None) -> tuple[float, float, float]:
+    """Peak resident memory (MiB) of a fresh `cmdcl-cache extract` run's main process and of its largest
+    decode worker, and its wall time (s). The workers' peaks are their VmHWM, read from /proc while they
+    run: getrusage's RUSAGE_CHILDREN would count the parent's pages a spawned child holds between fork
+    and exec."""
+    cmd = [sys.executable, "-m", "cmdcl_cache.cli", "extract", "--dataset", str(manifest),
+           "--video-root", str(video_root), "--cache", str(cache), "--model", args.model,
+           "--pretrained", args.pretrained, "--precision", args.precision, "--device", args.device,
+           "--fps", str(args.fps), "--max-frames", str(max_frames or args.max_frames),
+           "--batch-size", str(args.batch_size), "--workers", "1", "--quiet", "--decoder", decoder,
+           "--fallback-decoder", "none"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    main_peak, worker_peak = 0.0, {}
+    while proc.poll() is None:
+        main_peak = max(main_peak, _hwm_mib(proc.pid))
+        for kid in _children(proc.pid):
+            worker_peak[kid] = max(worker_peak.get(kid, 0.0), _hwm_mib(kid))
+        time.sleep(0.2)
     seconds = time.perf_counter() - t0
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RSS")), None)
-    if line is None or "0 failed" not in out.stderr:
-        raise RuntimeError(f"extract subprocess failed:\n{out.stdout}\n{out.stderr}")
-    own, kids = (int(x) for x in line.split()[1:])
-    return max(own, kids) / 1024, seconds
+    _, err = proc.communicate()
+    if proc.returncode != 0 or "0 failed" not in err:
+        raise RuntimeError(f"extract subprocess failed ({proc.returncode}):\n{err}")
+    return main_peak, max(worker_peak.values(), default=0.0), seconds
 
 
 def sparse_decode(backend: str, path: Path, policy: SamplingPolicy) -> tuple[int, float, int | None, float]:
@@ -261,8 +283,6 @@ def sparse_decode(backend: str, path: Path, policy: SamplingPolicy) -> tuple[int
     video = video_class(backend)(str(path), 1)
     timing = video_timing(video.num_frames, video.fps, video.pts)
     index, stamps = sample_timing(timing, policy, video.key_indices if policy.keyframes_only else None)
-    if policy.keyframes_only and hasattr(video, "skip_non_keyframes"):
-        video.skip_non_keyframes()
     t0 = time.perf_counter()   # the decoding alone: opening (the file's scan) is the same in every mode
     for lo in range(0, len(index), 32):
         video.get_batch(index[lo:lo + 32])
@@ -306,15 +326,20 @@ def two_hour_video(work: Path, args, backends) -> dict:
     root.mkdir()
     path = root / "two_hours.mp4"
     t0 = time.perf_counter()
-    write_long_video(path, 2 * 3600, 25, (w, h), 0, preset="ultrafast")
+    if args.two_hour_video:    # one made by an earlier run (writing it takes minutes)
+        path.symlink_to(args.two_hour_video.resolve())
+    else:
+        write_long_video(path, 2 * 3600, 25, (w, h), 0, preset="ultrafast")
     out = {"video": f"{path.name}: 2 h, {w}x{h}, 25 fps, 180,000 frames, {path.stat().st_size / 2**20:.0f} MiB",
            "written_s": round(time.perf_counter() - t0, 1)}
     write_bench_manifest(work / "manifest-two-hour", [path])
     for backend in backends:
-        rss, seconds = peak_rss_of_extract(work / "manifest-two-hour", root, work / f"cache-two-hour-{backend}",
-                                           args, backend, max_frames=4096)
-        out[backend] = {"peak_rss_mib": round(rss, 1), "seconds": round(seconds, 1)}
-        print(f"  two-hour video, {backend}: peak RSS {rss:.0f} MiB, {seconds:.0f} s")
+        rss, worker, seconds = peak_rss_of_extract(work / "manifest-two-hour", root,
+                                                   work / f"cache-two-hour-{backend}", args, backend, 4096)
+        out[backend] = {"main_peak_rss_mib": round(rss, 1), "worker_peak_rss_mib": round(worker, 1),
+                        "seconds": round(seconds, 1)}
+        print(f"  two-hour video, {backend}: peak RSS main process {rss:.0f} MiB, decode worker "
+              f"{worker:.0f} MiB, {seconds:.0f} s")
     return out
 
 
@@ -351,6 +376,8 @@ def parse_args():
                                                                "decode stage its ratio is taken against)")
     p.add_argument("--gop-seconds", type=float, default=60.0, help="length of the keyframe-interval videos")
     p.add_argument("--two-hour-size", default="160x90", help="WxH of the generated two-hour video")
+    p.add_argument("--two-hour-video", type=Path, default=None, help="reuse this two-hour video (an earlier "
+                                                                     "run's, of --two-hour-size)")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--skip-keyframes", action="store_true", help="skip the keyframe-interval table")
     p.add_argument("--skip-two-hour", action="store_true", help="skip the two-hour video")
@@ -406,8 +433,10 @@ def print_summary(f: dict) -> None:
     print(f"extract / naive               = {f['extract_over_naive']:.2f}")
     print(f"best backend ({f['best_backend']}) / decord, after start-up = {f['best_backend_over_decord']:.2f}")
     if "peak_rss_mib_long_video" in f:
-        print(f"peak RSS: {f['peak_rss_mib_long_video']:.0f} MiB on {f['long_video']}, "
-              f"{f['peak_rss_mib_short_video']:.0f} MiB on {f['short_video']}")
+        print(f"peak RSS (main / decode worker): {f['peak_rss_mib_long_video']:.0f} / "
+              f"{f['worker_peak_rss_mib_long_video']:.0f} MiB on {f['long_video']}, "
+              f"{f['peak_rss_mib_short_video']:.0f} / {f['worker_peak_rss_mib_short_video']:.0f} MiB on "
+              f"{f['short_video']}")
 
 
 def main() -> None:
@@ -442,8 +471,10 @@ def main() -> None:
     if not args.skip_pipeline and not args.skip_memory and args.long_videos:
         for tag, video in (("long", max(videos, key=sampled.get)), ("short", min(videos, key=sampled.get))):
             write_bench_manifest(work / f"manifest-{tag}", [video])
-            figures[f"peak_rss_mib_{tag}_video"] = peak_rss_of_extract(work / f"manifest-{tag}", work / "videos",
-                                                                       work / f"cache-{tag}", args)[0]
+            main_rss, worker_rss, _ = peak_rss_of_extract(work / f"manifest-{tag}", work / "videos",
+                                                          work / f"cache-{tag}", args, args.extract_decoder)
+            figures[f"peak_rss_mib_{tag}_video"] = main_rss
+            figures[f"worker_peak_rss_mib_{tag}_video"] = worker_rss
             figures[f"{tag}_video"] = f"{video.name} ({sampled[video]} frames)"
     cpu_backends = [b for b in backends if b != "torchcodec-cuda"]
     if not args.skip_keyframes:

@@ -184,8 +184,6 @@ def _open(opener, path: str, policy: SamplingPolicy, threads: int):
         timing = video_timing(video.num_frames, float(video.fps), getattr(video, "pts", None))
         keys = getattr(video, "key_indices", None) if policy.keyframes_only else None
         index, stamps = sample_timing(timing, policy, keys)
-        if policy.keyframes_only and hasattr(video, "skip_non_keyframes"):
-            video.skip_non_keyframes()
     except SamplingError as err:
         raise DecodeError("open", f"cannot sample frames: {err}") from err
     except Exception as err:

@@ -6,8 +6,9 @@ seeking to the last keyframe at or before it: at 1 frame/s of a 30 fps video wit
 second or two this decodes about one GOP per sampled frame instead of every frame. `decoded` counts
 the frames FFmpeg returned, so the benchmark can report decoded / sampled.
 
-With keyframes-only sampling (`skip_non_keyframes`) FFmpeg decodes the keyframes alone: one decoded
-frame per sampled frame.
+With keyframes-only sampling every target is a keyframe, so each is the first frame out after its seek.
+(FFmpeg's `skip_frame = "NONKEY"` measured slower here with a seek per frame, so it is not used.) `decoded`
+counts the frames FFmpeg returned; frames it decoded but held back for B-frame reordering are not seen.
 
 Frames come out upright: a display matrix (phone videos) is applied with np.rot90, counter-clockwise
 as FFmpeg and PyAV's `VideoFrame.rotation` define it.
@@ -76,10 +77,6 @@ class PyAVVideo:
             self._last = (target, upright(frame))
             return self._last[1]
         raise RuntimeError(f"the stream ended before the frame at pts {target}")
-
-    def skip_non_keyframes(self) -> None:
-        """Keyframes-only sampling asks for keyframes alone: FFmpeg need not decode anything else."""
-        self._stream.codec_context.skip_frame = "NONKEY"
 
     def get_batch(self, indices) -> np.ndarray:
         return np.stack([self._frame_at(self._ticks[int(i)]) for i in indices])
