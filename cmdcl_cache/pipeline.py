@@ -236,9 +236,11 @@ def _select(opts: ExtractOptions, manifest, rank: RankInfo, cache_dir: Path, com
 def extract(opts: ExtractOptions) -> ExtractResult:
     """Run one rank's extraction; see the module docstring. Raises ExtractError (and the manifest's,
     encoder's and store's own errors) for fatal problems."""
+    from .decode import check_decoders, start_pool
+    check_decoders(opts.decoder, opts.fallback_decoder)   # before any work: BackendMissing says what to install
+
     import torch
 
-    from .decode import check_decoders, start_pool
     from .encoder import EncoderSpec
     from .manifest import load_manifest
     from .paths import VideoPathError, build_video_index
@@ -248,7 +250,6 @@ def extract(opts: ExtractOptions) -> ExtractResult:
     t_start = time.monotonic()
     if opts.batch_size < 1:
         raise ExtractError(f"--batch-size must be >= 1, got {opts.batch_size}")
-    check_decoders(opts.decoder, opts.fallback_decoder)   # BackendMissing says what to install
     manifest = load_manifest(opts.dataset)
     rank = detect_rank(opts.shard_index, opts.num_shards)
     video_root = Path(opts.video_root).resolve()

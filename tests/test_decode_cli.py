@@ -13,6 +13,7 @@ import pytest
 
 from _extract_util import (PY, REPO, TINY, extract_args, good_videos, run_cli, write_manifest,
                            write_timed_video)
+from cmdcl_cache.decoders import BackendMissing
 from cmdcl_cache.pipeline import EXIT_OK, ExtractOptions, extract
 from cmdcl_cache.sampling import SamplingPolicy
 from cmdcl_cache.store import Cache
@@ -45,15 +46,27 @@ def test_missing_backend_is_refused_with_what_to_install(small_set, tmp_path):
     assert "no FFmpeg" in err and "libavcodec59" in err
 
 
-def test_nvdec_without_a_gpu_is_refused(small_set, tmp_path):
-    err = _refused(small_set, tmp_path, "--decoder", "torchcodec-cuda", env={"CUDA_VISIBLE_DEVICES": ""})
-    assert "needs a CUDA GPU" in err
+def _refused_in_process(small_set, tmp_path, decoder=None, fallback="pyav"):
+    t, manifest = small_set
+    opts = ExtractOptions(dataset=str(manifest), video_root=t / "videos", cache=tmp_path / "cache", quiet=True,
+                          decoder=decoder, fallback_decoder=fallback, **TINY)
+    with pytest.raises(BackendMissing) as err:
+        extract(opts)
+    assert not (tmp_path / "cache").exists()
+    return str(err.value)
 
 
-@pytest.mark.parametrize("option,value", [("--decoder", "ffmpeg"), ("--fallback-decoder", "decord2")])
-def test_unknown_backend_is_refused_with_the_choices(small_set, tmp_path, option, value):
-    err = _refused(small_set, tmp_path, option, value)
-    assert f"unknown {option} '{value}'" in err and "choose one of" in err
+def test_nvdec_without_a_gpu_is_refused(small_set, tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # this machine, or a GPU box's CPU run
+    assert "needs a CUDA GPU" in _refused_in_process(small_set, tmp_path, "torchcodec-cuda")
+
+
+@pytest.mark.parametrize("decoder,fallback,name", [("ffmpeg", "pyav", "--decoder 'ffmpeg'"),
+                                                   (None, "decord2", "--fallback-decoder 'decord2'")])
+def test_unknown_backend_is_refused_with_the_choices(small_set, tmp_path, decoder, fallback, name):
+    err = _refused_in_process(small_set, tmp_path, decoder, fallback)
+    assert f"unknown {name}" in err and "choose one of" in err
 
 
 def _children(pid: int) -> list[int]:
