@@ -102,26 +102,34 @@ def video_timing(num_source_frames: int, source_fps: float, pts=None) -> Timing:
             raise SamplingError(f"the video reports a frame rate of {source_fps}")
         return Timing(np.arange(n) / float(source_fps), float(source_fps), n / float(source_fps), True)
     pts = np.asarray(pts, dtype=np.float64)
-    if pts.shape != (n,):
-        raise SamplingError(f"the decoder gave {pts.size} timestamps for {n} frames")
-    if not np.isfinite(pts).all():
-        raise SamplingError("the video has frames without a presentation time")
-    if n > 1 and (np.diff(pts) < 0).any():
-        raise SamplingError("the video's timestamps are not in presentation order")
+    why = unusable_timestamps(pts, n)
+    if why:
+        raise SamplingError(f"the decoder's timestamps are unusable: {why}")
     if fps_ok:
         grid = pts[0] + np.arange(n) / float(source_fps)
         if np.abs(pts - grid).max() <= 0.25 / source_fps:
             return Timing(pts, float(source_fps), n / float(source_fps), True)
     steps = np.diff(pts)
-    steps = steps[steps > 0]
-    if len(steps) == 0:
-        if not fps_ok:
-            raise SamplingError(f"the video's frames share one timestamp and its frame rate is {source_fps}")
-        frame = 1.0 / source_fps
-    else:
-        frame = float(np.median(steps))
+    if len(steps) == 0 and not fps_ok:
+        raise SamplingError(f"a one-frame video with a frame rate of {source_fps}")
+    frame = float(np.median(steps[steps > 0])) if len(steps) else 1.0 / source_fps
     duration = float(pts[-1] - pts[0] + frame)
     return Timing(pts, n / duration, duration, False)
+
+
+def unusable_timestamps(pts: np.ndarray, n: int) -> str | None:
+    """Why a decoder's timestamps [n] cannot be sampled from, or None when they can."""
+    if pts.shape != (n,):
+        return f"{pts.size} timestamps for {n} frames"
+    if not np.isfinite(pts).all():
+        return "frames without a presentation time"
+    if np.abs(pts).max() > 1e7:   # FFmpeg's "no timestamp" value times a time base, e.g. AVI with B-frames
+        return f"a timestamp of {pts[np.abs(pts).argmax()]:.3g} s"
+    if n > 1 and pts[-1] == pts[0]:
+        return "every frame has the same timestamp"
+    if n > 1 and (np.diff(pts) < 0).any():
+        return "they are not in presentation order"
+    return None
 
 
 def num_samples(num_source_frames: int, source_fps: float, policy: SamplingPolicy,

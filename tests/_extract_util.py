@@ -147,21 +147,23 @@ def _frame_image(i: int, size, mark: bool = True) -> np.ndarray:
     return img
 
 
-def write_timed_video(path: Path, pts_ms, size=(64, 48), rotation: int = 0, gop: int | None = None) -> Path:
-    """An H.264 mp4 with frames at the given presentation times (milliseconds): variable frame rate when
-    the gaps differ. rotation: display matrix (degrees counter-clockwise); gop: keyframe interval."""
+def write_timed_video(path: Path, pts_ms, size=(64, 48), rotation: int = 0, gop: int | None = None,
+                      tick: Fraction = Fraction(1, 1000)) -> Path:
+    """An H.264 video (container from the suffix) with frames at the given presentation times (ms):
+    variable frame rate when the gaps differ. rotation: display matrix (degrees counter-clockwise);
+    gop: keyframe interval; tick: the time base (AVI takes its frame rate from it)."""
     import av
     with av.open(str(path), "w") as c:
         s = c.add_stream("libx264", rate=25)
         s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
-        s.codec_context.time_base = Fraction(1, 1000)
+        s.codec_context.time_base = tick
         if gop:
             s.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
         if rotation:
             s.set_display_rotation(rotation)
         for i, t in enumerate(pts_ms):
             frame = av.VideoFrame.from_ndarray(_frame_image(i, size), format="rgb24")
-            frame.pts, frame.time_base = int(t), Fraction(1, 1000)
+            frame.pts, frame.time_base = round(Fraction(t, 1000) / tick), tick
             for p in s.encode(frame):
                 c.mux(p)
         for p in s.encode(None):

@@ -230,3 +230,17 @@ def test_keyframes_only_decodes_one_frame_per_sample_with_every_backend(tmp_path
     video = PyAVVideo(str(path))
     video.get_batch(ref_meta[4])
     assert video.decoded == len(set(ref_meta[4]))             # each keyframe is the first frame out
+
+
+def test_avi_with_b_frames_decord_keeps_index_over_fps_and_pyav_says_why_it_refuses(tmp_path):
+    """AVI stores no presentation times: with B-frames decord reports FFmpeg's "no timestamp" for every
+    frame (its frames are right) and PyAV's frames come out in decode order."""
+    from fractions import Fraction
+    path = write_timed_video(tmp_path / "bframes.avi", [40 * i for i in range(50)], tick=Fraction(1, 25))
+    meta, frames = _decode("decord", path, SamplingPolicy(num_frames=5))
+    assert meta[-1] == "decord" and meta[1] == 50
+    np.testing.assert_allclose(meta[5], meta[4] / 25.0)                     # index / fps, as before
+    np.testing.assert_allclose(frames[:, -1, -1, 0].astype(int), (meta[4] * 7) % 256, atol=4)
+    with pytest.raises(DecodeError) as err:
+        _decode("pyav", path, SamplingPolicy(num_frames=5))
+    assert err.value.stage == "decode" and "PyAV returned no frame at pts" in str(err.value)
