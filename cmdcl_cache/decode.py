@@ -155,9 +155,13 @@ def _as_crop(transform):
     return lambda frames: resize_crop(spec, frames)
 
 
+def _is_tensor(frames) -> bool:
+    return type(frames).__module__.startswith("torch")   # without importing torch
+
+
 def _checked(frames, count: int):
     """uint8 [count, H, W, 3] frames, contiguous numpy or, from NVDEC, a CUDA tensor checked as it is."""
-    if type(frames).__module__.startswith("torch"):
+    if _is_tensor(frames):
         if str(frames.dtype) != "torch.uint8":
             raise DecodeError("decode", f"decoder returned a {frames.dtype} tensor")
     else:
@@ -427,8 +431,8 @@ class GpuDecodePool:
         self._opener = resolve_decoder(decoder)
         self._backup = resolve_decoder(_fallback_of(fallback)) if _fallback_of(fallback) else None
         cpu_crop = _as_crop(transform)
-        self._crop = lambda frames: (crop(frames) if type(frames).__module__.startswith("torch")
-                                     else cpu_crop(frames))
+        self._crop = None if crop is None and cpu_crop is None else \
+            (lambda frames: crop(frames) if _is_tensor(frames) else cpu_crop(frames))
         self.slots = [_Thread() for _ in range(workers)]
         self.restarts = 0
 

@@ -244,3 +244,24 @@ def test_avi_with_b_frames_decord_keeps_index_over_fps_and_pyav_says_why_it_refu
     with pytest.raises(DecodeError) as err:
         _decode("pyav", path, SamplingPolicy(num_frames=5))
     assert err.value.stage == "decode" and "PyAV returned no frame at pts" in str(err.value)
+
+
+@pytest.mark.parametrize("name,codec", [("clip.mkv", "libx264"), ("clip.mov", "mpeg4"), ("clip.avi", "mpeg4")])
+def test_backends_agree_on_other_containers(tmp_path, name, codec):
+    import av
+    path = tmp_path / name
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=15)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i in range(30):
+            for p in s.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), i * 7, np.uint8), "rgb24")):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    ref_meta, ref = _decode("decord", path, SamplingPolicy(num_frames=6))
+    np.testing.assert_allclose(ref[:, 0, 0, 0].astype(int), (ref_meta[4] * 7) % 256, atol=4)
+    for backend in CPU_BACKENDS[1:]:
+        meta, frames = _decode(backend, path, SamplingPolicy(num_frames=6))
+        np.testing.assert_array_equal(meta[4], ref_meta[4])
+        np.testing.assert_allclose(meta[5], ref_meta[5], atol=1e-3)     # mkv: millisecond timestamps
+        assert np.array_equal(frames, ref), backend
