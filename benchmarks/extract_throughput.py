@@ -11,8 +11,9 @@ shapes over noise written with PyAV, or OpenCV where PyAV is missing). Measureme
 
 1. decode alone: the extract pipeline's decode pool (same workers, same sampled frames) doing what its
    workers do in `extract`: decode, then open_clip's resize + centre crop; the uint8 crops are kept in
-   memory. Once per backend of `--backends` (default: every CPU backend that runs here), side by side;
-   decord's crops are the reference the others are compared with (frames equal: yes / no);
+   memory. Once per backend of `--backends` (default: every backend that runs here), side by side;
+   decord's crops are the reference the others are compared with (equal: yes / no; where not, the
+   largest and mean pixel difference and the features' largest difference and lowest cosine);
 2. encode alone: what the main process does in `extract`, on those crops already in memory: normalise and
    encode in fixed --batch-size batches across videos;
    (1b, 2b: the same two stages on full frames, as measured before the workers cropped: workers send full
@@ -162,9 +163,31 @@ def decode_alone(videos, policy, workers, encoder=None, backend="decord", starte
     return sum(len(v) for v in frames.values()), seconds, frames
 
 
+def crop_and_feature_difference(encoder, crops: dict, reference: dict, limit: int = 512) -> dict:
+    """How far one backend's crops, and their features, are from the reference backend's."""
+    keys = [k for k in reference if k in crops and crops[k].shape == reference[k].shape]
+    if len(keys) != len(reference):
+        return {"comparable": False}
+    a = np.concatenate([crops[k] for k in keys]).astype(np.int16)
+    b = np.concatenate([reference[k] for k in keys]).astype(np.int16)
+    out = {"comparable": True, "max_abs_pixel_diff": int(np.abs(a - b).max()),
+           "mean_abs_pixel_diff": float(np.abs(a - b).mean())}
+    fa, _ = encoder.encode_pixels(encoder.normalise_crops(a[:limit].astype(np.uint8)))
+    fb, _ = encoder.encode_pixels(encoder.normalise_crops(b[:limit].astype(np.uint8)))
+    fa, fb = fa.float(), fb.float()
+    out["max_abs_feature_diff_over_max_abs"] = float((fa - fb).abs().max() / fb.abs().max())
+    out["min_feature_cosine"] = float(torch_cosine(fa, fb).min())
+    return out
+
+
+def torch_cosine(a, b):
+    import torch
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+
 def backends_side_by_side(videos, policy, workers, encoder, backends) -> tuple[dict, dict]:
     """Decode + crop rate of each backend on the same videos; the crops of the first (decord) are kept
-    for the encode stage, and the others are compared with them."""
+    for the encode stage, and the others are compared with them (pixels, and features after encoding)."""
     rates, reference = {}, None
     for backend in backends:
         started = {}
@@ -175,6 +198,9 @@ def backends_side_by_side(videos, policy, workers, encoder, backends) -> tuple[d
         rates[backend] = {"frames": n, "seconds": round(seconds, 3), "fps": n / seconds,
                           "startup_s": round(started["s"], 3), "fps_after_startup": steady,
                           "crops_equal_first_backend": same}
+        if same is False:
+            rates[backend]["difference_from_first_backend"] = crop_and_feature_difference(encoder, crops,
+                                                                                         reference)
         reference = crops if reference is None else reference
         print(f"  decode + crop, {backend}: {n / seconds:.1f} frames/s ({steady:.1f} after a "
               f"{started['s']:.1f} s start-up)")
@@ -425,6 +451,7 @@ def print_summary(f: dict) -> None:
     print(f"\n{'stage':<34}{'frames/s':>12}")
     for name, r in f["decode_backends"].items():
         same = "" if r["crops_equal_first_backend"] is None else f"   crops equal decord's: {r['crops_equal_first_backend']}"
+        same += f" {r['difference_from_first_backend']}" if "difference_from_first_backend" in r else ""
         print(f"{'decode + crop, ' + name:<34}{r['fps']:>12.1f}  ({r['fps_after_startup']:.1f} after start-up){same}")
     for key in ("encode_fps", "decode_full_frames_fps", "encode_full_frames_fps", "extract_fps",
                 "extract_fps_after_startup", "naive_fps"):
