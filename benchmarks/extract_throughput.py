@@ -45,6 +45,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -403,11 +404,12 @@ def parse_args():
     p.add_argument("--gop-seconds", type=float, default=60.0, help="length of the keyframe-interval videos")
     p.add_argument("--two-hour-size", default="160x90", help="WxH of the generated two-hour video")
     p.add_argument("--two-hour-video", type=Path, default=None, help="reuse this two-hour video (an earlier "
-                                                                     "run's, of --two-hour-size)")
+                                                                     "run's with --keep-videos)")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory runs")
     p.add_argument("--skip-keyframes", action="store_true", help="skip the keyframe-interval table")
     p.add_argument("--skip-two-hour", action="store_true", help="skip the two-hour video")
     p.add_argument("--skip-pipeline", action="store_true", help="skip 1-5 (stages, extract, naive, RSS)")
+    p.add_argument("--keep-videos", action="store_true", help="keep the work folder (videos, caches)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     return p.parse_args()
 
@@ -511,6 +513,8 @@ def main() -> None:
     if not args.skip_pipeline:
         print_summary(figures)
     report_json(figures, args.out)
+    if not args.keep_videos:
+        shutil.rmtree(work, ignore_errors=True)   # the two-hour video alone is 205 MiB
 
 
 if __name__ == "__main__":
