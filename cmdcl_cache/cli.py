@@ -224,7 +224,8 @@ _EXIT_HELP = ("Exit status: 0 every selected video is in the cache, 1 some faile
 
 
 def _fail(message: str, code: int = 2):
-    console(stderr=True).print(f"[red]error:[/red] {message}", markup=True)
+    from rich.markup import escape   # the message is text: "pip install 'cmdcl[torchcodec]'" is no markup
+    console(stderr=True).print(f"[red]error:[/red] {escape(message)}", markup=True)
     raise typer.Exit(code)
 
 

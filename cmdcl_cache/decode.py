@@ -3,9 +3,18 @@
 Each worker is a `spawn`ed process (no fork of a process that holds torch threads) that takes one video at
 a time over its own pipe and answers on its own pipe:
 
-    ("meta", job, num_source_frames, fps, duration, frame_index, timestamps)   after opening
+    ("meta", job, num_source_frames, fps, duration, frame_index, timestamps, backend)   after opening
     ("frames", job, start, uint8 [k, S, S, 3])                                  one chunk of sampled frames
     ("done", job)  |  ("error", job, stage, message)                            stage: open | decode
+
+The protocol changed deliberately in two ways when backends came: "meta" ends with `backend`, and it is
+sent after the first chunk has been decoded (a backend that refuses a file does so there, before anything
+was sent, so that the fallback can take over). `backend` names the backend that decoded the video:
+the one asked for (`--decoder`, default decord) or, when that one refused the file before sending a
+frame, the fallback (`--fallback-decoder`, default pyav; decord refuses videos with a 90 or 270
+degree display rotation). A video both refuse fails with both reasons. Timestamps are the decoder's
+presentation times and sampling is uniform in time (sampling.py); `fps` and `duration` are those of
+`sampling.video_timing`.
 
 Given the encoder's `TransformSpec` (the pipeline always gives it), a worker resizes and centre crops
 each frame as open_clip's eval transform does, with PIL itself (`transform.resize_crop`, the very code
@@ -14,8 +23,8 @@ model's input size: 150 KB per frame at 224 x 224 instead of 0.7 MB (360p) to 6 
 resolution. Sending full frames made the main process the bottleneck: unpickling them and resizing
 them there took longer than encoding. The main process only normalises and encodes. (decord's own
 resize while decoding would be cheaper still, but its scaler, swscale, does not give PIL's pixels.)
-Without a transform (benchmarks, tests) the frames are sent at full resolution. Workers import numpy,
-PIL and decord, never torch: start-up time and memory per worker.
+Without a transform (benchmarks, tests) the frames are sent at full resolution. Workers of the decord
+and PyAV backends import numpy, PIL and their decoder, never torch: start-up time and memory per worker.
 
 Frames travel in chunks (32 frames; fewer for large frames, see `chunk_frames`, so that the decoded
 full-resolution frames a worker holds stay under 64 MB), so memory stays bounded whatever the length of
@@ -28,9 +37,18 @@ time is killed with SIGKILL and replaced; its video is recorded as failed at the
 main process spends encoding does not count (the worker may be blocked on its pipe then), and a long video
 that keeps sending chunks never times out: the timeout catches hangs, not long videos.
 
-Test seam: `decoder` (or env `CMDCL_DECODER`) names the function that opens a video: "decord" (default),
-"hang-test" (decord, except that files whose name contains "hang" never return, as decord can on broken
-files), or "module:function" returning an object with `num_frames`, `fps`, `get_batch(indices)`.
+Ctrl-C: workers ignore SIGINT (it is blocked while they start, so not even their start-up prints a
+traceback); the main process gets the KeyboardInterrupt, and leaving the pool's `with` block ends them.
+
+NVDEC (`--decoder torchcodec-cuda`): frames decoded on the GPU cannot travel through a pipe, so
+`GpuDecodePool` decodes in threads of the main process, resizes and crops on the GPU (the encoder's
+`resize_crop`, bit-identical to PIL) and hands the same messages to the pipeline, the crops copied to
+host memory (150 KB a frame). `start_pool` picks the pool for the backend.
+
+Test seam: `decoder` (or env `CMDCL_DECODER`) may also be "hang-test" (decord, except that files whose
+name contains "hang" never return, as decord can on broken files), or "module:function" returning an
+object with `num_frames`, `fps`, `get_batch(indices)` and optionally `pts` (see decoders/__init__.py).
+Seams are recorded in the provenance as decord, the backend they wrap.
 """
 
 from __future__ import annotations
@@ -38,20 +56,29 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import queue
+import signal
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 import numpy as np
 
-from .sampling import SamplingError, SamplingPolicy, sample_frames
+from .decoders import BACKENDS, FALLBACKS, BackendMissing, backend_version, video_class
+from .decoders.decord_video import DecordVideo
+from .sampling import SamplingError, SamplingPolicy, sample_timing, video_timing
 from .transform import TransformSpec, resize_crop
+
+__all__ = ["BackendMissing", "DecodeError", "DecodePool", "DecordVideo", "GpuDecodePool", "check_decoders",
+           "decode_video", "decoder_provenance", "resolve_decoder", "start_pool"]
 
 # Chunk boundaries decide which frames share an encoder batch, and a feature can differ in its last bit
 # with its row in the batch (GEMM tail kernels): changing them changes shard bytes. Kept as they were.
 CHUNK_FRAMES = 32
 CHUNK_BYTES = 64 << 20   # at most this many bytes of decoded (full-resolution) frames per chunk
+DEFAULT_DECODER, DEFAULT_FALLBACK = "decord", "pyav"
 
 
 class DecodeError(RuntimeError):
@@ -64,18 +91,7 @@ def chunk_frames(height: int, width: int, limit: int = CHUNK_FRAMES) -> int:
     return max(1, min(limit, CHUNK_BYTES // max(1, height * width * 3)))
 
 
-# ------------------------------------------------------------------------------------------- decoders
-
-class DecordVideo:
-    def __init__(self, path: str, threads: int = 1):
-        import decord
-        self._vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
-        self.num_frames = len(self._vr)
-        self.fps = float(self._vr.get_avg_fps())
-
-    def get_batch(self, indices) -> np.ndarray:
-        return self._vr.get_batch([int(i) for i in indices]).asnumpy()
-
+# ------------------------------------------------------------------------------- choosing decoders
 
 def _open_hang_test(path: str, threads: int = 1):
     if "hang" in os.path.basename(path):
@@ -85,72 +101,152 @@ def _open_hang_test(path: str, threads: int = 1):
 
 
 def resolve_decoder(name: str | None):
-    name = name or os.environ.get("CMDCL_DECODER") or "decord"
-    if name == "decord":
-        return DecordVideo
+    """The function that opens a video, (path, threads) -> video, for a backend name or a test seam."""
+    name = name or os.environ.get("CMDCL_DECODER") or DEFAULT_DECODER
+    if name in BACKENDS:
+        return video_class(name)
     if name == "hang-test":
         return _open_hang_test
     module, _, attr = name.partition(":")
     if not attr:
-        raise ValueError(f"unknown decoder {name!r}: use decord, hang-test or module:function")
+        raise ValueError(f"unknown decoder {name!r}: use one of {', '.join(BACKENDS)}, hang-test or "
+                         "module:function")
     return getattr(importlib.import_module(module), attr)
 
+
+def _backend_of(decoder: str | None) -> str:
+    return decoder if decoder in BACKENDS else DEFAULT_DECODER   # test seams wrap decord
+
+
+def _fallback_of(fallback: str | None) -> str | None:
+    return None if fallback in (None, "none") else fallback
+
+
+def check_decoders(decoder: str | None, fallback: str | None = DEFAULT_FALLBACK) -> None:
+    """Before any work: BackendMissing (with what to install) unless both backends can run here."""
+    if fallback not in (None, *FALLBACKS):
+        raise BackendMissing(f"unknown --fallback-decoder {fallback!r}: choose one of {', '.join(FALLBACKS)}")
+    if decoder is not None and decoder not in BACKENDS and decoder != "hang-test" and ":" not in decoder:
+        raise BackendMissing(f"unknown --decoder {decoder!r}: choose one of {', '.join(BACKENDS)}")
+    for name in (_backend_of(decoder), _fallback_of(fallback)):
+        if name is not None:
+            backend_version(name)
+
+
+def decoder_provenance(decoder: str | None, fallback: str | None = DEFAULT_FALLBACK) -> str:
+    """The shard's `decoder` attribute: the backends allowed to decode its videos, with versions."""
+    text = backend_version(_backend_of(decoder))
+    fb = _fallback_of(fallback)
+    return f"{text}; fallback {backend_version(fb)}" if fb and fb != _backend_of(decoder) else text
+
+
+# ------------------------------------------------------------------------------------ one video
 
 def _message(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:500]}"
 
 
-def _as_spec(transform) -> TransformSpec | None:
-    if transform is None or isinstance(transform, TransformSpec):
+def _as_crop(transform):
+    """None (full frames), a TransformSpec or its dict (PIL's resize + crop), or a callable (GPU pool)."""
+    if transform is None or callable(transform):
         return transform
-    return TransformSpec.from_dict(transform)
+    spec = transform if isinstance(transform, TransformSpec) else TransformSpec.from_dict(transform)
+    return lambda frames: resize_crop(spec, frames)
 
 
-def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, transform=None):
-    """Generator used by the worker (and usable in-process): yields the messages listed above, minus job.
+def _is_tensor(frames) -> bool:
+    return type(frames).__module__.startswith("torch")   # without importing torch
 
-    transform: a TransformSpec (or its dict): frames are sent as open_clip's eval resize + crop of them.
-    """
-    transform = _as_spec(transform)
+
+def _checked(frames, count: int):
+    """uint8 [count, H, W, 3] frames, contiguous numpy or, from NVDEC, a CUDA tensor checked as it is."""
+    if _is_tensor(frames):
+        if str(frames.dtype) != "torch.uint8":
+            raise DecodeError("decode", f"decoder returned a {frames.dtype} tensor")
+    else:
+        frames = np.ascontiguousarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) != count:
+        raise DecodeError("decode", f"decoder returned an array of shape {tuple(frames.shape)}")
+    return frames
+
+
+def _batch(video, index: np.ndarray, start: int, step: int, n: int):
+    want = index[start:start + step]
+    try:
+        return _checked(video.get_batch(want), len(want))
+    except DecodeError:
+        raise
+    except Exception as err:
+        raise DecodeError("decode", f"frames {want[0]}..{want[-1]} of {n}: {_message(err)}") from err
+
+
+def _open(opener, path: str, policy: SamplingPolicy, threads: int):
+    """Open, sample and decode the first chunk: a backend that refuses the file does so here."""
     try:
         video = opener(path, threads)
-        n, fps = int(video.num_frames), float(video.fps)
-        index, stamps = sample_frames(n, fps, policy)
+        timing = video_timing(video.num_frames, float(video.fps), getattr(video, "pts", None))
+        keys = getattr(video, "key_indices", None) if policy.keyframes_only else None
+        index, stamps = sample_timing(timing, policy, keys)
     except SamplingError as err:
         raise DecodeError("open", f"cannot sample frames: {err}") from err
     except Exception as err:
         raise DecodeError("open", _message(err)) from err
-    yield ("meta", n, fps, n / fps, index, stamps)
-    start, step = 0, CHUNK_FRAMES
-    while start < len(index):
+    return video, timing, index, stamps, _batch(video, index, 0, CHUNK_FRAMES, timing.num_frames)
+
+
+def _name(opener) -> str:
+    return getattr(opener, "backend", None) or getattr(opener, "__name__", str(opener))
+
+
+def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, transform=None, fallback=None):
+    """Generator used by the worker (and usable in-process): yields the messages listed above, minus job.
+
+    transform: a TransformSpec (or its dict): frames are sent as open_clip's eval resize + crop of them.
+    fallback: an opener tried when `opener` refuses the file (any error before the first frame).
+    """
+    crop = _as_crop(transform)
+    try:
+        video, timing, index, stamps, frames = _open(opener, path, policy, threads)
+    except DecodeError as err:
+        if fallback is None:
+            raise
         try:
-            frames = np.ascontiguousarray(video.get_batch(index[start:start + step]), dtype=np.uint8)
-        except Exception as err:
-            raise DecodeError("decode", f"frames {index[start]}..{index[min(start + step, len(index)) - 1]}"
-                                        f" of {n}: {_message(err)}") from err
-        if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) != len(index[start:start + step]):
-            raise DecodeError("decode", f"decoder returned an array of shape {frames.shape}")
+            video, timing, index, stamps, frames = _open(fallback, path, policy, threads)
+        except DecodeError as err2:
+            raise DecodeError(err2.stage, f"{_name(opener)}: {err}; {_name(fallback)} (fallback): "
+                                          f"{err2}") from err2
+    n = timing.num_frames
+    yield ("meta", n, timing.fps, timing.duration, index, stamps, getattr(video, "backend", _name(opener)))
+    start = 0
+    while True:
         step = chunk_frames(frames.shape[1], frames.shape[2])
-        if transform is not None:
+        if crop is not None:
             try:
-                frames = resize_crop(transform, frames)
+                frames = crop(frames)
             except Exception as err:
                 raise DecodeError("decode", f"resize/crop of frames {index[start]}.. of shape "
-                                            f"{frames.shape}: {_message(err)}") from err
+                                            f"{tuple(frames.shape)}: {_message(err)}") from err
         yield ("frames", start, frames)
         start += len(frames)
+        if start >= len(index):
+            break
+        frames = _batch(video, index, start, step, n)
     yield ("done",)
 
 
 def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int,
-            transform: dict | None = None) -> None:
+            transform: dict | None = None, fallback: str | None = None) -> None:
+    # Ctrl-C is the main process's: it ends the workers. Blocked by the parent while we started.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     try:  # FFmpeg's own messages about broken files: the error goes to failures.jsonl instead
         import decord
         decord.logging.set_level(decord.logging.QUIET)
     except Exception:  # noqa: BLE001 - logging only
         pass
     opener = resolve_decoder(decoder)
+    backup = resolve_decoder(fallback) if fallback else None
     policy = SamplingPolicy.from_dict(policy_dict)
     while True:
         try:
@@ -161,7 +257,7 @@ def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int,
             return
         job, path = task
         try:
-            for msg in decode_video(opener, path, policy, threads, transform):
+            for msg in decode_video(opener, path, policy, threads, transform, backup):
                 outbox.send((msg[0], job, *msg[1:]))
         except DecodeError as err:
             outbox.send(("error", job, err.stage, str(err)))
@@ -169,7 +265,7 @@ def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int,
             outbox.send(("error", job, "decode", _message(err) + " | " + traceback.format_exc(limit=3)))
 
 
-# ----------------------------------------------------------------------------------------------- pool
+# ----------------------------------------------------------------------------------------- pools
 
 @dataclass
 class _Slot:
@@ -185,16 +281,19 @@ class DecodePool:
     """A fixed number of decode workers; `submit` a video to an idle one, `poll` for messages.
 
     transform: the encoder's TransformSpec: workers send open_clip's resize + crop of the frames (see the
-    module docstring); None sends full frames.
+    module docstring); None sends full frames. decoder / fallback: backend names (decoders/), the
+    fallback tried when the first refuses a file ("none" or None: no fallback).
     """
 
     def __init__(self, workers: int, policy: SamplingPolicy, timeout: float = 120.0,
                  decoder: str | None = None, threads: int | None = None,
-                 transform: TransformSpec | None = None):
+                 transform: TransformSpec | None = None, fallback: str | None = DEFAULT_FALLBACK):
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.policy, self.timeout, self.decoder = policy, float(timeout), decoder
-        self.transform = _as_spec(transform)
+        self.fallback = _fallback_of(fallback)
+        self.transform = transform if transform is None or isinstance(transform, TransformSpec) else \
+            TransformSpec.from_dict(transform)
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
         self._ctx = mp.get_context("spawn")
         self.slots = [self._start() for _ in range(workers)]
@@ -205,8 +304,15 @@ class DecodePool:
         outbox_r, outbox_w = self._ctx.Pipe(duplex=False)
         transform = self.transform.to_dict() if self.transform is not None else None
         p = self._ctx.Process(target=_worker, args=(inbox_r, outbox_w, self.policy.to_dict(), self.decoder,
-                                                    self.threads, transform), daemon=True, name="cmdcl-decode")
-        p.start()
+                                                    self.threads, transform, self.fallback),
+                              daemon=True, name="cmdcl-decode")
+        # The child inherits the blocked SIGINT through exec, so a Ctrl-C during its start-up is not
+        # a KeyboardInterrupt traceback from it; _worker ignores SIGINT and unblocks it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         inbox_r.close()
         outbox_w.close()
         return _Slot(p, inbox_w, outbox_r)
@@ -296,3 +402,131 @@ class DecodePool:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@dataclass
+class _Thread:
+    job: object = None
+    stage: str = "open"
+    waited: float = 0.0
+    inbox: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=1))  # decoder -> main, 1 ahead
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+class GpuDecodePool:
+    """DecodePool's interface over threads of the main process, for NVDEC (torchcodec-cuda).
+
+    Each video is decoded by a daemon thread that stays one chunk ahead (a queue of one message, as a
+    worker's pipe). A thread cannot be killed: on a timeout or `cancel` it is told to stop and left to
+    end by itself, and a fresh slot takes the next video. `crop` turns a CUDA tensor of frames into
+    uint8 crops on the host (the encoder's GPU resize); files NVDEC refuses go to the CPU fallback
+    and PIL's resize, which gives the same bytes.
+    """
+
+    def __init__(self, workers: int, policy: SamplingPolicy, timeout: float, crop, transform: TransformSpec,
+                 decoder: str = "torchcodec-cuda", fallback: str | None = DEFAULT_FALLBACK, device=None):
+        if workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {workers}")
+        self.policy, self.timeout, self._device = policy, float(timeout), device
+        self._opener = resolve_decoder(decoder)
+        self._backup = resolve_decoder(_fallback_of(fallback)) if _fallback_of(fallback) else None
+        cpu_crop = _as_crop(transform)
+        self._crop = None if crop is None and cpu_crop is None else \
+            (lambda frames: crop(frames) if _is_tensor(frames) else cpu_crop(frames))
+        self.slots = [_Thread() for _ in range(workers)]
+        self.restarts = 0
+
+    @property
+    def idle(self) -> int:
+        return sum(s.job is None for s in self.slots)
+
+    @property
+    def busy(self) -> int:
+        return len(self.slots) - self.idle
+
+    def submit(self, job, path: str) -> None:
+        slot = next(s for s in self.slots if s.job is None)
+        slot.job, slot.stage, slot.waited = job, "open", 0.0
+        threading.Thread(target=self._run, args=(slot, job, str(path)), daemon=True,
+                         name=f"cmdcl-nvdec-{job}").start()
+
+    def _send(self, slot: _Thread, msg: tuple) -> bool:
+        while not slot.stop.is_set():
+            try:
+                slot.inbox.put(msg, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, slot: _Thread, job, path: str) -> None:
+        if self._device is not None and self._device.type == "cuda":
+            import torch
+            torch.cuda.set_device(self._device)   # per thread: NVDEC decodes on the encoder's GPU
+        try:
+            for msg in decode_video(self._opener, path, self.policy, 1, self._crop, self._backup):
+                if not self._send(slot, (msg[0], job, *msg[1:])):
+                    return
+        except DecodeError as err:
+            self._send(slot, ("error", job, err.stage, str(err)))
+        except Exception as err:  # noqa: BLE001 - a bug or a CUDA error: this video fails, the run goes on
+            self._send(slot, ("error", job, "decode", _message(err) + " | " + traceback.format_exc(limit=3)))
+
+    def _abandon(self, slot: _Thread) -> None:
+        slot.stop.set()
+        self.slots[self.slots.index(slot)] = _Thread()
+        self.restarts += 1
+
+    def poll(self, timeout: float | None = 0.0) -> list[tuple]:
+        t0 = time.monotonic()
+        while True:
+            busy = [s for s in self.slots if s.job is not None]
+            out = []
+            for slot in busy:
+                try:
+                    msg = slot.inbox.get_nowait()
+                except queue.Empty:
+                    continue
+                slot.waited = 0.0
+                slot.stage = "decode" if msg[0] == "meta" else slot.stage
+                if msg[0] in ("done", "error"):
+                    slot.job = None
+                out.append(msg)
+            waited = time.monotonic() - t0
+            if out or not busy or waited >= (timeout or 0.0):
+                break
+            time.sleep(0.002)
+        for slot in busy:
+            if slot.job is not None and not any(m[1] == slot.job for m in out):
+                slot.waited += waited
+                if slot.waited > self.timeout:
+                    out.append(("error", slot.job, slot.stage, f"no progress for {self.timeout:g} s "
+                                                               "(decode timeout); thread abandoned"))
+                    self._abandon(slot)
+        return out
+
+    def cancel(self, job) -> None:
+        for slot in self.slots:
+            if slot.job == job:
+                self._abandon(slot)
+
+    def close(self) -> None:
+        for slot in self.slots:
+            slot.stop.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start_pool(workers: int, policy: SamplingPolicy, timeout: float, decoder: str | None,
+               threads: int | None, encoder, fallback: str | None = DEFAULT_FALLBACK):
+    """The decode pool for `decoder`: worker processes, or GPU threads for torchcodec-cuda. `encoder`
+    gives the crop: its TransformSpec for the workers, its GPU resize_crop for NVDEC."""
+    if decoder == "torchcodec-cuda":
+        crop = lambda frames: encoder.resize_crop(frames).cpu().numpy()  # noqa: E731
+        return GpuDecodePool(workers, policy, timeout, crop, encoder.transform_spec, decoder, fallback,
+                             encoder.device)
+    return DecodePool(workers, policy, timeout, decoder, threads, encoder.transform_spec, fallback)

@@ -347,6 +347,13 @@ class FrameEncoder:
             out.append(self._normalise(x))
         return torch.cat(out) if len(out) > 1 else out[0]
 
+    def resize_crop(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames [N, H, W, 3] on the device -> uint8 crops [N, th, tw, 3] there, the bytes
+        `transform.resize_crop` (PIL) gives: the NVDEC decode threads crop with it, then
+        `normalise_crops` takes the crops as it takes the CPU workers'."""
+        x = self._resize_crop_torch(frames.permute(0, 3, 1, 2))
+        return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # uint8 values [N, 3, S, S] on the device (uint8, or float64 from pil_resize) -> as ToTensor
         # (float32, then / 255), then Normalize. Strides are kept: [N, S, S, 3] crops permuted stay

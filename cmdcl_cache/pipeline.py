@@ -88,7 +88,13 @@ class ExtractConfig:
     grid: int = option(4, "Side of the pooled patch grid with --tokens grid.")
     prompts: str | None = option(None, PROMPTS_HELP)
     quiet: bool = option(False, "Log lines instead of a progress bar (for batch jobs).")
-    decoder: str | None = option(None, "Decoder (test seam, see decode.resolve_decoder).", cli=False)
+    decoder: str | None = option(None, "Decoder backend: decord (default), pyav, torchcodec, torchcodec-cuda "
+                                       "(NVDEC, frames decoded and cropped on the GPU; `pip install "
+                                       "'cmdcl[gpu-decode]'`).")
+    fallback_decoder: Literal["pyav", "none"] = option("pyav", "Tried on a file the decoder refuses (e.g. "
+                                                               "rotated video for decord).")
+    keyframes_only: bool = option(False, "Each sample is the keyframe nearest its bin centre: decodes one "
+                                         "frame per sample, at a timing error up to half a keyframe interval.")
     decode_threads: int | None = option(None, "Threads per decode worker.", cli=False)
 
     def __post_init__(self):
@@ -103,7 +109,7 @@ class ExtractConfig:
     @property
     def policy(self) -> SamplingPolicy:
         return SamplingPolicy(fps=self.fps, min_frames=self.min_frames, max_frames=self.max_frames,
-                              num_frames=self.num_frames)
+                              num_frames=self.num_frames, keyframes_only=self.keyframes_only)
 
     @property
     def spec(self) -> CacheSpec:
@@ -144,9 +150,11 @@ class _Plan:
 
 def plan_extraction(config: ExtractConfig) -> _Plan:
     """Every check that needs no model and writes nothing (see the module docstring)."""
+    from .decode import check_decoders
     from .encoder import check_encoder_spec
     from .manifest import load_manifest
 
+    check_decoders(config.decoder, config.fallback_decoder)   # BackendMissing says what to install
     manifest = load_manifest(config.dataset)
     check_encoder_spec(config.spec.encoder_spec(config.device))
     rank = detect_rank(config.shard_index, config.num_shards)
@@ -174,7 +182,7 @@ def _already_done(plan: _Plan) -> bool:
 def extract(config: ExtractConfig) -> ExtractResult:
     """Run one rank's extraction; see the module docstring. Raises ExtractError (and the manifest's,
     encoder's and store's own errors) for fatal problems."""
-    from .decode import DecodePool
+    from .decode import decoder_provenance, start_pool
     from .encoder import load_encoder
     from .store import ShardWriter
     from .texts import ensure_texts
@@ -189,7 +197,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
     plan.folder.path.mkdir(parents=True, exist_ok=True)
     if plan.rank.rank == 0:
         ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts)
-    prov = config.spec.frame_provenance(encoder.provenance(), plan.manifest.dataset, _decoder_name(),
+    prov = config.spec.frame_provenance(encoder.provenance(), plan.manifest.dataset,
+                                        decoder_provenance(config.decoder, config.fallback_decoder),
                                         plan.rank.rank, plan.rank.world)
     grid = config.grid if config.tokens == "grid" else None
     with ShardWriter(plan.shard, prov, encoder.feature_dim, grid=grid) as writer:
@@ -200,8 +209,8 @@ def extract(config: ExtractConfig) -> ExtractResult:
         try:
             run.start(todo)
             if todo:
-                with DecodePool(min(config.workers, len(todo)), config.policy, config.decode_timeout,
-                                config.decoder, config.decode_threads, transform=encoder.transform_spec) as pool:
+                with start_pool(min(config.workers, len(todo)), config.policy, config.decode_timeout,
+                                config.decoder, config.decode_threads, encoder, config.fallback_decoder) as pool:
                     run.loop(pool)
             writer.finalize()
         finally:
@@ -213,11 +222,6 @@ def extract(config: ExtractConfig) -> ExtractResult:
     result.seconds = time.monotonic() - t_start
     _log_run(plan, result, started, run.restarts)
     return result
-
-
-def _decoder_name() -> str:
-    import decord
-    return f"decord {decord.__version__}"
 
 
 def _todo(plan: _Plan, writer) -> tuple[list, set[str]]:
@@ -304,11 +308,12 @@ def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str 
     diff = provenance_difference(recorded, {k: v for k, v in here.items() if k in recorded}, ignore=("pretrained",))
     if diff:
         raise ProvenanceError(f"this machine's encoder differs from the one the cache was made with: {diff}")
-    opener = resolve_decoder(None)
+    opener, fallback = resolve_decoder(None), resolve_decoder("pyav")   # as extract, with its default fallback
     for path in map(Path, paths):
         try:
             feats, toks, stamps = [], [], None
-            for msg in decode_video(opener, str(path), spec.sampling, transform=encoder.transform_spec):
+            for msg in decode_video(opener, str(path), spec.sampling, transform=encoder.transform_spec,
+                                    fallback=fallback):
                 if msg[0] == "meta":
                     stamps = np.asarray(msg[5], dtype=np.float64)
                 elif msg[0] == "frames":
@@ -340,6 +345,7 @@ class _Job:
     source: tuple = (-1, -1)     # (size, mtime_ns) of the file when it was opened
     total: int | None = None     # frames to encode, known after "meta"
     meta: tuple | None = None    # (num_source_frames, fps, duration, frame_index, timestamps)
+    backend: str = ""            # the decoder backend that decoded it (the fallback, when the first refused)
     decoded: bool = False
     feats: list = field(default_factory=list)
     toks: list = field(default_factory=list)
@@ -468,6 +474,7 @@ class _Run:
         if kind == "meta":
             n, fps, duration, index_, stamps = msg[2:7]
             job.meta, job.total = (n, fps, duration, index_, stamps), len(index_)
+            job.backend = str(msg[7]) if len(msg) > 7 else ""
         elif kind == "frames":
             x = msg[3]
             if x.dtype != np.uint8 or x.shape[1:] != (*self.encoder.transform_spec.size, 3):
@@ -553,7 +560,7 @@ class _Run:
         try:
             self.writer.append_video(job.video_id, feats, index_, stamps, fps, n, duration, tokens=toks,
                                      source_size=job.source[0], source_mtime_ns=job.source[1],
-                                     replace=job.video_id in self.replace)
+                                     decoder=job.backend, replace=job.video_id in self.replace)
         except StorageError:
             raise   # disk full, I/O error: not the video's fault; the run stops (exit 2), commits are kept
         except CacheError as err:   # refused before anything was written (e.g. rows of the wrong shape)

