@@ -136,6 +136,48 @@ def _with_seed(prov: dict) -> dict:
     return normalised(json.loads(json.dumps(prov)))
 
 
+@dataclass(frozen=True)
+class ImportSpec:
+    """A cache of features made by another pipeline (`cmdcl-cache import`): the model name the user gives
+    and how the features were read (`source`: format, source path, dimension, timestamps, sha256 of the
+    source files). Its folder is `<model>-imported`; its shards carry `import` and pretrained "imported",
+    so they never mix with extracted shards nor with an import of other files or settings."""
+
+    model: str
+    source: dict = field(default_factory=dict)
+    pretrained: str = "imported"
+    tokens: str = "cls"
+
+    @property
+    def tag(self) -> str:
+        return f"{safe_name(self.model)}-{self.pretrained}"
+
+    @classmethod
+    def from_provenance(cls, provenance: dict) -> "ImportSpec":
+        """The spec of an imported cache, from what its files say (CacheFolder.provenance())."""
+        source = provenance.get("import")
+        if source is None:
+            raise CacheError(f"attributes {sorted(provenance)} are not those of an imported cache")
+        return cls(model=provenance["model"], source=json.loads(source) if isinstance(source, str) else source)
+
+    def frame_provenance(self, dataset: str) -> dict:
+        return normalised({"dataset": dataset, "model": self.model, "pretrained": self.pretrained,
+                           "tokens": self.tokens, "grid": 0, "import": self.source,
+                           "shard_index": 0, "shard_count": 1})
+
+    def text_provenance(self, encoder_provenance: dict, dataset: str, templates: list[str]) -> dict:
+        """texts.h5 of an imported cache encoded by an open_clip text tower (what texts.ensure_texts asks)."""
+        return text_provenance_for(self.frame_provenance(dataset), {"open_clip": encoder_provenance}, templates)
+
+
+def text_provenance_for(frame_provenance: dict, text_source: dict, templates: list[str]) -> dict:
+    """texts.h5 attributes for label texts that the cache's own encoder did not make (imported features, or
+    embeddings read from a file): the shards' settings that texts are compared on, plus `text_source`."""
+    ignore = PER_SHARD_KEYS | FRAME_ONLY_KEYS | {"schema_version"}
+    kept = {k: v for k, v in frame_provenance.items() if k not in ignore}
+    return normalised(json.loads(json.dumps({**kept, "templates": list(templates), "text_source": text_source})))
+
+
 # ---------------------------------------------------------------------------------------------- folder
 
 class CacheFolder:
