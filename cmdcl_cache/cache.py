@@ -6,6 +6,7 @@
         frames-0000r-of-0000n.h5.lock    flock of the extract writing that shard
         texts.h5                         label text embeddings of every label set
         failures.jsonl, extract_log.jsonl, confounders.h5
+        import_sources.jsonl             sha256 of each source file of an imported cache (`cmdcl-cache import`)
 
 `--cache` means the same in every command: a cache folder itself, or any folder above one (the root, or
 <root>/<dataset>). Commands that read a cache (`locate`) take the one cache found there (at most two
@@ -41,6 +42,7 @@ TEXTS_FILE = "texts.h5"
 CONFOUNDERS_FILE = "confounders.h5"
 FAILURES_FILE = "failures.jsonl"
 RUN_LOG = "extract_log.jsonl"
+IMPORT_SOURCES_FILE = "import_sources.jsonl"
 INIT_SEED = 0   # torch seed of random weights (--pretrained none), recorded as init_seed
 
 # Attributes that legitimately differ between the shards of one cache (the run that finalised each).
@@ -214,6 +216,7 @@ class CacheFolder:
     confounders_path = property(lambda self: self.path / CONFOUNDERS_FILE)
     failures_path = property(lambda self: self.path / FAILURES_FILE)
     log_path = property(lambda self: self.path / RUN_LOG)
+    sources_path = property(lambda self: self.path / IMPORT_SOURCES_FILE)
 
     def provenance(self) -> dict:
         """What the folder's files say it holds (the first readable shard, else a journal, else texts.h5)."""

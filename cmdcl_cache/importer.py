@@ -66,7 +66,6 @@ from .failures import append_line, read_lines, record_failure
 from .pipeline import EXIT_OK, ExtractResult, exit_status
 from .store import SCHEMA_VERSION, CacheError, ProvenanceError, TextEmbeddings, normalised, read_shard
 
-SOURCES_FILE = "import_sources.jsonl"
 PICKLED = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 SIDECARS = {"timestamps_ms": "_timestamps_ms.npy", "fps": "_fps.npy"}
 GROUP_VIDEOS = 256          # videos per group commit (one fsync per journal file per group)
@@ -396,13 +395,13 @@ def check_features(x: np.ndarray, dim: int, where: str) -> np.ndarray:
     if x.shape[1] != dim:
         raise VideoProblem("write", f"{where}: dimension {x.shape[1]}, but this import's is {dim} (--dim, "
                                     "or the most common dimension of the source files)")
-    bad = ~np.isfinite(x)
-    if bad.any():
-        raise VideoProblem("write", f"{where}: holds NaN/Inf ({int(bad.sum())} values, first in row "
-                                    f"{int(np.argwhere(bad)[0][0])})")
-    with np.errstate(over="ignore"):   # overflow is what the next line reports
+    with np.errstate(over="ignore", invalid="ignore"):   # what they flag is reported below
         y = x.astype("<f2")
-    if not np.isfinite(y).all():
+    if not np.isfinite(y).all():   # one pass over float16 finds NaN/Inf and float16 overflow alike
+        bad = ~np.isfinite(x)
+        if bad.any():
+            raise VideoProblem("write", f"{where}: holds NaN/Inf ({int(bad.sum())} values, first in row "
+                                        f"{int(np.argwhere(bad)[0][0])})")
         raise VideoProblem("write", f"{where}: values up to {float(np.abs(x).max()):.4g} are beyond float16's "
                                     f"range ({FLOAT16_MAX:.0f}); the cache stores float16")
     return y
@@ -522,7 +521,7 @@ def hash_sources(source, videos: dict, folder: CacheFolder, quiet: bool) -> tupl
     from .progress import console
     where = str(source.location)
     known = {(r.get("source"), r.get("path"), r.get("size"), r.get("mtime_ns")): r.get("sha256")
-             for r in read_lines(folder.path / SOURCES_FILE)}
+             for r in read_lines(folder.sources_path)}
     units = source.hash_units(videos)
     if not quiet:
         console(stderr=True).print(f"sha256 of {len(units)} source files under {where}", markup=False)
@@ -625,7 +624,7 @@ def import_features(config: ImportConfig) -> ImportResult:
             return result
         plan.folder.path.mkdir(parents=True, exist_ok=True)
         for rec in plan.fresh:
-            append_line(plan.folder.path / SOURCES_FILE, rec)
+            append_line(plan.folder.sources_path, rec)
         with ShardWriter(plan.shard, plan.provenance, plan.dim, durable=config.durable) as writer:
             result.dropped = list(writer.dropped)
             todo = [vid for vid in plan.ids if vid not in writer.committed_ids]

@@ -367,6 +367,12 @@ def test_label_texts_from_a_file_are_checked_for_count_dimension_and_values(impo
     res = _texts(manifest, leaf, "--text-embeddings", tmp_path / "both.npz")
     assert res.exit_code == 0 and "warning" not in res.output
     assert verify(leaf, str(manifest)).problems == []
+    from safetensors.numpy import save_file
+    save_file({"task": task.astype(np.float32), "step": step.astype(np.float32)}, tmp_path / "both.safetensors")
+    assert _texts(manifest, leaf, "--text-embeddings", tmp_path / "both.safetensors").exit_code == 0
+    res = _texts(manifest, leaf, "--text-embeddings", tmp_path / "both.npz", "--label-set", "task")
+    assert res.exit_code == 2 and "only for an .npy file" in res.output
+    assert _texts(manifest, leaf, "--text-embeddings", tmp_path / "both.npz").exit_code == 0
     prov = texts_provenance(leaf / "texts.h5")
     assert json.loads(prov["text_source"])["sha256"] == _sha(tmp_path / "both.npz")
     folder = CacheFolder(leaf)
