@@ -14,9 +14,10 @@ cp, ...), each into a fresh destination, so that a neighbour's load on a shared 
            group of 256 videos, finalize into the HDF5 shard), the default;
 - import --no-durable: the same without the fsyncs.
 
-Before each timed mode the source files' pages are dropped from the page cache (posix_fadvise DONTNEED), so
-every mode starts from the disk; on a virtual machine the host may still cache them. Outputs are left in the
-page cache as each tool leaves them. Medians over the rounds.
+Before each timed mode, `sync` writes back what the previous mode left dirty (so that its writeback does not
+slow the next one), and the source files' pages are dropped from the page cache (posix_fadvise DONTNEED),
+so every mode starts from the disk; on a virtual machine the host may still cache them. What a mode writes
+stays in the page cache as the tool leaves it (cp and --no-durable do not fsync). Medians over the rounds.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def one_round(manifest: Path, src: Path, out: Path, r: int) -> dict[str, float]:
         "import --no-durable": lambda: import_features(config(out / f"nod{r}", durable=False)),
     }
     for name, run in modes.items():
+        os.sync()   # the previous mode's dirty pages are written back before this one starts, not during it
         evict(src)
         t0 = time.perf_counter()
         result = run()
@@ -112,7 +114,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="Also write the figures as JSON here.")
     ap.add_argument("--no-write", action="store_true", help="Do not update BENCHMARKS.md.")
     args = ap.parse_args()
-    t_start = time.perf_counter()
+    t_start, load_before = time.perf_counter(), os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="import_bench_", dir=args.workdir))
     try:
         manifest, src = write_source(work, args.videos, args.frames, args.dim, args.seed)
@@ -133,6 +135,7 @@ def main() -> None:
                "import_vs_cp": round(med["import"] / med["cp"], 2),
                "import_no_durable_vs_cp": round(med["import --no-durable"] / med["cp"], 2),
                "import_vs_read": round(med["import"] / med["read"], 2),
+               "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                "machine": machine(), "command": command_line(), "seconds": round(time.perf_counter() - t_start, 1)}
     report_json(figures, args.out)
     if not args.no_write:
@@ -147,10 +150,11 @@ def render(f: dict) -> str:
 
 Command: `{f['command']}`  
 Machine: {f['machine']}  
-Measured {stamp()}; whole script {f['seconds']} s.
+Measured {stamp()}; whole script {f['seconds']} s; 1-minute load average {f['load_average_1min'][0]} before,
+{f['load_average_1min'][1]} after (other jobs shared the cores).
 
 Source: {f['videos']:,} videos x {f['frames']} x {f['dim']} float16 `.npy` ({f['source_mib']} MiB), `--format npy --fps 1`;
-source pages dropped from the page cache before every mode; medians of {len(f['rounds'])} interleaved rounds.
+`sync`, then source pages dropped from the page cache, before every mode; medians of {len(f['rounds'])} interleaved rounds.
 
 | mode | median s | MiB/s | time vs cp | each round (s) |
 |---|---|---|---|---|

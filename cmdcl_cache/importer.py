@@ -87,8 +87,8 @@ class VideoProblem(Exception):
 
 def pickled_message(path) -> str:
     return (f"{path}: a pickled PyTorch/Python file; cmdcl never unpickles files (loading one runs any code "
-            "it holds). Convert it where you trust it: `np.save('<id>.npy', torch.load(f).float().numpy())`, "
-            "or save it with safetensors")
+            "it holds). Convert it in a session that trusts it: load the tensor with torch, then "
+            "`np.save('<id>.npy', tensor.float().numpy())`, or save it with safetensors")
 
 
 @dataclass(frozen=True)

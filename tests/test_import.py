@@ -225,6 +225,15 @@ def test_an_import_never_mixes_with_other_sources_or_settings(tmp_path):
     res = _import(manifest, src, "npy", cache, "--fps", 1)
     assert res.exit_code == 2 and "not those this cache was imported from" in res.output and "b.npy" in res.output
     assert _sha(shard) == before and not shard.with_suffix(".journal").exists()
+    extracted = tmp_path / "extracted"   # a cache that `extract` made, of a model with the same name
+    extracted.mkdir()
+    with ShardWriter(extracted / "frames-00000-of-00001.h5", {"dataset": "tiny", "model": "clip-ViT-B-32",
+                                                              "pretrained": "openai", "tokens": "cls",
+                                                              "shard_index": 0, "shard_count": 1}, D) as w:
+        w.append_video("a", np.ones((3, D)), np.arange(3), np.arange(3.0), 1.0, 3, 3.0)
+        w.finalize()
+    res = _import(manifest, src, "npy", extracted, "--fps", 1)
+    assert res.exit_code == 2 and "made by `cmdcl-cache extract`, not imported ones" in res.output
 
 
 def test_safetensors_per_video(tmp_path):
