@@ -124,6 +124,9 @@ class ImportConfig:
             raise ValueError(f"--time-offset must be finite, got {self.time_offset}")
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"--dim must be >= 1, got {self.dim}")
+        if self.feature_key is not None and self.format == "npy":
+            raise ValueError("--feature-key: --format npy reads <id>.npy (use --format video-features for "
+                             "<id>_<key>.npy)")
         if Path(self.source).suffix.lower() in PICKLED:
             raise ValueError(pickled_message(self.source))
 
@@ -195,25 +198,27 @@ class FolderSource:
     def expected(self, video_id: str) -> str:
         return f"{self.root}/{video_id}{self.suffix}"
 
+    @property
+    def pattern(self) -> str:
+        sidecars = "" if self.format == "safetensors" else " (+ <id>_timestamps_ms.npy, <id>_fps.npy)"
+        return f"<id>{self.suffix}{sidecars}"
+
     def where(self, sv: SourceVideo) -> str:
         return str(self.root / sv.one("features"))
 
-    def _classify(self, rel: str, resolve) -> tuple[str | None, str, str]:
-        """(video id or None, role, the id the name says) of one file; role "" for files of no interest."""
-        lower = rel.lower()
-        if any(lower.endswith(s) for s in PICKLED):
-            stem = rel.rsplit(".", 1)[0]
-            return resolve(stem), "pickled", stem
+    def _classify(self, rel: str, resolve) -> tuple[str | None, str]:
+        """(video id or None, role) of one file under the root; role "" for files of no interest."""
+        if any(rel.lower().endswith(s) for s in PICKLED):
+            return resolve(rel.rsplit(".", 1)[0]), "pickled"
         if self.format != "safetensors":
             for role, suffix in SIDECARS.items():
                 if rel.endswith(suffix) and resolve(rel[:-len(suffix)]):
-                    return resolve(rel[:-len(suffix)]), role, rel[:-len(suffix)]
+                    return resolve(rel[:-len(suffix)]), role
         if rel.endswith(self.suffix):
-            stem = rel[:-len(self.suffix)]
-            return resolve(stem), "features", stem
+            return resolve(rel[:-len(self.suffix)]), "features"
         if rel.endswith(".npy") and self.format == "video-features":
-            return None, "features", rel[:-4]   # an .npy that video_features would not have written
-        return None, "", rel
+            return None, "features"   # an .npy that video_features would not have written
+        return None, ""
 
     def match(self, ids: set[str]) -> tuple[dict[str, SourceVideo], list[str]]:
         """The source videos of the manifest's ids, and the files whose id it does not have."""
@@ -223,7 +228,7 @@ class FolderSource:
         found: dict[str, SourceVideo] = {}
         unknown = []
         for rel in _walk(self.root):
-            vid, role, _ = self._classify(rel, resolve)
+            vid, role = self._classify(rel, resolve)
             if not role:
                 continue
             if vid is None:
@@ -321,6 +326,10 @@ class H5Source:
 
     def expected(self, video_id: str) -> str:
         return f"dataset '{video_id}' or '{video_id}/{self.key}' in {self.path}"
+
+    @property
+    def pattern(self) -> str:
+        return f"datasets <id> or <id>/{self.key}"
 
     def where(self, sv: SourceVideo) -> str:
         return f"{self.path}:{sv.one('features')}"
@@ -495,10 +504,11 @@ def plan_import(config: ImportConfig) -> ImportPlan:
 def check_match(config: ImportConfig, source, manifest, videos: dict, unknown: list[str]) -> None:
     """Fatal problems of the source as a whole (see the module docstring)."""
     if unknown and not config.allow_unknown:
-        raise SourceError(f"{source.location}: {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} whose id is "
-                          f"not in the manifest {manifest.root}: {', '.join(unknown[:5])}"
-                          f"{', ...' if len(unknown) > 5 else ''}; a file's id is its path under --from without "
-                          "the suffix, or its file name; rename them, or pass --allow-unknown to import the others")
+        raise SourceError(f"{source.location}: {len(unknown)} entr{'y' if len(unknown) == 1 else 'ies'} that match "
+                          f"no video of the manifest {manifest.root}: {', '.join(unknown[:5])}"
+                          f"{', ...' if len(unknown) > 5 else ''}; --format {config.format} reads {source.pattern}, "
+                          "the id being the path under --from or the file name; rename them, check --format and "
+                          "--feature-key, or pass --allow-unknown to import the others")
     if not any(sv.files.get("features") for sv in videos.values()):
         pickled = next((sv for sv in videos.values() if sv.files.get("pickled")), None)
         if pickled is not None:

@@ -199,12 +199,16 @@ def test_ids_the_manifest_lacks_are_fatal_unless_allowed_and_then_listed(tmp_pat
     for vid in ("a", "v_a", "stranger"):
         np.save(src / f"{vid}.npy", np.ones((2, D), np.float32))
     res = _import(manifest, src, "npy", tmp_path / "cache", "--fps", 1)
-    assert res.exit_code == 2 and "2 entries whose id is not in the manifest" in res.output
+    assert res.exit_code == 2 and "2 entries that match no video of the manifest" in res.output
     assert "stranger.npy" in res.output and "v_a.npy" in res.output and not (tmp_path / "cache").exists()
     res = _import(manifest, src, "npy", tmp_path / "cache", "--fps", 1, "--allow-unknown")
     assert res.exit_code == 0 and "not imported (--allow-unknown): stranger.npy, v_a.npy" in res.output
     log = read_lines(_leaf(tmp_path / "cache") / "extract_log.jsonl")[-1]
     assert log["command"] == "import" and log["unknown_first"] == ["stranger.npy", "v_a.npy"]
+    res = _import(manifest, src, "video-features", tmp_path / "cache3")
+    assert res.exit_code == 2 and "a.npy" in res.output and "reads <id>_clip.npy" in res.output
+    res = _import(manifest, src, "npy", tmp_path / "cache3", "--feature-key", "clip")
+    assert res.exit_code == 2 and "--format video-features" in res.output
     res = _import(manifest, tmp_path / "weights.pt", "npy", tmp_path / "cache4")
     assert res.exit_code == 2 and "never unpickles" in res.output
 
