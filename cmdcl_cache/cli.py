@@ -250,8 +250,8 @@ def extract_cmd(config: ExtractConfig):
     raise typer.Exit(result.exit_code)
 
 
-_IMPORT_EPILOG = ("Formats: npy = <id>.npy [T, D] (+ <id>_timestamps_ms.npy, <id>_fps.npy when present, as "
-                  "export-npy writes them); video-features = <id>_<key>.npy + <id>_timestamps_ms.npy + <id>_fps.npy "
+_IMPORT_EPILOG = ("Formats: npy = <id>.npy [T, D] (+ <id>_timestamps_ms.npy, <id>_fps.npy when present) or "
+                  "<id>.npz, or an export-npy folder (its index.jsonl maps ids to files); video-features = <id>_<key>.npy + <id>_timestamps_ms.npy + <id>_fps.npy "
                   "(video_features' save_numpy output, key = its feature_type, default clip); safetensors = "
                   "<id>.safetensors with tensors features [, timestamps_ms, fps]; hdf5 = one file, a dataset <id> "
                   "or a group <id>/features [, timestamps_ms, fps] per video. .pt files are never unpickled. "

@@ -1,13 +1,16 @@
 """`cmdcl-cache import`: per-frame features made by another pipeline -> a cmdcl cache, written as `extract`
 writes one (ShardWriter: flock, journal, per-video crc32, resume, atomic finalize), without decoding.
 
-Formats (`--format`). `<id>` is a manifest video id; a file belongs to the video whose id is its path under
---from without the suffix (`P03/cam01/P03_cereals.npy`), or else its file name alone (features kept in
-per-class folders: `ChangeCarTire/abc.npy` -> `abc`).
+Formats (`--format`). `<id>` is a manifest video id; a file belongs to the video named by its file name,
+in whichever subfolder of --from (features kept in per-class folders: `ChangeCarTire/abc.npy` -> `abc`).
 
-  npy             `<id>.npy`: float16/32/64 [T, D], one row per sampled frame (ActionFormer, ViS4mer,
-                  `export-npy`). Beside it, when present (video_features' names, which export-npy follows):
-                  `<id>_timestamps_ms.npy` [T] (milliseconds of each row) and `<id>_fps.npy` (one number).
+  npy             `<id>.npy`: float16/32/64 [T, D], one row per sampled frame (ActionFormer, ViS4mer).
+                  Beside it, when present (video_features' names): `<id>_timestamps_ms.npy` [T]
+                  (milliseconds of each row) and `<id>_fps.npy` (one number); or one `<id>.npz` holding
+                  `features`, `timestamps_ms`, `fps`. A folder that `export-npy` wrote has `index.jsonl`:
+                  then it alone maps ids to files (hashed names included; names are never parsed), and its
+                  `source_fps` and `duration` become the fps and duration of each video, so an export
+                  imported back gives the same cache values.
   video-features  video_features' `on_extraction=save_numpy` folder: `<id>_<key>.npy` [T, D] (key: its
                   feature_type, --feature-key, default clip; float64, as video_features saves them),
                   `<id>_timestamps_ms.npy` [T] and `<id>_fps.npy`: all three required.
@@ -22,11 +25,12 @@ how to convert one (np.save, in a session that trusts it).
 Timestamps come from the files (seconds = milliseconds / 1000; seconds exported as seconds x 1000 come back
 within one ulp, see ms_to_seconds) or, with `--fps F`, row i is at `--time-offset + i / F` seconds.
 `--fps` with timestamp files is refused: which one won would be a silent choice. The fps column is the
-fps file's value, else --fps, else 0 (unknown). Each row's frame_index is its row number.
+fps file's value, else --fps, else 0 (unknown); the duration is T / fps (0: the last timestamp). Each row's
+frame_index is its row number.
 
 Outcomes. A failure recorded in failures.jsonl (the run goes on), stage `open`: no file, two files for
 one id, a file that is truncated or not what its suffix says, a `.pt`, an HDF5 group without the dataset,
-a missing sidecar (video-features); stage `write`: not 2-D, no rows, not a float dtype, another dimension
+a missing sidecar (video-features), a file index.jsonl lists that is gone; stage `write`: not 2-D, no rows, not a float dtype, another dimension
 than the import's, NaN/Inf, values beyond float16's range, timestamps of another length, non-finite or
 decreasing, fps not > 0. Fatal (exit 2, nothing written): files whose id is not in the manifest (unless
 --allow-unknown: listed, not imported), no matching file at all, an HDF5 file that does not open, --fps with
@@ -52,6 +56,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -62,6 +67,7 @@ import numpy as np
 
 from .cache import CacheFolder, ImportSpec, for_writing, provenance_difference, text_provenance_for
 from .config import check_choices, option
+from .export import INDEX_FILE, read_index
 from .failures import append_line, read_lines, record_failure
 from .pipeline import EXIT_OK, ExtractResult, exit_status
 from .store import SCHEMA_VERSION, CacheError, ProvenanceError, TextEmbeddings, normalised, read_shard
@@ -142,6 +148,7 @@ class SourceVideo:
     video_id: str
     files: dict = field(default_factory=lambda: defaultdict(list))
     problem: str | None = None   # why it cannot be read (stage open), found while matching
+    meta: dict = field(default_factory=dict)   # its export-npy index.jsonl entry, when there is one
 
     def one(self, role: str) -> str | None:
         paths = self.files.get(role) or []
@@ -174,15 +181,40 @@ def load_npy(path: Path) -> np.ndarray:
 
 
 def npy_shape(path: Path):
-    """(shape, dtype) from an .npy header (a few hundred bytes), or None when it does not parse."""
+    """(shape, dtype) from the .npy header of a file, or of an .npz's `features` member (a few hundred
+    bytes), or None when it does not parse (the real read then reports what is wrong)."""
     try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as zf, zf.open("features.npy") as fh:
+                return npy_header(fh)
         with open(path, "rb") as fh:
-            major, _ = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(fh)
-            return tuple(shape), dtype
+            return npy_header(fh)
     except Exception:   # noqa: BLE001 - the real read reports what is wrong with the file
         return None
+
+
+def npy_header(fh):
+    major, _ = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(fh)
+    return tuple(shape), dtype
+
+
+def load_npz(path: Path) -> tuple:
+    """(features, timestamps_ms or None, fps or None) of an .npz (export-npy --format npz), never a pickle."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                raise VideoProblem("open", f"{path}: not an .npz file (no zip header)")
+        with np.load(path, allow_pickle=False) as z:
+            if "features" not in z.files:
+                raise VideoProblem("open", f"{path}: no array 'features' (it holds {', '.join(z.files) or 'none'})")
+            return tuple(z[k] if k in z.files else None for k in ("features", "timestamps_ms", "fps"))
+    except VideoProblem:
+        raise
+    except Exception as err:   # noqa: BLE001 - OSError, ValueError, zipfile.BadZipFile, EOFError
+        raise VideoProblem("open", f"{path}: cannot be read as .npz ({type(err).__name__}: {err}); "
+                                   "truncated or damaged?") from None
 
 
 class FolderSource:
@@ -194,6 +226,12 @@ class FolderSource:
         self.root, self.format, self.key = root, fmt, key
         self.location = root
         self.suffix = {"npy": ".npy", "video-features": f"_{key}.npy", "safetensors": ".safetensors"}[fmt]
+        self.index = None
+        if fmt == "npy" and (root / INDEX_FILE).is_file():   # export-npy's map of ids to file names
+            try:
+                self.index = read_index(root)
+            except (ValueError, KeyError, TypeError, OSError) as err:
+                raise SourceError(f"{root / INDEX_FILE}: not a readable export-npy index ({err})") from None
 
     def expected(self, video_id: str) -> str:
         return f"{self.root}/{video_id}{self.suffix}"
@@ -216,14 +254,20 @@ class FolderSource:
                     return resolve(rel[:-len(suffix)]), role
         if rel.endswith(self.suffix):
             return resolve(rel[:-len(self.suffix)]), "features"
+        if rel.endswith(".npz") and self.format == "npy":   # export-npy --format npz
+            return resolve(rel[:-4]), "features"
         if rel.endswith(".npy") and self.format == "video-features":
             return None, "features"   # an .npy that video_features would not have written
         return None, ""
 
     def match(self, ids: set[str]) -> tuple[dict[str, SourceVideo], list[str]]:
         """The source videos of the manifest's ids, and the files whose id it does not have."""
-        def resolve(stem: str) -> str | None:
-            return stem if stem in ids else (stem.rsplit("/", 1)[-1] if stem.rsplit("/", 1)[-1] in ids else None)
+        if self.index is not None:
+            return self._match_index(ids)
+
+        def resolve(stem: str) -> str | None:   # a file's id is its name, in whichever subfolder
+            name = stem.rsplit("/", 1)[-1]
+            return name if name in ids else None
 
         found: dict[str, SourceVideo] = {}
         unknown = []
@@ -237,6 +281,25 @@ class FolderSource:
             found.setdefault(vid, SourceVideo(vid)).files[role].append(rel)
         for sv in found.values():
             sv.problem = self._problem(sv)
+        return found, unknown
+
+    def _match_index(self, ids: set[str]) -> tuple[dict[str, SourceVideo], list[str]]:
+        """export-npy's folder: index.jsonl maps every id to its files (file names are never parsed)."""
+        found, unknown, listed = {}, [], {INDEX_FILE}
+        for vid, entry in self.index.items():
+            files = entry.get("files") or {}
+            listed |= set(files.values())
+            if vid not in ids:
+                unknown.append(f"{vid!r} ({INDEX_FILE})")
+                continue
+            sv = found[vid] = SourceVideo(vid, meta=entry)
+            for role, rel in files.items():
+                sv.files["features" if role in ("features", "npz") else role].append(rel)
+            gone = [rel for rel in files.values() if not (self.root / rel).is_file()]
+            if gone or not sv.files.get("features"):
+                sv.problem = (f"{self.root / INDEX_FILE}: video {vid!r} lists "
+                              f"{', '.join(gone) + ', not in the folder' if gone else 'no features file'}")
+        unknown += [rel for rel in _walk(self.root) if rel.endswith((".npy", ".npz")) and rel not in listed]
         return found, unknown
 
     def _problem(self, sv: SourceVideo) -> str | None:
@@ -257,8 +320,9 @@ class FolderSource:
         return None
 
     def hash_units(self, videos: dict[str, SourceVideo]) -> list[tuple[str, str, str]]:
-        return [(sv.video_id, role, rel) for sv in videos.values() for role, paths in sorted(sv.files.items())
-                if role != "pickled" for rel in paths]
+        index = [("", "index", INDEX_FILE)] if self.index is not None else []
+        return index + [(sv.video_id, role, rel) for sv in videos.values() for role, paths in sorted(sv.files.items())
+                        if role != "pickled" for rel in paths]
 
     def header(self, sv: SourceVideo):
         path = self.root / sv.one("features")
@@ -275,8 +339,14 @@ class FolderSource:
         """(features, timestamps in ms or None, fps or None) of one video, as stored."""
         if self.format == "safetensors":
             return self._read_safetensors(self.root / sv.one("features"))
+        features = self.root / sv.one("features")
         side = {role: load_npy(self.root / sv.one(role)) if sv.one(role) else None for role in SIDECARS}
-        return load_npy(self.root / sv.one("features")), side["timestamps_ms"], side["fps"]
+        if features.suffix != ".npz":
+            return load_npy(features), side["timestamps_ms"], side["fps"]
+        if any(v is not None for v in side.values()):
+            raise VideoProblem("open", f"{features}: an .npz with its own timestamps and fps, and sidecar files "
+                                       "beside it; keep one")
+        return load_npz(features)
 
     def _read_safetensors(self, path: Path):
         from safetensors import safe_open
@@ -520,7 +590,9 @@ def check_match(config: ImportConfig, source, manifest, videos: dict, unknown: l
     if config.fps is not None and with_times:
         raise SourceError(f"--fps {config.fps}: the source has its own timestamps (e.g. {with_times[0]}); "
                           "drop --fps to use them")
-    if config.fps is None and not with_times and config.format != "safetensors":
+    self_timed = config.format == "safetensors" or any(
+        (sv.one("features") or "").endswith(".npz") for sv in videos.values())   # timestamps inside the file
+    if config.fps is None and not with_times and not self_timed:
         raise SourceError(f"{source.location}: no timestamps (no <id>_timestamps_ms{'' if config.format == 'hdf5' else '.npy'}); "
                           "pass --fps (rows per second of video) to derive them")
 
@@ -692,7 +764,11 @@ class ImportRun:
         feats = check_features(np.asarray(x), plan.dim, where)
         stamps, fps = row_times(len(feats), ms, fps_file, plan.config, where)
         t = len(feats)
-        duration = float(stamps[-1]) + (1.0 / fps if fps > 0 else 0.0)
+        duration = t / fps if fps > 0 else float(stamps[-1])   # fps = rows per second of video
+        if sv.meta:   # export-npy's index keeps the cache's own fps and duration: the round trip is exact
+            if int(sv.meta.get("num_frames", t)) != t:
+                raise VideoProblem("write", f"{where}: {t} rows, but {INDEX_FILE} says {sv.meta['num_frames']}")
+            fps, duration = float(sv.meta.get("source_fps", fps)), float(sv.meta.get("duration", duration))
         return self.writer.prepare(vid, feats, np.arange(t), stamps, fps, t, duration,
                                    decoder=f"import {plan.config.format}")
 

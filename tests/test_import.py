@@ -105,7 +105,7 @@ def test_plain_npy_without_timestamps_needs_fps_and_derives_them(tmp_path):
     assert res.exit_code == 0, res.output
     cache = Cache(_leaf(tmp_path / "cache"))
     np.testing.assert_array_equal(cache.frame_info("b")[1], 0.25 + np.arange(6) / 2)
-    assert cache.video_info("b")["fps"] == 2.0 and cache.video_info("b")["duration"] == 0.25 + 3.0
+    assert cache.video_info("b")["fps"] == 2.0 and cache.video_info("b")["duration"] == 6 / 2
     assert json.loads(cache.provenance["import"])["timestamps"] == {"from": "fps", "fps": 2.0, "offset": 0.25}
     np.save(src / "a_timestamps_ms.npy", np.arange(4) * 500.0)   # now the files carry timestamps too
     res = _import(manifest, src, "npy", tmp_path / "other", "--fps", 2)
@@ -303,40 +303,64 @@ def test_an_import_killed_midway_resumes_to_the_same_bytes(tmp_path):
     assert _sha(_leaf(cache) / shard) == _sha(_leaf(tmp_path / "ref") / shard)
 
 
-def test_export_then_import_gives_back_features_timestamps_and_fps_exactly(tmp_path):
+def _exported(folder):
+    """{file name: array} of an export-npy folder (index.jsonl aside)."""
+    out = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix == ".npy":
+            out[path.name] = np.load(path)
+        elif path.suffix == ".npz":
+            with np.load(path) as z:
+                out.update({f"{path.name}:{k}": z[k] for k in z.files})
+    return out
+
+
+@pytest.mark.parametrize("layout", ["npy", "npz"])
+def test_export_then_import_gives_back_features_timestamps_and_fps(tmp_path, layout):
     rng = np.random.default_rng(5)
-    ids = ["a", "b", "c"]
+    ids = ["a", "b", "c", "clip 1"]   # "clip 1" is exported under a hashed name that index.jsonl maps back
+    fps = {"a": 29.97, "b": 30000 / 1001, "c": 8.0, "clip 1": 25.0}
     first = tmp_path / "first"
     first.mkdir()
-    fps = {"a": 29.97, "b": 30000 / 1001, "c": 8.0}
     with ShardWriter(first / "frames-00000-of-00001.h5", {"dataset": "tiny", "model": "m", "shard_index": 0,
                                                           "shard_count": 1}, D, durable=False) as w:
         for vid in ids:
             t = 200
             w.append_video(vid, rng.standard_normal((t, D)), np.arange(t) * 3, np.arange(t) * 3 / fps[vid],
-                           fps[vid], 3 * t, 3 * t / fps[vid])
+                           fps[vid], 3 * t + 1, (3 * t + 1) / fps[vid])
         w.finalize()
-    out = tmp_path / "exported"
-    res = runner.invoke(app, ["export-npy", "--cache", str(first), "--out", str(out)])
+    out, again = tmp_path / "exported", tmp_path / "exported-again"
+    res = runner.invoke(app, ["export-npy", "--cache", str(first), "--out", str(out), "--format", layout])
     assert res.exit_code == 0, res.output
-    original = Cache(first)
-    for vid in ids:   # export-npy does not write video_features' sidecars yet: write them as it will
-        if not (out / f"{vid}_timestamps_ms.npy").exists():
-            np.save(out / f"{vid}_timestamps_ms.npy", original.frame_info(vid)[1] * 1000.0)
-            np.save(out / f"{vid}_fps.npy", np.array(original.video_info(vid)["fps"]))
+    assert any("~" in p.name for p in out.iterdir())
     res = _import(_manifest(tmp_path, ids), out, "npy", tmp_path / "second")
     assert res.exit_code == 0, res.output
-    second = Cache(_leaf(tmp_path / "second"))
-    assert second.video_ids == ids
+    original, second = Cache(first), Cache(_leaf(tmp_path / "second"))
+    assert second.video_ids == original.video_ids
     for vid in ids:
         np.testing.assert_array_equal(second.features(vid), original.features(vid))
-        assert second.video_info(vid)["fps"] == original.video_info(vid)["fps"]
+        for key in ("fps", "duration"):   # from index.jsonl: the cache's own values, not rows per second
+            assert second.video_info(vid)[key] == original.video_info(vid)[key]
         # Milliseconds in float64 cannot hold every float64 second: for a few % of NTSC timestamps no m has
         # m / 1000 == s. So timestamps come back within one ulp (< 4e-15 s here), bit for bit at 8 fps.
         np.testing.assert_array_max_ulp(second.frame_info(vid)[1], original.frame_info(vid)[1], maxulp=1)
     np.testing.assert_array_equal(second.frame_info("c")[1], original.frame_info("c")[1])
     stamps = original.frame_info("b")[1]
     assert (ms_to_seconds(stamps * 1000.0) != stamps).any()   # the one-ulp case does occur in this test
+    np.save(out / "stray.npy", np.ones((2, D)))   # a file index.jsonl does not list is not silently skipped
+    res = _import(_manifest(tmp_path, ids), out, "npy", tmp_path / "third")
+    assert res.exit_code == 2 and "stray.npy" in res.output
+    (out / "stray.npy").unlink()
+    res = runner.invoke(app, ["export-npy", "--cache", str(_leaf(tmp_path / "second")), "--out", str(again),
+                              "--format", layout])
+    assert res.exit_code == 0, res.output
+    a, b = _exported(out), _exported(again)
+    assert a.keys() == b.keys()
+    for name in a:   # exporting the imported cache gives the same files (timestamps within one ulp)
+        if "timestamps_ms" in name:
+            np.testing.assert_array_max_ulp(a[name], b[name], maxulp=1)
+        else:
+            np.testing.assert_array_equal(a[name], b[name])
 
 
 @pytest.fixture(scope="module")
