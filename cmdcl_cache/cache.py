@@ -6,6 +6,7 @@
         frames-0000r-of-0000n.h5.lock    flock of the extract writing that shard
         texts.h5                         label text embeddings of every label set
         failures.jsonl, extract_log.jsonl, confounders.h5
+        import_sources.jsonl             sha256 of each source file of an imported cache (`cmdcl-cache import`)
 
 `--cache` means the same in every command: a cache folder itself, or any folder above one (the root, or
 <root>/<dataset>). Commands that read a cache (`locate`) take the one cache found there (at most two
@@ -41,6 +42,7 @@ TEXTS_FILE = "texts.h5"
 CONFOUNDERS_FILE = "confounders.h5"
 FAILURES_FILE = "failures.jsonl"
 RUN_LOG = "extract_log.jsonl"
+IMPORT_SOURCES_FILE = "import_sources.jsonl"
 INIT_SEED = 0   # torch seed of random weights (--pretrained none), recorded as init_seed
 
 # Attributes that legitimately differ between the shards of one cache (the run that finalised each).
@@ -136,6 +138,48 @@ def _with_seed(prov: dict) -> dict:
     return normalised(json.loads(json.dumps(prov)))
 
 
+@dataclass(frozen=True)
+class ImportSpec:
+    """A cache of features made by another pipeline (`cmdcl-cache import`): the model name the user gives
+    and how the features were read (`source`: format, source path, dimension, timestamps, sha256 of the
+    source files). Its folder is `<model>-imported`; its shards carry `import` and pretrained "imported",
+    so they never mix with extracted shards nor with an import of other files or settings."""
+
+    model: str
+    source: dict = field(default_factory=dict)
+    pretrained: str = "imported"
+    tokens: str = "cls"
+
+    @property
+    def tag(self) -> str:
+        return f"{safe_name(self.model)}-{self.pretrained}"
+
+    @classmethod
+    def from_provenance(cls, provenance: dict) -> "ImportSpec":
+        """The spec of an imported cache, from what its files say (CacheFolder.provenance())."""
+        source = provenance.get("import")
+        if source is None:
+            raise CacheError(f"attributes {sorted(provenance)} are not those of an imported cache")
+        return cls(model=provenance["model"], source=json.loads(source) if isinstance(source, str) else source)
+
+    def frame_provenance(self, dataset: str) -> dict:
+        return normalised({"dataset": dataset, "model": self.model, "pretrained": self.pretrained,
+                           "tokens": self.tokens, "grid": 0, "import": self.source,
+                           "shard_index": 0, "shard_count": 1})
+
+    def text_provenance(self, encoder_provenance: dict, dataset: str, templates: list[str]) -> dict:
+        """texts.h5 of an imported cache encoded by an open_clip text tower (what texts.ensure_texts asks)."""
+        return text_provenance_for(self.frame_provenance(dataset), {"open_clip": encoder_provenance}, templates)
+
+
+def text_provenance_for(frame_provenance: dict, text_source: dict, templates: list[str]) -> dict:
+    """texts.h5 attributes for label texts that the cache's own encoder did not make (imported features, or
+    embeddings read from a file): the shards' settings that texts are compared on, plus `text_source`."""
+    ignore = PER_SHARD_KEYS | FRAME_ONLY_KEYS | {"schema_version"}
+    kept = {k: v for k, v in frame_provenance.items() if k not in ignore}
+    return normalised(json.loads(json.dumps({**kept, "templates": list(templates), "text_source": text_source})))
+
+
 # ---------------------------------------------------------------------------------------------- folder
 
 class CacheFolder:
@@ -172,6 +216,7 @@ class CacheFolder:
     confounders_path = property(lambda self: self.path / CONFOUNDERS_FILE)
     failures_path = property(lambda self: self.path / FAILURES_FILE)
     log_path = property(lambda self: self.path / RUN_LOG)
+    sources_path = property(lambda self: self.path / IMPORT_SOURCES_FILE)
 
     def provenance(self) -> dict:
         """What the folder's files say it holds (the first readable shard, else a journal, else texts.h5)."""

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 import typer
 
 from cmdcl_cache.config import config_command, option, version_option
+from cmdcl_cache.importer import ImportConfig
 from cmdcl_cache.pipeline import ExtractConfig
 from cmdcl_cache.progress import configure_logging, console, markup_mode
 from cmdcl_cache.texts import PROMPTS_HELP
@@ -250,6 +251,37 @@ def extract_cmd(config: ExtractConfig):
     raise typer.Exit(result.exit_code)
 
 
+_IMPORT_EPILOG = ("Formats: npy = <id>.npy [T, D] (+ <id>_timestamps_ms.npy, <id>_fps.npy when present) or "
+                  "<id>.npz, or an export-npy folder (its index.jsonl maps ids to files); video-features = <id>_<key>.npy + <id>_timestamps_ms.npy + <id>_fps.npy "
+                  "(video_features' save_numpy output, key = its feature_type, default clip); safetensors = "
+                  "<id>.safetensors with tensors features [, timestamps_ms, fps]; hdf5 = one file, a dataset <id> "
+                  "or a group <id>/features [, timestamps_ms, fps] per video. .pt files are never unpickled. "
+                  "A bad file is a failure in failures.jsonl (stage open or write); ids the manifest lacks are "
+                  "fatal unless --allow-unknown. " + _EXIT_HELP)
+
+
+@config_command(app, "import", (ImportConfig,), handle=_config_error, epilog=_IMPORT_EPILOG,
+                help="Bring per-frame features made elsewhere into a cache (resumable; checked; sources hashed).")
+def import_cmd(config: ImportConfig):
+    from cmdcl_cache.importer import import_features, main_message
+
+    configure_logging()
+    try:
+        result = import_features(config)
+    except KeyboardInterrupt:
+        _fail("interrupted; what is committed is kept: rerun the same command to resume", 2)
+    except (ValueError, RuntimeError, OSError) as err:  # manifest, source, provenance, lock, write errors
+        _fail(str(err), 2)
+    err = console(stderr=True)
+    err.print(main_message(result), markup=False)
+    if result.committed and not (result.cache_dir / "texts.h5").exists():
+        err.print(f"next: cmdcl-cache texts --dataset {config.dataset} --cache {result.cache_dir} --model <open_clip "
+                  "model> --pretrained <weights> (the text tower of the model that made the features), or "
+                  "--text-embeddings FILE", markup=False)
+    print(result.cache_dir)
+    raise typer.Exit(result.exit_code)
+
+
 @dataclass(frozen=True)
 class TextsConfig:
     """`cmdcl-cache texts`: which cache folder, which text tower, which prompts."""
@@ -265,34 +297,91 @@ class TextsConfig:
     grid: int = option(4, "Grid side, with --tokens grid.")
     prompts: str | None = option(None, PROMPTS_HELP)
     force: bool = option(False, "Rewrite even when texts.h5 has the same provenance.")
+    text_embeddings: str | None = option(None, "Embeddings from a file instead of a text tower: .npy [C, D] (one "
+                                               "row per label of --label-set, in labels.json order), or .npz / "
+                                               ".safetensors with one such array per label set; checked for "
+                                               "count and dimension. --model/--pretrained then choose the cache.")
+    label_set: str | None = option(None, "With an .npy --text-embeddings: its label set (default: the "
+                                         "manifest's default label set).")
 
 
-@config_command(app, "texts", (TextsConfig,), handle=_config_error,
-                help="(Re)write texts.h5: prompt-ensembled text embeddings of every label set.")
+_TEXTS_EPILOG = ("A cache of imported features (`cmdcl-cache import`) takes --model/--pretrained as the open_clip "
+                 "text tower whose space the features share (for CLIP features, the model that made them), or "
+                 "--text-embeddings FILE.")
+
+
+@config_command(app, "texts", (TextsConfig,), handle=_config_error, epilog=_TEXTS_EPILOG,
+                help="(Re)write texts.h5: prompt-ensembled text embeddings of every label set, from an open_clip "
+                     "text tower or a file.")
 def texts_cmd(config: TextsConfig):
-    from cmdcl_cache.cache import CacheSpec, for_writing, locate
-    from cmdcl_cache.encoder import load_encoder
     from cmdcl_cache.manifest import load_manifest
-    from cmdcl_cache.texts import ensure_texts
 
     configure_logging()
     try:
         m = load_manifest(config.dataset)
-        model, pretrained, precision = config.model, config.pretrained, config.precision
-        if model is None or pretrained is None:   # infer what the existing cache was made with
-            prov = locate(config.cache, m.dataset, model, pretrained).provenance()
-            model, pretrained = model or prov["model"], pretrained or prov["pretrained"]
-            precision = prov.get("precision", precision)
-            if str(pretrained).startswith("sha256:"):
-                _fail(f"{config.cache}: its weights were a checkpoint file ({pretrained[:19]}...); pass that file "
-                      "with --pretrained")
-        spec = CacheSpec(model=model, pretrained=pretrained, precision=precision, tokens=config.tokens,
-                         grid=config.grid)
-        folder = for_writing(Path(config.cache), m.dataset, spec)
-        enc = load_encoder(spec.encoder_spec(config.device))
-        path, written = ensure_texts(folder, m, enc, spec, config.prompts, force=config.force)
+        if config.text_embeddings or config.label_set:
+            return _texts_from_file(config, m)
+        if _imported_texts(config, m):
+            return
+        _texts_from_encoder(config, m)
+    except typer.Exit:
+        raise
     except (ValueError, RuntimeError, OSError) as err:
         _fail(str(err), 2)
+
+
+def _texts_from_file(config: TextsConfig, m) -> None:
+    from cmdcl_cache.cache import locate
+    from cmdcl_cache.importer import write_texts_from_file
+
+    if not config.text_embeddings:
+        _fail("--label-set goes with --text-embeddings FILE")
+    if config.prompts:
+        _fail("--prompts and --text-embeddings exclude each other: prompts are for a text tower")
+    folder = locate(config.cache, m.dataset, config.model, config.pretrained)
+    path, uncovered = write_texts_from_file(folder, m, config.text_embeddings, config.label_set)
+    if uncovered:
+        console(stderr=True).print(f"warning: {path} has no embeddings of label set(s) {', '.join(uncovered)} "
+                                   "(verify reports them; heads that use them need them): give an .npz or "
+                                   ".safetensors with one array per label set", markup=False)
+    print(f"wrote {path}")
+
+
+def _imported_texts(config: TextsConfig, m) -> bool:
+    """texts.h5 of an imported cache from the open_clip text tower named by --model/--pretrained."""
+    from cmdcl_cache.importer import imported_cache, write_imported_texts
+
+    folder = imported_cache(Path(config.cache), m.dataset)
+    if folder is None:
+        return False
+    if config.model is None or config.pretrained is None:
+        _fail(f"{folder}: holds imported features; name the open_clip text tower whose space they share with "
+              "--model and --pretrained (for CLIP features, the model that made them), or pass "
+              "--text-embeddings FILE")
+    path, written = write_imported_texts(folder, m, config.model, config.pretrained, config.precision,
+                                         config.device, config.prompts, force=config.force)
+    print(f"{'wrote' if written else 'up to date:'} {path}")
+    return True
+
+
+def _texts_from_encoder(config: TextsConfig, m) -> None:
+    from cmdcl_cache.cache import CacheSpec, for_writing, locate
+    from cmdcl_cache.encoder import load_encoder
+    from cmdcl_cache.texts import ensure_texts
+
+    model, pretrained, precision = config.model, config.pretrained, config.precision
+    if model is None or pretrained is None:   # infer what the existing cache was made with
+        prov = locate(config.cache, m.dataset, model, pretrained).provenance()
+        model, pretrained = model or prov["model"], pretrained or prov["pretrained"]
+        precision = prov.get("precision", precision)
+        if str(pretrained).startswith("sha256:"):
+            _fail(f"{config.cache}: its weights were a checkpoint file ({pretrained[:19]}...); pass that file "
+                  "with --pretrained")
+    spec = CacheSpec(model=model, pretrained=pretrained, precision=precision, tokens=config.tokens,
+                     grid=config.grid)
+    folder = for_writing(Path(config.cache), m.dataset, spec)
+    enc = load_encoder(spec.encoder_spec(config.device))
+    path, written = ensure_texts(folder, m, enc, spec, config.prompts, force=config.force)
     print(f"{'wrote' if written else 'up to date:'} {path}")
 
 

@@ -216,12 +216,18 @@ def extract(config: ExtractConfig) -> ExtractResult:
         finally:
             run.progress.close()
         committed = writer.committed_ids
-    result.missing = [v.video_id for v in plan.selected if v.video_id not in committed]
-    if result.missing:
-        result.exit_code = EXIT_PARTIAL if any(v.video_id in committed for v in plan.selected) else EXIT_FATAL
+    result.exit_code, result.missing = exit_status([v.video_id for v in plan.selected], committed)
     result.seconds = time.monotonic() - t_start
     _log_run(plan, result, started, run.restarts)
     return result
+
+
+def exit_status(selected_ids, committed) -> tuple[int, list[str]]:
+    """(exit status, selected ids not in the cache): 0 all in, 1 some, 2 none (also what `import` exits)."""
+    missing = [vid for vid in selected_ids if vid not in committed]
+    if not missing:
+        return EXIT_OK, missing
+    return (EXIT_PARTIAL if len(missing) < len(selected_ids) else EXIT_FATAL), missing
 
 
 def _todo(plan: _Plan, writer) -> tuple[list, set[str]]:

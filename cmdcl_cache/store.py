@@ -171,6 +171,16 @@ class ShardLock:
 
 # --------------------------------------------------------------------------------------------- writing
 
+@dataclass
+class PreparedVideo:
+    """One video's checked rows and commit record (without its row_start), ready for ShardWriter.commit."""
+
+    record: dict
+    features: np.ndarray
+    frames: np.ndarray
+    tokens: np.ndarray | None
+
+
 class ShardWriter:
     """Append videos to one shard; resumable after a crash at any instant; one writer at a time.
 
@@ -302,6 +312,15 @@ class ShardWriter:
                      decoder: str = "", replace: bool = False) -> None:
         """Write one video's rows, then its commit line. `replace`: the video is in the finalized shard
         and is extracted again (its source changed); the new rows win at finalize."""
+        self.commit([self.prepare(video_id, features, frame_index, timestamps, fps, num_source_frames,
+                                  duration, tokens, source_size, source_mtime_ns, decoder, replace)])
+
+    def prepare(self, video_id: str, features: np.ndarray, frame_index: np.ndarray,
+                timestamps: np.ndarray, fps: float, num_source_frames: int, duration: float,
+                tokens: np.ndarray | None = None, source_size: int = -1, source_mtime_ns: int = -1,
+                decoder: str = "", replace: bool = False) -> "PreparedVideo":
+        """Check one video's rows and compute its checksum, writing nothing; CacheError if they do not fit.
+        `commit` writes what `prepare` returns (append_video = commit([prepare(...)]))."""
         check_video_id(video_id)
         if video_id in self._commits or (video_id in self._finalized and not replace):
             raise CacheError(f"{self.path}: video {video_id!r} is already committed")
@@ -321,28 +340,42 @@ class ShardWriter:
             if tokens.shape != (t, self.tokens_per_frame, self.feature_dim):
                 raise CacheError(f"{video_id}: tokens have shape {tokens.shape}")
         frames = frame_records(frame_index, timestamps)
-        record = {"video_id": video_id, "row_start": self.num_rows, "num_rows": t, "fps": float(fps),
+        record = {"video_id": video_id, "num_rows": t, "fps": float(fps),
                   "num_source_frames": int(num_source_frames), "duration": float(duration),
                   "crc32": rows_checksum(features, frames, tokens), "source_size": int(source_size),
                   "source_mtime_ns": int(source_mtime_ns), "decoder": str(decoder)}
+        return PreparedVideo(record, features, frames, tokens)
+
+    def commit(self, videos: list["PreparedVideo"]) -> None:
+        """Write the rows of `videos`, then their commit lines: a group commit (with `durable`, one fsync
+        per journal file for the whole group, rows before commit lines, as for a single video)."""
+        ids = [v.record["video_id"] for v in videos]
+        if len(set(ids)) != len(ids) or any(vid in self._commits for vid in ids):
+            raise CacheError(f"{self.path}: a video is committed twice in one group ({', '.join(ids[:5])})")
+        records, row = [], self.num_rows
+        for v in videos:   # row_start second in the line, as before group commits existed
+            records.append({"video_id": v.record["video_id"], "row_start": row, **v.record})
+            row += v.record["num_rows"]
         try:
-            self._files["features.f16"].write(features.tobytes())
-            self._files["frames.bin"].write(frames.tobytes())
-            if tokens is not None:
-                self._files["tokens.f16"].write(tokens.tobytes())
+            for v in videos:
+                self._files["features.f16"].write(v.features.tobytes())
+                self._files["frames.bin"].write(v.frames.tobytes())
+                if v.tokens is not None:
+                    self._files["tokens.f16"].write(v.tokens.tobytes())
             for fh in self._files.values():
                 fh.flush()
                 if self.durable:
                     os.fsync(fh.fileno())
-            # The commit line is written only once the rows it points to are on disk.
-            self._log.write((json.dumps(record) + "\n").encode())
+            # The commit lines are written only once the rows they point to are on disk.
+            self._log.write(b"".join((json.dumps(r) + "\n").encode() for r in records))
             self._log.flush()
             if self.durable:
                 os.fsync(self._log.fileno())
         except OSError as err:
             raise self._write_error(err, self.journal) from err
-        self._commits[video_id] = record
-        self.num_rows += t
+        for r in records:
+            self._commits[r["video_id"]] = r
+        self.num_rows = row
 
     def _write_error(self, err: OSError, where: Path) -> StorageError:
         what = "disk full" if _disk_full(err) else f"{type(err).__name__}: {err.strerror or err}"
