@@ -416,7 +416,9 @@ class ShardWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        _fsync_path(tmp)            # the shard's bytes are on disk before its name points at them
         os.replace(tmp, self.path)
+        _fsync_path(self.path.parent)   # and the rename itself survives a power loss
         self.close()
         shutil.rmtree(self.journal)
         return self.path
@@ -465,6 +467,14 @@ class ShardWriter:
         frames = frame_records(old["frame_index"][lo:lo + n], old["timestamps"][lo:lo + n])
         tok = old["tokens"][lo:lo + n] if self.tokens_per_frame else None
         return old["features"][lo:lo + n], frames, tok
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, text: str) -> None:
