@@ -164,7 +164,7 @@ def _print_build_summary(console, m, out: Path, videos: Path | None) -> None:
             console.print(f"note: no {split} video for {len(lacking)} class(es): {', '.join(lacking[:10])}"
                           f"{', ...' if len(lacking) > 10 else ''}", markup=False)
     if not m.select("val"):
-        console.print("note: no val videos: best.pt is the last epoch and the linear probe uses its default "
+        console.print("note: no val videos: best is the last epoch and the linear probe uses its default "
                       "regularisation", markup=False)
     console.print(f"next: cmdcl-cache extract --dataset {out} --video-root {videos} --cache cache", markup=False)
 

@@ -38,7 +38,7 @@ def _pyplot():
 def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | None = None) -> bool:
     """Loss (train, and each evaluated split) and the headline metric of each evaluated split, per epoch.
 
-    Records hold the evaluated splits under "select" (the split that picks best.pt) and "eval" (the
+    Records hold the evaluated splits under "select" (the split that picks best) and "eval" (the
     reported split, for the curves only); a dotted line marks the selected epoch when there is one.
     Without a trained epoch (zero-shot, the L-BFGS linear probe: one record, epoch 0) there is no curve to
     draw: nothing is written, a stale `path` is removed, and False is returned.
