@@ -121,6 +121,14 @@ class CacheSpec:
         return EncoderSpec(model=self.model, pretrained=self.pretrained, precision=self.precision, device=device,
                            tokens=self.tokens, grid=self.grid)
 
+    def difference(self, prov: dict, pretrained_id: str, dataset: str, world: int) -> str | None:
+        """The first setting of this spec (weights as their recorded id) that a shard's attributes contradict,
+        without loading the model: what `extract` compares before deciding there is nothing to do."""
+        expected = normalised({"model": self.model, "pretrained": pretrained_id, "precision": self.precision,
+                               "tokens": self.tokens, "grid": int(self.grid) if self.tokens == "grid" else 0,
+                               "sampling": self.sampling.to_dict(), "dataset": dataset, "shard_count": world})
+        return provenance_difference(expected, {k: prov.get(k) for k in expected}, ignore=())
+
     def frame_provenance(self, encoder_provenance: dict, dataset: str, decoder: str, rank: int, world: int) -> dict:
         """The attributes of this spec's shard of rank `rank` of `world`: every setting that decides its bytes
         (not paths or worker counts, so that a cache made elsewhere or resumed with other workers is identical)."""
@@ -227,8 +235,12 @@ class CacheFolder:
                 continue
         for journal in self.journals:
             meta = journal / "provenance.json"
-            if meta.exists():
-                return json.loads(meta.read_text())
+            try:
+                found = json.loads(meta.read_text())
+            except (OSError, ValueError, UnicodeDecodeError):
+                continue   # the writer names a damaged journal when it opens it
+            if isinstance(found, dict):
+                return found
         if self.texts_path.exists():
             try:
                 return texts_provenance(self.texts_path)

@@ -45,7 +45,6 @@ def demo_make(
     own_share: float = typer.Option(0.9, help="Share of train/val videos on their activity's own background."),
 ) -> None:
     """Render the offline demo set (activities of ordered atomic actions over confounding backgrounds)."""
-    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cmdcl_cache.demo import check_size_fps, make_demo
@@ -55,9 +54,9 @@ def demo_make(
         check_size_fps(frame_size, fps)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    console = Console()
+    out_console = console()
     with Progress(TextColumn("rendering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as bar:
+                  console=out_console) as bar:
         task = bar.add_task("render", total=None)
 
         def step(done: int, total: int) -> None:
@@ -68,21 +67,20 @@ def demo_make(
                                      own_share=own_share, progress=step)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
-    console.print(f"manifest: {manifest_dir}")
+    out_console.print(f"manifest: {manifest_dir}")
     video_root = out / "videos"
     env = "" if manifest_dir.resolve() == Path("demo/manifest").resolve() else f"CMDCL_DEMO={manifest_dir} "
-    console.print(f"next: {env}cmdcl-cache extract --dataset demo --video-root {video_root} --cache cache "
+    out_console.print(f"next: {env}cmdcl-cache extract --dataset demo --video-root {video_root} --cache cache "
                   "--model cmdcl-tiny --pretrained none", soft_wrap=True)
 
 
 def _print_error(err) -> None:
     """`error: <message>` on stderr; several manifest problems one a line."""
-    from rich.console import Console
     from rich.markup import escape
 
     errors = getattr(err, "errors", None)
     text = str(err) if not errors else f"{err.total} problems:\n  " + str(err).replace("\n", "\n  ")
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]error:[/red] {escape(text)}")
+    console(stderr=True).print(f"[red]error:[/red] {escape(text)}")
 
 
 _BUILD_EPILOG = ("Your own videos: --dataset folder --videos DIR --out FOLDER, with one subfolder of DIR per class "
@@ -122,8 +120,6 @@ def manifest_build(
                                                            "cmdcl_cache/manifests/<dataset>)."),
 ):
     """Build a manifest (videos.jsonl + labels.json) from a dataset's annotation files or your own videos."""
-    from rich.console import Console
-
     from cmdcl_cache.datasets import BUILDERS, build_manifest
     from cmdcl_cache.manifest import resolve_dataset_dir
 
@@ -147,7 +143,7 @@ def manifest_build(
     except ValueError as err:   # ManifestError(s) and bad options
         _print_error(err)
         raise typer.Exit(2)
-    _print_build_summary(Console(highlight=False, soft_wrap=True), m, out, videos)
+    _print_build_summary(console(), m, out, videos)
 
 
 def _print_build_summary(console, m, out: Path, videos: Path | None) -> None:
@@ -182,13 +178,12 @@ def manifest_check(
                                        help="Exit 0 even when videos are missing (ambiguous ones still fail)."),
 ):
     """Report which videos of a manifest are found, missing or ambiguous under --video-root."""
-    from rich.console import Console
     from rich.table import Table
 
     from cmdcl_cache.manifest import ManifestError, load_manifest
     from cmdcl_cache.paths import check_videos
 
-    console = Console()
+    out = console()
     try:
         m = load_manifest(dataset)
     except ManifestError as e:
@@ -203,14 +198,14 @@ def manifest_check(
         ids = [x if isinstance(x, str) else x[0] for x in result[status]]
         counts = [sum(split_of[i] == s for i in ids) for s in m.split_roles]
         table.add_row(status, str(len(ids)), *map(str, counts))
-    console.print(table)
+    out.print(table)
     for status in ("missing", "ambiguous"):
         items = result[status]
         if not items:
             continue
-        console.print(f"{status} ({len(items)}{', first ' + str(show) if len(items) > show else ''}):")
+        out.print(f"{status} ({len(items)}{', first ' + str(show) if len(items) > show else ''}):")
         for item in items[:show]:
-            console.print(f"  {item}" if isinstance(item, str) else f"  {item[0]}: {', '.join(item[1])}",
+            out.print(f"  {item}" if isinstance(item, str) else f"  {item[0]}: {', '.join(item[1])}",
                           highlight=False, markup=False)
     if missing_out is not None:
         missing_out.write_text("".join(i + "\n" for i in result["missing"]), encoding="utf-8")
@@ -469,7 +464,7 @@ def export_cmd(
 
     try:
         n = export_npy(_locate(cache, dataset, model, pretrained).path, out, dtype=dtype, layout=layout)
-    except (CacheError, ValueError, TypeError) as err:
+    except (CacheError, ValueError, TypeError, OSError) as err:
         _fail(str(err), 2)
     print(f"wrote {n} videos to {out} (index.jsonl maps video ids to file names)")
 

@@ -76,8 +76,11 @@ def flatten(table: dict, where: str) -> dict:
     return out
 
 
-def check_keys(values: dict, classes, where: str, ignore=()) -> None:
-    valid = {f.name for cls in classes for f in dataclasses.fields(cls)} - set(ignore)
+def check_keys(values: dict, classes, where: str, ignore=(), cli_only: bool = False) -> None:
+    """Refuse keys no field has. `cli_only`: what a user writes (flags, --config, presets) may set only the
+    fields that are options; the others (test seams, shapes the program derives) are not theirs to set."""
+    valid = {f.name for cls in classes for f in (cli_fields(cls) if cli_only else dataclasses.fields(cls))}
+    valid -= set(ignore)
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: "
@@ -111,12 +114,14 @@ def coerce(value: Any, hint, where: str) -> Any:
             return None
         raise ConfigError(f"{where}: a value is required")
     if origin in (typing.Union, types.UnionType):
+        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} is not a {' or '.join(getattr(a, '__name__', str(a)) for a in args)}")
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[-1] if len(errors) == 1 else ConfigError(
+            f"{where}: {value!r} is not a {' or '.join(getattr(a, '__name__', str(a)) for a in args)}")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -142,11 +147,15 @@ def coerce(value: Any, hint, where: str) -> Any:
 
 def check_choices(obj) -> None:
     """Refuse a value outside its Literal choices (for instances built in Python, not from a command line)."""
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        hint = typing.get_type_hints(type(obj))[f.name]
-        if typing.get_origin(hint) is typing.Literal and getattr(obj, f.name) not in typing.get_args(hint):
-            raise ValueError(f"{f.name} must be one of {', '.join(map(str, typing.get_args(hint)))}, "
-                             f"got {getattr(obj, f.name)!r}")
+        hint, value = hints[f.name], getattr(obj, f.name)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):   # Optional[Literal[...]]
+            if value is None and type(None) in typing.get_args(hint):
+                continue
+            hint = next((a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal), hint)
+        if typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, typing.get_args(hint)))}, got {value!r}")
 
 
 def to_toml(sections: dict[str, Any]) -> str:
@@ -208,7 +217,8 @@ def config_command(app, name: str, classes: tuple, *, help: str, epilog: str | N
             config, preset = values.pop("config"), values.pop("preset", None)
             try:
                 merged = resolve(ctx, classes, values, config, presets(preset) if preset else None)
-                instances = [build(cls, merged, str(config or "options")) for cls in classes]
+                instances = [build(cls, {k: v for k, v in merged.items() if k in {f.name for f in cli_fields(cls)}},
+                                   str(config or "options")) for cls in classes]
             except ConfigError as err:
                 if handle:
                     return handle(err)
@@ -228,7 +238,7 @@ def resolve(ctx, classes, flag_values: dict, config: Path | None, preset: Path |
     merged = dict(flag_values)
     for path in (p for p in (preset, config) if p is not None):
         table = flatten(read_toml(path), str(path))
-        check_keys(table, classes, str(path))
+        check_keys(table, classes, str(path), cli_only=True)
         for key, value in table.items():
             source = getattr(ctx.get_parameter_source(key), "name", None)
             if source not in ("COMMANDLINE", "ENVIRONMENT"):

@@ -490,7 +490,7 @@ def _parse_label_list(text: str, where: str, set_name: str, labels, problem):
             continue
         key = entry["key"]
         if key in seen:
-            needle = (f'"key": ' if isinstance(item, dict) else "") + json.dumps(key, ensure_ascii=False)
+            needle = ('"key": ' if isinstance(item, dict) else "") + json.dumps(key, ensure_ascii=False)
             problem(f"{where}.labels[{i}].key", f"duplicate key {key!r}", line=_nth_line(text, needle, 2))
             continue
         seen.add(key)

@@ -53,7 +53,13 @@ class VideoIndex:
             raise FileNotFoundError(f"video root {self.root} is not a folder")
         self.by_stem_path: dict[str, list[str]] = defaultdict(list)  # "P03/cam01/P03_cereals" -> [rel, ...]
         self.files: set[str] = set()
+        seen: set[tuple[int, int]] = set()   # folders already walked: a symlink loop is walked once
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                continue
+            seen.add((st.st_dev, st.st_ino))
             dirnames.sort()
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             prefix = "" if rel_dir == "." else rel_dir + "/"

@@ -88,9 +88,10 @@ class ExtractConfig:
     grid: int = option(4, "Side of the pooled patch grid with --tokens grid.")
     prompts: str | None = option(None, PROMPTS_HELP)
     quiet: bool = option(False, "Log lines instead of a progress bar (for batch jobs).")
-    decoder: str | None = option(None, "Decoder backend: decord (default), pyav, torchcodec, torchcodec-cuda "
-                                       "(NVDEC, frames decoded and cropped on the GPU; `pip install "
-                                       "'cmdcl[gpu-decode]'`).")
+    decoder: Literal["decord", "pyav", "torchcodec", "torchcodec-cuda"] | None = option(
+        None, "Decoder backend: decord (default), pyav, torchcodec, torchcodec-cuda (NVDEC, frames decoded and "
+              "cropped on the GPU; `pip install 'cmdcl[gpu-decode]'`). Tests swap the decoder with the "
+              "CMDCL_DECODER environment variable, never from a configuration.")
     fallback_decoder: Literal["pyav", "none"] = option("pyav", "Tried on a file the decoder refuses (e.g. "
                                                                "rotated video for decord).")
     keyframes_only: bool = option(False, "Each sample is the keyframe nearest its bin centre: decodes one "
@@ -142,6 +143,7 @@ class _Plan:
     folder: CacheFolder
     video_root: Path
     selected: list          # this rank's records (of the split), sorted by id
+    pretrained_id: str      # the weights as the provenance records them (a tag, sha256:..., none)
 
     @property
     def shard(self) -> Path:
@@ -156,27 +158,38 @@ def plan_extraction(config: ExtractConfig) -> _Plan:
 
     check_decoders(config.decoder, config.fallback_decoder)   # BackendMissing says what to install
     manifest = load_manifest(config.dataset)
-    check_encoder_spec(config.spec.encoder_spec(config.device))
     rank = detect_rank(config.shard_index, config.num_shards)
     video_root = Path(config.video_root).resolve()
     if not video_root.is_dir():
         raise ExtractError(f"--video-root {video_root} is not a folder")
+    _, pretrained_id, _ = check_encoder_spec(config.spec.encoder_spec(config.device))
     folder = for_writing(Path(config.cache).resolve(), manifest.dataset, config.spec)
     mine = set(split_ids([v.video_id for v in manifest.videos], rank.rank, rank.world))
     selected = sorted((v for v in manifest.select(config.split) if v.video_id in mine), key=lambda v: v.video_id)
-    return _Plan(config, manifest, rank, folder, video_root, selected)
+    return _Plan(config, manifest, rank, folder, video_root, selected, pretrained_id)
 
 
 def _already_done(plan: _Plan) -> bool:
-    """A finished shard holding every selected video, no journal, nothing to retry or refresh."""
+    """A finished shard of these settings holding every selected video, its texts made with these prompts, no
+    journal, nothing to retry or refresh. Anything else goes through the writer, which names what differs."""
+    from .store import texts_provenance
+    from .texts import choose_templates
+
     c = plan.config
     if c.refresh_changed or not plan.shard.exists() or plan.shard.with_suffix(".journal").exists():
         return False
     try:
-        committed = {row["video_id"] for row in read_shard(plan.shard)[1]}
+        prov, table, _, _ = read_shard(plan.shard)
+        if c.spec.difference(prov, plan.pretrained_id, plan.manifest.dataset, plan.rank.world):
+            return False
+        if plan.rank.rank == 0 and (not plan.folder.texts_path.exists() or
+                                    texts_provenance(plan.folder.texts_path).get("templates")
+                                    != json.dumps(choose_templates(c.prompts, plan.manifest), sort_keys=True)):
+            return False
     except CacheError:
         return False   # let the writer report it
-    return all(v.video_id in committed for v in plan.selected) and plan.folder.texts_path.exists()
+    committed = {row["video_id"] for row in table}
+    return all(v.video_id in committed for v in plan.selected)
 
 
 def extract(config: ExtractConfig) -> ExtractResult:
@@ -195,13 +208,14 @@ def extract(config: ExtractConfig) -> ExtractResult:
         return result
     encoder = load_encoder(config.spec.encoder_spec(plan.rank.device(config.device)))   # fails before mkdir
     plan.folder.path.mkdir(parents=True, exist_ok=True)
-    if plan.rank.rank == 0:
-        ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts)
     prov = config.spec.frame_provenance(encoder.provenance(), plan.manifest.dataset,
                                         decoder_provenance(config.decoder, config.fallback_decoder),
                                         plan.rank.rank, plan.rank.world)
     grid = config.grid if config.tokens == "grid" else None
+    # the lock and the provenance check come first: a refused run changes nothing, texts.h5 included
     with ShardWriter(plan.shard, prov, encoder.feature_dim, grid=grid) as writer:
+        if plan.rank.rank == 0:
+            ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts)
         result.dropped = list(writer.dropped)
         todo, replace = _todo(plan, writer)
         result.todo = len(todo)

@@ -243,7 +243,14 @@ class ShardWriter:
         self.journal.mkdir(parents=True, exist_ok=True)
         meta = self.journal / "provenance.json"
         if meta.exists():
-            self._check_provenance(json.loads(meta.read_text()), meta)
+            try:
+                found = json.loads(meta.read_text())
+                assert isinstance(found, dict)
+            except (ValueError, UnicodeDecodeError, AssertionError):
+                raise CacheError(f"{meta}: unreadable, so the journal's settings cannot be checked; move the "
+                                 f"journal aside (`mv {self.journal} {self.journal}.bad`) to extract this shard's "
+                                 "unfinished videos again") from None
+            self._check_provenance(found, meta)
         else:
             _write_atomic(meta, json.dumps(self.provenance, sort_keys=True))
         self._commits, end = self._read_commits()
@@ -264,10 +271,14 @@ class ShardWriter:
         rows_on_disk = min((os.path.getsize(self.journal / n) // b if (self.journal / n).exists() else 0)
                            for n, b in self._row_bytes.items() if b)
         commits, good_bytes, end = {}, 0, 0
-        for line in data.splitlines(keepends=True):
+        for number, line in enumerate(data.splitlines(keepends=True), 1):
             if not line.endswith(b"\n"):
                 break   # a commit line cut by a crash: that video is not committed
-            record = json.loads(line)
+            record = _commit_record(line)
+            if record is None:   # edited or damaged by hand: it and what follows are not trusted
+                self.dropped.append((f"(line {number} of {log})", "not a commit line; it and the lines after "
+                                                                  "it are dropped"))
+                break
             stop = record["row_start"] + record["num_rows"]
             if stop > rows_on_disk:   # a data file shorter than its commits (truncated, disk trouble)
                 self.dropped.append((record["video_id"], f"its rows {record['row_start']}..{stop} are past "
@@ -275,12 +286,9 @@ class ShardWriter:
                 continue
             commits[record["video_id"]] = record
             good_bytes, end = good_bytes + len(line), max(end, stop)
-        if self.dropped:   # keep only the commits that hold: rewrite the log without the others
+        if self.dropped or good_bytes != len(data):   # keep only the commits that hold: rewrite the log
             good = b"".join(json.dumps(r).encode() + b"\n" for r in commits.values())
             _write_atomic_bytes(log, good)
-        elif good_bytes != len(data):
-            with open(log, "r+b") as fh:
-                fh.truncate(good_bytes)
         return commits, end
 
     def _drop_damaged(self) -> None:
@@ -406,6 +414,7 @@ class ShardWriter:
             fh.flush()
         entries = {vid: ("old", r) for vid, r in self._finalized.items()}
         entries.update({vid: ("new", r) for vid, r in self._commits.items()})
+        self._check_room(entries)
         tmp = self.path.with_suffix(".h5.tmp")
         try:
             self._write_shard(tmp, entries)
@@ -422,6 +431,17 @@ class ShardWriter:
         self.close()
         shutil.rmtree(self.journal)
         return self.path
+
+    def _check_room(self, entries: dict) -> None:
+        """Refuse to start the shard's HDF5 write when the disk cannot hold it (see write_small_h5: HDF5 that
+        meets a full disk can crash the process); the journal stays, the same command finishes later."""
+        rows = sum(int(r["num_rows"]) for _, r in entries.values())
+        needed = int(rows * sum(self._row_bytes.values()) * 1.02) + 256 * len(entries) + (1 << 20)
+        free = shutil.disk_usage(self.path.parent).free
+        if free < needed:
+            raise StorageError(f"{self.path}: disk full: the shard needs about {needed / 2**20:.1f} MiB, "
+                               f"{free / 2**20:.1f} MiB are free; the journal is kept: free space and rerun "
+                               "the same command to finish")
 
     def _write_shard(self, tmp: Path, entries: dict) -> None:
         order = sorted(entries)
@@ -467,6 +487,27 @@ class ShardWriter:
         frames = frame_records(old["frame_index"][lo:lo + n], old["timestamps"][lo:lo + n])
         tok = old["tokens"][lo:lo + n] if self.tokens_per_frame else None
         return old["features"][lo:lo + n], frames, tok
+
+
+COMMIT_KEYS = {"video_id": str, "row_start": int, "num_rows": int, "fps": float, "num_source_frames": int,
+               "duration": float, "crc32": int, "source_size": int, "source_mtime_ns": int, "decoder": str}
+
+
+def _commit_record(line: bytes) -> dict | None:
+    """One commit line as written by append_video, or None when it is not one."""
+    try:
+        record = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(record, dict) or set(record) != set(COMMIT_KEYS):
+        return None
+    for key, kind in COMMIT_KEYS.items():
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+            return None
+    if record["row_start"] < 0 or record["num_rows"] < 1 or not record["video_id"]:
+        return None
+    return record
 
 
 def _fsync_path(path: Path) -> None:
@@ -542,23 +583,41 @@ class TextEmbeddings:
         return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def write_texts(path: str | Path, label_sets: dict[str, TextEmbeddings], provenance: dict) -> None:
+def write_small_h5(path: str | Path, fill) -> Path:
+    """Write an HDF5 file that fits in memory: `fill(h5py.File)` builds it in RAM, then its bytes go to disk
+    through plain file writes (a temporary name, fsync, rename). HDF5 itself never meets a full disk: when
+    its own writes fail, the library can crash the process as it tears the file down."""
+    import io
     path = Path(path)
-    tmp = path.with_suffix(".h5.tmp")
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w", track_order=True) as f:
+        fill(f)
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(attrs_from({**provenance, "schema_version": SCHEMA_VERSION}))
-            for name, t in label_sets.items():
-                g = f.create_group(name)
-                g.create_dataset("names", data=np.array(t.names, dtype=_STR))
-                g.create_dataset("texts", data=np.array(t.texts, dtype=_STR))
-                g.create_dataset("templates", data=np.array(t.templates, dtype=_STR))
-                g.create_dataset("per_prompt", data=np.asarray(t.per_prompt, np.float32))
-                g.create_dataset("ensemble", data=np.asarray(t.ensemble, np.float32))
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getvalue())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        raise CacheError(f"{path}: cannot write ({'disk full' if _disk_full(err) else err})") from err
-    os.replace(tmp, path)
+        what = "disk full" if _disk_full(err) else f"{type(err).__name__}: {err.strerror or err}"
+        raise StorageError(f"{path}: {what} while writing; nothing was replaced") from None
+    return path
+
+
+def write_texts(path: str | Path, label_sets: dict[str, TextEmbeddings], provenance: dict) -> None:
+    def fill(f):
+        f.attrs.update(attrs_from({**provenance, "schema_version": SCHEMA_VERSION}))
+        for name, t in label_sets.items():
+            g = f.create_group(name)
+            g.create_dataset("names", data=np.array(t.names, dtype=_STR))
+            g.create_dataset("texts", data=np.array(t.texts, dtype=_STR))
+            g.create_dataset("templates", data=np.array(t.templates, dtype=_STR))
+            g.create_dataset("per_prompt", data=np.asarray(t.per_prompt, np.float32))
+            g.create_dataset("ensemble", data=np.asarray(t.ensemble, np.float32))
+
+    write_small_h5(path, fill)
 
 
 def read_texts(path: str | Path) -> dict[str, TextEmbeddings]:
@@ -573,7 +632,7 @@ def read_texts(path: str | Path) -> dict[str, TextEmbeddings]:
                     names=[s.decode() for s in g["names"][:]], texts=[s.decode() for s in g["texts"][:]],
                     templates=[s.decode() for s in g["templates"][:]],
                     per_prompt=g["per_prompt"][:], ensemble=g["ensemble"][:])
-    except (OSError, KeyError, ValueError) as err:
+    except (OSError, KeyError, ValueError, AttributeError, TypeError) as err:   # AttributeError: not strings
         raise CacheError(f"{path}: not a readable texts file ({type(err).__name__}: {err}); rerun "
                          "`cmdcl-cache texts` for this cache") from None
     return out
@@ -583,5 +642,5 @@ def texts_provenance(path: str | Path) -> dict:
     try:
         with h5py.File(path, "r") as f:
             return provenance_from_attrs(f.attrs)
-    except OSError as err:
+    except (OSError, ValueError) as err:   # ValueError: an attribute that is not UTF-8
         raise CacheError(f"{path}: not a readable texts file ({err}); rerun `cmdcl-cache texts`") from None

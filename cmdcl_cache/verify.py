@@ -311,8 +311,8 @@ def render_summary(s: dict, console) -> None:
         for col in ("stage", "videos", "example"):
             t.add_column(col)
         for stage, n in s["failures_by_stage"].items():
-            ex = next(r for r in s["failures"] if r.get("stage") == stage)
-            t.add_row(stage, str(n), f"{ex['video_id']}: {ex['error'][:80]}")
+            ex = next(r for r in s["failures"] if r.get("stage", "?") == stage)   # hand-edited records too
+            t.add_row(stage, str(n), f"{ex.get('video_id', '?')}: {str(ex.get('error', '?'))[:80]}")
         console.print(t)
     else:
         console.print("no failures")

@@ -50,7 +50,7 @@ def preset_path(name: str) -> Path:
     return Path(str(folder / f"{name}.toml"))
 
 
-_ERRORS = (ValueError, RuntimeError, FileNotFoundError, KeyError)
+_ERRORS = (ValueError, RuntimeError, OSError, KeyError)   # OSError: read-only disks, paths that are files
 
 
 @config_command(confounders_app, "build", (ConfoundersConfig,), handle=_fail,
@@ -104,11 +104,11 @@ def eval_(
     try:
         out = evaluate_splits(run, checkpoint.value, splits, None if cache is None else str(cache), dataset,
                               device, data_mode)
+        if json_out:
+            value = out if splits and len(splits) > 1 else next(iter(out.values()))
+            json_out.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
     except _ERRORS as err:
         _fail(err)
-    if json_out:
-        value = out if splits and len(splits) > 1 else next(iter(out.values()))
-        json_out.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 @app.command()
@@ -119,7 +119,7 @@ def predict(
                                                          "--video for more). Without it: a split of the cache."),
     out: Optional[Path] = typer.Option(None, help="Output JSON Lines, one video per line (default: "
                                                   "RUN/predictions.jsonl)."),
-    top_k: int = typer.Option(5, help="Labels kept per video."),
+    top_k: int = typer.Option(5, min=1, help="Labels kept per video."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     split: Optional[str] = typer.Option(None, help="Split to predict (default: the run's eval split)."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
@@ -175,7 +175,7 @@ def explain(
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
-    top_k: int = typer.Option(8, help="Atomic actions and dictionary entries shown."),
+    top_k: int = typer.Option(8, min=1, help="Atomic actions and dictionary entries shown."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ):
     """Plot which atomic actions and dictionary entries a CMDCL head attends to for one video."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,10 +129,21 @@ class Confounders:
     def dim(self) -> int:
         return int(self.vp.shape[1])
 
+    def problem(self) -> str | None:
+        """What makes these dictionaries unusable (non-finite entries, priors that are not distributions)."""
+        for name in ("vp", "z", "vp_prior", "z_prior"):
+            if not torch.isfinite(getattr(self, name)).all():
+                return f"{name} holds NaN/Inf"
+        for name in ("vp_prior", "z_prior"):
+            prior = getattr(self, name)
+            if (prior < 0).any() or abs(float(prior.sum()) - 1.0) > 1e-3:
+                return f"{name} is not a distribution (negative, or its sum {float(prior.sum()):.4f} is not 1)"
+        return None
+
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with h5py.File(tmp, "w", track_order=True) as f:
+        from cmdcl_cache.store import write_small_h5
+
+        def fill(f):
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["cache_fingerprint"] = self.cache_fingerprint
             f.attrs["settings"] = json.dumps(self.settings, sort_keys=True)
@@ -142,8 +152,8 @@ class Confounders:
             if self.vp_labels is not None:
                 f.create_dataset("vp_labels", data=np.array(self.vp_labels, dtype=h5py.string_dtype()),
                                  track_times=False)
-        os.replace(tmp, path)
-        return path
+
+        return write_small_h5(path, fill)
 
     @classmethod
     def load(cls, path: str | Path, cache: Cache | None = None) -> "Confounders":
@@ -160,8 +170,14 @@ class Confounders:
                           settings=json.loads(f.attrs["settings"]),
                           cache_fingerprint=str(f.attrs["cache_fingerprint"]),
                           vp_labels=[s.decode() for s in f["vp_labels"][:]] if "vp_labels" in f else None)
-        except (OSError, KeyError) as err:
-            raise CacheError(f"{path}: not a readable confounders file ({err})") from err
+            if not isinstance(out.settings, dict):
+                raise ValueError("settings are not a JSON object")
+        except (OSError, KeyError, ValueError, TypeError, AttributeError) as err:
+            raise CacheError(f"{path}: not a readable confounders file ({type(err).__name__}: {err}); rebuild it "
+                             f"with `{build_command(path.parent)}`") from None
+        problem = out.problem()
+        if problem:
+            raise CacheError(f"{path}: {problem}; rebuild it with `{build_command(path.parent)}`")
         if cache is not None:
             expected = cache_fingerprint(cache)
             if out.cache_fingerprint != expected:
@@ -204,6 +220,9 @@ def load_for_training(cache: Cache, cfg, dataset: str = "DATASET", manifest=None
         raise CacheError(f"{path}: CMDCL needs the confounder dictionaries; build them with "
                          f"`{build_command(cache.dir, dataset)}` (or train with --no-tci --no-cross-sample)")
     conf = Confounders.load(path, cache=cache)
+    if conf.dim != cache.feature_dim:
+        raise CacheError(f"{path}: its dictionaries have D={conf.dim}, the cache's features D={cache.feature_dim}; "
+                         f"rebuild them with `{build_command(cache.dir, dataset)}`")
     if manifest is not None:
         built = conf.settings.get("split_scheme")
         ids_sha = hashlib.sha256("\n".join(training_ids(cache, manifest, split_scheme)).encode()).hexdigest()

@@ -85,8 +85,12 @@ def load_run(run: str | Path, checkpoint: str = "best", device: str = "cpu"):
         cfg = HeadConfig.from_dict(ckpt.meta["head_config"])
         train_cfg = TrainConfig.from_dict(ckpt.meta["train_config"])
         head = build_head(cfg)
+        expected = head.state_dict()
+        for name, tensor in ckpt.model.items():   # load_state_dict would cast a wrong dtype silently
+            if name in expected and tensor.dtype != expected[name].dtype:
+                raise ValueError(f"tensor {name!r} is {tensor.dtype}, the head has {expected[name].dtype}")
         head.load_state_dict(ckpt.model)
-    except (KeyError, ValueError, RuntimeError) as err:
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise CheckpointMismatch(f"{path}: its configuration and weights do not make a head "
                                  f"({type(err).__name__}: {str(err)[:300]})") from None
     return ckpt, cfg, train_cfg, head.to(resolve_device(device)).eval()

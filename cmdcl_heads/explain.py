@@ -171,7 +171,10 @@ def explain_run(run: str | Path, video_id: str, out: str | Path | None = None, c
         ls = man.label_sets[labels.label_set]
         value = record.labels[labels.label_set]
         truth = [ls.names[ls.index(k)] for k in ([value] if isinstance(value, str) else value)]
-    out = Path(out) if out else Path(run) / f"explain-{video_id}.png"
+    if out is None:   # a video id is not a file name: export's safe name for it (any id, any length)
+        from cmdcl_cache.export import file_names
+        out = Path(run) / f"explain-{file_names([video_id])[video_id]}.png"
+    out = Path(out)
     return plot_explanation(maps, list(labels.names), fine_names, out, times=times[idx], vp_names=vp_names,
                             top_k=top_k, title=f"{video_id} ({man.dataset}, {checkpoint})", truth=truth,
                             multi_label=labels.multi_label)

@@ -126,10 +126,20 @@ class RunFolder:
             raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, this cmdcl reads "
                                   f"{CHECKPOINT_VERSION}")
         model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        optimizer = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
-        rng = {"tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}, **meta["rng"]} \
-            if "rng" in meta else None
-        return Checkpoint(meta=meta, model=model, optimizer=optimizer, scheduler=meta.get("scheduler"), rng=rng)
+        bad = [k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise CheckpointError(f"{path}: weights {', '.join(bad[:3])} hold NaN/Inf; nothing was loaded")
+        try:   # the metadata is data: every structure is checked, a surprise is a refusal, not a traceback
+            optimizer = _join_optimizer(tensors, meta["optimizer"]) if "optimizer" in meta else None
+            rng = {"tensors": {k: v for k, v in tensors.items() if k.startswith("rng.")}, **meta["rng"]} \
+                if "rng" in meta else None
+            scheduler = meta.get("scheduler")
+            if scheduler is not None and not isinstance(scheduler, dict):
+                raise TypeError("scheduler state is not an object")
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise CheckpointError(f"{path}: its metadata is not what cmdcl writes ({type(err).__name__}: {err}); "
+                                  "nothing was loaded") from None
+        return Checkpoint(meta=meta, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng)
 
     # ------------------------------------------------------------------------------------------ metrics
 
@@ -190,17 +200,22 @@ def _unshared(tensors: dict) -> dict:
     return out
 
 
+MAX_CHECKPOINT_BYTES = 16 << 30   # a head is megabytes; anything this big is not a checkpoint of ours
+
+
 def _read_safetensors(path: Path) -> tuple[dict, dict]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    if not path.is_file() or path.stat().st_size > MAX_CHECKPOINT_BYTES:   # /dev/zero, a FIFO, a folder
+        raise CheckpointError(f"{path}: not a regular file of a plausible size; nothing was loaded")
     try:
         data = path.read_bytes()
         tensors = load(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8:8 + header_len])
         meta = json.loads(header.get("__metadata__", {})["cmdcl"])
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as err:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointError(f"{path}: not a cmdcl checkpoint ({type(err).__name__}: {str(err)[:200]}); nothing "
                               "was loaded") from None
     if not isinstance(meta, dict):

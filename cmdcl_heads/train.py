@@ -29,7 +29,8 @@ import contextlib
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from pathlib import Path
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -66,8 +67,12 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     confounders = load_confounders(data, head, config)
     config, head = resolve_config(config, head, data, confounders)
     run = RunFolder(config.out)
-    resumed = run.load_checkpoint("last") if config.resume else None
-    if resumed is None:
+    resumed = None
+    if config.resume:   # refused before anything in the run folder changes
+        resumed = run.load_checkpoint("last")
+        check_checkpoint(resumed.meta, data, run.checkpoint_path("last"))
+        check_resume_options(resumed.meta, config, head, run.checkpoint_path("last"))
+    else:
         run.start_fresh()
     run.write_config(head, config)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 = TF32 on CUDA
@@ -294,8 +299,10 @@ def resolve_config(config: TrainConfig, head: HeadConfig, data: RunData, conf) -
         console().print(f"selection: {chooses} ({why}); reported: {config.eval_split}, evaluated once at the end",
                         markup=False)
     trainable = head.model != "zeroshot"
+    # paths made absolute: config.toml repeats the run from any working directory
     config = replace(config, label_set=labels.label_set, select_split=(select if trainable else None) or "none",
-                     tokens=tokens)
+                     tokens=tokens, cache=str(data.folder.path.resolve()), dataset=_dataset_ref(config.dataset),
+                     out=str(Path(config.out).resolve()))
     head = replace(head, fine_label_set=labels.fine_label_set, dim=cache.feature_dim, num_classes=len(labels.names),
                    num_fine=len(labels.fine_names) if labels.fine_label_set != labels.label_set else 0,
                    kp=len(conf.vp) if conf is not None and head.tci else 0,
@@ -356,10 +363,8 @@ def checkpoint_meta(config: TrainConfig, head: HeadConfig, data: RunData) -> dic
 
 def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, optimizer,
             scheduler) -> dict:
-    """Continue from `last`: same data, same options, then its weights, optimizer, scheduler and RNGs."""
-    where = run.checkpoint_path("last")
-    check_checkpoint(ckpt.meta, data, where)
-    check_resume_options(ckpt.meta, config, head, where)
+    """Continue from `last` (already checked against the data and options): its weights, optimizer,
+    scheduler and RNGs."""
     model.load_state_dict(ckpt.model)
     optimizer.load_state_dict(ckpt.optimizer)
     scheduler.load_state_dict(ckpt.scheduler)
@@ -375,8 +380,10 @@ def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: R
 
 def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, where) -> None:
     before_cfg, now_cfg = meta["head_config"], head.to_dict()
-    if before_cfg != now_cfg:   # over the union of keys
-        diff = next(k for k in sorted(set(before_cfg) | set(now_cfg)) if before_cfg.get(k) != now_cfg.get(k))
+    if before_cfg != now_cfg:   # over the union of keys; an option the user sets is named before a shape
+        derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
+        keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
+        diff = next(k for k in keys if before_cfg.get(k) != now_cfg.get(k))
         raise CheckpointMismatch(f"{where}: head option '{diff}' is {before_cfg.get(diff)!r} in the "
                                  f"checkpoint, {now_cfg.get(diff)!r} now; resume with the same options")
     before, now = meta["train_config"], config.to_dict()
@@ -462,8 +469,6 @@ def _model_part(name: str) -> str:
 
 def _dataset_ref(dataset: str) -> str:
     """Built-in names stay names; folders become absolute so eval works from another directory."""
-    from pathlib import Path
-
     from cmdcl_cache.manifest import BUILTIN_DATASETS
     path = Path(dataset)
     return str(path.resolve()) if path.is_dir() and ("/" in dataset or dataset not in BUILTIN_DATASETS) else dataset

@@ -137,14 +137,15 @@ def test_retry_failed_runs_only_failures_and_a_fixed_video_is_no_longer_failed(b
     assert "zero_bytes" not in {f["video_id"] for f in summarize(r.cache_dir)["failures"]}
 
 
-def test_hung_decode_is_killed_at_the_timeout_and_the_run_goes_on(tmp_path):
+def test_hung_decode_is_killed_at_the_timeout_and_the_run_goes_on(tmp_path, monkeypatch):
     root = tmp_path / "videos"
     vids = good_videos(root, 2)
     write_video(root / "hang.mp4", 20)
     vids["hang"] = "hang.mp4"
     manifest = write_manifest(tmp_path / "manifest", vids)
     t0 = time.monotonic()
-    r = extract(_opts(manifest, root, tmp_path / "cache", decoder="hang-test", decode_timeout=2))
+    monkeypatch.setenv("CMDCL_DECODER", "hang-test")   # the test seam: an environment variable, never a config
+    r = extract(_opts(manifest, root, tmp_path / "cache", decode_timeout=2))
     assert time.monotonic() - t0 < 40
     assert r.failed == ["hang"] and r.exit_code == EXIT_PARTIAL
     rec = read_failures(r.cache_dir)["hang"]

@@ -8,7 +8,7 @@ import pytest
 
 from cmdcl_cache.cache import Cache, shard_name
 from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.store import CacheError, ProvenanceError, ShardWriter, TextEmbeddings, read_texts, write_texts
+from cmdcl_cache.store import CacheError, ProvenanceError, ShardWriter, TextEmbeddings, read_texts
 
 PROV = {"dataset": "t", "model": "m", "shard_index": 0, "shard_count": 1, "sampling": {"fps": 1.0}}
 
