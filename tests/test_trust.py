@@ -398,3 +398,185 @@ def test_a_bad_model_name_or_unreachable_weights_exit_2_and_leave_no_folder(tmp_
     assert "--pretrained PATH" in out.stderr and out.stderr.count("\n") < 5   # one message, not forty warnings
     assert time.monotonic() - t0 < 60            # the hub client's retries alone take about a minute
     assert not (tmp_path / "cache").exists()
+
+
+# ------------------------------------------------------------------------ found by the attack session (issue 11)
+
+def test_a_config_file_sets_options_only_never_seams_or_shapes(tmp_path):
+    need_cache = 'dataset = "d"\nvideo_root = "v"\ncache = "c"\n'
+    need_heads = 'dataset = "d"\nout = "o"\ncache = "c"\n'
+    for program, text in ((cache_app, need_cache + 'decoder = "os:truncate"\n'),
+                          (cache_app, need_cache + "decode_threads = 0\n"), (heads_app, need_heads + "dim = 1024\n")):
+        config = tmp_path / "c.toml"
+        config.write_text(text)
+        res = runner.invoke(program, ["train" if program is heads_app else "extract", "--config", str(config)])
+        assert res.exit_code == 2, res.output
+        assert "is not one of" in res.output or "unknown key(s)" in res.output
+
+
+def test_a_refused_second_extract_changes_nothing_texts_included(small_cache, tmp_path):
+    t, root, manifest, folder = small_cache
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of {}.\n")
+    before = _sha(folder / "texts.h5")
+    from cmdcl_cache.store import ShardLock
+    lock = ShardLock(folder / "frames-00000-of-00001.h5")   # another process is writing this shard
+    try:
+        args = extract_args(manifest, root, t / "cache", "--prompts", str(prompts))
+        res = runner.invoke(cache_app, args)
+    finally:
+        lock.release()
+    assert res.exit_code == 2 and "holds" in res.output
+    assert _sha(folder / "texts.h5") == before
+
+
+def test_other_settings_on_a_finished_cache_are_refused_not_nothing_to_do(small_cache):
+    t, root, manifest, folder = small_cache
+    args = [a if a != "--fps" else "--fps" for a in extract_args(manifest, root, t / "cache")]
+    args[args.index("--fps") + 1] = "2"
+    res = runner.invoke(cache_app, args)
+    assert res.exit_code == 2 and "attribute 'sampling'" in res.output and "nothing to do" not in res.output
+
+
+def test_a_refused_resume_leaves_the_run_folder_alone(run_dir, tmp_path):
+    run, cache, manifest = run_dir
+    trained = tmp_path / "t4v"
+    train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(trained), epochs=1, batch_size=16,
+                      device="cpu", quiet=True), HeadConfig(model="text4vis", frames=8, layers=0))
+    config = (trained / "config.toml").read_text()
+    for flags, named in ((["--lr", "0.5"], "'lr'"), (["--dropout", "0.3"], "head option 'dropout'")):
+        res = runner.invoke(heads_app, ["train", "--cache", str(cache), "--dataset", str(manifest), "--out",
+                                        str(trained), "--model", "text4vis", "--frames", "8", "--layers", "0",
+                                        "--epochs", "3", "--batch-size", "16", "--device", "cpu", "--quiet",
+                                        "--resume", *flags])
+        assert res.exit_code == 2 and named in res.output, res.output
+        assert (trained / "config.toml").read_text() == config
+
+
+def _checkpoint_copy(run, tmp_path, name, edit):
+    """A copy of the run whose best checkpoint's metadata or tensors were edited by `edit(meta, tensors)`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    copy = tmp_path / name
+    shutil.copytree(run, copy)
+    path = copy / "best.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["cmdcl"])
+    tensors = load_file(str(path))
+    edit(meta, tensors)
+    save_file(tensors, str(path), metadata={"cmdcl": json.dumps(meta)})
+    return copy
+
+
+def test_checkpoints_from_a_stranger_are_checked_before_use(run_dir, tmp_path):
+    run, _, _ = run_dir
+    cases = {
+        "nan": (lambda m, t: t["model.fc.weight"].fill_(float("nan")), "hold NaN/Inf"),
+        "dtype": (lambda m, t: t.update({"model.fc.weight": t["model.fc.weight"].double()}), "torch.float64"),
+        "rng": (lambda m, t: m.update(rng=5), "metadata is not what cmdcl writes"),
+        "optimizer": (lambda m, t: m.update(optimizer={"state": [1, 2], "param_groups": []}),
+                      "metadata is not what cmdcl writes"),
+    }
+    for name, (edit, message) in cases.items():
+        copy = _checkpoint_copy(run, tmp_path, name, edit)
+        res = runner.invoke(heads_app, ["eval", "--run", str(copy), "--device", "cpu"])
+        assert res.exit_code == 2 and message in res.output and "best.safetensors" in res.output, (name, res.output)
+    special = tmp_path / "devzero"
+    shutil.copytree(run, special)
+    (special / "best.safetensors").unlink()
+    (special / "best.safetensors").symlink_to("/dev/zero")
+    res = runner.invoke(heads_app, ["eval", "--run", str(special), "--device", "cpu"])
+    assert res.exit_code == 2 and "not a regular file" in res.output
+
+
+def test_damaged_confounders_and_texts_are_named_errors(tmp_path):
+    import h5py
+
+    from _cmdcl_synth import make_dataset
+    from cmdcl_heads.confounders import FILE_NAME
+    cache, manifest = make_dataset(tmp_path / "data", n_train=12, n_test=4, d=16, frames=8)
+    assert runner.invoke(heads_app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),
+                                     "--kp", "4", "--kz", "4"]).exit_code == 0
+    train_args = ["train", "--cache", str(cache), "--dataset", str(manifest), "--model", "cmdcl", "--frames", "4",
+                  "--layers", "0", "--epochs", "1", "--device", "cpu", "--quiet"]
+    good = (cache / FILE_NAME).read_bytes()
+    for edit, message in ((lambda f: f["vp"].__setitem__((0, 0), np.nan), "vp holds NaN/Inf"),
+                          (lambda f: f["z_prior"].__setitem__(0, -1.0), "z_prior is not a distribution"),
+                          (lambda f: f.attrs.__setitem__("settings", "{not json"), "not a readable confounders")):
+        (cache / FILE_NAME).write_bytes(good)
+        with h5py.File(cache / FILE_NAME, "r+") as f:
+            edit(f)
+        res = runner.invoke(heads_app, [*train_args, "--out", str(tmp_path / "run")])
+        assert res.exit_code == 2 and message in res.output and FILE_NAME in res.output, res.output
+        assert not (tmp_path / "run").exists()
+    with h5py.File(cache / "texts.h5", "r+") as f:
+        del f["activity/names"]
+        f["activity/names"] = np.arange(4)
+    res = runner.invoke(cache_app, ["verify", "--cache", str(cache), "--dataset", str(manifest)])
+    assert res.exit_code == 1 and "texts.h5" in res.output and "not a readable texts file" in res.output
+
+
+def test_a_journal_edited_by_hand_is_recovered_or_named(tmp_path):
+    path = tmp_path / "frames-00000-of-00001.h5"
+    prov = {"dataset": "t", "model": "m", "shard_index": 0, "shard_count": 1}
+    x = {v: np.full((3, 4), i, np.float16) for i, v in enumerate("abc")}
+    with ShardWriter(path, prov, 4) as w:
+        for vid, rows in x.items():
+            w.append_video(vid, rows, np.arange(3), np.arange(3.0), 1.0, 3, 3.0)
+    log = path.with_suffix(".journal") / "commits.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "{garbage", *lines[2:]]) + "\n")   # the second commit line destroyed
+    with ShardWriter(path, prov, 4) as w:
+        assert w.committed_ids == {"a"} and "not a commit line" in w.dropped[0][1]
+        w.append_video("b", x["b"], np.arange(3), np.arange(3.0), 1.0, 3, 3.0)
+        w.append_video("c", x["c"], np.arange(3), np.arange(3.0), 1.0, 3, 3.0)
+        w.finalize()
+    assert all(np.array_equal(Cache(tmp_path).features(v), x[v]) for v in x)
+    with ShardWriter(tmp_path / "frames-00000-of-00002.h5", {**prov, "shard_count": 2}, 4) as w:
+        pass
+    (tmp_path / "frames-00000-of-00002.journal" / "provenance.json").write_text("{bad")
+    with pytest.raises(CacheError, match=r"provenance.json: unreadable.*move the journal aside"):
+        ShardWriter(tmp_path / "frames-00000-of-00002.h5", {**prov, "shard_count": 2}, 4)
+
+
+def test_a_disk_too_full_for_the_shard_stops_before_hdf5_writes(small_cache, tmp_path, monkeypatch):
+    from collections import namedtuple
+    t, root, manifest, _ = small_cache
+    usage = namedtuple("usage", "total used free")
+    import cmdcl_cache.store as store
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1024))
+    res = runner.invoke(cache_app, extract_args(manifest, root, tmp_path / "cache"))
+    assert res.exit_code == 2 and "disk full: the shard needs about" in res.output and "journal is kept" in res.output
+    monkeypatch.undo()
+    r = extract(_config(manifest, root, tmp_path / "cache"))
+    assert r.exit_code == 0 and verify(r.cache_dir, str(manifest)).problems == []
+
+
+def test_plain_mistakes_in_head_commands_are_messages(run_dir, tmp_path):
+    run, cache, manifest = run_dir
+    a_file = tmp_path / "a file"
+    a_file.write_text("x")
+    cases = [["train", "--cache", str(cache), "--dataset", str(manifest), "--model", "zeroshot", "--out", str(a_file),
+              "--device", "cpu", "--quiet"],
+             ["eval", "--run", str(run), "--device", "cpu", "--json", str(tmp_path / "no" / "such" / "m.json")],
+             ["predict", "--run", str(run), "--top-k", "0", "--device", "cpu"]]
+    for args in cases:
+        res = runner.invoke(heads_app, args)
+        assert res.exit_code == 2 and "Traceback" not in res.output, (args[0], res.output)
+
+
+def test_inspect_and_the_video_index_survive_odd_folders(small_cache, tmp_path):
+    t, root, manifest, folder = small_cache
+    copy = tmp_path / "cache"
+    shutil.copytree(folder, copy)
+    with open(copy / "failures.jsonl", "a") as fh:
+        fh.write(json.dumps({"video_id": "x"}) + "\n")   # a record without stage or error, edited by hand
+    res = runner.invoke(cache_app, ["inspect", "--cache", str(copy)])
+    assert res.exit_code == 0 and "x: ?" in res.output
+    loops = tmp_path / "videos"
+    shutil.copytree(root, loops)
+    (loops / "a").symlink_to(".")
+    (loops / "b").symlink_to(".")
+    t0 = time.monotonic()
+    res = runner.invoke(cache_app, ["manifest", "check", "--dataset", str(manifest), "--video-root", str(loops)])
+    assert time.monotonic() - t0 < 30 and "found" in res.output
