@@ -277,7 +277,26 @@ class _Slot:
     waited: float = 0.0    # seconds the main process has waited on this job since its last message
 
 
-class DecodePool:
+class _SlotPool:
+    """What both pools share: slots that hold at most one job each."""
+
+    slots: list
+
+    @property
+    def idle(self) -> int:
+        return sum(s.job is None for s in self.slots)
+
+    @property
+    def busy(self) -> int:
+        return len(self.slots) - self.idle
+
+    def _free_slot(self, job):
+        slot = next(s for s in self.slots if s.job is None)
+        slot.job, slot.stage, slot.waited = job, "open", 0.0
+        return slot
+
+
+class DecodePool(_SlotPool):
     """A fixed number of decode workers; `submit` a video to an idle one, `poll` for messages.
 
     transform: the encoder's TransformSpec: workers send open_clip's resize + crop of the frames (see the
@@ -317,18 +336,8 @@ class DecodePool:
         outbox_w.close()
         return _Slot(p, inbox_w, outbox_r)
 
-    @property
-    def idle(self) -> int:
-        return sum(s.job is None for s in self.slots)
-
-    @property
-    def busy(self) -> int:
-        return len(self.slots) - self.idle
-
     def submit(self, job, path: str) -> None:
-        slot = next(s for s in self.slots if s.job is None)
-        slot.job, slot.stage, slot.waited = job, "open", 0.0
-        slot.inbox.send((job, str(path)))
+        self._free_slot(job).inbox.send((job, str(path)))
 
     def _replace(self, slot: _Slot) -> None:
         slot.process.kill()
@@ -413,7 +422,7 @@ class _Thread:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-class GpuDecodePool:
+class GpuDecodePool(_SlotPool):
     """DecodePool's interface over threads of the main process, for NVDEC (torchcodec-cuda).
 
     Each video is decoded by a daemon thread that stays one chunk ahead (a queue of one message, as a
@@ -436,17 +445,8 @@ class GpuDecodePool:
         self.slots = [_Thread() for _ in range(workers)]
         self.restarts = 0
 
-    @property
-    def idle(self) -> int:
-        return sum(s.job is None for s in self.slots)
-
-    @property
-    def busy(self) -> int:
-        return len(self.slots) - self.idle
-
     def submit(self, job, path: str) -> None:
-        slot = next(s for s in self.slots if s.job is None)
-        slot.job, slot.stage, slot.waited = job, "open", 0.0
+        slot = self._free_slot(job)
         threading.Thread(target=self._run, args=(slot, job, str(path)), daemon=True,
                          name=f"cmdcl-nvdec-{job}").start()
 

@@ -42,6 +42,7 @@ import torch.nn.functional as nnf
 import torchvision.transforms.functional as TF
 from open_clip.transform import center_crop_or_pad
 
+from .device import resolve_device
 from .transform import TransformSpec, plan, resize_crop, shortest_edge_size  # noqa: F401 (re-exported)
 
 MODEL_CONFIG_DIR = resources.files("cmdcl_cache") / "model_configs"  # package data
@@ -81,18 +82,6 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise EncoderError(f"device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderError(f"device {name!r}: CUDA is not available on this machine (use --device cpu)")
-    return device
 
 
 def _as_frames(frames) -> torch.Tensor:
@@ -559,7 +548,7 @@ def load_encoder(spec: EncoderSpec, seed: int | None = 0) -> FrameEncoder:
     afterwards), so that two runs, and a run and its resumption, build the same network."""
     pretrained_arg, pretrained_id, force_quick_gelu = check_encoder_spec(spec)
     model_cfg = open_clip.get_model_config(spec.model)
-    device = _resolve_device(spec.device)
+    device = resolve_device(spec.device)
     try:
         with torch.random.fork_rng(devices=[]), _quiet_if(pretrained_arg is None):
             if seed is not None:

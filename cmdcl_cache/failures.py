@@ -54,3 +54,12 @@ def record_failure(cache_dir: str | Path, video_id: str, path: str, stage: str, 
 def read_failures(cache_dir: str | Path) -> dict[str, dict]:
     """The last failure record of each video listed in failures.jsonl."""
     return {r["video_id"]: r for r in read_lines(Path(cache_dir) / FAILURES) if "video_id" in r}
+
+
+def append_run_log(folder_log: str | Path, record: dict) -> None:
+    """One line of extract_log.jsonl; a read-only cache that had nothing to write still answers (a warning)."""
+    import sys
+    try:
+        append_line(folder_log, record)
+    except OSError as err:
+        print(f"warning: cannot append to {folder_log} ({err.strerror})", file=sys.stderr)

@@ -54,7 +54,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 import zipfile
 from collections import Counter, defaultdict
@@ -68,7 +67,7 @@ import numpy as np
 from .cache import CacheFolder, ImportSpec, for_writing, provenance_difference, text_provenance_for
 from .config import check_choices, option
 from .export import INDEX_FILE, read_index
-from .failures import append_line, read_lines, record_failure
+from .failures import append_line, append_run_log, read_lines, record_failure
 from .pipeline import EXIT_OK, ExtractResult, exit_status
 from .store import SCHEMA_VERSION, CacheError, ProvenanceError, TextEmbeddings, normalised, read_shard
 
@@ -809,10 +808,7 @@ def log_import(plan: ImportPlan, result: ImportResult, started) -> None:
         "hashed": result.hashed, "reused_hashes": result.reused,
         "dropped_journal_commits": [vid for vid, _ in result.dropped],
     }
-    try:
-        append_line(plan.folder.log_path, record)
-    except OSError as err:
-        print(f"warning: cannot append to {plan.folder.log_path} ({err.strerror})", file=sys.stderr)
+    append_run_log(plan.folder.log_path, record)
 
 
 def main_message(result: ImportResult) -> str:

@@ -44,7 +44,7 @@ import numpy as np
 
 from .cache import CacheFolder, CacheSpec, for_writing
 from .config import check_choices, option
-from .failures import append_line, read_failures, record_failure
+from .failures import append_run_log, read_failures, record_failure
 from .ranks import RankInfo, detect_rank, split_ids
 from .sampling import SamplingPolicy
 from .store import CacheError, StorageError, read_shard
@@ -281,10 +281,7 @@ def _log_run(plan: _Plan, result: ExtractResult, started, restarts: int) -> None
         "frames_per_s": round(result.frames / max(result.seconds, 1e-9), 2), "exit_code": result.exit_code,
         "decode_restarts": restarts, "dropped_journal_commits": [vid for vid, _ in result.dropped],
     }
-    try:
-        append_line(plan.folder.log_path, record)
-    except OSError as err:   # a read-only cache that had nothing to do still answers
-        print(f"warning: cannot append to {plan.folder.log_path} ({err.strerror})", file=sys.stderr)
+    append_run_log(plan.folder.log_path, record)
 
 
 def main_exit_message(result: ExtractResult) -> str:

@@ -18,6 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from cmdcl_cache.cache import provenance_difference
+from cmdcl_cache.device import resolve_device
 from cmdcl_cache.store import CacheError, ProvenanceError
 
 from .config import HeadConfig, TrainConfig
@@ -29,18 +30,6 @@ from .run import Checkpoint, RunFolder
 
 class CheckpointMismatch(CacheError):
     """A checkpoint and the cache / manifest it is used with disagree."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def autocast(device: torch.device, precision: str):
