@@ -83,15 +83,8 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     model.to(device)
     splits = Splits.load(data, config, head, device)
     meta = checkpoint_meta(config, head, data)
-    if not is_trainable(model):   # no epoch loop, so nothing is selected: the one model is best and last
-        probe = None
-        if head.model == "linear":   # the CLIP paper's probe: L-BFGS, l2 chosen on the selection split
-            probe = fit_linear_head(model, (splits.train, splits.train_feats), splits.select, head.num_classes,
-                                    data.labels.multi_label, config.batch_size)
-        for name in ("last", "best"):
-            run.save_checkpoint(name, {**meta, "epoch": 0, "best_epoch": 0, "best_value": None}, model)
-        run.append_metrics({"epoch": 0, "train_loss": probe["train_loss"] if probe else None,
-                            **({"probe": probe} if probe else {})})
+    if not is_trainable(model):   # zero-shot, or the linear probe: no epoch loop
+        probe = fit_without_epochs(run, config, head, data, model, splits, meta)
         return finish(run, config, head, data, model, splits, device, trainable_params=0, requested=requested,
                       probe=probe)
 
@@ -127,6 +120,21 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
                 on_epoch_end(epoch, record)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return finish(run, config, head, data, model, splits, device, trainable_params=trainable, requested=requested)
+
+
+def fit_without_epochs(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, splits,
+                       meta: dict) -> dict | None:
+    """Zero-shot (nothing to fit) or the CLIP paper's linear probe (L-BFGS, l2 chosen on the selection split):
+    nothing is selected, so the one model is best and last. Returns the probe's summary, or None."""
+    probe = None
+    if head.model == "linear":
+        probe = fit_linear_head(model, (splits.train, splits.train_feats), splits.select, head.num_classes,
+                                data.labels.multi_label, config.batch_size)
+    for name in ("last", "best"):
+        run.save_checkpoint(name, {**meta, "epoch": 0, "best_epoch": 0, "best_value": None}, model)
+    run.append_metrics({"epoch": 0, "train_loss": probe["train_loss"] if probe else None,
+                        **({"probe": probe} if probe else {})})
+    return probe
 
 
 def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConfig, epoch: int, device,
