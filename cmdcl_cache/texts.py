@@ -3,11 +3,12 @@
 Readable names (`readable_label`):
 - CamelCase keys (COIN tasks) are split into lower-case words, acronyms kept:
   `ChangeCarTire` -> "change car tire", `ReplaceCDDriveWithSSD` -> "replace CD drive with SSD".
-- snake_case keys (Breakfast actions) become words: `stir_tea` -> "stir tea".
-- Breakfast's `SIL` ("silence": frames before, between and after the actions) becomes "background", the
-  closest thing a text tower knows; this mapping is ours, not the dataset's.
-- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is, and
-  keys with non-ASCII letters are only split at `_` and `-` (`crème_brûlée` -> "crème brûlée").
+- snake_case keys (Breakfast actions) become words: `stir_tea` -> "stir tea" (an underscore is a space).
+- Any other word is kept as written: `iPhone`, `C++`, `T-shirt`, `3D_printer` -> "3D printer",
+  `crème_brûlée` -> "crème brûlée" (so two different names never become one text by losing characters).
+- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is.
+- Breakfast's `SIL` ("silence") is named "background" by its manifest builder (our mapping, not the
+  dataset's): the closest thing a text tower knows.
 
 Templates come in named sets (`TEMPLATE_SETS`, CLIP-style ensembles in the spirit of CLIP's ImageNet and
 Kinetics prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts), one per kind of
@@ -68,8 +69,6 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
 DEFAULT_TEMPLATE_SET = "actions"
 DEFAULT_TEMPLATES = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET]
 
-SPECIAL_NAMES = {"SIL": "background"}
-
 # A run of capitals followed by a capitalised word splits before that word's capital ("CDDrive" ->
 # "CD", "Drive"); otherwise words are capitalised words, acronyms, lower-case runs or digits.
 # Digits stay with the acronym before them ("RJ45", "USB3").
@@ -83,18 +82,19 @@ class PromptError(ValueError):
 def readable_label(key: str) -> str:
     """Human text for a label key or name (see the module docstring for the rules)."""
     key = key.strip()
-    if key in SPECIAL_NAMES:
-        return SPECIAL_NAMES[key]
     if " " in key:
         return key  # already text (COIN step names)
-    if not key.isascii():  # the word rules below know ASCII letters only: split on _ and - alone
-        return " ".join(part for part in re.split(r"[_\-]+", key) if part) or key
-    words = []
-    for part in re.split(r"[_\-]+", key):
-        for word in _WORDS.findall(part):
-            # acronyms (two or more capitals) keep their case, other words are lower-cased
-            words.append(word if len(word) > 1 and word.isupper() and not word.isdigit() else word.lower())
-    return " ".join(words) if words else key
+    parts = [part for part in key.split("_") if part]   # snake_case: an underscore is a space; "-" is kept
+    return " ".join(_readable_part(part) for part in parts) or key
+
+
+def _readable_part(part: str) -> str:
+    """A CamelCase identifier ("ChangeCarTire", "ReplaceCDDriveWithSSD") becomes lower-case words with its
+    acronyms kept; anything else ("iPhone", "C++", "T-shirt", "3D", "café", "RJ45") is kept as written."""
+    if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", part) or part.isupper():
+        return part
+    words = _WORDS.findall(part)
+    return " ".join(w if len(w) > 1 and w.isupper() and not w.isdigit() else w.lower() for w in words)
 
 
 def load_templates(path: str | Path) -> list[str]:

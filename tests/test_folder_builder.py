@@ -166,3 +166,36 @@ def test_cli_builds_then_reports_every_problem_with_exit_2(tmp_path):
         res = runner.invoke(app, ["manifest", "build", *bad])
         assert res.exit_code == 2, (bad, res.output)
     assert (out / "videos.jsonl").read_bytes() == before
+
+
+def test_linked_class_folder_and_linked_files_are_one_record_each(tmp_path):
+    videos = touch(tmp_path / "videos", "cat/a.mp4", "cat/b.mp4", "dog/x.mp4", "dog/y.mp4")
+    (videos / "kitty").symlink_to(videos / "cat", target_is_directory=True)   # a second name for a class
+    with pytest.raises(ValueError, match=r"class folder 'kitty' is the same folder as class 'cat'"):
+        build_records("folder", videos=videos)
+    (videos / "kitty").unlink()
+    (videos / "dog" / "again.mp4").symlink_to(videos / "dog" / "x.mp4")     # a second name for a file
+    (videos / "dog" / "loop").symlink_to(videos / "dog", target_is_directory=True)
+    records, _ = build_records("folder", videos=videos)
+    assert sorted(r["path"] for r in records) == ["cat/a.mp4", "cat/b.mp4", "dog/again.mp4", "dog/y.mp4"]
+
+
+def test_csv_with_old_mac_line_ends_and_an_unterminated_quote(tmp_path):
+    videos = touch(tmp_path / "videos", "a.mp4", "b.mp4", "c.mp4")
+    csv = write_csv(tmp_path / "mac.csv", b"path,label\ra.mp4,cat\rb.mp4,dog\r\nc.mp4,dog\r")
+    records, _ = build_records("folder", videos=videos, csv_path=csv)
+    assert sorted((r["path"], r["labels"]["class"]) for r in records) == [("a.mp4", "cat"), ("b.mp4", "dog"),
+                                                                           ("c.mp4", "dog")]
+    csv = write_csv(tmp_path / "quote.csv", 'path,label\na.mp4,cat\nb.mp4,"dog\nc.mp4,dog\n')
+    with pytest.raises(ValueError, match=r"quote.csv:\d+: field '\(csv\)'.*unterminated quote"):
+        build_records("folder", videos=videos, csv_path=csv)
+
+
+def test_classes_whose_label_texts_read_the_same_are_refused(tmp_path):
+    videos = touch(tmp_path / "videos", "Rabbit/a.mp4", "rabbit/b.mp4", "cartoon_dog/c.mp4", "cartoon dog/d.mp4",
+                   "cat/e.mp4")
+    with pytest.raises(ManifestErrors) as info:
+        build_records("folder", videos=videos)
+    text = str(info.value)
+    assert "classes 'Rabbit' and 'rabbit' both read" in text
+    assert "classes 'cartoon dog' and 'cartoon_dog' both read 'cartoon dog'" in text

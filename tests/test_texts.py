@@ -21,13 +21,14 @@ from cmdcl_cache.texts import (DEFAULT_TEMPLATES, TEMPLATE_SETS, PromptError, bu
     ("PitchATent", "pitch a tent"),
     ("stir_tea", "stir tea"),
     ("pour_cereals", "pour cereals"),
-    ("SIL", "background"),
+    ("SIL", "SIL"),                    # Breakfast's builder names it "background"; a user's SIL class stays SIL
+    ("C++", "C++"), ("C#", "C#"), ("iPhone", "iPhone"), ("3D_printer", "3D printer"), ("T-shirt", "T-shirt"),
     ("remove the tire", "remove the tire"),          # COIN step names are already text
     ("use the SIM card slot", "use the SIM card slot"),
     ("cereals", "cereals"),
     ("café", "café"),                                 # non-ASCII letters are kept
     ("crème_brûlée", "crème brûlée"),
-    ("数据-集", "数据 集"),
+    ("数据-集", "数据-集"),              # a hyphen is kept: only an underscore is a space
 ])
 def test_readable_label(key, text):
     assert readable_label(key) == text
@@ -86,7 +87,7 @@ def test_build_text_embeddings_shapes_and_ensemble():
     enc = FakeEncoder()
     templates = ["a video of {}.", "a photo of {}.", "{}"]
     out = build_text_embeddings(enc, {"task": ["ChangeCarTire", "MakePizza"],
-                                      "action": ["SIL", "stir_tea", "take_cup", "pour_milk"]}, templates)
+                                      "action": ["background", "stir_tea", "take_cup", "pour_milk"]}, templates)
     task, action = out["task"], out["action"]
     assert task.per_prompt.shape == (2, 3, 8) and action.per_prompt.shape == (4, 3, 8)
     assert task.names == ["ChangeCarTire", "MakePizza"] and task.texts == ["change car tire", "make pizza"]

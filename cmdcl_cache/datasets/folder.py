@@ -71,7 +71,7 @@ def _is_video(name: str) -> bool:
 def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
     """Videos of DIR/<class>/..., sorted by path; problems go to `errors`."""
     found: list[FoundVideo] = []
-    classes = 0
+    classes, seen, owner = 0, set(), {}
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -81,7 +81,14 @@ def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
                                                               "in DIR/<class>/ (or list them with --from-csv)"))
             continue
         classes += 1
-        videos = [FoundVideo(rel, entry.name, None, (root / rel, 0)) for rel in _videos_below(root, entry)]
+        st = entry.stat()
+        if (st.st_dev, st.st_ino) in owner:
+            errors.add(ManifestError(entry, 0, "(folder)", f"class folder {entry.name!r} is the same folder as class "
+                                                           f"{owner[st.st_dev, st.st_ino]!r} (a link): one class per "
+                                                           "folder"))
+            continue
+        owner[st.st_dev, st.st_ino] = entry.name
+        videos = [FoundVideo(rel, entry.name, None, (root / rel, 0)) for rel in _videos_below(root, entry, seen)]
         if not videos:
             errors.add(ManifestError(entry, 0, "(folder)", f"class folder {entry.name!r} holds no video file "
                                                            f"({' '.join(VIDEO_EXTENSIONS)}); remove it or add videos"))
@@ -92,19 +99,41 @@ def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
     return found
 
 
-def _videos_below(root: Path, folder: Path) -> list[str]:
+def _videos_below(root: Path, folder: Path, seen: set) -> list[str]:
+    """Video files below `folder`; a folder (a symlink loop) and a file (a second name for it, e.g. a class
+    folder that links to another) already met under `root` are skipped: one record per real file."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if ("dir", st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add(("dir", st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        out += [f"{rel_dir}/{name}" for name in sorted(filenames) if not name.startswith(".") and _is_video(name)]
+        for name in sorted(filenames):
+            if name.startswith(".") or not _is_video(name):
+                continue
+            fst = os.stat(Path(dirpath) / name)
+            if ("file", fst.st_dev, fst.st_ino) not in seen:
+                seen.add(("file", fst.st_dev, fst.st_ino))
+                out.append(f"{rel_dir}/{name}")
     return out
 
 
 def read_csv(csv_path: Path, root: Path, errors: ErrorCollector) -> list[FoundVideo]:
     """Rows of a `path,label[,split]` CSV whose files exist under `root`; problems go to `errors`."""
-    lines = decode_lines(csv_path, Path(csv_path).read_bytes(), errors)
-    reader = csv.reader([text + "\n" for _, text in lines])
+    data = Path(csv_path).read_bytes().replace(b"\r\n", b"\n").replace(b"\r", b"\n")   # Windows, old Mac
+    lines = decode_lines(csv_path, data, errors)
+    reader = csv.reader([text + "\n" for _, text in lines], strict=True)   # strict: a stray quote is an error
+    try:
+        return _read_rows(csv_path, reader, root, errors)
+    except csv.Error as err:   # an unterminated quote runs to the end of the file
+        errors.add(ManifestError(csv_path, reader.line_num, "(csv)", f"{err} (an unterminated quote?)"))
+        return []
+
+
+def _read_rows(csv_path: Path, reader, root: Path, errors: ErrorCollector) -> list[FoundVideo]:
     header = next(reader, None)
     columns = _csv_columns(csv_path, header, errors)
     if columns is None:
@@ -155,6 +184,8 @@ def _csv_video(csv_path: Path, line: int, cells: dict[str, str], root: Path) -> 
     path, label = cells["path"], cells["label"]
     if not label:
         fail("label", "empty")
+    if any(not ch.isprintable() for ch in label):
+        fail("label", f"{label!r} holds a line break or control character (a quoted cell left open?)")
     if Path(path).is_absolute():
         try:
             path = Path(path).relative_to(root.resolve()).as_posix()
@@ -199,6 +230,19 @@ def assign_splits(ids_by_class: dict[str, list[str]], val_fraction: float, test_
     return out
 
 
+def _check_readable_names(classes: list[str], where: Path, readable_label, errors: ErrorCollector) -> None:
+    """Two classes whose label texts read the same ('Rabbit', 'rabbit') get the same text embedding: a
+    zero-shot head could never tell them apart, so it is an error, not a surprise after extraction."""
+    by_text: dict[str, str] = {}
+    for key in classes:
+        text = readable_label(key).lower()
+        if text in by_text:
+            errors.add(ManifestError(where, 0, "label", f"classes {by_text[text]!r} and {key!r} both read "
+                                                        f"{readable_label(key)!r} as a label text; rename one"))
+        else:
+            by_text[text] = key
+
+
 def build(videos: Path, csv_path: Path | None = None, val_fraction: float = 0.1, test_fraction: float = 0.2,
           seed: int = 0, prompts: str = DEFAULT_PROMPTS, name: str | None = None, source: str = "",
           licence: str = "") -> tuple[list[dict], dict]:
@@ -228,6 +272,7 @@ def build(videos: Path, csv_path: Path | None = None, val_fraction: float = 0.1,
             continue
         ids[vid] = video
     classes = sorted({v.label for v in ids.values()})
+    _check_readable_names(classes, csv_path or root, readable_label, errors)
     if found and len(classes) < 2 and not errors:   # judged only on an otherwise sound list
         errors.add(ManifestError(csv_path or root, 0, "label", f"{len(classes)} class(es) {classes}: a classifier "
                                                                "needs at least two"))
