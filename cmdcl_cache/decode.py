@@ -72,7 +72,7 @@ from .sampling import SamplingError, SamplingPolicy, sample_timing, video_timing
 from .transform import TransformSpec, resize_crop
 
 __all__ = ["BackendMissing", "DecodeError", "DecodePool", "DecordVideo", "GpuDecodePool", "check_decoders",
-           "decode_video", "decoder_provenance", "resolve_decoder", "start_pool"]
+           "decode_video", "decoder_provenance", "decoders_of_provenance", "resolve_decoder", "start_pool"]
 
 # Chunk boundaries decide which frames share an encoder batch, and a feature can differ in its last bit
 # with its row in the batch (GEMM tail kernels): changing them changes shard bytes. Kept as they were.
@@ -138,6 +138,21 @@ def decoder_provenance(decoder: str | None, fallback: str | None = DEFAULT_FALLB
     text = backend_version(_backend_of(decoder))
     fb = _fallback_of(fallback)
     return f"{text}; fallback {backend_version(fb)}" if fb and fb != _backend_of(decoder) else text
+
+
+def decoders_of_provenance(text: str) -> tuple[str, str]:
+    """(decoder, fallback) named by a `decoder_provenance` text, for decoding new files as the cache was.
+
+    'torchcodec-cuda' becomes 'torchcodec': a file is decoded in this process, on the CPU; the same library
+    (its NVDEC frames may differ from the CPU's in the last bits). An unknown or empty text gives the defaults.
+    """
+    first, _, rest = str(text).partition("; fallback ")
+    decoder = first.split(" ")[0]
+    decoder = "torchcodec" if decoder == "torchcodec-cuda" else decoder
+    fallback = rest.split(" ")[0] if rest else "none"
+    if decoder not in BACKENDS:
+        return DEFAULT_DECODER, DEFAULT_FALLBACK
+    return decoder, fallback if fallback in FALLBACKS else "none"
 
 
 # ------------------------------------------------------------------------------------ one video

@@ -314,7 +314,7 @@ def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str 
     import torch
 
     from .cache import CacheSpec, provenance_difference
-    from .decode import decode_video, resolve_decoder
+    from .decode import check_decoders, decode_video, decoders_of_provenance, resolve_decoder
     from .encoder import load_encoder
     from .store import ProvenanceError
 
@@ -325,7 +325,10 @@ def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str 
     diff = provenance_difference(recorded, {k: v for k, v in here.items() if k in recorded}, ignore=("pretrained",))
     if diff:
         raise ProvenanceError(f"this machine's encoder differs from the one the cache was made with: {diff}")
-    opener, fallback = resolve_decoder(None), resolve_decoder("pyav")   # as extract, with its default fallback
+    decoder, fallback_name = decoders_of_provenance(provenance.get("decoder", ""))   # as the cache was decoded
+    check_decoders(decoder, fallback_name)
+    opener = resolve_decoder(decoder)
+    fallback = None if fallback_name == "none" else resolve_decoder(fallback_name)
     for path in map(Path, paths):
         try:
             feats, toks, stamps = [], [], None

@@ -68,3 +68,19 @@ def test_predict_on_files_and_a_folder_writes_top_k_and_names_bad_files(trained,
     assert abs(cached["top_k"][0]["score"] - lines[str(root / "good3.mp4")]["top_k"][0]["score"]) < 1e-2
     res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(tmp_path / "nope.mp4")])
     assert res.exit_code == 2 and "nope.mp4" in res.output
+
+
+def test_new_files_are_decoded_by_the_backends_the_cache_records(trained, monkeypatch):
+    from cmdcl_cache import decode
+    from cmdcl_cache.pipeline import encode_files
+    assert decode.decoders_of_provenance("decord 0.6.0; fallback pyav 18.1.0") == ("decord", "pyav")
+    assert decode.decoders_of_provenance("pyav 18.1.0") == ("pyav", "none")
+    assert decode.decoders_of_provenance("torchcodec-cuda 0.9; fallback pyav 18") == ("torchcodec", "pyav")
+    assert decode.decoders_of_provenance("") == ("decord", "pyav")
+    t, root, leaf, run = trained
+    opened = []
+    real = decode.resolve_decoder
+    monkeypatch.setattr(decode, "resolve_decoder", lambda name: opened.append(name) or real(name))
+    prov = dict(Cache(leaf).provenance, decoder="pyav 18.1.0")   # a cache extracted with --decoder pyav
+    [(_, feats)] = list(encode_files(prov, [root / "good1.mp4"], "cpu"))
+    assert opened == ["pyav"] and not isinstance(feats, Exception)
