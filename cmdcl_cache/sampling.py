@@ -21,7 +21,8 @@ longer than a bin can be taken twice, even in rate mode: the video shows it that
 Keyframes only (`--keyframes-only`, opt-in): each bin centre takes the keyframe nearest to it, so a
 decoder decodes one frame per sample instead of up to a keyframe interval of them. A sample then lies up
 to half the largest keyframe interval away from its bin centre (the stored timestamp is the keyframe's
-own, exact); rate mode takes at most one sample per keyframe.
+own, exact). Rate mode takes each keyframe at most once: a keyframe nearest to two bin centres is one
+sample, so T can fall below the rate's count (and below --min-frames); exact mode repeats it, keeping N.
 
 Heads resample T frames from the cache, so one cache serves experiments with different T.
 """
@@ -174,7 +175,9 @@ def nearest_keyframes(timing: Timing, policy: SamplingPolicy, keyframes) -> np.n
     # Ties (within a millisecond: decord's timestamps are float32) go to the earlier keyframe, so that
     # backends agree.
     nearer_before = np.abs(centres - key_pts[before]) <= np.abs(key_pts[after] - centres) + 1e-3
-    return keys[np.where(nearer_before, before, after)]
+    idx = keys[np.where(nearer_before, before, after)]
+    # Rate mode: a keyframe nearest to two centres is taken once (the same image twice is not a sample).
+    return np.unique(idx) if policy.num_frames is None else idx
 
 
 def bin_centres(start: float, duration: float, t: int) -> np.ndarray:
