@@ -450,14 +450,15 @@ class ShardWriter:
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(attrs_from(self.provenance))
-                chunk = (min(CHUNK_ROWS, max(total, 1)),)
-                feats = f.create_dataset("features", (total, self.feature_dim), "<f2",
-                                         chunks=chunk + (self.feature_dim,))
-                toks = (f.create_dataset("tokens", (total, self.tokens_per_frame, self.feature_dim), "<f2",
-                                         chunks=(min(16, max(total, 1)), self.tokens_per_frame, self.feature_dim))
+                def rows(name, shape, dtype, chunk_rows):   # no chunks for a shard of no rows (all failed)
+                    chunks = (min(chunk_rows, total), *shape) if total else None
+                    return f.create_dataset(name, (total, *shape), dtype, chunks=chunks)
+
+                feats = rows("features", (self.feature_dim,), "<f2", CHUNK_ROWS)
+                toks = (rows("tokens", (self.tokens_per_frame, self.feature_dim), "<f2", 16)
                         if self.tokens_per_frame else None)
-                fidx = f.create_dataset("frame_index", (total,), "<i8", chunks=chunk)
-                stamps = f.create_dataset("timestamps", (total,), "<f8", chunks=chunk)
+                fidx = rows("frame_index", (), "<i8", CHUNK_ROWS)
+                stamps = rows("timestamps", (), "<f8", CHUNK_ROWS)
                 table = np.zeros(len(order), VIDEO_DTYPE)
                 row = 0
                 for i, vid in enumerate(order):

@@ -186,3 +186,18 @@ def test_split_selects_videos_and_nothing_extractable_is_exit_2(tmp_path):
     assert any("good0" in p for p in verify(r.cache_dir, str(manifest)).problems)
     r = extract(_opts(manifest, root, tmp_path / "cache", split="val"))
     assert r.exit_code == EXIT_FATAL and r.failed == ["broken"]
+
+
+def test_every_video_failing_is_exit_2_with_the_failures_listed_and_a_retry_works(tmp_path):
+    root = tmp_path / "videos"
+    root.mkdir()
+    for vid in ("a", "b"):
+        (root / f"{vid}.mp4").write_bytes(b"not a video")
+    manifest = write_manifest(tmp_path / "manifest", {"a": "a.mp4", "b": "b.mp4"})
+    r = extract(_opts(manifest, root, tmp_path / "cache"))
+    assert r.exit_code == EXIT_FATAL and sorted(r.failed) == ["a", "b"]
+    c = Cache(r.cache_dir)                      # an empty shard reads as an empty cache, not an h5py error
+    assert "a" not in c and sorted(read_failures(r.cache_dir)) == ["a", "b"]
+    write_video(root / "a.mp4", 20, seed=3)     # the user fixes one file
+    r = extract(_opts(manifest, root, tmp_path / "cache", retry_failed=True))
+    assert r.exit_code == EXIT_PARTIAL and r.failed == ["b"] and "a" in Cache(r.cache_dir)
