@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import zipfile
@@ -171,12 +172,26 @@ def load_npy(path: Path) -> np.ndarray:
             if fh.read(6) != b"\x93NUMPY":
                 raise VideoProblem("open", f"{path}: not a .npy file (no NumPy header)")
             fh.seek(0)
+            shape, dtype = npy_header(fh)
+            _check_declared_size(path, shape, dtype, os.fstat(fh.fileno()).st_size - fh.tell())
+            fh.seek(0)
             return np.load(fh, allow_pickle=False)
     except VideoProblem:
         raise
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, MemoryError) as err:
         raise VideoProblem("open", f"{path}: cannot be read as .npy ({type(err).__name__}: {err}); "
                                    "truncated or damaged?") from None
+
+
+def _check_declared_size(path: Path, shape, dtype, data_bytes: int) -> None:
+    """A header that declares more bytes than the file holds (truncated, or a hostile shape like 10^12
+    rows) is refused before NumPy tries to allocate them."""
+    if dtype.hasobject:
+        raise VideoProblem("open", f"{path}: an object array (a pickle), never loaded")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared != data_bytes:
+        raise VideoProblem("open", f"{path}: its header declares shape {shape} {dtype} ({declared} bytes) but "
+                                   f"the file holds {data_bytes} bytes of data; truncated or damaged?")
 
 
 def npy_shape(path: Path):
@@ -205,6 +220,12 @@ def load_npz(path: Path) -> tuple:
         with open(path, "rb") as fh:
             if fh.read(4) != b"PK\x03\x04":
                 raise VideoProblem("open", f"{path}: not an .npz file (no zip header)")
+        with zipfile.ZipFile(path) as zf:   # each member's declared size against its real one
+            for info in zf.infolist():
+                if info.filename.endswith(".npy"):
+                    with zf.open(info) as fh:
+                        shape, dtype = npy_header(fh)
+                        _check_declared_size(f"{path}[{info.filename}]", shape, dtype, info.file_size - fh.tell())
         with np.load(path, allow_pickle=False) as z:
             if "features" not in z.files:
                 raise VideoProblem("open", f"{path}: no array 'features' (it holds {', '.join(z.files) or 'none'})")

@@ -166,12 +166,16 @@ def _bad_sources(src, rng):
     np.save(src / "twice.npy", good)
     (src / "sub").mkdir()
     np.save(src / "sub" / "twice.npy", good)
+    with open(src / "hostile.npy", "wb") as fh:   # a header declaring 10^12 rows over 256 bytes of data
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (10**12, D)})
+        fh.write(bytes(256))
     return {"wrongdim": ("write", "dimension 16, but this import's is 64"), "nan": ("write", "NaN/Inf"),
             "flat": ("write", "is 1-D"), "empty": ("write", "no rows"), "ints": ("write", "dtype int64"),
             "tokens": ("write", "3-D"), "huge": ("write", "beyond float16's range"),
             "cut": ("open", "truncated or damaged"), "text": ("open", "not a .npy file"),
             "pickled": ("open", "never unpickles"), "twice": ("open", "2 source files for video 'twice'"),
-            "absent": ("open", "no source file for video 'absent'")}
+            "absent": ("open", "no source file for video 'absent'"),
+            "hostile": ("open", "header declares shape (1000000000000, 64)")}
 
 
 def test_every_bad_file_is_a_recorded_failure_naming_it_and_the_rest_is_imported(tmp_path):
