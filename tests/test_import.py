@@ -261,7 +261,7 @@ def test_safetensors_per_video(tmp_path):
     np.testing.assert_array_equal(cache.frame_info("a")[1], np.arange(4) * 0.25)
 
 
-def _start_slow_import(args):
+def _start_slow_import(args, output=subprocess.DEVNULL):
     """The import in its own process group, each video read 20 ms slower, committed 3 at a time."""
     script = textwrap.dedent(f"""
         import sys, time
@@ -277,7 +277,7 @@ def _start_slow_import(args):
         app()
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([PY, "-c", script], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    return subprocess.Popen([PY, "-c", script], env=env, stdout=output, stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -305,6 +305,27 @@ def test_an_import_killed_midway_resumes_to_the_same_bytes(tmp_path):
     assert f"{len(ids) - done} videos imported" in res.output   # only the rest was read again
     shard = "frames-00000-of-00001.h5"
     assert _sha(_leaf(cache) / shard) == _sha(_leaf(tmp_path / "ref") / shard)
+
+
+def test_ctrl_c_in_an_import_is_a_message_and_the_rerun_finishes_it(tmp_path):
+    ids = [f"v{i:03d}" for i in range(60)]
+    manifest = _manifest(tmp_path, ids)
+    src = tmp_path / "feats"
+    _video_features(src, ids, np.random.default_rng(4))
+    cache = tmp_path / "cache"
+    commits = _leaf(cache) / "frames-00000-of-00001.journal" / "commits.jsonl"
+    proc = _start_slow_import(["import", "--dataset", str(manifest), "--from", str(src), "--format",
+                               "video-features", "--cache", str(cache), "--model", "clip-ViT-B-32", "--quiet"],
+                              output=subprocess.PIPE)
+    t_end = time.monotonic() + 120
+    while time.monotonic() < t_end and not (commits.exists() and len(commits.read_bytes().splitlines()) >= 6):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and b"interrupted; what is committed is kept" in out and b"Traceback" not in out
+    res = _import(manifest, src, "video-features", cache)
+    assert res.exit_code == 0 and "videos imported" in res.output, res.output
+    assert Cache(_leaf(cache)).video_ids == ids
 
 
 def _exported(folder):
