@@ -125,13 +125,12 @@ def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_n
                      top_k: int = 8, title: str = "", truth: str | list[str] | None = None,
                      multi_label: bool = False) -> Path:
     """Write the four-panel PNG of `explanation_figure`; `maps` as returned by `explain_video`."""
-    import matplotlib.pyplot as plt
+    from .report import save_png
 
     fig, _ = explanation_figure(maps, class_names, fine_names, times, vp_names, top_k, title, truth, multi_label)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_png(fig, out, dpi=110)
     return out
 
 

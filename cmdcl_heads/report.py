@@ -72,9 +72,15 @@ def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | 
             ax.legend()
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
     return True
+
+
+def save_png(fig, path, dpi: int = 100) -> None:
+    """Write and close a figure. bbox_inches="tight" grows the canvas to whatever its text needs: a class
+    name too long for the layout engine would otherwise be cut at the edge."""
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+    _pyplot().close(fig)
 
 
 WRAP_CLASSES, WRAP_WIDTH = 40, 24   # up to 40 classes, names wrap at 24 characters; beyond, one line each
@@ -119,8 +125,7 @@ def confusion_figure(cm: np.ndarray, names: list[str], split: str | None = None)
 def plot_confusion(cm: np.ndarray, names: list[str], path: Path, split: str | None = None) -> None:
     """Write `confusion_figure` as a PNG."""
     fig = confusion_figure(cm, names, split)
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
+    save_png(fig, path)
 
 
 def plot_per_class_ap(ap: np.ndarray, names: list[str], path: Path, split: str | None = None) -> None:
@@ -136,8 +141,7 @@ def plot_per_class_ap(ap: np.ndarray, names: list[str], path: Path, split: str |
     ax.set_xlabel("average precision")
     where = f", {split} split" if split else ""
     ax.set_title(f"per-class AP{where} (mAP {np.nanmean(ap) if c else float('nan'):.3f})")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_probe_sweep(probe: dict, metric: str, path: Path) -> bool:
@@ -160,8 +164,7 @@ def plot_probe_sweep(probe: dict, metric: str, path: Path) -> bool:
         ax.legend()
     fig.suptitle(f"linear probe: l2 chosen on {probe['chosen_on']}, then refitted on "
                  f"{' + '.join(probe['fitted_on'])}")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
     return True
 
 
