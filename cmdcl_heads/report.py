@@ -79,7 +79,11 @@ def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | 
 def save_png(fig, path, dpi: int = 100) -> None:
     """Write and close a figure. bbox_inches="tight" grows the canvas to whatever its text needs: a class
     name too long for the layout engine would otherwise be cut at the edge."""
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+    import warnings
+
+    with warnings.catch_warnings():   # the layout engine gives up on such a name; the tight box covers it
+        warnings.filterwarnings("ignore", message="constrained_layout not applied")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     _pyplot().close(fig)
 
 
