@@ -138,11 +138,16 @@ def manifest_build(
         raise typer.BadParameter(f"the {dataset} builder needs --annotations (--videos and --from-csv are for "
                                  "--dataset folder)", param_hint="--annotations")
     out = out or resolve_dataset_dir(dataset)
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} is a file; a manifest is a folder (labels.json, videos.jsonl)",
+                                 param_hint="--out")
     try:
         m = build_manifest(dataset, annotations, out, **options)
     except ValueError as err:   # ManifestError(s) and bad options
         _print_error(err)
         raise typer.Exit(2)
+    except OSError as err:      # a read-only or full disk, a folder we may not write
+        _fail(f"cannot write the manifest to {out}: {err}", 2)
     _print_build_summary(console(), m, out, videos)
 
 
@@ -153,11 +158,12 @@ def _print_build_summary(console, m, out: Path, videos: Path | None) -> None:
     if videos is None:
         return
     ls = m.label_sets[m.default_label_set]
-    for split in ("val", "test"):
+    for split in ("train", "val", "test"):
         have = {v.labels[ls.name] for v in m.select(split)}
         lacking = [k for k in ls.keys if k not in have]
-        if lacking and len(lacking) < len(ls.keys):
-            console.print(f"note: no {split} video for {len(lacking)} class(es): {', '.join(lacking[:10])}"
+        why = " (trained heads cannot learn them; zero-shot still can)" if split == "train" else ""
+        if lacking and (len(lacking) < len(ls.keys) or split == "train"):
+            console.print(f"note: no {split} video for {len(lacking)} class(es){why}: {', '.join(lacking[:10])}"
                           f"{', ...' if len(lacking) > 10 else ''}", markup=False)
     if not m.select("val"):
         console.print("note: no val videos: best is the last epoch and the linear probe uses its default "

@@ -337,11 +337,6 @@ def labels_json(seed: int) -> dict:
     }
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
 
 def check_size_fps(size: tuple[int, int], fps: int) -> None:
     w, h = size
@@ -374,6 +369,8 @@ def make_demo(out_dir: str | Path, num_videos_per_activity_train: int = 10,
         if progress is not None:
             progress(i + 1, len(plans))
     jsonl = "".join(json.dumps(line, sort_keys=False) + "\n" for line in manifest_lines(plans, fps))
-    _write_text(manifest_dir / "videos.jsonl", jsonl)
-    _write_text(manifest_dir / "labels.json", json.dumps(labels_json(seed), indent=2) + "\n")
+    from .store import write_atomic
+
+    write_atomic(manifest_dir / "videos.jsonl", jsonl)
+    write_atomic(manifest_dir / "labels.json", json.dumps(labels_json(seed), indent=2) + "\n")
     return manifest_dir

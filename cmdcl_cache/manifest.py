@@ -719,8 +719,8 @@ def write_manifest(folder, videos: Iterable, labels_json: dict) -> Manifest:
     labels_text, videos_text = dump_labels(labels_json), dump_videos(videos)
     manifest = parse_manifest(folder, labels_text, videos_text)  # raises before anything is written
     folder.mkdir(parents=True, exist_ok=True)
+    from .store import write_atomic
+
     for name, text in ((LABELS_FILE, labels_text), (VIDEOS_FILE, videos_text)):
-        tmp = folder / (name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, folder / name)
+        write_atomic(folder / name, text)
     return manifest

@@ -252,7 +252,7 @@ class ShardWriter:
                                  "unfinished videos again") from None
             self._check_provenance(found, meta)
         else:
-            _write_atomic(meta, json.dumps(self.provenance, sort_keys=True))
+            write_atomic(meta, json.dumps(self.provenance, sort_keys=True))
         self._commits, end = self._read_commits()
         self._files = {}
         for name, nbytes in self._row_bytes.items():
@@ -288,7 +288,7 @@ class ShardWriter:
             good_bytes, end = good_bytes + len(line), max(end, stop)
         if self.dropped or good_bytes != len(data):   # keep only the commits that hold: rewrite the log
             good = b"".join(json.dumps(r).encode() + b"\n" for r in commits.values())
-            _write_atomic_bytes(log, good)
+            write_atomic(log, good)
         return commits, end
 
     def _drop_damaged(self) -> None:
@@ -300,7 +300,7 @@ class ShardWriter:
             del self._commits[vid]
         if damaged:
             good = b"".join(json.dumps(r).encode() + b"\n" for r in self._commits.values())
-            _write_atomic_bytes(self.journal / "commits.jsonl", good)
+            write_atomic(self.journal / "commits.jsonl", good)
 
     def _journal_rows(self, rec: dict):
         lo, n = int(rec["row_start"]), int(rec["num_rows"])
@@ -519,14 +519,19 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    _write_atomic_bytes(path, text.encode())
-
-
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` (str: UTF-8) all at once: a reader sees the old file or the new one. A
+    folder at `path` is refused, and a failed write leaves no `.tmp` beside it."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; give a file name")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -132,6 +132,8 @@ def predict(
     from .evaluate import predict_files, predict_run
 
     out = out or run / "predictions.jsonl"
+    if out.is_dir():   # before any decoding: the write at the end would fail
+        _fail(f"--out {out} is a folder; give a file name, e.g. {out / 'predictions.jsonl'}")
     configure_logging()
     try:
         if not video:

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from cmdcl_cache.cache import provenance_difference
 from cmdcl_cache.device import resolve_device
-from cmdcl_cache.store import CacheError, ProvenanceError
+from cmdcl_cache.store import CacheError, ProvenanceError, write_atomic
 
 from .config import HeadConfig, TrainConfig
 from .data import RunData, SplitVideos, make_features, open_data
@@ -192,9 +192,7 @@ def predict_run(run: str | Path, out: str | Path, top_k: int = 5, checkpoint: st
         truth = ([labels.keys[j] for j in np.nonzero(target)[0]] if labels.multi_label
                  else labels.keys[int(target)])
         lines.append(json.dumps({"video_id": vid, "target": truth, "top_k": top}, allow_nan=False) + "\n")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(lines))
-    tmp.replace(out)
+    write_atomic(out, "".join(lines))
     return len(videos.video_ids)
 
 
@@ -256,9 +254,7 @@ def predict_files(run: str | Path, paths, out: str | Path, top_k: int = 5, check
         lines.append({"file": str(path), "frames": len(result.features), "top_k": top_labels(logits, labels, top_k)[0]})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(line, allow_nan=False) + "\n" for line in lines))
-    tmp.replace(out)
+    write_atomic(out, "".join(json.dumps(line, allow_nan=False) + "\n" for line in lines))
     return len(files) - len(failed), failed
 
 

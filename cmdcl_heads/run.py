@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from cmdcl_cache.config import to_toml
+from cmdcl_cache.store import write_atomic
 
 CHECKPOINT_VERSION = 2
 METRICS_FILE = "metrics.jsonl"
@@ -48,12 +48,6 @@ class Checkpoint:
     optimizer: dict | None = None    # last only
     scheduler: dict | None = None
     rng: dict | None = None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class RunFolder:
@@ -85,7 +79,7 @@ class RunFolder:
         path = self.path / CONFIG_FILE
         text = ("# The resolved configuration of this run; `cmdcl-heads train --config " + str(path)
                 + " --out OTHER` repeats it.\n" + to_toml({"train": _public(train), "head": _public(head)}))
-        _write_atomic(path, text.encode())
+        write_atomic(path, text.encode())
         return path
 
     # -------------------------------------------------------------------------------------- checkpoints
@@ -107,7 +101,7 @@ class RunFolder:
         tensors = _unshared({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
         header = {"cmdcl": json.dumps({**meta, "version": CHECKPOINT_VERSION, **extra}, allow_nan=True)}
         path = self.checkpoint_path(name)
-        _write_atomic(path, save(tensors, metadata=header))
+        write_atomic(path, save(tensors, metadata=header))
         return path
 
     def load_checkpoint(self, name: str) -> Checkpoint:
@@ -157,7 +151,7 @@ class RunFolder:
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the records of epochs <= last_epoch (a resumed run rewrites the epochs after its checkpoint)."""
         kept = [r for r in self.read_metrics() if r["epoch"] <= last_epoch]
-        _write_atomic(self.path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        write_atomic(self.path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
         self._write_csv()
 
     def _write_csv(self) -> None:
@@ -167,10 +161,10 @@ class RunFolder:
         writer = csv.DictWriter(out, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-        _write_atomic(self.path / METRICS_CSV, out.getvalue().encode())
+        write_atomic(self.path / METRICS_CSV, out.getvalue().encode())
 
     def write_summary(self, summary: dict) -> None:
-        _write_atomic(self.path / SUMMARY_FILE,
+        write_atomic(self.path / SUMMARY_FILE,
                       (json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
 
 

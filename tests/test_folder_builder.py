@@ -199,3 +199,13 @@ def test_classes_whose_label_texts_read_the_same_are_refused(tmp_path):
     text = str(info.value)
     assert "classes 'Rabbit' and 'rabbit' both read" in text
     assert "classes 'cartoon dog' and 'cartoon_dog' both read 'cartoon dog'" in text
+
+
+def test_out_naming_a_file_is_exit_2_and_the_file_is_untouched(tmp_path):
+    videos = touch(tmp_path / "videos", "cat/a.mp4", "dog/b.mp4")
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    res = runner.invoke(app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos), "--out",
+                              str(target)])
+    assert res.exit_code == 2 and "is a file; a manifest is a folder" in " ".join(res.output.split())
+    assert target.read_text() == "mine"

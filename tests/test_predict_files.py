@@ -84,3 +84,25 @@ def test_new_files_are_decoded_by_the_backends_the_cache_records(trained, monkey
     prov = dict(Cache(leaf).provenance, decoder="pyav 18.1.0")   # a cache extracted with --decoder pyav
     [(_, feats)] = list(encode_files(prov, [root / "good1.mp4"], "cpu"))
     assert opened == ["pyav"] and not isinstance(feats, Exception)
+
+
+def test_predict_out_naming_a_folder_is_refused_before_any_decoding(trained, tmp_path, monkeypatch):
+    from cmdcl_cache import pipeline
+    t, root, leaf, run = trained
+    monkeypatch.setattr(pipeline, "encode_files", lambda *a, **k: pytest.fail("decoded before --out was checked"))
+    folder = tmp_path / "preds"
+    folder.mkdir()
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(root / "good3.mp4"), "--out",
+                                    str(folder), "--device", "cpu"])
+    assert res.exit_code == 2 and "is a folder; give a file name" in res.output
+    assert list(tmp_path.iterdir()) == [folder] and not any(folder.iterdir())   # no preds.tmp left behind
+
+
+def test_write_atomic_refuses_a_folder_and_leaves_no_tmp_when_the_write_fails(tmp_path):
+    from cmdcl_cache.store import write_atomic
+    write_atomic(tmp_path / "a.txt", "first")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        write_atomic(tmp_path, "x")
+    with pytest.raises(TypeError):
+        write_atomic(tmp_path / "a.txt", 42)     # fails inside the write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "first"
