@@ -66,6 +66,7 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     data = open_data(config.cache, config.dataset, config.label_set, head.fine_label_set)
     confounders = load_confounders(data, head, config)
     config, head = resolve_config(config, head, data, confounders)
+    splits = Splits.load(data, config, head, device)   # a bad split name or a missing video: nothing written yet
     run = RunFolder(config.out)
     resumed = None
     if config.resume:   # refused before anything in the run folder changes
@@ -81,7 +82,6 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     model = build_head(head)
     model.initialise(HeadInputs(text=data.labels.text, fine_text=data.labels.fine_text, confounders=confounders))
     model.to(device)
-    splits = Splits.load(data, config, head, device)
     meta = checkpoint_meta(config, head, data)
     if not is_trainable(model):   # zero-shot, or the linear probe: no epoch loop
         probe = fit_without_epochs(run, config, head, data, model, splits, meta)
@@ -277,9 +277,12 @@ def resolve_select_split(config: TrainConfig, manifest, label_set: str) -> tuple
                                 "test split; selecting on it makes its numbers optimistic. Select on a split of "
                                 "role val, or pass --force-select")
         return config.select_split, f"--select-split {config.select_split} (role {role})"
-    found = [name for name in manifest.splits_with_role("val") if name != config.eval_split
-             and any(label_set in v.labels for v in manifest.select(name, config.split_scheme))]
+    with_videos = [name for name in manifest.splits_with_role("val")
+                   if any(label_set in v.labels for v in manifest.select(name, config.split_scheme))]
+    found = [name for name in with_videos if name != config.eval_split]
     if not found:
+        if with_videos:   # the only one is being reported on: selecting on it would make its numbers optimistic
+            return None, f"auto: the only split of role val ({config.eval_split}) is the eval split"
         return None, "auto: no split of role val has videos of this label set"
     chosen = "val" if "val" in found else found[0]
     return chosen, "auto: the split of role val" + (f" (of {', '.join(found)})" if len(found) > 1 else "")

@@ -107,3 +107,19 @@ def test_eval_takes_several_splits_with_one_load(data, tmp_path):
     assert "test_ood (test, 12 videos)" in res.output and "dev (val, 12 videos)" in res.output
     res = runner.invoke(app, ["eval", "--run", str(run), "--split", "test,holdout", "--device", "cpu"])
     assert res.exit_code == 2 and "unknown split 'holdout'" in res.output
+
+
+def test_a_bad_split_name_or_a_nan_rate_writes_no_run_folder(data, tmp_path):
+    for field in ("train_split", "eval_split"):
+        with pytest.raises(ValueError, match="unknown split 'nope'"):
+            train(_opts(data, tmp_path / field, **{field: "nope"}), _cfg())
+        assert not (tmp_path / field).exists()
+    with pytest.raises(ValueError, match="--lr is NaN"):
+        _opts(data, tmp_path / "nan", lr=float("nan"))
+
+
+def test_auto_says_when_the_only_val_split_is_the_eval_split(data, tmp_path, capsys):
+    summary = train(_opts(data, tmp_path / "dev", eval_split="dev", quiet=False), _cfg())
+    assert summary["selection"]["split"] is None
+    first = capsys.readouterr().out.strip().splitlines()[0]
+    assert "the only split of role val (dev) is the eval split" in first
