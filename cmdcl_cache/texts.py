@@ -104,6 +104,10 @@ def load_templates(path: str | Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise PromptError(f"{path}: cannot read prompt templates ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise PromptError(f"{path}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x}); save the "
+                          "prompt templates as UTF-8") from None
     templates = []
     for number, line in enumerate(lines, 1):
         text = line.strip()

@@ -321,6 +321,9 @@ class _ClassMeans:
 
     def __init__(self, manifest, label_set: str | None, dim: int):
         self.set_name = label_set or manifest.fine_label_set or manifest.default_label_set
+        if self.set_name not in manifest.label_sets:
+            raise ValueError(f"--label-set {self.set_name!r}: {manifest.root}/labels.json has the label sets "
+                             f"{', '.join(manifest.label_sets)}")
         self.lset = manifest.label_sets[self.set_name]
         self.root = manifest.root
         self.sums = np.zeros((len(self.lset), dim), dtype=np.float64)

@@ -93,6 +93,13 @@ def test_class_mean_falls_back_to_video_labels(tmp_path):
     np.testing.assert_allclose(c.vp[c.vp_labels.index("stir")].numpy(), m, rtol=1e-4, atol=1e-4)
 
 
+def test_class_mean_on_an_unknown_label_set_names_the_sets_there_are(tmp_path):
+    cache_dir, man_dir = make_dataset(tmp_path)
+    man = load_manifest(man_dir)
+    with pytest.raises(ValueError, match=r"--label-set 'bogus': .*labels.json has the label sets"):
+        build_confounders(Cache(cache_dir), man, prototypes="class-mean", label_set="bogus", **KW)
+
+
 def test_k_clamped_with_warning(tmp_path):
     cache_dir, man_dir = make_dataset(tmp_path, n_train=2, frames=4)
     with pytest.warns(UserWarning, match="K=10 clusters requested but only 8"):

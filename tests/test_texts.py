@@ -59,6 +59,13 @@ def test_template_errors_name_file_and_line(tmp_path, content, line, what):
         load_templates(path)
 
 
+def test_a_template_file_saved_as_latin_1_names_its_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a video of {}.\nun été de {}.\n".encode("latin-1"))
+    with pytest.raises(PromptError, match=r"prompts\.txt:2: not UTF-8 text \(byte 0xe9\)"):
+        load_templates(path)
+
+
 def test_template_file_missing_or_empty(tmp_path):
     with pytest.raises(PromptError, match="missing.txt: cannot read"):
         load_templates(tmp_path / "missing.txt")
