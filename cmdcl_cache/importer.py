@@ -533,6 +533,9 @@ def row_times(n: int, ms, fps_file, config: ImportConfig, where: str) -> tuple[n
                                     "(one per feature row, milliseconds)")
     if not np.isfinite(ms).all() or (np.diff(ms) < 0).any():
         raise VideoProblem("write", f"{where}: timestamps are not finite and non-decreasing")
+    if n > 1 and ms[-1] == ms[0]:   # e.g. zeros written as a placeholder: segment labels would all land on t=0
+        raise VideoProblem("write", f"{where}: every row has the timestamp {float(ms[0])} ms; give real "
+                                    "timestamps, or drop the file and pass --fps")
     return ms_to_seconds(ms), fps
 
 

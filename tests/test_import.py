@@ -110,6 +110,9 @@ def test_plain_npy_without_timestamps_needs_fps_and_derives_them(tmp_path):
     np.save(src / "a_timestamps_ms.npy", np.arange(4) * 500.0)   # now the files carry timestamps too
     res = _import(manifest, src, "npy", tmp_path / "other", "--fps", 2)
     assert res.exit_code == 2 and "has its own timestamps" in res.output and "a_timestamps_ms.npy" in res.output
+    np.save(src / "a_timestamps_ms.npy", np.zeros(4))            # a placeholder, not timestamps
+    res = _import(manifest, src, "npy", tmp_path / "zeros")
+    assert res.exit_code == 2 and "every row has the timestamp 0.0 ms" in " ".join(res.output.split())
 
 
 def test_one_hdf5_file_in_both_layouts_and_its_broken_forms(tmp_path):
