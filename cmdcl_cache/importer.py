@@ -69,7 +69,7 @@ from .cache import CacheFolder, ImportSpec, for_writing, provenance_difference, 
 from .config import check_choices, option
 from .export import INDEX_FILE, read_index
 from .failures import append_line, append_run_log, read_lines, record_failure
-from .pipeline import EXIT_OK, ExtractResult, exit_status
+from .pipeline import EXIT_OK, ExtractResult, exit_status, main_exit_message, result_counts
 from .store import SCHEMA_VERSION, CacheError, ProvenanceError, TextEmbeddings, normalised, read_shard
 
 PICKLED = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
@@ -824,23 +824,15 @@ def log_import(plan: ImportPlan, result: ImportResult, started) -> None:
     record = {
         "command": "import", "start": started.isoformat(timespec="seconds"),
         "end": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rank": 0, "world": 1,
-        "config": asdict(plan.config), "selected": result.selected, "todo": result.todo,
-        "committed": result.committed, "failed": len(result.failed), "missing": len(result.missing),
-        "unknown": len(plan.unknown), "unknown_first": plan.unknown[:20], "frames": result.frames,
-        "seconds": round(result.seconds, 3), "frames_per_s": round(result.frames / max(result.seconds, 1e-9), 2),
-        "exit_code": result.exit_code, "sources_sha256": plan.spec.source["sources_sha256"],
-        "hashed": result.hashed, "reused_hashes": result.reused,
-        "dropped_journal_commits": [vid for vid, _ in result.dropped],
+        "config": asdict(plan.config), **result_counts(result),
+        "unknown": len(plan.unknown), "unknown_first": plan.unknown[:20],
+        "sources_sha256": plan.spec.source["sources_sha256"], "hashed": result.hashed, "reused_hashes": result.reused,
     }
     append_run_log(plan.folder.log_path, record)
 
 
 def main_message(result: ImportResult) -> str:
-    if not result.todo and not result.missing and not result.committed:
-        return f"nothing to do: all {result.selected} manifest videos are in the cache {result.cache_dir}"
-    return (f"{result.committed} videos imported ({result.frames} rows, "
-            f"{result.frames / max(result.seconds, 1e-9):.0f} rows/s), {len(result.failed)} failed, "
-            f"{len(result.missing)} of {result.selected} not in the cache; cache: {result.cache_dir}")
+    return main_exit_message(result, "imported", "rows", "manifest")
 
 
 # ------------------------------------------------------------------------------------------- label texts

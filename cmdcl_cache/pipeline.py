@@ -275,20 +275,26 @@ def _log_run(plan: _Plan, result: ExtractResult, started, restarts: int) -> None
         "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rank": plan.rank.rank, "world": plan.rank.world, "rank_source": plan.rank.source,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(plan.config).items()},
-        "selected": result.selected, "todo": result.todo,
-        "committed": result.committed, "failed": len(result.failed), "missing": len(result.missing),
-        "frames": result.frames, "seconds": round(result.seconds, 3),
-        "frames_per_s": round(result.frames / max(result.seconds, 1e-9), 2), "exit_code": result.exit_code,
-        "decode_restarts": restarts, "dropped_journal_commits": [vid for vid, _ in result.dropped],
+        **result_counts(result), "decode_restarts": restarts,
     }
     append_run_log(plan.folder.log_path, record)
 
 
-def main_exit_message(result: ExtractResult) -> str:
+def result_counts(result: ExtractResult) -> dict:
+    """The counts of a run (extract or import) for extract_log.jsonl."""
+    return {"selected": result.selected, "todo": result.todo, "committed": result.committed,
+            "failed": len(result.failed), "missing": len(result.missing), "frames": result.frames,
+            "seconds": round(result.seconds, 3), "frames_per_s": round(result.frames / max(result.seconds, 1e-9), 2),
+            "exit_code": result.exit_code, "dropped_journal_commits": [vid for vid, _ in result.dropped]}
+
+
+def main_exit_message(result: ExtractResult, done: str = "extracted", rows: str = "frames",
+                      which: str = "selected") -> str:
+    """The last line of an extract (or, with its words, of an import)."""
     if not result.todo and not result.missing and not result.committed:
-        return f"nothing to do: all {result.selected} selected videos are in the cache {result.cache_dir}"
-    return (f"{result.committed} videos extracted ({result.frames} frames, "
-            f"{result.frames / max(result.seconds, 1e-9):.1f} frames/s), {len(result.failed)} failed, "
+        return f"nothing to do: all {result.selected} {which} videos are in the cache {result.cache_dir}"
+    return (f"{result.committed} videos {done} ({result.frames} {rows}, "
+            f"{result.frames / max(result.seconds, 1e-9):.1f} {rows}/s), {len(result.failed)} failed, "
             f"{len(result.missing)} of {result.selected} not in the cache; cache: {result.cache_dir}")
 
 
