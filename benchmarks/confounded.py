@@ -4,8 +4,8 @@
     PYTHONPATH=$PWD python benchmarks/confounded.py --seeds 5 --epochs 30 --dim 128 --train-per-class 100
 
 It writes a cache in the project's format (`write_synthetic_cache`, `texts.h5`) and a manifest folder in the
-the format of cmdcl_cache/manifest.py (label sets `activity`, single-label and default, and `action`, multi-label and fine;
-splits train / val = test_id, in-distribution / test = shifted), builds the confounder dictionaries on it,
+format of cmdcl_cache/manifest.py (label sets `activity`, single-label and default, and `action`, multi-label and
+fine; splits train, val and test_id in distribution (val picks the checkpoint), test shifted), builds the confounder dictionaries on it,
 trains zero-shot, linear, text4vis, cmdcl, cmdcl --no-tci and cmdcl --no-vci, and prints one table.
 `--rows` also offers CMDCL variants (*ours*, VARIANT_ROWS, not run by default; BENCHMARKS.md "CMDCL
 variants"): class-mean V_P of the fine set, --mediator-mode replace|project, --cross-sample-mode backdoor.
@@ -24,9 +24,12 @@ seed, so random directions are nearly orthogonal for D >= 64):
     U  per-video appearance of each action: a_k(v) = a_k + tau * u_vk, u_vk ~ N(0, I/D)
        (the same action looks a little different in every video; the background does not)
     B  background (scene), one of C scenes, each activity having a "home" scene h(Y):
-           B = h(Y) with probability rho, else uniform over the C scenes     (train and test_id)
-           B uniform over the C scenes, independent of Y                       (test: the shifted split)
-    X_t frame feature t:  alpha * a_{S[g(t)]}(v) + beta * b_B + sigma * eps_t,  eps_t ~ N(0, I/D)
+           B = h(Y) with probability rho, else uniform over the scenes  (train, val, test_id)
+           B uniform over the scenes, independent of Y                       (test: the shifted split)
+       (C scenes by default; `scenes` > C adds scenes that are no activity's home; `scene_switch` moves a
+       step to another random scene with that probability; `scene_in_span` sets how much of each scene
+       direction lies inside the action-text span)
+    X_t frame feature t:  alpha * a_{S[g(t)]}(v) + beta * b_{B(t)} + sigma * eps_t,  eps_t ~ N(0, I/D)
        (||eps_t|| ~ 1, so alpha, beta and sigma are norms of the action, scene and noise parts)
 
 Texts (what a CLIP text tower would give; several prompts each, ensembled CLIP-style):
@@ -43,8 +46,8 @@ Reference caches drawn with the SAME noise, segments and labels:
                                                        model could reach
     bgonly: X_t = beta * b_B + sigma * eps_t            the shortcut alone: chance on the shifted split
 
-Defaults: D=64, C=8, A=12, L=4, T=32 cached frames, 2 order pairs, 40 train / 40 test_id / 40 test videos
-per activity (960 in all), rho=0.9, alpha=1, beta=1.5, sigma=1.0, tau=0.5, gamma=0.5, eta=0.3.
+Defaults: D=64, C=8, A=12, L=4, T=32 cached frames, 2 order pairs, 40 train / 40 val / 40 test_id / 40 test videos
+per activity (1280 in all), rho=0.9, alpha=1, beta=1.5, sigma=1.0, tau=0.5, gamma=0.5, eta=0.3.
 
 Calibration (only so that the two reference rows bound the table; no model row was used to choose a value)
 ------------------------------------------------------------------------------------------------------
@@ -87,7 +90,7 @@ class SCMConfig:
     order_pairs: int = 2      # pairs of activities with the same actions in another order
     frames: int = 32          # T cached frames per video
     train_per_class: int = 40
-    test_per_class: int = 40  # per split: test_id (manifest split "val") and test (shifted)
+    test_per_class: int = 40  # per split: val and test_id (in distribution) and test (shifted)
     rho: float = 0.9          # P(scene = home scene of the activity) in train and test_id
     alpha: float = 1.0        # action part of a frame
     beta: float = 1.5         # scene part of a frame
@@ -98,6 +101,11 @@ class SCMConfig:
     prompts: int = 4          # prompts per label
     prompt_noise: float = 0.1
     seed: int = 0             # data seed
+    # study knobs (BENCHMARKS.md "Causal study"); their defaults draw exactly the data drawn before they existed
+    scenes: int = 0           # number of scenes (0: one per activity); each activity has its own home scene
+    scene_in_span: float = -1.0  # share of each scene direction's squared norm inside span(action texts);
+                                 # < 0: random directions (about A/D of it inside); ignored when A >= D
+    scene_switch: float = 0.0  # probability that a segment is shot in another (random) scene: scenes that move
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,6 +113,19 @@ class SCMConfig:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _scene_directions(draw: np.ndarray, act_dir: np.ndarray, in_span: float) -> np.ndarray:
+    """Unit scene directions from a Gaussian draw; in_span >= 0 sets the share of each one's squared norm that
+    lies inside the span of the action directions (the same draw split into its two parts)."""
+    if in_span < 0:
+        return _unit(draw)
+    q, sv, _ = np.linalg.svd(act_dir.T, full_matrices=False)
+    q = q[:, sv > sv[0] * 1e-6]
+    if q.shape[1] >= draw.shape[1]:   # the actions span the space: every direction lies inside
+        return _unit(draw)
+    inside = draw @ q @ q.T
+    return _unit(np.sqrt(in_span) * _unit(inside) + np.sqrt(1 - in_span) * _unit(draw - inside))
 
 
 def _scripts(cfg: SCMConfig, rng: np.random.Generator) -> list[list[int]]:
@@ -129,20 +150,25 @@ def generate(cfg: SCMConfig) -> dict:
     """Draw the whole benchmark. Returns arrays keyed by video and the texts (see module docstring)."""
     rng = np.random.default_rng(cfg.seed)
     d, c_n = cfg.dim, cfg.activities
+    n_scenes = cfg.scenes or c_n
+    if n_scenes < c_n:
+        raise ValueError(f"scenes={cfg.scenes}: need at least one home scene per activity ({c_n})")
     act_dir = _unit(rng.standard_normal((cfg.actions, d)))
-    scene_dir = _unit(rng.standard_normal((c_n, d)))
+    scene_dir = _scene_directions(rng.standard_normal((n_scenes, d)), act_dir, cfg.scene_in_span)
     name_dir = _unit(rng.standard_normal((c_n, d)))
     scripts = _scripts(cfg, rng)
-    home = rng.permutation(c_n)  # h(c): the training scene of activity c
+    home = rng.permutation(n_scenes)[:c_n]  # h(c): the training scene of activity c
 
     videos, feats, nobg, bgonly = [], {}, {}, {}
+    # val picks the checkpoint (and, in the study, every setting); test_id reports in distribution. test_id is
+    # drawn last so that the other splits are the data drawn before it existed.
     plan = [("train", cfg.train_per_class, True), ("val", cfg.test_per_class, True),
-            ("test", cfg.test_per_class, False)]
+            ("test", cfg.test_per_class, False), ("test_id", cfg.test_per_class, True)]
     for split, per_class, confounded in plan:
         for c in range(c_n):
             for i in range(per_class):
                 vid = f"{split}-{c:02d}-{i:04d}"
-                scene = home[c] if (confounded and rng.random() < cfg.rho) else int(rng.integers(c_n))
+                scene = home[c] if (confounded and rng.random() < cfg.rho) else int(rng.integers(n_scenes))
                 # segment lengths: 2 frames each + a Dirichlet share of the rest
                 spare = cfg.frames - 2 * cfg.steps
                 extra = np.floor(rng.dirichlet(np.full(cfg.steps, 2.0)) * spare).astype(int)
@@ -153,7 +179,11 @@ def generate(cfg: SCMConfig) -> dict:
                     seg[cuts[j]:cuts[j + 1]] = j
                 look = act_dir[scripts[c]] + cfg.tau * rng.standard_normal((cfg.steps, d)) / np.sqrt(d)
                 action_part = cfg.alpha * look[seg]
-                scene_part = cfg.beta * np.broadcast_to(scene_dir[scene], (cfg.frames, d))
+                seg_scene = np.full(cfg.steps, scene)
+                if cfg.scene_switch > 0:   # some steps happen elsewhere (drawn only then: defaults keep their data)
+                    moved = rng.random(cfg.steps) < cfg.scene_switch
+                    seg_scene[moved] = rng.integers(n_scenes, size=int(moved.sum()))
+                scene_part = cfg.beta * scene_dir[seg_scene[seg]]
                 noise = cfg.sigma * rng.standard_normal((cfg.frames, d)) / np.sqrt(d)
                 feats[vid] = (action_part + scene_part + noise).astype(np.float32)
                 nobg[vid] = (action_part + noise).astype(np.float32)
@@ -190,6 +220,7 @@ def write_benchmark(root: str | Path, cfg: SCMConfig) -> dict[str, Path]:
         {"activity": (False, [(f"c{c:02d}", n) for c, n in enumerate(data["activity_names"])]),
          "action": (True, [(f"a{k:02d}", n) for k, n in enumerate(data["action_names"])])},
         default_label_set="activity", fine_label_set="action", split_schemes=["default"],
+        split_roles={"test_id": "test"},
         source="benchmarks/scm.py (synthetic structural causal model) " + repr(cfg.to_dict()),
         licence="generated; no licence restrictions")
     write_manifest(root / "manifest", data["videos"], labels)
@@ -235,24 +266,21 @@ ALL_ROWS = ROWS + VARIANT_ROWS
 FEATURES = {"full": "action + scene", "full-cm": "action + scene", "nobg": "action only", "bgonly": "scene only"}
 
 
-def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed: int, args,
-               extra: dict) -> dict[str, float]:
-    """Train one head in-process (cmdcl_heads.train.train) and return top-1 of its last epoch on both splits.
+def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed: int, args, extra: dict,
+               splits=("val", "test_id", "test"), train_extra: dict | None = None) -> dict[str, float]:
+    """Train one head in-process (cmdcl_heads.train.train) and return the top-1 of its best checkpoint on
+    `splits`. The checkpoint is chosen on val (in distribution), never on what is reported."""
+    from cmdcl_heads.config import HeadConfig, TrainConfig
+    from cmdcl_heads.evaluate import evaluate_splits
+    from cmdcl_heads.train import train
 
-    The last checkpoint is evaluated, not the best one: choosing an epoch on test_id would bias the
-    in-distribution column and say nothing about the shifted one.
-    """
-    from cmdcl_heads.config import HeadConfig
-    from cmdcl_heads.train import TrainOptions, evaluate_run, train
-
-    cfg = HeadConfig(model=model, frames=args.frames, layers=args.layers, **extra)
-    opts = TrainOptions(cache=str(cache_dir), dataset=str(manifest_dir), out=str(run), eval_split="test",
-                        select_split="none",
-                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, device=args.device,
-                        data_mode="memory", workers=0, eval_every=max(args.epochs, 1), quiet=True)
-    train(opts, cfg)
-    return {split: evaluate_run(run, checkpoint="last", split=split, device=args.device, data_mode="memory",
-                                quiet=True)["top1"] for split in ("val", "test")}
+    head = HeadConfig(model=model, frames=args.frames, layers=args.layers, **extra)
+    config = TrainConfig(cache=str(cache_dir), dataset=str(manifest_dir), out=str(run), eval_split=splits[-1],
+                         select_split="val", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                         device=args.device, data_mode="memory", workers=0, quiet=True, **(train_extra or {}))
+    train(config, head)
+    metrics = evaluate_splits(run, "best", list(splits), device=args.device, data_mode="memory", quiet=True)
+    return {split: m["top1"] for split, m in metrics.items()}
 
 
 def build_dictionaries(cache_dir: Path, manifest_dir: Path, args, prototypes: str = "kmeans") -> None:
@@ -296,10 +324,10 @@ def results_table(results: dict[str, dict[str, list[float]]], chance: float, tex
         if key not in results:
             continue
         r = results[key]
-        drop = mean_std(r["val"])[0] - mean_std(r["test"])[0]
+        drop = mean_std(r["test_id"])[0] - mean_std(r["test"])[0]
         delta = "" if base is None or key == text4vis_key else f"{(mean_std(r['test'])[0] - base) * 100:+.1f}"
         cells = [label, FEATURES[variant],
-                 fmt_pm(r["val"]), fmt_pm(r["test"]), f"{drop * 100:.1f}", delta]
+                 fmt_pm(r["test_id"]), fmt_pm(r["test"]), f"{drop * 100:.1f}", delta]
         rows.append(cells)
         table.add_row(*cells, end_section=key in ("ref-deconfounded", "cmdcl-no-vci"))
     return table, rows
@@ -398,8 +426,8 @@ def main(argv=None) -> None:
             for seed in seeds:
                 run = work / "runs" / f"{key}-d{ds}-s{seed}"
                 acc = train_eval(paths[variant], paths["manifest"], run, model, seed, args, extra)
-                for split, value in acc.items():
-                    results.setdefault(key, {"val": [], "test": []})[split].append(value)
+                for split in ("test_id", "test"):
+                    results.setdefault(key, {"test_id": [], "test": []})[split].append(acc[split])
         timings[key] = time.perf_counter() - t0
         r = results[key]
         console.print(f"  {label:36s} id {100 * sum(r['val']) / len(r['val']):5.1f}  "

@@ -47,6 +47,9 @@ Cross-sample mode (HeadConfig.cross_sample_mode; *inferred/ours*, NOT in the pap
                         logits serve cross-entropy and BCE). Wf starts at zero, so it starts equal to
                         cross_sample=False. Memory grows with K_z: [B, T, K_z, D] activations.
 
+Static removal (HeadConfig.static_removal, *ours*, NOT in the paper; cmdcl_heads/debias.py): before
+everything above, x_t <- normalise(x_t - lambda mean_s x_s), removing what is constant over the video.
+
 Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -> V' = mean_t X exactly;
 mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm). Modules that a switch turns off are
 not built, so every parameter of a built head is used.
@@ -76,6 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
+from .debias import remove_static
 from .layers import DictionaryAttention, TemporalEncoder, cosine_logits
 
 LOG_PRIOR_FLOOR = 1e-12  # an empty cluster gets (almost) no weight instead of -inf
@@ -234,6 +238,9 @@ class CMDCLHead(nn.Module):
         """(V' [B, D] (cross_sample_mode backdoor: V'_z [B, Kz, D]), X [B, T, D], parts: mediator
         S [B, T, Cf], cross-sample weights [B, T, Kz] (attend mode))."""
         frames, tokens = self._inputs(frames, tokens)
+        if self.cfg.static_removal:   # *ours*: what is constant over the video goes (cmdcl_heads/debias.py)
+            frames = remove_static(frames, self.cfg.static_removal)
+            tokens = remove_static(tokens, self.cfg.static_removal) if tokens is not None else None
         if self.mediator_mode == "project":
             frames = self._project(frames)
             tokens = self._project(tokens) if tokens is not None else None

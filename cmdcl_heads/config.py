@@ -39,6 +39,9 @@ class HeadConfig:
     cross_sample_mode: Literal["attend", "backdoor"] = option(
         "attend", "cmdcl, *ours*: attend (attention over Z, fused) or backdoor (class scores averaged over Z "
                   "strata by P(z)).")
+    static_removal: float = option(
+        0.0, "cmdcl, *ours*: subtract this share (0..1) of each video's temporal mean from its normalised frames "
+             "before the temporal encoder: what is constant over a video (its scene) is removed; 0: off.")
     learn_text: bool = option(True, "cmdcl: the label text tables are learnable (initialised from texts.h5).")
     fine_label_set: str | None = option(None, "cmdcl: mediator vocabulary (default: the manifest's fine set).")
     # Shapes, resolved by the trainer from the data (a head is rebuilt from its config alone).
@@ -59,6 +62,8 @@ class HeadConfig:
             raise ValueError(f"--layers must be >= 0, got {self.layers}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.static_removal <= 1.0:
+            raise ValueError(f"--static-removal must be in [0, 1], got {self.static_removal}")
         if self.logit_scale_init <= 0:
             raise ValueError(f"--logit-scale-init must be > 0, got {self.logit_scale_init}")
         if self.dim and self.dim % self.heads:
@@ -96,6 +101,9 @@ class TrainConfig:
     weight_decay: float = option(0.05, "AdamW weight decay (matrices only).")
     warmup: float = option(1.0, "Linear warm-up length in epochs (then cosine).")
     clip_grad: float = option(1.0, "Max gradient norm (0: no clipping).")
+    reweight_strata: int = option(
+        0, "*ours*: weight each training video's loss by P(y)/P(y|z) over K k-means strata z of the training "
+           "videos (a back-door adjustment on an inferred confounder); 0: off. Single-label only.")
     seed: int = option(0, "Seed of initialisation and sampling.")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     precision: Literal["fp32", "bf16"] = option(
@@ -114,6 +122,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_choices(self)
+        if self.reweight_strata < 0 or self.reweight_strata == 1:
+            raise ValueError(f"--reweight-strata must be 0 (off) or >= 2, got {self.reweight_strata}")
         for name in ("epochs", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

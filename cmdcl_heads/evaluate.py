@@ -39,7 +39,11 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool) -> torch.Tensor:
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool,
+            weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy (BCE for multi-label); `weights` [B]: a weighted mean over the batch instead."""
+    if weights is not None:
+        return (F.cross_entropy(logits, targets, reduction="none") * weights).mean()
     if multi_label:
         return F.binary_cross_entropy_with_logits(logits, targets)
     return F.cross_entropy(logits, targets)

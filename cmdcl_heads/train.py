@@ -34,6 +34,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import RESUME_FREE, HeadConfig, TrainConfig
 from .data import RunData, SplitVideos, make_features, open_data
@@ -149,10 +150,12 @@ def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConf
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     for step, (pos, frames, toks) in enumerate(splits.train_feats.batches(config.batch_size, order, offsets), 1):
-        y = splits.targets[pos.to(device)]
+        pos = pos.to(device)
+        y = splits.targets[pos]
         with autocast(device, config.precision), _attention_kernels(device, config.cudnn_attention):
             logits = model(frames, toks)
-        loss = loss_fn(logits.float(), y, splits.train.multi_label)
+        weights = splits.weights[pos] if splits.weights is not None else None
+        loss = loss_fn(logits.float(), y, splits.train.multi_label, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the norm before clipping: clipping by a NaN norm would make every gradient NaN and hide which
@@ -331,6 +334,8 @@ class Splits:
     targets: torch.Tensor | None
     select: tuple | None      # (name, SplitVideos, features)
     eval: tuple               # (name, SplitVideos, features)
+    weights: torch.Tensor | None = None   # per training video loss weight (--reweight-strata), else None
+    reweighting: dict | None = None       # its summary (strata sizes, weight range)
 
     @classmethod
     def load(cls, data: RunData, config: TrainConfig, head: HeadConfig, device) -> "Splits":
@@ -340,12 +345,18 @@ class Splits:
                                   config.workers)
             return name, videos, feats
 
+        if config.reweight_strata and head.model not in ("text4vis", "cmdcl"):
+            raise TrainingError(f"--reweight-strata weights the loss of the epoch loop; --model {head.model} has "
+                                "none (train text4vis or cmdcl, or pass --reweight-strata 0)")
         ev = part(config.eval_split)
         if head.model == "zeroshot":
             return cls(None, None, None, None, ev)
         select = part(config.select_split) if config.select_split != "none" else None
         _, train, train_feats = part(config.train_split)
-        return cls(train, train_feats, torch.as_tensor(train.targets).to(device), select, ev)
+        weights, reweighting = None, None
+        if config.reweight_strata:
+            weights, reweighting = training_weights(train, train_feats, config, head, device)
+        return cls(train, train_feats, torch.as_tensor(train.targets).to(device), select, ev, weights, reweighting)
 
     def per_epoch(self, config: TrainConfig):
         if self.select is not None:
@@ -360,6 +371,21 @@ class Splits:
         if self.select is not None:
             out["select"] = len(self.select[1].missing)
         return out
+
+
+@torch.no_grad()
+def training_weights(train: SplitVideos, feats, config: TrainConfig, head: HeadConfig, device):
+    """--reweight-strata: (loss weights [N] on the device, summary); cmdcl_heads/debias.py says why."""
+    from .debias import stratum_weights
+
+    if train.multi_label:
+        raise TrainingError("--reweight-strata needs a single-label target: P(y | z) of a multi-label target is "
+                            "not one distribution; train on a single-label set or pass --reweight-strata 0")
+    means = torch.cat([F.normalize(frames.float(), dim=-1).mean(dim=1).cpu()
+                       for _, frames, _ in feats.batches(config.batch_size, torch.arange(len(train.video_ids)), None)])
+    weights, info = stratum_weights(means.numpy(), np.asarray(train.targets), config.reweight_strata,
+                                    head.num_classes, config.seed)
+    return torch.from_numpy(weights).to(device), info
 
 
 def checkpoint_meta(config: TrainConfig, head: HeadConfig, data: RunData) -> dict:
@@ -390,14 +416,15 @@ def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: R
 
 
 def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, where) -> None:
-    before_cfg, now_cfg = meta["head_config"], head.to_dict()
+    # through from_dict: an option added since the checkpoint was written compares as its default
+    before_cfg, now_cfg = HeadConfig.from_dict(meta["head_config"]).to_dict(), head.to_dict()
     if before_cfg != now_cfg:   # over the union of keys; an option the user sets is named before a shape
         derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
         keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
         diff = next(k for k in keys if before_cfg.get(k) != now_cfg.get(k))
         raise CheckpointMismatch(f"{where}: head option '{diff}' is {before_cfg.get(diff)!r} in the "
                                  f"checkpoint, {now_cfg.get(diff)!r} now; resume with the same options")
-    before, now = meta["train_config"], config.to_dict()
+    before, now = TrainConfig.from_dict(meta["train_config"]).to_dict(), config.to_dict()
     changed = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
     if changed:
         listing = ", ".join(f"'{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed)
@@ -521,7 +548,7 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
         "selection": selection, "primary_metric": metric, "metrics": metrics,
         "num_eval_videos": len(videos.video_ids), "skipped_missing": splits.skipped(),
         "epochs": config.epochs if trainable_params else 0, "data_mode": feats.mode, "device": str(device),
-        "trainable_parameters": trainable_params,
+        "trainable_parameters": trainable_params, **({"reweighting": splits.reweighting} if splits.reweighting else {}),
         "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
         "head_config": head.to_dict(), "train_config": config.to_dict(), "cache_dir": str(data.folder.path.resolve()),
     }
