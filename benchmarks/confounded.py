@@ -275,7 +275,7 @@ def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed:
     from cmdcl_heads.train import train
 
     head = HeadConfig(model=model, frames=args.frames, layers=args.layers, **extra)
-    config = TrainConfig(cache=str(cache_dir), dataset=str(manifest_dir), out=str(run), eval_split=splits[-1],
+    config = TrainConfig(cache=str(cache_dir), dataset=str(manifest_dir), out=str(run), eval_split="test_id",
                          select_split="val", epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                          device=args.device, data_mode="memory", workers=0, quiet=True, **(train_extra or {}))
     train(config, head)
