@@ -64,6 +64,12 @@ class HeadConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.static_removal <= 1.0:
             raise ValueError(f"--static-removal must be in [0, 1], got {self.static_removal}")
+        if self.static_removal and self.model != "cmdcl":
+            raise ValueError(f"--static-removal is a cmdcl switch; --model {self.model} would ignore it "
+                             "(train --model cmdcl, or pass --static-removal 0)")
+        if self.static_removal and self.frames == 1:
+            raise ValueError("--static-removal with --frames 1: a single frame is its own temporal mean, so "
+                             "removing it removes the whole input (sample more frames, or pass --static-removal 0)")
         if self.logit_scale_init <= 0:
             raise ValueError(f"--logit-scale-init must be > 0, got {self.logit_scale_init}")
         if self.dim and self.dim % self.heads:

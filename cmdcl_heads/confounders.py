@@ -266,7 +266,7 @@ def _frame_labels(video, times: np.ndarray, label_set, set_name: str) -> tuple[n
     return np.concatenate(rows).astype(np.int64), np.concatenate(labels).astype(np.int64)
 
 
-def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, name: str):
+def spherical_or_l2_kmeans(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, name: str):
     import faiss
 
     n = x.shape[0]
@@ -282,7 +282,7 @@ def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, spherical: bool, name:
     return centroids, float(km.obj[-1]) if len(km.obj) else float("nan")
 
 
-def _assigner(centroids: np.ndarray, spherical: bool):
+def nearest_centroid_index(centroids: np.ndarray, spherical: bool):
     import faiss
 
     index = faiss.IndexFlatIP(centroids.shape[1]) if spherical else faiss.IndexFlatL2(centroids.shape[1])
@@ -370,7 +370,7 @@ def _read_sample(frames: _TrainingFrames, chosen: np.ndarray, means: _ClassMeans
 def _cluster_priors(frames: _TrainingFrames, sample: np.ndarray, centroids: dict, bar) -> dict:
     """Cluster frequencies over every training frame (the sample itself when it is every frame)."""
     hist = {k: np.zeros(len(c), dtype=np.int64) for k, c in centroids.items()}
-    index = {k: _assigner(c, frames.spherical) for k, c in centroids.items()}
+    index = {k: nearest_centroid_index(c, frames.spherical) for k, c in centroids.items()}
     if len(sample) == frames.total:
         blocks = [sample]
     else:
@@ -421,7 +421,7 @@ def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: in
 
             def kmeans(name, k, s):
                 task = bar.add_task(f"k-means {name} (K={min(k, n)}, {n} points)", total=1)
-                out = _kmeans(sample, k, niter, s, spherical, name)
+                out = spherical_or_l2_kmeans(sample, k, niter, s, spherical, name)
                 bar.advance(task)
                 return out
 

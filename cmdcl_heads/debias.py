@@ -12,17 +12,22 @@ text span (`--mediator-mode project`) is the identity. BENCHMARKS.md "Causal stu
     the label (an activity recognised by its tool or object alone), when the scene changes inside a video,
     when a video has one step only.
 
-`--reweight-strata K` (TrainConfig, any trained head): a back-door adjustment by stratification. The
-    training videos are clustered into K strata (k-means on their mean normalised frame: an inferred
-    stand-in for the confounder, because no scene label is given), and each video's loss is weighted by
-    P(y) / P(y | z) (Laplace-smoothed counts; normalised to mean 1, capped at WEIGHT_CAP, normalised to
-    mean 1 again, so the largest weight can end a little above the cap). The
+`--reweight-strata K` (TrainConfig; text4vis and cmdcl, the heads with an epoch loop): a back-door
+    adjustment by stratification. The training videos are clustered into K strata (k-means on their mean
+    normalised frame: an inferred stand-in for the confounder, because no scene label is given), and each
+    video's loss is weighted by P(y) / P(y | z) (Laplace-smoothed counts; normalised to mean 1, capped at
+    WEIGHT_CAP, normalised to mean 1 again, so the largest weight can end a little above the cap). The
     weighted training set then has y independent of the stratum: the distribution sum_z P(z) P(x | y, z)
     that the back-door formula averages over, estimated by inverse propensity weighting. Why it should
     work: videos whose scene is unusual for their label (the counter-examples of the shortcut) count
     more, so the shortcut stops paying. When it fails: when the dominant cluster structure of whole-video
-    features is the label itself (then P(y | z) ~ 1 and every weight is ~1), and when strata are so
-    fine that each holds one label. Single-label targets only.
+    features is the label itself (then P(y | z) ~ 1 and every weight is ~1), when strata are so fine
+    that each holds one label, and when the counter-examples are too few to carry the weight (tens of
+    videos, each counted ten times, can be fitted without giving up the shortcut). Single-label targets
+    only; K must be smaller than the number of training videos.
+
+Measured (README "What the causal heads do and do not do"; BENCHMARKS.md "Causal study"): neither meets
+the study's target; static removal wins only where scenes are static and the fine texts span little.
 """
 
 from __future__ import annotations
@@ -41,19 +46,23 @@ def remove_static(x: torch.Tensor, share: float) -> torch.Tensor:
     return F.normalize(x - share * x.mean(dim=1, keepdim=True), dim=-1)
 
 
+def assign_strata(video_means: np.ndarray, strata: int, seed: int) -> np.ndarray:
+    """The stratum [N] of each video: spherical k-means (seeded) on its mean normalised frame [N, D]."""
+    from .confounders import nearest_centroid_index, spherical_or_l2_kmeans
+
+    x = np.ascontiguousarray(F.normalize(torch.as_tensor(video_means, dtype=torch.float32), dim=-1).numpy())
+    centroids, _ = spherical_or_l2_kmeans(x, strata, niter=25, seed=seed, spherical=True, name="--reweight-strata")
+    return nearest_centroid_index(centroids, spherical=True).search(x, 1)[1][:, 0]
+
+
 def stratum_weights(video_means: np.ndarray, targets: np.ndarray, strata: int, num_classes: int,
                     seed: int) -> tuple[np.ndarray, dict]:
     """Per-video loss weights P(y) / P(y | z) over `strata` k-means strata (see the module docstring).
 
     video_means [N, D] (the mean normalised frame of each training video), targets [N] class indices.
     Returns (weights [N] float32 with mean 1, a summary for summary.json)."""
-    from .confounders import _assigner, _kmeans
-
-    x = np.ascontiguousarray(F.normalize(torch.as_tensor(video_means, dtype=torch.float32), dim=-1).numpy())
-    centroids, _ = _kmeans(x, strata, niter=25, seed=seed, spherical=True, name="--reweight-strata")
-    _, assign = _assigner(centroids, spherical=True).search(x, 1)
-    z = assign[:, 0]
-    k = len(centroids)
+    z = assign_strata(video_means, strata, seed)
+    k = int(z.max()) + 1
     counts = np.zeros((k, num_classes))
     np.add.at(counts, (z, targets), 1.0)
     p_y_given_z = (counts + 1.0) / (counts.sum(1, keepdims=True) + num_classes)   # Laplace smoothing

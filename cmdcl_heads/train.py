@@ -381,6 +381,9 @@ def training_weights(train: SplitVideos, feats, config: TrainConfig, head: HeadC
     if train.multi_label:
         raise TrainingError("--reweight-strata needs a single-label target: P(y | z) of a multi-label target is "
                             "not one distribution; train on a single-label set or pass --reweight-strata 0")
+    if config.reweight_strata >= len(train.video_ids):
+        raise TrainingError(f"--reweight-strata {config.reweight_strata} needs fewer strata than training videos "
+                            f"({len(train.video_ids)}): with one video per stratum every weight is 1")
     means = torch.cat([F.normalize(frames.float(), dim=-1).mean(dim=1).cpu()
                        for _, frames, _ in feats.batches(config.batch_size, torch.arange(len(train.video_ids)), None)])
     weights, info = stratum_weights(means.numpy(), np.asarray(train.targets), config.reweight_strata,
