@@ -14,9 +14,10 @@ text span (`--mediator-mode project`) is the identity. BENCHMARKS.md "Causal stu
 
 `--reweight-strata K` (TrainConfig; text4vis and cmdcl, the heads with an epoch loop): a back-door
     adjustment by stratification. The training videos are clustered into K strata (k-means on their mean
-    normalised frame: an inferred stand-in for the confounder, because no scene label is given), and each
-    video's loss is weighted by P(y) / P(y | z) (Laplace-smoothed counts; normalised to mean 1, capped at
-    WEIGHT_CAP, normalised to mean 1 again, so the largest weight can end a little above the cap). The
+    normalised frame over the --frames frames sampled at segment centres: an inferred stand-in for the
+    confounder, because no scene label is given), and each video's loss is weighted by P(y) / P(y | z)
+    (Laplace-smoothed counts; normalised to mean 1, capped at WEIGHT_CAP, normalised to mean 1 again, so
+    the largest weight can end a little above the cap). The
     weighted training set then has y independent of the stratum: the distribution sum_z P(z) P(x | y, z)
     that the back-door formula averages over, estimated by inverse propensity weighting. Why it should
     work: videos whose scene is unusual for their label (the counter-examples of the shortcut) count
