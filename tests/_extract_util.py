@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -205,3 +206,10 @@ def gated_decord(path: str, threads: int = 1):
 
     video.get_batch = gated_get_batch
     return video
+
+
+def default_sigint() -> None:
+    """Popen preexec_fn: SIGINT back to its default in the child. A shell without job control starts
+    background commands with SIGINT ignored and children inherit that, so a Ctrl-C test run from such a
+    shell (`pytest &`) would interrupt nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from _extract_util import (PY, REPO, TINY, extract_args, good_videos, run_cli, write_manifest,
+from _extract_util import (PY, REPO, TINY, default_sigint, extract_args, good_videos, run_cli, write_manifest,
                            write_timed_video)
 from cmdcl_cache.decoders import BackendMissing
 from cmdcl_cache.pipeline import EXIT_OK, ExtractConfig, extract
@@ -97,14 +97,14 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_ctrl_c_prints_one_message_and_no_worker_traceback(tmp_path):
     root = tmp_path / "videos"
-    vids = good_videos(root, 24, frames=40)   # enough left to do when Ctrl-C comes, even on a loaded machine
+    vids = good_videos(root, 8, frames=40)
     manifest = write_manifest(tmp_path / "manifest", vids)
     commits = tmp_path / "cache" / "tiny" / "cmdcl-tiny-none" / "frames-00000-of-00001.journal" / "commits.jsonl"
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}",
            "CMDCL_DECODER": "_extract_util:slow_decord"}
     proc = subprocess.Popen([PY, "-m", "cmdcl_cache.cli", *extract_args(manifest, root, tmp_path / "cache")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     t_end = time.monotonic() + 120
     while not (commits.exists() and commits.read_bytes()) and proc.poll() is None:
         assert time.monotonic() < t_end, "no commit within 120 s"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _extract_util import PY, REPO, write_manifest
+from _extract_util import PY, REPO, default_sigint, write_manifest
 from cmdcl_cache.cache import Cache, CacheFolder
 from cmdcl_cache.cli import app
 from cmdcl_cache.failures import read_failures, read_lines
@@ -281,7 +281,7 @@ def _start_slow_import(args, output=subprocess.DEVNULL):
     """)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([PY, "-c", script], env=env, stdout=output, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
 
 
 def test_an_import_killed_midway_resumes_to_the_same_bytes(tmp_path):
