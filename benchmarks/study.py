@@ -90,10 +90,16 @@ def select(results: list[dict], regime: str) -> dict:
 
 # --------------------------------------------------------------------------------------------- runs
 
-def done_keys() -> set:
+def run_id(key: list, settings: dict) -> tuple:
+    """A run is the same run only with the same key AND the same settings (epochs, the switches' values):
+    a 1-epoch smoke test or an earlier selection must never stand in for the real run."""
+    return tuple(key), json.dumps(settings, sort_keys=True)
+
+
+def recorded_runs() -> list[dict]:
     if not RUNS.exists():
-        return set()
-    return {tuple(json.loads(line)["key"]) for line in RUNS.read_text().splitlines() if line.strip()}
+        return []
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
 
 
 def _run(job: dict) -> dict:
@@ -110,7 +116,7 @@ def _run(job: dict) -> dict:
                      job["head"], splits=tuple(job["splits"]), train_extra=job["train"])
     import shutil
     shutil.rmtree(job["run"], ignore_errors=True)
-    return {"key": job["key"], **dict(zip(("stage", "world", "regime", "row", "data_seed", "seed"), job["key"])),
+    return {"key": job["key"], "settings": job["settings"], **dict(zip(("stage", "world", "regime", "row", "data_seed", "seed"), job["key"])),
             **acc}
 
 
@@ -132,8 +138,8 @@ def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds,
 
     from rich.progress import Progress
 
-    have = done_keys()
-    jobs = []
+    have = {run_id(r["key"], r["settings"]) for r in recorded_runs()}
+    jobs, wanted = [], set()
     for world in worlds:
         for regime in regimes:
             for ds in data_seeds:
@@ -141,9 +147,11 @@ def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds,
                 for row, (variant, model, head, train) in table.items():
                     for seed in (train_seeds if not row.startswith("ref-") else train_seeds[:1]):
                         key = [stage, world, regime, row, ds, seed]
-                        if tuple(key) in have:
+                        settings = {"epochs": args.epochs, "head": head, "train": train}
+                        wanted.add(run_id(key, settings))
+                        if run_id(key, settings) in have:
                             continue
-                        jobs.append({"key": key, "cache": str(paths[variant]), "manifest": str(paths["manifest"]),
+                        jobs.append({"key": key, "settings": settings, "cache": str(paths[variant]), "manifest": str(paths["manifest"]),
                                      "run": str(work / "runs" / "-".join(map(str, key)).replace(" ", "_")),
                                      "model": model, "seed": seed, "head": head, "train": train,
                                      "splits": splits, "args": vars(args)})
@@ -154,7 +162,7 @@ def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds,
             log.write(json.dumps(result) + "\n")
             log.flush()
             bar.advance(task)
-    return [r for r in map(json.loads, RUNS.read_text().splitlines()) if r["stage"] == stage]
+    return [r for r in recorded_runs() if run_id(r["key"], r["settings"]) in wanted]
 
 
 # ------------------------------------------------------------------------------------------- report
@@ -212,6 +220,8 @@ def main(argv=None) -> None:
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cmdcl-study")
     p.add_argument("--epochs", type=int, default=20)
     a = p.parse_args(argv)
+    if a.epochs < 1 or a.workers < 1:
+        p.error(f"--epochs and --workers must be >= 1, got {a.epochs} and {a.workers}")
     args = argparse.Namespace(frames=16, layers=1, epochs=a.epochs, batch_size=32, lr=1e-3, device="cpu", kp=32,
                               kz=64, workers=a.workers)
     if a.stage == "tune":

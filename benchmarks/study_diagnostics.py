@@ -1,8 +1,10 @@
 """Why reweighting (--reweight-strata) barely moves the shifted split: a diagnostic on TRAINING data only.
 
-For the study's worlds and regimes (benchmarks/study.py) and the tuning data seeds, this computes the
-weights that `cmdcl_heads.debias.stratum_weights` gives the training videos, then uses the SCM's scene
-labels (which no method sees) to ask what the weighted training set looks like:
+For the study's worlds and regimes (benchmarks/study.py) and the tuning data and training seeds, this
+computes the weights that `--reweight-strata K` gives the training videos in training (the same
+`cmdcl_heads.debias.stratum_weights` on the mean of the 16 frames sampled at segment centres, the strata
+seeded by the training seed), then uses the SCM's scene labels (which no method sees) to ask what the
+weighted training set looks like:
 
 - counter-example share: the weighted share of videos shot outside their activity's home scene
   (before weighting about 1 - rho; a perfect back-door adjustment makes the scene independent of the
@@ -10,7 +12,7 @@ labels (which no method sees) to ask what the weighted training set looks like:
 - scene purity of the strata: the share of videos in the most common scene of their stratum;
 - activity purity of the strata: the same for the activity.
 
-No shifted split is read. Run: PYTHONPATH=$PWD python benchmarks/study_diagnostics.py
+No shifted split is read. Run: PYTHONPATH=$PWD python benchmarks/study_diagnostics.py (about a minute on 2 cores)
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import replace
 import numpy as np
 
 from benchmarks.confounded import SCMConfig, generate
-from benchmarks.study import REGIMES, TUNE_DATA_SEEDS, WORLDS
+from benchmarks.study import REGIMES, TUNE_DATA_SEEDS, TUNE_TRAIN_SEEDS, WORLDS
+from cmdcl_heads.data import tsn_indices
 from cmdcl_heads.debias import assign_strata, stratum_weights
 
 
@@ -29,17 +32,21 @@ def purity(groups: np.ndarray, labels: np.ndarray) -> float:
     return sum(Counter(labels[groups == g]).most_common(1)[0][1] for g in np.unique(groups)) / len(labels)
 
 
-def diagnose(world: str, regime: str, data_seed: int, strata: int) -> dict:
+FRAMES = 16   # the study's --frames
+
+
+def diagnose(world: str, regime: str, data_seed: int, strata: int, train_seed: int) -> dict:
     cfg = replace(SCMConfig(), **WORLDS[world], **REGIMES[regime], seed=data_seed)
     data = generate(cfg)
     train = [v for v in data["videos"] if v["split"] == "train"]
     feats = np.stack([data["features"][v["video_id"]] for v in train])
+    feats = feats[:, tsn_indices(feats.shape[1], FRAMES, train=False)]   # what training averages
     unit = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
     y = np.array([int(v["labels"]["activity"][1:]) for v in train])
     scene = np.array([v["meta"]["scene"] for v in train])
     counter = np.array([v["meta"]["scene"] != v["meta"]["home_scene"] for v in train], dtype=float)
-    w, _ = stratum_weights(unit.mean(1), y, strata, cfg.activities, seed=0)
-    z = assign_strata(unit.mean(1), strata, seed=0)   # the strata stratum_weights used
+    w, _ = stratum_weights(unit.mean(1), y, strata, cfg.activities, seed=train_seed)
+    z = assign_strata(unit.mean(1), strata, seed=train_seed)   # the strata stratum_weights used
     n_scenes = cfg.scenes or cfg.activities
     return {"counter_before": counter.mean(), "counter_after": float((w * counter).sum() / w.sum()),
             "counter_ideal": 1 - 1 / n_scenes, "scene_purity": purity(z, scene), "activity_purity": purity(z, y),
@@ -53,7 +60,7 @@ def main() -> None:
     for world in WORLDS:
         for regime in REGIMES:
             for k in (5, 10, 20):
-                rows = [diagnose(world, regime, s, k) for s in TUNE_DATA_SEEDS]
+                rows = [diagnose(world, regime, s, k, t) for s in TUNE_DATA_SEEDS for t in TUNE_TRAIN_SEEDS]
                 m = {key: np.mean([r[key] for r in rows]) for key in rows[0]}
                 print(f"| {world.split(' ')[0]} | {regime} | {k} | {100 * m['counter_before']:.1f} % → "
                       f"{100 * m['counter_after']:.1f} % ({100 * m['counter_ideal']:.1f} %) | "

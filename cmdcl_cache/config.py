@@ -219,7 +219,7 @@ def config_command(app, name: str, classes: tuple, *, help: str, epilog: str | N
         def command(ctx, **values):
             config, preset = values.pop("config"), values.pop("preset", None)
             try:
-                merged = resolve(ctx, classes, values, config, presets(preset) if preset else None)
+                merged = resolve(ctx, classes, values, config, presets(preset) if preset is not None else None)
                 instances = [build(cls, {k: v for k, v in merged.items() if k in {f.name for f in cli_fields(cls)}},
                                    str(config or "options")) for cls in classes]
             except ConfigError as err:

@@ -67,9 +67,10 @@ class HeadConfig:
         if self.static_removal and self.model != "cmdcl":
             raise ValueError(f"--static-removal is a cmdcl switch; --model {self.model} would ignore it "
                              "(train --model cmdcl, or pass --static-removal 0)")
-        if self.static_removal and self.frames == 1:
-            raise ValueError("--static-removal with --frames 1: a single frame is its own temporal mean, so "
-                             "removing it removes the whole input (sample more frames, or pass --static-removal 0)")
+        if self.static_removal and self.frames < 3:
+            raise ValueError(f"--static-removal with --frames {self.frames}: one frame is its own temporal mean and "
+                             "two frames minus their mean are each other's opposite, so little or nothing of the "
+                             "input is left (sample 3 or more frames, or pass --static-removal 0)")
         if self.logit_scale_init <= 0:
             raise ValueError(f"--logit-scale-init must be > 0, got {self.logit_scale_init}")
         if self.dim and self.dim % self.heads:

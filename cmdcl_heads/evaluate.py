@@ -41,7 +41,9 @@ def autocast(device: torch.device, precision: str):
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, multi_label: bool,
             weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy (BCE for multi-label); `weights` [B]: a weighted mean over the batch instead."""
+    """Mean cross-entropy (BCE for multi-label). `weights` [B]: mean of weight x cross-entropy over the batch,
+    not divided by the batch's weight sum (the weights have mean 1 over the training set, so the loss's scale
+    and the learning rate keep their meaning)."""
     if weights is not None:
         return (F.cross_entropy(logits, targets, reduction="none") * weights).mean()
     if multi_label:

@@ -29,8 +29,9 @@ import contextlib
 import math
 import random
 import time
-from pathlib import Path
+import warnings
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -349,10 +350,12 @@ class Splits:
             raise TrainingError(f"--reweight-strata weights the loss of the epoch loop; --model {head.model} has "
                                 "none (train text4vis or cmdcl, or pass --reweight-strata 0)")
         ev = part(config.eval_split)
+        warn_one_frame_videos(ev[0], ev[1], head)
         if head.model == "zeroshot":
             return cls(None, None, None, None, ev)
         select = part(config.select_split) if config.select_split != "none" else None
         _, train, train_feats = part(config.train_split)
+        warn_one_frame_videos(config.train_split, train, head)
         weights, reweighting = None, None
         if config.reweight_strata:
             weights, reweighting = training_weights(train, train_feats, config, head, device)
@@ -373,6 +376,14 @@ class Splits:
         return out
 
 
+def warn_one_frame_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
+    """--static-removal leaves a video of one cached frame nothing (the frame is its own mean): say how many."""
+    n = int((videos.lengths == 1).sum())
+    if head.static_removal and n:
+        warnings.warn(f"--static-removal: {n} of {len(videos.video_ids)} videos of split {split!r} hold one cached "
+                      "frame; removing their temporal mean leaves them no input", stacklevel=2)
+
+
 @torch.no_grad()
 def training_weights(train: SplitVideos, feats, config: TrainConfig, head: HeadConfig, device):
     """--reweight-strata: (loss weights [N] on the device, summary); cmdcl_heads/debias.py says why."""
@@ -388,6 +399,9 @@ def training_weights(train: SplitVideos, feats, config: TrainConfig, head: HeadC
                        for _, frames, _ in feats.batches(config.batch_size, torch.arange(len(train.video_ids)), None)])
     weights, info = stratum_weights(means.numpy(), np.asarray(train.targets), config.reweight_strata,
                                     head.num_classes, config.seed)
+    if info["weight_max"] - info["weight_min"] < 1e-6:
+        warnings.warn(f"--reweight-strata {config.reweight_strata}: every weight is 1 ({info['strata']} strata, "
+                      "none with a label mix to correct), so the training is unweighted", stacklevel=2)
     return torch.from_numpy(weights).to(device), info
 
 

@@ -145,7 +145,9 @@ def test_cli_flags_reach_the_run_and_no_preset_claims_the_target(synth, tmp_path
 @pytest.mark.parametrize("argv, message", [
     (["--model", "text4vis", "--static-removal", "0.5"], "cmdcl switch"),       # would be silently ignored
     (["--model", "linear", "--static-removal", "1"], "cmdcl switch"),
-    (["--model", "cmdcl", "--frames", "1", "--static-removal", "1"], "single frame"),   # would zero the input
+    (["--model", "cmdcl", "--frames", "1", "--static-removal", "1"], "its own temporal mean"),   # zero input
+    (["--model", "cmdcl", "--frames", "2", "--static-removal", "1"], "each other's opposite"),
+    (["--model", "cmdcl", "--preset", ""], "no such preset"),                   # not silently "no preset"
     (["--model", "text4vis", "--reweight-strata", "100"], "fewer strata than training videos"),   # all weights 1
 ])
 def test_switches_that_would_do_nothing_or_destroy_the_input_are_refused(synth, tmp_path, argv, message):
@@ -160,3 +162,21 @@ def test_switches_that_would_do_nothing_or_destroy_the_input_are_refused(synth, 
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split())
     assert not (out / "summary.json").exists()
+
+
+def test_a_reweighting_that_changes_nothing_and_videos_left_empty_are_said(synth, tmp_path):
+    from cmdcl_heads.train import training_weights, warn_one_frame_videos
+    from cmdcl_heads.data import SplitVideos
+
+    class SameMeans:   # every training video has the same mean frame: one stratum, so every weight is 1
+        def batches(self, batch_size, order, offsets):
+            yield None, torch.ones(len(order), 4, 8), None
+
+    videos = SplitVideos([f"v{i}" for i in range(12)], np.full(12, 4), np.arange(12) % 3, False, [])
+    config = _config(synth, tmp_path / "x", reweight_strata=3)
+    with pytest.warns(UserWarning, match="every weight is 1"):
+        weights, _ = training_weights(videos, SameMeans(), config, HeadConfig(model="text4vis", num_classes=3), "cpu")
+    assert torch.equal(weights, torch.ones(12))
+    short = SplitVideos(["a", "b", "c"], np.array([1, 5, 1]), np.zeros(3, np.int64), False, [])
+    with pytest.warns(UserWarning, match="2 of 3 videos of split 'test' hold one cached frame"):
+        warn_one_frame_videos("test", short, HeadConfig(static_removal=1.0))
