@@ -41,7 +41,8 @@ class HeadConfig:
                   "strata by P(z)).")
     static_removal: float = option(
         0.0, "cmdcl, *ours*: subtract this share (0..1) of each video's temporal mean from its normalised frames "
-             "before the temporal encoder: what is constant over a video (its scene) is removed; 0: off.")
+             "before the temporal encoder: what is constant over a video (its scene) is removed; 0: off. "
+             "Needs --frames >= 3. No gain where the fine texts span the feature space (README).")
     learn_text: bool = option(True, "cmdcl: the label text tables are learnable (initialised from texts.h5).")
     fine_label_set: str | None = option(None, "cmdcl: mediator vocabulary (default: the manifest's fine set).")
     # Shapes, resolved by the trainer from the data (a head is rebuilt from its config alone).
@@ -110,7 +111,8 @@ class TrainConfig:
     clip_grad: float = option(1.0, "Max gradient norm (0: no clipping).")
     reweight_strata: int = option(
         0, "*ours*: weight each training video's loss by P(y)/P(y|z) over K k-means strata z of the training "
-           "videos (a back-door adjustment on an inferred confounder); 0: off. Single-label only.")
+           "videos (a back-door adjustment on an inferred confounder); 0: off. text4vis and cmdcl, single-label, "
+           "K below the number of training videos. Small gains only in our study (README).")
     seed: int = option(0, "Seed of initialisation and sampling.")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     precision: Literal["fp32", "bf16"] = option(
