@@ -116,8 +116,8 @@ def _run(job: dict) -> dict:
                      job["head"], splits=tuple(job["splits"]), train_extra=job["train"])
     import shutil
     shutil.rmtree(job["run"], ignore_errors=True)
-    return {"key": job["key"], "settings": job["settings"], **dict(zip(("stage", "world", "regime", "row", "data_seed", "seed"), job["key"])),
-            **acc}
+    fields = dict(zip(("stage", "world", "regime", "row", "data_seed", "seed"), job["key"]))
+    return {"key": job["key"], "settings": job["settings"], **fields, **acc}
 
 
 def prepare(work: Path, world: str, regime: str, data_seed: int, args) -> dict[str, Path]:
@@ -151,7 +151,8 @@ def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds,
                         wanted.add(run_id(key, settings))
                         if run_id(key, settings) in have:
                             continue
-                        jobs.append({"key": key, "settings": settings, "cache": str(paths[variant]), "manifest": str(paths["manifest"]),
+                        jobs.append({"key": key, "settings": settings, "cache": str(paths[variant]),
+                                     "manifest": str(paths["manifest"]),
                                      "run": str(work / "runs" / "-".join(map(str, key)).replace(" ", "_")),
                                      "model": model, "seed": seed, "head": head, "train": train,
                                      "splits": splits, "args": vars(args)})

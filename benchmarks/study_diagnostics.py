@@ -12,7 +12,7 @@ weighted training set looks like:
 - scene purity of the strata: the share of videos in the most common scene of their stratum;
 - activity purity of the strata: the same for the activity.
 
-No shifted split is read. Run: PYTHONPATH=$PWD python benchmarks/study_diagnostics.py (about a minute on 2 cores)
+No shifted split is read. Run: PYTHONPATH=$PWD python benchmarks/study_diagnostics.py (under a minute)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks.confounded import SCMConfig, generate
 from benchmarks.study import REGIMES, TUNE_DATA_SEEDS, TUNE_TRAIN_SEEDS, WORLDS
 from cmdcl_heads.data import tsn_indices
-from cmdcl_heads.debias import assign_strata, stratum_weights
+from cmdcl_heads.debias import assign_strata, weights_given_strata
 
 
 def purity(groups: np.ndarray, labels: np.ndarray) -> float:
@@ -45,8 +45,8 @@ def diagnose(world: str, regime: str, data_seed: int, strata: int, train_seed: i
     y = np.array([int(v["labels"]["activity"][1:]) for v in train])
     scene = np.array([v["meta"]["scene"] for v in train])
     counter = np.array([v["meta"]["scene"] != v["meta"]["home_scene"] for v in train], dtype=float)
-    w, _ = stratum_weights(unit.mean(1), y, strata, cfg.activities, seed=train_seed)
-    z = assign_strata(unit.mean(1), strata, seed=train_seed)   # the strata stratum_weights used
+    z = assign_strata(unit.mean(1), strata, seed=train_seed)   # as stratum_weights does in training
+    w, _ = weights_given_strata(z, y, cfg.activities)
     n_scenes = cfg.scenes or cfg.activities
     return {"counter_before": counter.mean(), "counter_after": float((w * counter).sum() / w.sum()),
             "counter_ideal": 1 - 1 / n_scenes, "scene_purity": purity(z, scene), "activity_purity": purity(z, y),

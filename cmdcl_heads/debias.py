@@ -62,7 +62,11 @@ def stratum_weights(video_means: np.ndarray, targets: np.ndarray, strata: int, n
 
     video_means [N, D] (the mean normalised frame of each training video), targets [N] class indices.
     Returns (weights [N] float32 with mean 1, a summary for summary.json)."""
-    z = assign_strata(video_means, strata, seed)
+    return weights_given_strata(assign_strata(video_means, strata, seed), targets, num_classes)
+
+
+def weights_given_strata(z: np.ndarray, targets: np.ndarray, num_classes: int) -> tuple[np.ndarray, dict]:
+    """stratum_weights for strata z [N] already assigned."""
     k = int(z.max()) + 1
     counts = np.zeros((k, num_classes))
     np.add.at(counts, (z, targets), 1.0)

@@ -378,8 +378,10 @@ class Splits:
 
 def warn_one_frame_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
     """--static-removal leaves a video of one cached frame nothing (the frame is its own mean): say how many."""
+    if not head.static_removal:
+        return
     n = int((videos.lengths == 1).sum())
-    if head.static_removal and n:
+    if n:
         warnings.warn(f"--static-removal: {n} of {len(videos.video_ids)} videos of split {split!r} hold one cached "
                       "frame; removing their temporal mean leaves them no input", stacklevel=2)
 
