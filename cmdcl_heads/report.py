@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from pathlib import Path
@@ -45,29 +46,35 @@ def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | 
     if not any(r.get("epoch", 0) >= 1 for r in history):
         Path(path).unlink(missing_ok=True)
         return False
+    parts = [(part, role, color) for part, role, color in (("select", "selection", "tab:orange"),
+                                                           ("eval", "eval", "tab:green"))
+             if any(part in r for r in history)]
     plt = _pyplot()
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    # no split evaluated per epoch (no selection split, no --eval-each-epoch): the loss panel alone
+    fig, axes = plt.subplots(1, 2 if parts else 1, figsize=(10 if parts else 5.5, 4), layout="constrained",
+                             squeeze=False)
+    ax_loss, ax_metric = axes[0][0], (axes[0][1] if parts else None)
     pts = [(r["epoch"], r["train_loss"]) for r in history if r.get("train_loss") is not None]
     if pts:
         ax_loss.plot(*zip(*pts), marker="o", label="train loss", color="tab:blue")
-    for part, role, color in (("select", "selection", "tab:orange"), ("eval", "eval", "tab:green")):
+    for part, role, color in parts:
         rows = [r for r in history if part in r]
-        if not rows:
-            continue
         label = f"{rows[0][part]['split']} ({role})"
         for ax, key in ((ax_loss, "eval_loss"), (ax_metric, metric)):
             pts = [(r["epoch"], r[part][key]) for r in rows if r[part].get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), marker="o", color=color, label=f"{label} loss" if key == "eval_loss" else label)
-    if best_epoch is not None:
+    if ax_metric is None:
+        ax_loss.set_title("no split evaluated per epoch (--eval-each-epoch draws the eval split)", fontsize=9)
+    elif best_epoch is not None:
         ax_metric.axvline(best_epoch, color="grey", linestyle=":", label=f"selected epoch {best_epoch}")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("loss")
-    ax_metric.set_xlabel("epoch")
-    ax_metric.set_ylabel(metric)
     from matplotlib.ticker import MaxNLocator
 
-    for ax in (ax_loss, ax_metric):
+    for ax, ylabel in ((ax_loss, "loss"), (ax_metric, metric)):
+        if ax is None:
+            continue
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
         ax.grid(alpha=0.3)
@@ -77,14 +84,18 @@ def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | 
 
 
 def save_png(fig, path, dpi: int = 100) -> None:
-    """Write and close a figure. bbox_inches="tight" grows the canvas to whatever its text needs: a class
+    """Write (atomically) and close a figure. bbox_inches="tight" grows the canvas to whatever its text needs: a class
     name too long for the layout engine would otherwise be cut at the edge."""
     import warnings
 
+    from cmdcl_cache.store import write_atomic
+
+    buffer = io.BytesIO()
     with warnings.catch_warnings():   # the layout engine gives up on such a name; the tight box covers it
         warnings.filterwarnings("ignore", message="constrained_layout not applied")
-        fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.1)
+        fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
     _pyplot().close(fig)
+    write_atomic(Path(path), buffer.getvalue())   # a viewer reloading curves.png mid-run never reads half a file
 
 
 WRAP_CLASSES, WRAP_WIDTH = 40, 24   # up to 40 classes, names wrap at 24 characters; beyond, one line each

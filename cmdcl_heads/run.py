@@ -6,7 +6,8 @@
         last.safetensors     the same for the last epoch, plus optimizer, scheduler and RNG states (resume)
         metrics.jsonl        one record per epoch; metrics.csv: the same, flat, for a spreadsheet
         summary.json         the eval split's metrics of best, the selection, timings
-        curves.png, confusion.png | per_class_ap.png
+        curves.png           rewritten after every epoch; confusion.png | per_class_ap.png at the end
+        events.out.tfevents.*  TensorBoard event files (cmdcl_heads/events.py): `tensorboard --logdir runs`
 
 Checkpoints are safetensors files: tensors and a JSON metadata string, nothing else. Loading one parses
 JSON and reads raw tensor bytes; no pickle is involved anywhere, so a checkpoint from a stranger cannot
@@ -35,6 +36,8 @@ METRICS_CSV = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
 SUFFIX = ".safetensors"
+EVENTS_GLOB = "events.out.tfevents.*"
+PLOTS = ("curves.png", "confusion.png", "per_class_ap.png", "probe.png")
 
 
 class CheckpointError(RuntimeError):
@@ -72,6 +75,8 @@ class RunFolder:
         self.path.mkdir(parents=True, exist_ok=True)
         for name in (METRICS_FILE, METRICS_CSV, f"best{SUFFIX}"):
             (self.path / name).unlink(missing_ok=True)
+        for events in self.path.glob(EVENTS_GLOB):   # TensorBoard would draw them as part of the new run
+            events.unlink()
 
     # ------------------------------------------------------------------------------------ configuration
 
@@ -162,6 +167,16 @@ class RunFolder:
         writer.writeheader()
         writer.writerows(rows)
         write_atomic(self.path / METRICS_CSV, out.getvalue().encode())
+
+    def read_summary(self) -> dict | None:
+        """summary.json (None while the run has not finished)."""
+        path = self.path / SUMMARY_FILE
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def plot(self, name: str) -> Path | None:
+        """One of the PNGs `train` writes (PLOTS), None where this run has none."""
+        path = self.path / name
+        return path if path.is_file() else None
 
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.path / SUMMARY_FILE,

@@ -37,8 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import report
 from .config import RESUME_FREE, HeadConfig, TrainConfig
 from .data import RunData, SplitVideos, make_features, open_data
+from .events import RunEvents
 from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, evaluate_logits, loss_fn, predict_logits,
                        resolve_device)
 from .layers import clamp_logit_scales
@@ -78,6 +80,14 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     else:
         run.start_fresh()
     run.write_config(head, config)
+    # a resumed run hides what an interrupted one logged from its first epoch on (cmdcl_heads/events.py)
+    with RunEvents(run.path, purge_step=resumed.meta["epoch"] + 1 if resumed else None) as events:
+        return fit(run, config, head, data, confounders, splits, device, resumed, requested, events, on_epoch_end)
+
+
+def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, confounders, splits: "Splits", device,
+        resumed, requested: str, events: RunEvents, on_epoch_end=None) -> dict:
+    """The head built, trained epoch by epoch (or fitted once) and finished: `train` after its checks."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 = TF32 on CUDA
 
     seed_everything(config.seed)
@@ -88,7 +98,7 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     if not is_trainable(model):   # zero-shot, or the linear probe: no epoch loop
         probe = fit_without_epochs(run, config, head, data, model, splits, meta)
         return finish(run, config, head, data, model, splits, device, trainable_params=0, requested=requested,
-                      probe=probe)
+                      probe=probe, events=events)
 
     steps_per_epoch = math.ceil(len(splits.train.video_ids) / config.batch_size)
     optimizer = make_optimizer(model, config)
@@ -106,6 +116,7 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 record.update(evaluate_epoch(model, splits, config, device))
             run.append_metrics(record)
+            events.epoch(record)
             value = record.get("select", {}).get(metric)
             # no selection split: best = the last epoch; a nan metric (no positives) never improves
             improved = splits.select is None or (value is not None and (value > state["best_value"]
@@ -116,12 +127,15 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
             if improved:  # best first: a kill between the two never leaves last naming a lost best
                 run.save_checkpoint("best", ckpt_meta, model)
             run.save_checkpoint("last", ckpt_meta, model, optimizer, scheduler, with_rng=True)
+            report.plot_curves(run.read_metrics(), metric, run.path / "curves.png",
+                               state["best_epoch"] if splits.select is not None else None)
             progress.console.print(epoch_line(epoch, config.epochs, record, metric), soft_wrap=True,
                                    markup=False, highlight=False)
             if on_epoch_end:
                 on_epoch_end(epoch, record)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return finish(run, config, head, data, model, splits, device, trainable_params=trainable, requested=requested)
+    return finish(run, config, head, data, model, splits, device, trainable_params=trainable, requested=requested,
+                  events=events)
 
 
 def fit_without_epochs(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, splits,
@@ -542,11 +556,9 @@ def _progress(quiet: bool):
 # ------------------------------------------------------------------------------------------------ the end
 
 def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, splits: Splits, device,
-           trainable_params: int, requested: str, probe: dict | None = None) -> dict:
-    """Evaluate the eval split once, with best; write the plots, summary.json and the table."""
+           trainable_params: int, requested: str, probe: dict | None = None, events: RunEvents | None = None) -> dict:
+    """Evaluate the eval split once, with best; write the plots, summary.json, the final events and the table."""
     from cmdcl_cache.progress import console
-
-    from . import report
 
     best = run.load_checkpoint("best")
     model.load_state_dict(best.model)
@@ -581,6 +593,9 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
         summary.update(probe=probe, trainable_parameters=probe["parameters"])
         report.plot_probe_sweep(probe, metric, run.path / "probe.png")
     run.write_summary(summary)
+    if events is not None:
+        events.final(name, metrics, best.meta["epoch"], {**config.to_dict(), **head.to_dict()},
+                     run.path / ("per_class_ap.png" if data.labels.multi_label else "confusion.png"))
     how = _caption(best.meta["epoch"], select, metric, trainable_params, config.select_split, probe)
     rows = {f"{name}, best": metrics}
     if select:
