@@ -50,6 +50,7 @@ def preset_path(name: str) -> Path:
     return Path(str(folder / f"{name}.toml"))
 
 
+SPLIT_PREDICTIONS, FILE_PREDICTIONS = "predictions.jsonl", "predictions-files.jsonl"
 _ERRORS = (ValueError, RuntimeError, OSError, KeyError)   # OSError: read-only disks, paths that are files
 
 
@@ -94,6 +95,7 @@ def eval_(
     data_mode: str = typer.Option("auto", help="memory or lazy feature loading (auto: memory when it fits)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file "
                                                                  "({split: metrics} for several splits)."),
+    quiet: bool = typer.Option(False, help="One result line (each split's metrics) instead of the table."),
 ):
     """Evaluate a run's checkpoint on one or more splits (one model load) and print the metrics table."""
     import json
@@ -103,12 +105,15 @@ def eval_(
     splits = [s.strip() for s in split.split(",") if s.strip()] if split else None
     try:
         out = evaluate_splits(run, checkpoint.value, splits, None if cache is None else str(cache), dataset,
-                              device, data_mode)
+                              device, data_mode, quiet=quiet)
         if json_out:
             value = out if splits and len(splits) > 1 else next(iter(out.values()))
             json_out.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
     except _ERRORS as err:
         _fail(err)
+    if quiet:
+        typer.echo("; ".join(f"{name}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                             for name, metrics in out.items()))
 
 
 @app.command()
@@ -118,7 +123,9 @@ def predict(
                                                          "decoded and encoded as the run's cache was (repeat "
                                                          "--video for more). Without it: a split of the cache."),
     out: Optional[Path] = typer.Option(None, help="Output JSON Lines, one video per line (default: "
-                                                  "RUN/predictions.jsonl)."),
+                                                  f"RUN/{SPLIT_PREDICTIONS} for a split, RUN/{FILE_PREDICTIONS} "
+                                                  "with --video). An existing file is refused unless --force."),
+    force: bool = typer.Option(False, help="Replace an existing --out file (without it: exit 2 before any work)."),
     top_k: int = typer.Option(5, min=1, help="Labels kept per video."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     split: Optional[str] = typer.Option(None, help="Split to predict (default: the run's eval split)."),
@@ -127,13 +134,21 @@ def predict(
     pretrained: Optional[str] = typer.Option(None, help="With --video: the checkpoint file of the image tower, "
                                                         "when the cache was made from one (checked by sha256)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, help="One result line (what was written where) instead of the table."),
 ):
-    """Write per-video top-k predictions (label keys, names, scores) as JSON Lines."""
+    """Write per-video top-k predictions (label keys, names, scores) as JSON Lines.
+
+    A split's predictions and those of --video files go to different files, and no file is replaced unless
+    --force says so: predicting new files never overwrites the split's predictions.
+    """
     from .evaluate import predict_files, predict_run
 
-    out = out or run / "predictions.jsonl"
+    out = out or run / (FILE_PREDICTIONS if video else SPLIT_PREDICTIONS)
     if out.is_dir():   # before any decoding: the write at the end would fail
-        _fail(f"--out {out} is a folder; give a file name, e.g. {out / 'predictions.jsonl'}")
+        _fail(f"--out {out} is a folder; give a file name, e.g. {out / SPLIT_PREDICTIONS}")
+    if out.exists() and not force:
+        _fail(f"--out {out} exists; pass --force to replace it, or give another --out (predict replaces no "
+              "file unasked)")
     configure_logging()
     try:
         if not video:
@@ -144,7 +159,8 @@ def predict(
         n, failed = predict_files(run, video, out, top_k, checkpoint.value, device, pretrained)
     except _ERRORS as err:
         _fail(err)
-    _show_file_predictions(out)
+    if not quiet:
+        _show_file_predictions(out)
     for path, error in failed:
         console(stderr=True).print(f"failed: {path}: {error}", markup=False)
     typer.echo(f"wrote {n} predictions to {out}" + (f"; {len(failed)} file(s) failed" if failed else ""))
@@ -179,6 +195,8 @@ def explain(
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
     top_k: int = typer.Option(8, min=1, help="Atomic actions and dictionary entries shown."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    quiet: bool = typer.Option(False, help="Accepted like predict's and eval's, for scripts that pass it to every "
+                                           "command: explain prints only its result line (the PNG written)."),
 ):
     """Plot which atomic actions and dictionary entries a CMDCL head attends to for one video."""
     from .explain import explain_run

@@ -106,3 +106,50 @@ def test_write_atomic_refuses_a_folder_and_leaves_no_tmp_when_the_write_fails(tm
     with pytest.raises(TypeError):
         write_atomic(tmp_path / "a.txt", 42)     # fails inside the write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "first"
+
+
+def test_predict_on_files_leaves_the_split_predictions_and_replaces_nothing_unasked(trained, tmp_path):
+    import shutil
+    t, root, leaf, run = trained
+    run = shutil.copytree(run, tmp_path / "run")
+    split = run / "predictions.jsonl"
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 0 and str(split) in res.output, res.output
+    before = split.read_bytes()
+    assert json.loads(before.splitlines()[0])["video_id"] == "good3"
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(root / "good1.mp4"),
+                                    "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    files = run / "predictions-files.jsonl"
+    assert str(files) in res.output and json.loads(files.read_text())["file"] == str(root / "good1.mp4")
+    assert split.read_bytes() == before                              # the split's predictions untouched
+    # a second time: refused before any decoding, the file as it was; --force replaces it
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(root / "good3.mp4"),
+                                    "--device", "cpu"])
+    assert res.exit_code == 2 and "exists; pass --force" in res.output
+    assert json.loads(files.read_text())["file"] == str(root / "good1.mp4")
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--out", str(split), "--device", "cpu"])
+    assert res.exit_code == 2 and split.read_bytes() == before
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(root / "good3.mp4"),
+                                    "--device", "cpu", "--force"])
+    assert res.exit_code == 0 and json.loads(files.read_text())["file"] == str(root / "good3.mp4")
+
+
+def test_quiet_predict_and_eval_print_one_result_line(trained, tmp_path):
+    t, root, leaf, run = trained
+    out = tmp_path / "files.jsonl"
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--video", str(root / "good3.mp4"), "--out",
+                                    str(out), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0 and res.output.splitlines() == [f"wrote 1 predictions to {out}"], res.output
+    res = runner.invoke(heads_app, ["predict", "--run", str(run), "--out", str(tmp_path / "split.jsonl"),
+                                    "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0 and len(res.output.splitlines()) == 1, res.output
+    summary = json.loads((run / "summary.json").read_text())
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu", "--quiet"])
+    assert res.exit_code == 0, res.output
+    [line] = res.output.splitlines()
+    assert line.startswith("test: top1 ") and f"top1 {summary['metrics']['top1']:.4f}" in line
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu", "--quiet", "--split",
+                                    "train,test"])
+    [line] = res.output.splitlines()
+    assert line.startswith("train: top1 ") and "; test: top1 " in line
