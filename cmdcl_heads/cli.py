@@ -209,5 +209,29 @@ def explain(
     typer.echo(f"wrote {path}")
 
 
+@app.command("report")
+def report_page(
+    runs: list[Path] = typer.Argument(..., help="Run folders written by `train`; several are shown side by side."),
+    out: Path = typer.Option(..., help="HTML file to write (replaced if it exists)."),
+    errors: int = typer.Option(8, min=0, help="Worst errors shown per run: the eval split's most confident "
+                                              "wrong predictions, predicted again on the run's cache (0: the "
+                                              "cache is not read)."),
+    explain: bool = typer.Option(True, help="CMDCL runs: `explain`'s picture for each error shown."),
+    device: str = typer.Option("cpu", help="Where the worst errors are predicted: cpu, auto, cuda or cuda:N."),
+):
+    """One self-contained HTML page (no network; images inlined): configuration, metrics per split, curves,
+    confusion matrix or per-class AP, the worst errors with their explanations, the cache's provenance."""
+    from .page import write_report
+
+    if out.is_dir():
+        _fail(f"--out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
+    configure_logging()
+    try:
+        path = write_report(runs, out, errors, explain, device)
+    except _ERRORS as err:
+        _fail(err)
+    typer.echo(f"wrote {path} ({len(runs)} run{'s' if len(runs) > 1 else ''}, {path.stat().st_size // 1024} KiB)")
+
+
 if __name__ == "__main__":
     app()

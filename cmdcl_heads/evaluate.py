@@ -194,12 +194,17 @@ def predict_run(run: str | Path, out: str | Path, top_k: int = 5, checkpoint: st
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (vid, top) in enumerate(zip(videos.video_ids, top_labels(logits, labels, top_k))):
-        target = videos.targets[i]
-        truth = ([labels.keys[j] for j in np.nonzero(target)[0]] if labels.multi_label
-                 else labels.keys[int(target)])
+        truth = truth_keys(videos.targets[i], labels)
         lines.append(json.dumps({"video_id": vid, "target": truth, "top_k": top}, allow_nan=False) + "\n")
     write_atomic(out, "".join(lines))
     return len(videos.video_ids)
+
+
+def truth_keys(target, labels) -> str | list[str]:
+    """A video's target as label keys: one key (single-label), the list of its positive keys (multi-label)."""
+    if labels.multi_label:
+        return [labels.keys[j] for j in np.nonzero(target)[0]]
+    return labels.keys[int(target)]
 
 
 def top_labels(logits: torch.Tensor, labels, top_k: int) -> list[list[dict]]:
