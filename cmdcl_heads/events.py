@@ -76,11 +76,14 @@ def epoch_scalars(record: dict) -> dict[str, float]:
 
 
 def hparam_values(options: dict) -> dict:
-    """Flat scalar options for the HParams tab: None and lists become their text (the tab takes numbers,
-    strings and booleans only)."""
+    """Flat scalar options for the HParams tab: numbers and strings as they are; booleans as "true"/"false"
+    (torch's writer would make them 1.0/0.0), None and lists as their text."""
     out = {}
     for key, value in options.items():
-        out[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+        if isinstance(value, bool):
+            out[key] = str(value).lower()
+        else:
+            out[key] = value if isinstance(value, (int, float, str)) else str(value)
     return out
 
 

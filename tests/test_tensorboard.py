@@ -64,6 +64,7 @@ def test_every_epoch_scalar_the_hparams_and_the_confusion_image_are_in_the_event
     content = acc.PluginTagToContent("hparams")
     start = HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     assert start.hparams["lr"].number_value == pytest.approx(3e-3) and start.hparams["model"].string_value == "text4vis"
+    assert start.hparams["eval_each_epoch"].string_value == "true"
     experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert "final/test/top1" in {m.name.tag for m in experiment.metric_infos}
 
