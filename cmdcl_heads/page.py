@@ -140,6 +140,7 @@ def write_report(runs: list[str | Path], out: str | Path, errors: int = 8, expla
         if names.count(v.name) > 1:
             v.name = str(v.path)
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, render(views))
     return out
 

@@ -4,7 +4,8 @@ The loop: AdamW (weight decay on matrices only), a per-step schedule of linear w
 fp32 by default (TF32 matmuls on CUDA; `--precision bf16` for bf16 autocast), gradient clipping, a guard
 that skips a step whose loss or gradient is not finite, cross-entropy for single-label and BCE for
 multi-label targets. After every epoch: the selection split is evaluated, `last` is saved and `best` when
-the selection metric improved.
+the selection metric improved, the epoch's scalars go to TensorBoard (cmdcl_heads/events.py) and curves.png
+is drawn again.
 
 Model selection never looks at the eval split. `best` is the epoch whose *selection split* (`select_split`,
 default `auto` = `val` when the manifest has val videos for the label set and scheme) scores the highest

@@ -5,6 +5,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,11 +72,11 @@ def test_the_page_compares_runs_and_needs_nothing_else(runs, tmp_path):
     assert "<water>" not in page and "cut</td>lettuce" not in page
 
 
-def test_worst_errors_come_from_the_eval_split_with_best(runs):
-    view = read_run(runs / "cmdcl", errors=NUM_TASKS * 3, explain=False)
-    preds = tmp = runs / "preds.jsonl"
-    res = runner.invoke(app, ["predict", "--run", str(runs / "cmdcl"), "--out", str(tmp), "--top-k", "1",
-                              "--device", "cpu", "--force"])
+def test_worst_errors_come_from_the_eval_split_with_best(runs, tmp_path):
+    view = read_run(runs / "cmdcl", errors=NUM_TASKS * 3, explain=False)   # every test video could be one
+    preds = tmp_path / "preds.jsonl"
+    res = runner.invoke(app, ["predict", "--run", str(runs / "cmdcl"), "--out", str(preds), "--top-k", "1",
+                              "--device", "cpu"])
     assert res.exit_code == 0, res.output
     lines = [json.loads(x) for x in preds.read_text().splitlines()]
     wrong = {x["video_id"]: x["top_k"][0]["score"] for x in lines if x["top_k"][0]["key"] != x["target"]}
@@ -100,8 +101,19 @@ def test_a_run_whose_cache_is_gone_still_gets_a_page(runs, tmp_path):
     assert "could not be read" in render([view])
 
 
+def test_an_unfinished_run_gets_a_page_and_a_folder_without_a_run_is_refused(runs, tmp_path):
+    copy = shutil.copytree(runs / "t4v", tmp_path / "cut")
+    (copy / "summary.json").unlink()   # as a run interrupted after its epochs
+    view = read_run(copy, errors=3)
+    assert not view.errors and "has not finished" in view.errors_note
+    assert "not finished (no summary.json); 2 epoch(s) logged" in render([view])
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and "no checkpoint here" in res.output and not (tmp_path / "r.html").exists()
+
+
 def test_error_rows_escape_video_ids():
-    view = RunView(name="r<1>", path=__import__("pathlib").Path("/x/r<1>"), summary=None, history=[], plots={},
+    view = RunView(name="r<1>", path=Path("/x/r<1>"), summary=None, history=[], plots={},
                    meta={"head_config": {"model": "text4vis"}, "train_config": {}, "dataset": "d&d",
                          "label_set": "task"},
                    errors=[ErrorRow("vid<img src=x>", ["a&b"], [{"name": "<b>", "score": 0.5}], 2)])
