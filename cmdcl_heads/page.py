@@ -161,7 +161,7 @@ def render(views: list[RunView]) -> str:
 
 def comparison_table(views: list[RunView]) -> str:
     """One column per run: the results and the options and provenance attributes that differ (marked); every
-    option and attribute below it, folded away when there are several runs (open for one)."""
+    option and attribute in a folded table below it."""
     head = "<tr><th></th>" + "".join(f"<th>{esc(v.name)}</th>" for v in views) + "</tr>"
     sections = [("options (best checkpoint)", option_rows(views, "options")),
                 ("cache provenance", option_rows(views, "provenance"))]
@@ -173,7 +173,7 @@ def comparison_table(views: list[RunView]) -> str:
     summary = ("every option and the cache's provenance" if len(views) == 1
                else f"every option and the cache's provenance ({same} the same in every run)")
     return (f"<table class=\"compare\"><thead>{head}</thead><tbody>{''.join(top)}</tbody></table>\n"
-            f"<details{' open' if len(views) == 1 else ''}><summary>{esc(summary)}</summary>"
+            f"<details><summary>{esc(summary)}</summary>"
             f"<table class=\"compare\"><thead>{head}</thead><tbody>{''.join(every)}</tbody></table></details>")
 
 
