@@ -24,6 +24,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=m
                   help="Train and evaluate heads (baselines and CMDCL) on cached CLIP features.")
 confounders_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="Confounder dictionaries built with FAISS k-means.")
 app.add_typer(confounders_app, name="confounders")
+figures_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(),
+                          help="The CMDCL paper's diagnostic figures on your data and runs: each writes a PNG and "
+                               "its numbers as JSON beside it (same name).")
+app.add_typer(figures_app, name="figures")
 
 
 @app.callback()
@@ -189,6 +193,93 @@ def explain(
     except _ERRORS as err:
         _fail(err)
     typer.echo(f"wrote {path}")
+
+
+# ------------------------------------------------------------------------------- figures (the paper's)
+
+_ACTIVITY = typer.Option(None, "--activity", help="Activity to show (key or name; repeat for more). Default: the "
+                                                  "first two of the label set that have videos.")
+_DEVICE = typer.Option("cpu", help="auto, cpu, cuda or cuda:N.")
+
+
+def _figure(make) -> None:
+    try:
+        path = make()
+    except _ERRORS as err:
+        _fail(err)
+    typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+@figures_app.command("cooccurrence")
+def figures_cooccurrence(
+    dataset: str = typer.Option(..., help="Manifest: built-in name or folder."),
+    out: Path = typer.Option(..., help="PNG to write (the numbers go to the same name with .json)."),
+    activity: Optional[list[str]] = _ACTIVITY,
+    split: Optional[str] = typer.Option(None, help="Count the videos of this split only (default: all)."),
+    label_set: Optional[str] = typer.Option(None, help="Activity label set (default: the manifest's default)."),
+):
+    """Paper fig. 1b: share of each activity's videos that hold each atomic action (from the manifest's segments)."""
+    from .figures import cooccurrence_run
+
+    _figure(lambda: cooccurrence_run(dataset, out, activity, split, label_set))
+
+
+@figures_app.command("similarity")
+def figures_similarity(
+    run: Path = typer.Option(..., help="Run folder of a `--model cmdcl` training (with --tci)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/figures/similarity.png)."),
+    activity: Optional[list[str]] = _ACTIVITY,
+    checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
+    dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    device: str = _DEVICE,
+):
+    """Paper fig. 5: cosine similarity of the atomic-action texts before (E, T) and after TCI (T'), grouped by
+    activity."""
+    from .figures import similarity_run
+
+    _figure(lambda: similarity_run(run, out, activity, checkpoint.value, None if cache is None else str(cache),
+                                   dataset, device))
+
+
+@figures_app.command("matching")
+def figures_matching(
+    run: list[Path] = typer.Option(..., help="Run folder; give --run twice to compare two runs side by side "
+                                             "(e.g. text4vis and cmdcl)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: LAST_RUN/figures/matching.png)."),
+    activity: Optional[list[str]] = _ACTIVITY,
+    split: Optional[str] = typer.Option(None, help="Split whose videos are used (default: the run's eval split)."),
+    checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
+    dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    device: str = _DEVICE,
+):
+    """Paper fig. 1c / 7c: cross-modal matching probability of the atomic-action texts with each activity's
+    videos (*inferred* definition: mean over the videos of softmax over all fine texts of s*cos(v, t_f))."""
+    from .figures import matching_run
+
+    _figure(lambda: matching_run(run, out, activity, split, checkpoint.value,
+                                 None if cache is None else str(cache), dataset, device))
+
+
+@figures_app.command("attention")
+def figures_attention(
+    run: list[Path] = typer.Option(..., help="Run folder trained on grid tokens; give --run twice to compare."),
+    video: str = typer.Option(..., help="Video id (in the run's cache)."),
+    video_root: Optional[Path] = typer.Option(None, help="Folder the manifest's video paths are relative to "
+                                                         "(the frames are decoded from the file)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: LAST_RUN/figures/attention-VIDEO.png)."),
+    frames: int = typer.Option(4, min=1, help="Frames shown (evenly spread over the sampled ones)."),
+    checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
+    dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    device: str = _DEVICE,
+):
+    """Paper fig. 7a/b: the last layer's spatial attention over the patches, drawn on the decoded frames."""
+    from .figures import attention_run
+
+    _figure(lambda: attention_run(run, video, out, video_root, frames, checkpoint.value,
+                                  None if cache is None else str(cache), dataset, device))
 
 
 if __name__ == "__main__":
