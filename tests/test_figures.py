@@ -143,3 +143,46 @@ def test_attention_refuses_a_run_without_grid_tokens(runs):
     cache, manifest, out = runs
     res = runner.invoke(app, ["figures", "attention", "--run", str(out["cmdcl"]), "--video", "test016"])
     assert res.exit_code == 2 and "no spatial attention" in res.output and "--tokens grid" in res.output
+
+
+@pytest.fixture(scope="module")
+def video_runs(tmp_path_factory):
+    from _video_runs import video_runs
+    return video_runs(tmp_path_factory.mktemp("figures_videos"))
+
+
+@pytest.mark.slow
+def test_attention_on_decoded_frames_sums_to_one_and_leaves_the_prediction_unchanged(video_runs, tmp_path):
+    root, manifest, leaf, runs = video_runs
+    png = tmp_path / "att.png"
+    res = runner.invoke(app, ["figures", "attention", "--run", str(runs["text4vis"]), "--run", str(runs["cmdcl"]),
+                              "--video", "good3", "--video-root", str(root), "--out", str(png), "--frames", "3"])
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    n = json.loads(png.with_suffix(".json").read_text())
+    for run in runs.values():
+        patches, own = np.array(n[str(run)]["patches"]), np.array(n[str(run)]["self"])
+        assert patches.shape == (3, 4) and (patches >= 0).all()            # 3 frames shown, a 2 x 2 grid
+        np.testing.assert_allclose(patches.sum(axis=1) + own, 1, atol=1e-5)
+    # the hooks ask for weights but change nothing the head computes
+    from cmdcl_heads.evaluate import load_run
+    _, _, _, head = load_run(runs["cmdcl"], device="cpu")
+    frames, tokens = torch.randn(1, 4, head.dim), torch.randn(1, 4, 4, head.dim)
+    before = head(frames, tokens)
+    figures.spatial_attention(head, frames, tokens)
+    assert torch.equal(head(frames, tokens), before)
+    assert not head.encoder.blocks[-1].space.attn._forward_hooks                 # removed again
+    # the frames are those the cache records, decoded as the encoder saw them (64 x 64, the tiny model's size)
+    from cmdcl_cache.cache import Cache, CacheSpec
+    from cmdcl_cache.encoder import load_encoder
+    cache = Cache(leaf)
+    rows = np.array(n[str(runs["cmdcl"])]["rows"])
+    got = figures.decoded_frames(cache, "good3", rows, root, load_manifest(manifest))
+    assert got.shape == (3, 64, 64, 3) and got.dtype == np.uint8
+    assert n["frame_index"] == cache.frame_info("good3")[0][rows].tolist()
+    encoder = load_encoder(CacheSpec.from_provenance(cache.provenance).encoder_spec("cpu"))
+    features, _ = encoder.encode_pixels(encoder.normalise_crops(got))   # they encode to the cached rows
+    np.testing.assert_allclose(features.numpy(), cache.features("good3")[rows].astype(np.float32), atol=2e-3, rtol=2e-3)
+    res = runner.invoke(app, ["figures", "attention", "--run", str(runs["cmdcl"]), "--video", "god3",
+                              "--video-root", str(root)])
+    assert res.exit_code == 2 and "did you mean 'good3'" in res.output
