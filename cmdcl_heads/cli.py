@@ -176,20 +176,24 @@ def _show_file_predictions(path: Path) -> None:
 @app.command()
 def explain(
     run: Path = typer.Option(..., help="Run folder of a `--model cmdcl` training."),
-    video: str = typer.Option(..., help="Video id to explain."),
+    video: str = typer.Option(..., help="Video id of the run's cache, or a video file in no manifest (decoded and "
+                                        "encoded as the run's cache was, as `predict --video` does)."),
     out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/explain-VIDEO.png)."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
     top_k: int = typer.Option(8, min=1, help="Atomic actions and dictionary entries shown."),
+    pretrained: Optional[str] = typer.Option(None, help="With a video file: the checkpoint file of the image tower, "
+                                                        "when the cache was made from one (checked by sha256)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ):
-    """Plot which atomic actions and dictionary entries a CMDCL head attends to for one video."""
+    """Plot which atomic actions and dictionary entries (named by their nearest label) a CMDCL head attends to
+    for one video."""
     from .explain import explain_run
 
     try:
         path = explain_run(run, video, out, checkpoint.value, None if cache is None else str(cache), dataset,
-                           device, top_k)
+                           device, top_k, pretrained)
     except _ERRORS as err:
         _fail(err)
     typer.echo(f"wrote {path}")
