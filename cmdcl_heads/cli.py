@@ -203,7 +203,7 @@ def explain(
 
 _ACTIVITY = typer.Option(None, "--activity", help="Activity to show (key or name; repeat for more). Default: the "
                                                   "first two of the label set that have videos.")
-_DEVICE = typer.Option("cpu", help="auto, cpu, cuda or cuda:N.")
+_DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
 
 
 def _figure(make) -> None:

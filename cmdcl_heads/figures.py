@@ -131,6 +131,9 @@ def owners(freq: np.ndarray, rows: list[int]) -> tuple[list[int], list[int]]:
     ordered by owner (in `rows` order), then by falling frequency. Owner = argmax_a freq[a, f] over `rows`."""
     sub = np.asarray(freq, np.float64)[rows]
     present = np.nonzero(sub.max(axis=0) > 0)[0]
+    if not len(present):
+        raise ValueError("no atomic action occurs in the chosen activities' videos (the manifest links none: no "
+                         "segments or fine labels in those videos)")
     own = sub[:, present].argmax(axis=0)   # first maximum: ties go to the first activity
     order = sorted(range(len(present)), key=lambda j: (own[j], -sub[own[j], present[j]], present[j]))
     return [int(present[j]) for j in order], [int(own[j]) for j in order]
@@ -223,7 +226,7 @@ def similarity_figure(names: list[str], tables: dict, groups: list[tuple[str, in
 
 def similarity_run(run: Path, out: Path | None = None, activities: list[str] | None = None,
                    checkpoint: str = "best", cache: str | None = None, dataset: str | None = None,
-                   device: str = "cpu") -> Path:
+                   device: str = "auto") -> Path:
     from .evaluate import open_run
 
     r = open_run(run, checkpoint, cache, dataset, device)
@@ -258,7 +261,8 @@ def fine_logits(head, model: str, frames, tokens, frozen_fine: torch.Tensor) -> 
     each head type (`model`, its HeadConfig.model) has (see the module docstring)."""
     if model == "cmdcl":
         _, tf_prime, _ = head.text_features()
-        tf = tf_prime if tf_prime is not None else frozen_fine.to(frames.device)
+        # T'_f where the head has a fine table of its own; otherwise its tf_prime is T' over the classes
+        tf = tf_prime if head.has_fine else frozen_fine.to(frames.device)
         v, _, _ = head.video_features(frames, tokens, tf_prime, **_t_prime_if_read(head))
         logits = cosine_logits(head.logit_scale, v, tf)
         if logits.dim() == 3:   # cross_sample_mode backdoor: V'_z per stratum, averaged with P(z) as the head does
@@ -288,7 +292,7 @@ def matching_probability(logits: np.ndarray, membership: np.ndarray) -> np.ndarr
     return (m.T @ p) / np.maximum(m.sum(axis=0), 1)[:, None]
 
 
-def run_matching(run: Path, checkpoint: str, split: str | None, cache, dataset, device: str) -> dict:
+def run_matching(run: Path, checkpoint: str, split: str | None, cache, dataset, device: str = "auto") -> dict:
     """{P [A, Cf], fine names, activity names, videos per activity, model} of one run on one split."""
     from .evaluate import open_run
 
@@ -335,7 +339,7 @@ def matching_figure(results: list[dict], rows: list[int], fine: list[int], out: 
 
 def matching_run(runs: list[Path], out: Path | None = None, activities: list[str] | None = None,
                  split: str | None = None, checkpoint: str = "best", cache: str | None = None,
-                 dataset: str | None = None, device: str = "cpu") -> Path:
+                 dataset: str | None = None, device: str = "auto") -> Path:
     if not 1 <= len(runs) <= 2:
         raise ValueError(f"give one run, or two to compare side by side (got {len(runs)})")
     results = [run_matching(run, checkpoint, split, cache, dataset, device) for run in runs]
@@ -453,7 +457,7 @@ def attention_figure(images: np.ndarray, maps: dict[str, np.ndarray], times: np.
 
 def attention_run(runs: list[Path], video_id: str, out: Path | None = None, video_root: Path | None = None,
                   shown: int = 4, checkpoint: str = "best", cache: str | None = None, dataset: str | None = None,
-                  device: str = "cpu") -> Path:
+                  device: str = "auto") -> Path:
     from .data import check_finite
     from .evaluate import open_run
     from .explain import centre_indices

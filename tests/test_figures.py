@@ -46,6 +46,8 @@ def test_cooccurrence_counts_what_a_hand_count_gives(tmp_path):
     # owner: the activity where the action is most frequent, ties to the first; order: owner, then frequency
     assert figures.owners(np.array(stats["freq"]), [0, 1]) == ([0, 1, 2], [0, 0, 1])
     assert figures.owners(np.array(stats["freq"]), [1]) == ([0, 2], [0, 0])
+    with pytest.raises(ValueError, match="no atomic action occurs"):   # a manifest that links none
+        figures.owners(np.zeros((2, 3)), [0, 1])
 
 
 def test_cooccurrence_command_writes_png_and_numbers_and_refuses_an_unknown_activity(tmp_path):
