@@ -222,7 +222,7 @@ def figures_cooccurrence(
     split: Optional[str] = typer.Option(None, help="Count the videos of this split only (default: all)."),
     label_set: Optional[str] = typer.Option(None, help="Activity label set (default: the manifest's default)."),
 ):
-    """Paper fig. 1b: share of each activity's videos that hold each atomic action (from the manifest's segments)."""
+    """Co-occurrence of atomic actions per activity, from the manifest's segments (paper fig 1b)."""
     from .figures import cooccurrence_run
 
     _figure(lambda: cooccurrence_run(dataset, out, activity, split, label_set))
@@ -238,8 +238,7 @@ def figures_similarity(
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
     device: str = _DEVICE,
 ):
-    """Paper fig. 5: cosine similarity of the atomic-action texts before (E, T) and after TCI (T'), grouped by
-    activity."""
+    """Atomic-action text similarity before (E, T) and after TCI (T'), grouped by activity (paper fig 5)."""
     from .figures import similarity_run
 
     _figure(lambda: similarity_run(run, out, activity, checkpoint.value, None if cache is None else str(cache),
@@ -258,8 +257,9 @@ def figures_matching(
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
     device: str = _DEVICE,
 ):
-    """Paper fig. 1c / 7c: cross-modal matching probability of the atomic-action texts with each activity's
-    videos (*inferred* definition: mean over the videos of softmax over all fine texts of s*cos(v, t_f))."""
+    """Matching probability of atomic-action texts with each activity's videos (paper figs 1c, 7c).
+
+    *inferred* definition: mean over the activity's videos of the softmax over all fine texts of s*cos(v, t_f)."""
     from .figures import matching_run
 
     _figure(lambda: matching_run(run, out, activity, split, checkpoint.value,
@@ -279,7 +279,7 @@ def figures_attention(
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
     device: str = _DEVICE,
 ):
-    """Paper fig. 7a/b: the last layer's spatial attention over the patches, drawn on the decoded frames."""
+    """Spatial attention over the patches, drawn on the decoded frames (paper fig 7a/b)."""
     from .figures import attention_run
 
     _figure(lambda: attention_run(run, video, out, video_root, frames, checkpoint.value,
