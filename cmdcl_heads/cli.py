@@ -24,6 +24,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=m
                   help="Train and evaluate heads (baselines and CMDCL) on cached CLIP features.")
 confounders_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="Confounder dictionaries built with FAISS k-means.")
 app.add_typer(confounders_app, name="confounders")
+figures_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(),
+                          help="The CMDCL paper's diagnostic figures on your data and runs: each writes a PNG and "
+                               "its numbers as JSON beside it (same name).")
+app.add_typer(figures_app, name="figures")
 
 
 @app.callback()
@@ -188,22 +192,26 @@ def _show_file_predictions(path: Path) -> None:
 @app.command()
 def explain(
     run: Path = typer.Option(..., help="Run folder of a `--model cmdcl` training."),
-    video: str = typer.Option(..., help="Video id to explain."),
+    video: str = typer.Option(..., help="Video id of the run's cache, or a video file in no manifest (decoded and "
+                                        "encoded as the run's cache was, as `predict --video` does)."),
     out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/explain-VIDEO.png)."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
     top_k: int = typer.Option(8, min=1, help="Atomic actions and dictionary entries shown."),
+    pretrained: Optional[str] = typer.Option(None, help="With a video file: the checkpoint file of the image tower, "
+                                                        "when the cache was made from one (checked by sha256)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     quiet: bool = typer.Option(False, help="Accepted like predict's and eval's, for scripts that pass it to every "
                                            "command: explain prints only its result line (the PNG written)."),
 ):
-    """Plot which atomic actions and dictionary entries a CMDCL head attends to for one video."""
+    """Plot which atomic actions and dictionary entries (named by their nearest label) a CMDCL head attends to
+    for one video."""
     from .explain import explain_run
 
     try:
         path = explain_run(run, video, out, checkpoint.value, None if cache is None else str(cache), dataset,
-                           device, top_k)
+                           device, top_k, pretrained)
     except _ERRORS as err:
         _fail(err)
     typer.echo(f"wrote {path}")
@@ -231,6 +239,91 @@ def report_page(
     except _ERRORS as err:
         _fail(err)
     typer.echo(f"wrote {path} ({len(runs)} run{'s' if len(runs) > 1 else ''}, {path.stat().st_size // 1024} KiB)")
+# ------------------------------------------------------------------------------- figures (the paper's)
+
+_ACTIVITY = typer.Option(None, "--activity", help="Activity to show (key or name; repeat for more). Default: the "
+                                                  "first two of the label set that have videos.")
+_DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
+
+
+def _figure(make) -> None:
+    try:
+        path = make()
+    except _ERRORS as err:
+        _fail(err)
+    typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+@figures_app.command("cooccurrence")
+def figures_cooccurrence(
+    dataset: str = typer.Option(..., help="Manifest: built-in name or folder."),
+    out: Path = typer.Option(..., help="PNG to write (the numbers go to the same name with .json)."),
+    activity: Optional[list[str]] = _ACTIVITY,
+    split: Optional[str] = typer.Option(None, help="Count the videos of this split only (default: all)."),
+    label_set: Optional[str] = typer.Option(None, help="Activity label set (default: the manifest's default)."),
+):
+    """Co-occurrence of atomic actions per activity, from the manifest's segments (paper fig 1b)."""
+    from .figures import cooccurrence_run
+
+    _figure(lambda: cooccurrence_run(dataset, out, activity, split, label_set))
+
+
+@figures_app.command("similarity")
+def figures_similarity(
+    run: Path = typer.Option(..., help="Run folder of a `--model cmdcl` training (with --tci)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/figures/similarity.png)."),
+    activity: Optional[list[str]] = _ACTIVITY,
+    checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
+    dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    device: str = _DEVICE,
+):
+    """Atomic-action text similarity before (E, T) and after TCI (T'), grouped by activity (paper fig 5)."""
+    from .figures import similarity_run
+
+    _figure(lambda: similarity_run(run, out, activity, checkpoint.value, None if cache is None else str(cache),
+                                   dataset, device))
+
+
+@figures_app.command("matching")
+def figures_matching(
+    run: list[Path] = typer.Option(..., help="Run folder; give --run twice to compare two runs side by side "
+                                             "(e.g. text4vis and cmdcl)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: LAST_RUN/figures/matching.png)."),
+    activity: Optional[list[str]] = _ACTIVITY,
+    split: Optional[str] = typer.Option(None, help="Split whose videos are used (default: the run's eval split)."),
+    checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
+    dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    device: str = _DEVICE,
+):
+    """Matching probability of atomic-action texts with each activity's videos (paper figs 1c, 7c).
+
+    *inferred* definition: mean over the activity's videos of the softmax over all fine texts of s*cos(v, t_f)."""
+    from .figures import matching_run
+
+    _figure(lambda: matching_run(run, out, activity, split, checkpoint.value,
+                                 None if cache is None else str(cache), dataset, device))
+
+
+@figures_app.command("attention")
+def figures_attention(
+    run: list[Path] = typer.Option(..., help="Run folder trained on grid tokens; give --run twice to compare."),
+    video: str = typer.Option(..., help="Video id (in the run's cache)."),
+    video_root: Optional[Path] = typer.Option(None, help="Folder the manifest's video paths are relative to "
+                                                         "(the frames are decoded from the file)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: LAST_RUN/figures/attention-VIDEO.png)."),
+    frames: int = typer.Option(4, min=1, help="Frames shown (evenly spread over the sampled ones)."),
+    checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
+    dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
+    device: str = _DEVICE,
+):
+    """Spatial attention over the patches, drawn on the decoded frames (paper fig 7a/b)."""
+    from .figures import attention_run
+
+    _figure(lambda: attention_run(run, video, out, video_root, frames, checkpoint.value,
+                                  None if cache is None else str(cache), dataset, device))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
-"""One picture of why a CMDCL head predicted what it did for one video.
+"""One picture of why a CMDCL head predicted what it did for one video (a cached id or a video file).
 
 Four panels: the mediator's attention S over the top-k fine labels (atomic actions) along time; the
-top-5 predicted classes (all of them when there are 5 or fewer) with their probabilities; the cross-sample
-attention over the top-k entries of the visual dictionary Z along time; the textual intervention's weights
-over V_P for the predicted class. Each panel's title gives the k it shows.
+top-5 predicted classes (all of them when there are 5 or fewer) with their probabilities, the true ones in
+green (legend); the approximator's attention along time, over the top-k entries of the visual dictionary Z
+(the dictionary approximator) or of the debiased texts T' (the figure-4 approximator, no Z), whichever the
+run's head has; the textual intervention's weights over V_P for the predicted class. Each panel's title
+gives the k it shows, each colour bar says what it measures.
+
+Dictionary entries are named by their nearest label text (cosine with the head's own label table: its fine
+vocabulary, else its target labels), e.g. "z3 ~ crack egg (0.41)"; V_P entries of class prototypes by their
+class. A video file (not in any manifest) is decoded and encoded as the run's cache was, as
+`predict --video` does; an unknown id gets the closest ids of the cache.
 """
 
 from __future__ import annotations
 
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +58,35 @@ def _top(weights_over_time: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-weights_over_time.mean(axis=0), kind="stable")[:k]
 
 
+def _class_panel(ax, probs, logits, top, class_names, truths) -> None:
+    from matplotlib.patches import Patch
+
+    is_true = [class_names[i] in truths for i in top]
+    ax.barh(range(len(top))[::-1], probs[top], color=["tab:green" if t else "tab:blue" for t in is_true])
+    ax.set_yticks(range(len(top))[::-1], [f"{_short(class_names[i])} ({logits[i]:.1f})" for i in top],
+                  fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability")
+    ax.legend(handles=[Patch(color="tab:green", label="truth"), Patch(color="tab:blue", label="not the truth")]
+              if truths else [Patch(color="tab:blue", label="truth unknown")], fontsize=7, loc="lower right")
+    ax.set_title(f"top-{len(top)} of {len(probs)} classes: probability (logit)" +
+                 (f"\ntruth: {_short(', '.join(sorted(truths)), 45)}" if truths else ""), fontsize=10)
+
+
+def nearest_names(entries, texts, names: list[str], prefix: str) -> list[str]:
+    """'z3 ~ crack egg (0.41)': each dictionary entry with the label text nearest to it by cosine."""
+    from .layers import normalise
+
+    sim = normalise(torch.as_tensor(entries).float()) @ normalise(torch.as_tensor(texts).float()).T
+    best, which = sim.max(dim=1)
+    return [f"{prefix}{i} ~ {_short(names[j], 28)} ({b:.2f})" for i, (b, j) in enumerate(zip(best.tolist(),
+                                                                                           which.tolist()))]
+
+
 def explanation_figure(maps: dict[str, np.ndarray], class_names: list[str], fine_names: list[str],
                        times: np.ndarray | None = None, vp_names: list[str] | None = None, top_k: int = 8,
-                       title: str = "", truth: str | list[str] | None = None, multi_label: bool = False):
+                       title: str = "", truth: str | list[str] | None = None, multi_label: bool = False,
+                       z_names: list[str] | None = None):
     """The four-panel matplotlib Figure of `plot_explanation`; returns (figure, its title artist).
 
     Every panel says how many entries it shows (k never exceeds what there is: 3 classes give a top-3
@@ -70,7 +104,8 @@ def explanation_figure(maps: dict[str, np.ndarray], class_names: list[str], fine
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
     truths = set([truth] if isinstance(truth, str) else truth or [])
-    steps = len(next(iter(v for k, v in maps.items() if k in ("mediator", "cross_sample")), np.zeros(1)))
+    steps = len(next(iter(v for k, v in maps.items() if k in ("mediator", "cross_sample", "approximator")),
+                     np.zeros(1)))
     xt = times if times is not None else np.arange(steps)
     fig, axes = plt.subplots(2, 2, figsize=(13, 8), gridspec_kw={"width_ratios": [2.2, 1]}, layout="constrained")
 
@@ -82,7 +117,7 @@ def explanation_figure(maps: dict[str, np.ndarray], class_names: list[str], fine
         ax.set_xticks(ticks, [f"{xt[i]:.1f}" if times is not None else f"{xt[i]:.0f}" for i in ticks], fontsize=8)
         ax.set_xlabel("time (s)" if times is not None else "sampled frame")
         ax.set_title(what.format(k=len(order)), fontsize=10)
-        fig.colorbar(im, ax=ax, fraction=0.03)
+        fig.colorbar(im, ax=ax, fraction=0.03, label="attention weight (sums to 1 over all entries)")
 
     def missing(ax, what):
         ax.text(0.5, 0.5, f"{what}: switched off", ha="center", va="center")
@@ -93,19 +128,14 @@ def explanation_figure(maps: dict[str, np.ndarray], class_names: list[str], fine
     else:
         missing(axes[0, 0], "mediator")
     top = np.argsort(-probs, kind="stable")[:min(5, len(probs))]
-    ax = axes[0, 1]
-    ax.barh(range(len(top))[::-1], probs[top], color=["tab:green" if class_names[i] in truths else "tab:blue"
-                                                      for i in top])
-    ax.set_yticks(range(len(top))[::-1], [f"{_short(class_names[i])} ({logits[i]:.1f})" for i in top],
-                  fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_title(f"top-{len(top)} of {len(probs)} classes: probability (logit)" +
-                 (f"\ntruth: {_short(', '.join(sorted(truths)), 45)}" if truths else ""), fontsize=10)
+    _class_panel(axes[0, 1], probs, logits, top, class_names, truths)
     if "cross_sample" in maps:
-        z_names = [f"z{i}" for i in range(maps["cross_sample"].shape[1])]
-        heat(axes[1, 0], maps["cross_sample"], z_names, "cross-sample approximator: top-{k} entries of Z")
+        names = z_names or [f"z{i}" for i in range(maps["cross_sample"].shape[1])]
+        heat(axes[1, 0], maps["cross_sample"], names, "approximator over the frame dictionary Z: top-{k} entries")
+    elif "approximator" in maps:   # the figure-4 approximator reads T' (one entry per class), no Z
+        heat(axes[1, 0], maps["approximator"], class_names, "approximator over the debiased texts T': top-{k}")
     else:
-        missing(axes[1, 0], "cross-sample term")
+        missing(axes[1, 0], "approximator (cross-sample term)")
     ax = axes[1, 1]
     if "tci_pred" in maps:
         w = maps["tci_pred"]
@@ -113,6 +143,7 @@ def explanation_figure(maps: dict[str, np.ndarray], class_names: list[str], fine
         names = vp_names or [f"b{i}" for i in range(len(w))]
         ax.barh(range(len(order))[::-1], w[order])
         ax.set_yticks(range(len(order))[::-1], [_short(names[i]) for i in order], fontsize=8)
+        ax.set_xlabel("weight A*P(b) (sums to 1 over V_P)")
         ax.set_title(f"textual intervention: top-{len(order)} V_P weights\nfor '{_short(class_names[top[0]], 30)}'",
                      fontsize=10)
     else:
@@ -123,57 +154,119 @@ def explanation_figure(maps: dict[str, np.ndarray], class_names: list[str], fine
 def plot_explanation(maps: dict[str, np.ndarray], class_names: list[str], fine_names: list[str],
                      out: str | Path, times: np.ndarray | None = None, vp_names: list[str] | None = None,
                      top_k: int = 8, title: str = "", truth: str | list[str] | None = None,
-                     multi_label: bool = False) -> Path:
+                     multi_label: bool = False, z_names: list[str] | None = None) -> Path:
     """Write the four-panel PNG of `explanation_figure`; `maps` as returned by `explain_video`."""
     from .report import save_png
 
-    fig, _ = explanation_figure(maps, class_names, fine_names, times, vp_names, top_k, title, truth, multi_label)
+    fig, _ = explanation_figure(maps, class_names, fine_names, times, vp_names, top_k, title, truth, multi_label,
+                                z_names)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(fig, out, dpi=110)
     return out
 
 
-def explain_run(run: str | Path, video_id: str, out: str | Path | None = None, checkpoint: str = "best",
-                cache: str | None = None, dataset: str | None = None, device: str = "auto",
-                top_k: int = 8) -> Path:
-    """The PNG for one video of a trained `cmdcl` run (default: RUN/explain-VIDEO.png)."""
-    from cmdcl_heads.confounders import Confounders
-    from cmdcl_heads.data import check_finite
-    from cmdcl_heads.evaluate import open_run
+@dataclass
+class Subject:
+    """What explain draws for one video: its features and what is known about it."""
 
-    r = open_run(run, checkpoint, cache, dataset, device)
-    if r.cfg.model != "cmdcl":
-        raise ValueError(f"{run}: explain draws CMDCL attention maps, this run trained '{r.cfg.model}'")
-    cache_ = r.data.cache
+    features: np.ndarray
+    tokens: np.ndarray | None
+    times: np.ndarray
+    truth: list[str] | None
+    title: str
+    stem: str            # for the default file name
+
+
+def cached_subject(r, video_id: str, checkpoint: str) -> Subject:
+    """A video of the run's cache (open_run's `r`); an unknown id gets the closest ids of the cache."""
+    from cmdcl_cache.export import file_names
+
+    from .data import check_finite
+    from .figures import did_you_mean
+
+    cache_, man = r.data.cache, r.data.manifest
     if video_id not in cache_:
-        raise ValueError(f"{r.data.folder}: video {video_id!r} is not in the cache")
+        raise did_you_mean(f"video (id or file) in the cache {r.data.folder}", video_id,
+                           [v.video_id for v in man.videos if v.video_id in cache_])
     feats = np.asarray(cache_.features(video_id))
     check_finite(cache_, video_id, feats)
     tokens = cache_.tokens(video_id) if r.ckpt.meta["tokens"] else None
-    maps, idx = explain_video(r.head, feats, tokens, r.cfg.frames)
-    _, times = cache_.frame_info(video_id)
-    man, labels = r.data.manifest, r.data.labels
-    fine_names = labels.fine_names
-    if "mediator" in maps and maps["mediator"].shape[1] != len(fine_names):
-        fine_names = list(labels.names)  # no finer set: the mediator read the target labels
-    vp_names = None
-    conf_path = r.data.folder.confounders_path
-    if "tci" in maps and conf_path.exists():
-        conf = Confounders.load(conf_path)
-        if conf.vp_labels and conf.settings.get("label_set") in man.label_sets:
-            ls = man.label_sets[conf.settings["label_set"]]
-            vp_names = [ls.names[ls.index(k)] for k in conf.vp_labels]
-    record = man.by_id().get(video_id)
-    truth = None
+    record, labels, truth = man.by_id().get(video_id), r.data.labels, None
     if record is not None and labels.label_set in record.labels:
         ls = man.label_sets[labels.label_set]
         value = record.labels[labels.label_set]
         truth = [ls.names[ls.index(k)] for k in ([value] if isinstance(value, str) else value)]
-    if out is None:   # a video id is not a file name: export's safe name for it (any id, any length)
-        from cmdcl_cache.export import file_names
-        out = Path(run) / f"explain-{file_names([video_id])[video_id]}.png"
-    out = Path(out)
-    return plot_explanation(maps, list(labels.names), fine_names, out, times=times[idx], vp_names=vp_names,
-                            top_k=top_k, title=f"{video_id} ({man.dataset}, {checkpoint})", truth=truth,
-                            multi_label=labels.multi_label)
+    return Subject(feats, tokens, np.asarray(cache_.frame_info(video_id)[1]), truth,
+                   f"{video_id} ({man.dataset}, {checkpoint})", file_names([video_id])[video_id])
+
+
+def file_subject(meta: dict, path: Path, device: str, pretrained: str | None, checkpoint: str) -> Subject:
+    """A video file in no manifest, decoded and encoded as the run's cache was (what `predict --video` does)."""
+    from cmdcl_cache.pipeline import encode_files
+
+    [(_, result)] = list(encode_files(meta["cache_provenance"], [path], device, pretrained))
+    if isinstance(result, Exception):
+        raise ValueError(f"{path}: {type(result).__name__}: {result}")
+    return Subject(result.features, result.tokens if meta["tokens"] else None, result.timestamps, None,
+                   f"{path.name} (a file, {checkpoint})", path.stem)
+
+
+def entry_names(head, class_names: list[str], fine_names: list[str]) -> tuple[list[str] | None, list[str] | None]:
+    """(V_P names, Z names): each entry with its nearest label of the head's own table (fine, else target)."""
+    fine = getattr(head, "has_fine", False)
+    table = (head.fine_text if head.cfg.learn_text else head.fine_text_buf) if fine else \
+        (head.text if head.text is not None else head.text_buf)
+    names = fine_names if fine else class_names
+    vp = nearest_names(head.tci.vp, table.detach(), names, "b") if getattr(head, "tci", None) is not None else None
+    z = nearest_names(head.z, table.detach(), names, "z") if getattr(head, "z", None) is not None else None
+    return vp, z
+
+
+def prototype_names(r, count: int) -> list[str] | None:
+    """V_P entries of class prototypes (confounders.h5 `vp_labels`) named by their class, when the file still
+    holds the dictionary the run was trained with (same size)."""
+    from cmdcl_heads.confounders import Confounders
+
+    path = r.data.folder.confounders_path
+    if not path.exists():
+        return None
+    conf = Confounders.load(path)
+    man = r.data.manifest
+    if not conf.vp_labels or len(conf.vp_labels) != count or conf.settings.get("label_set") not in man.label_sets:
+        return None
+    ls = man.label_sets[conf.settings["label_set"]]
+    return [ls.names[ls.index(k)] for k in conf.vp_labels]
+
+
+def explain_run(run: str | Path, video: str, out: str | Path | None = None, checkpoint: str = "best",
+                cache: str | None = None, dataset: str | None = None, device: str = "auto",
+                top_k: int = 8, pretrained: str | None = None) -> Path:
+    """The PNG for one video of a trained `cmdcl` run (default: RUN/explain-VIDEO.png). `video`: an id of the
+    run's cache, or a video file (needs only the run folder, and `pretrained` where the cache was made from a
+    checkpoint file)."""
+    from .evaluate import load_run, open_run
+
+    path = Path(video)
+    if path.is_file():
+        ckpt, cfg, _, head = load_run(run, checkpoint, device)
+        r, meta = None, ckpt.meta
+        class_names, fine_names = list(meta["label_names"]), list(meta["fine_label_names"])
+    else:
+        r = open_run(run, checkpoint, cache, dataset, device)
+        cfg, head, meta = r.cfg, r.head, r.ckpt.meta
+        class_names, fine_names = list(r.data.labels.names), list(r.data.labels.fine_names)
+    if cfg.model != "cmdcl":
+        raise ValueError(f"{run}: explain draws CMDCL attention maps, this run trained '{cfg.model}'")
+    subject = file_subject(meta, path, device, pretrained, checkpoint) if r is None else \
+        cached_subject(r, video, checkpoint)
+    maps, idx = explain_video(head, subject.features, subject.tokens, cfg.frames)
+    if "mediator" in maps and maps["mediator"].shape[1] != len(fine_names):
+        fine_names = class_names  # no finer set: the mediator read the target labels
+    vp_names, z_names = entry_names(head, class_names, fine_names)
+    if r is not None and vp_names is not None:
+        vp_names = prototype_names(r, len(vp_names)) or vp_names
+    out = Path(out) if out is not None else Path(run) / f"explain-{subject.stem}.png"
+    return plot_explanation(maps, class_names, fine_names, out, times=subject.times[idx], vp_names=vp_names,
+                            top_k=top_k, title=subject.title, truth=subject.truth,
+                            multi_label=bool(meta["multi_label"]), z_names=z_names)
