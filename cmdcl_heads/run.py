@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,8 +139,12 @@ class RunFolder:
     # ------------------------------------------------------------------------------------------ metrics
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        path = self.path / METRICS_FILE
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
+        except OSError as err:   # a full disk: name the file (the error alone names none)
+            raise OSError(err.errno, err.strerror, str(path)) from None
         self._write_csv()
 
     def read_metrics(self) -> list[dict]:
@@ -165,7 +170,19 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.path / SUMMARY_FILE,
-                      (json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+                     (json.dumps(finite_or_null(summary), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def finite_or_null(value):
+    """`value` with every NaN/inf float as None: metrics files are strict JSON (a metric with no positives
+    is null, not the bare NaN that JSON readers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def _public(cfg) -> dict:

@@ -106,6 +106,7 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
             if epoch % config.eval_every == 0 or epoch == config.epochs:
                 record.update(evaluate_epoch(model, splits, config, device))
             run.append_metrics(record)
+            check_collapse(epoch, record, model, config)   # before the checkpoints: last keeps the epoch before
             value = record.get("select", {}).get(metric)
             # no selection split: best = the last epoch; a nan metric (no positives) never improves
             improved = splits.select is None or (value is not None and (value > state["best_value"]
@@ -220,6 +221,24 @@ class StepStats:
         if self.first_step.item() >= 0:
             out["nonfinite_grads"] = {"step": int(self.first_step.item()), "params": self._bad_names(model)}
         return out
+
+
+def check_collapse(epoch: int, record: dict, model, config: TrainConfig) -> None:
+    """Stop a training that collapsed, naming the epoch: every step skipped, weights no longer finite, or a
+    non-finite loss on an evaluated split. Such an epoch is never a result (nor a best, nor a last)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    losses = {r["split"]: r["eval_loss"] for r in (record.get("select"), record.get("eval")) if r}
+    if record["train_loss"] is None:
+        why = f"all {record['skipped_steps']} steps had a non-finite loss or gradient and were skipped"
+    elif bad:
+        why = f"weights {', '.join(bad[:3])} are no longer finite"
+    elif any(not math.isfinite(v) for v in losses.values()):
+        why = "; ".join(f"the {k} loss is {v}" for k, v in losses.items() if not math.isfinite(v))
+    else:
+        return
+    raise TrainingError(f"training collapsed in epoch {epoch}: {why} (--lr {config.lr:g}); lower --lr, use "
+                        "--precision fp32, or check the cache with `cmdcl-cache verify`; metrics.jsonl has the "
+                        "epoch" + (f", last.safetensors the one before ({epoch - 1})" if epoch > 1 else ""))
 
 
 def grad_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -553,6 +572,9 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
     name, videos, feats = splits.eval
     logits = predict_logits(model, feats, config.batch_size, device, config.precision)
     metrics = evaluate_logits(logits, videos)
+    if not math.isfinite(metrics["eval_loss"]):
+        raise TrainingError(f"training collapsed: best (epoch {best.meta['epoch']}) gives a non-finite loss on "
+                            f"{name} ({metrics['eval_loss']}); lower --lr (now {config.lr:g})")
     history = run.read_metrics()
     metric = primary_metric(data.labels.multi_label)
     select = splits.select[0] if splits.select and not probe else None   # the probe's val chose l2, not an epoch
@@ -569,6 +591,7 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
         "epochs": config.epochs if trainable_params else 0, "data_mode": feats.mode, "device": str(device),
         "trainable_parameters": trainable_params, **({"reweighting": splits.reweighting} if splits.reweighting else {}),
         "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
+        "skipped_steps": sum(r.get("skipped_steps") or 0 for r in history),
         "head_config": head.to_dict(), "train_config": config.to_dict(), "cache_dir": str(data.folder.path.resolve()),
     }
     report.write_outputs(run.path, logits, videos, data.labels.names, metric, history,
@@ -589,6 +612,11 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
     out.print(report.metrics_table(f"{head.model} on {data.manifest.dataset}/{data.labels.label_set}: {name} "
                                    "metrics", rows, caption=how))
     out.print(f"run folder: {run}", markup=False)
+    if summary["skipped_steps"]:   # on stderr, --quiet or not: these metrics come from a damaged training
+        epochs = [r["epoch"] for r in history if r.get("skipped_steps")]
+        console(stderr=True).print(f"warning: {summary['skipped_steps']} training step(s) were skipped for a "
+                                   f"non-finite loss or gradient (epochs {', '.join(map(str, epochs))}; "
+                                   "metrics.jsonl); lower --lr", markup=False)
     return summary
 
 
