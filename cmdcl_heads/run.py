@@ -136,6 +136,36 @@ class RunFolder:
                                   "nothing was loaded") from None
         return Checkpoint(meta=meta, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng)
 
+    def foreign(self, name: str, meta: dict) -> str | None:
+        """What shows that checkpoint `name` (metadata `meta`) is not this run's, or None: the other
+        checkpoint (best / last) was trained on other data or with another head, or config.toml holds other
+        options. A checkpoint copied in from another run (8 classes into a 4-class run, D=256 into D=512)
+        would otherwise be used as this run's. Options a resume may change (RESUME_FREE) are not compared."""
+        from .config import RESUME_FREE, HeadConfig, TrainConfig
+
+        other = self.checkpoint_path("last" if name == "best" else "best")
+        if other.is_file():
+            theirs = _read_meta(other)
+            for key in SAME_IN_A_RUN:
+                if meta.get(key) != theirs.get(key):
+                    return (f"attribute '{key}' is {_brief(meta.get(key))}, in {other.name} "
+                            f"{_brief(theirs.get(key))}")
+        config = self.path / CONFIG_FILE
+        if not config.is_file():
+            return None
+        from cmdcl_cache.config import ConfigError, read_toml
+        try:
+            table = read_toml(config)
+            written = {**HeadConfig.from_dict(table.get("head", {})).to_dict(),
+                       **TrainConfig.from_dict(table.get("train", {})).to_dict()}
+        except (ConfigError, ValueError, TypeError) as err:
+            return f"{config} does not read as this run's configuration ({err})"
+        for key, value in {**_public(HeadConfig.from_dict(meta["head_config"])),
+                           **_public(TrainConfig.from_dict(meta["train_config"]))}.items():
+            if key not in RESUME_FREE and written.get(key) != value:
+                return f"option '{key}' is {value!r}, in {config.name} {written.get(key)!r}"
+        return None
+
     # ------------------------------------------------------------------------------------------ metrics
 
     def append_metrics(self, record: dict) -> None:
@@ -183,6 +213,34 @@ def finite_or_null(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_null(v) for v in value]
     return value
+
+
+SAME_IN_A_RUN = ("head_config", "feature_dim", "label_set", "label_names", "fine_label_set", "fine_label_names",
+                 "multi_label", "tokens", "cache_provenance")   # best and last of one run agree on these
+
+
+def _brief(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_meta(path: Path) -> dict:
+    """The cmdcl metadata of a checkpoint from its header alone (last also holds the optimizer's tensors)."""
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if not 0 < header_len <= MAX_HEADER_BYTES:
+                raise ValueError(f"header of {header_len} bytes")
+            meta = json.loads(json.loads(fh.read(header_len))["__metadata__"]["cmdcl"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not a cmdcl checkpoint ({type(err).__name__}: {str(err)[:200]}); nothing "
+                              "was loaded") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata is not a JSON object; nothing was loaded")
+    return meta
+
+
+MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit
 
 
 def _public(cfg) -> dict:

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 from .config import RESUME_FREE, HeadConfig, TrainConfig
 from .data import RunData, SplitVideos, make_features, open_data
-from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, evaluate_logits, loss_fn, predict_logits,
-                       resolve_device)
+from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, check_own, evaluate_logits, loss_fn,
+                       predict_logits, resolve_device)
 from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
@@ -73,6 +73,7 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     resumed = None
     if config.resume:   # refused before anything in the run folder changes
         resumed = run.load_checkpoint("last")
+        check_own(run, "last", resumed.meta)
         check_checkpoint(resumed.meta, data, run.checkpoint_path("last"))
         check_resume_options(resumed.meta, config, head, run.checkpoint_path("last"))
     else:
@@ -368,6 +369,7 @@ class Splits:
         if config.reweight_strata and head.model not in ("text4vis", "cmdcl"):
             raise TrainingError(f"--reweight-strata weights the loss of the epoch loop; --model {head.model} has "
                                 "none (train text4vis or cmdcl, or pass --reweight-strata 0)")
+        check_classes(data, None)
         ev = part(config.eval_split)
         warn_one_frame_videos(ev[0], ev[1], head)
         if head.model == "zeroshot":
@@ -375,6 +377,7 @@ class Splits:
         select = part(config.select_split) if config.select_split != "none" else None
         _, train, train_feats = part(config.train_split)
         warn_one_frame_videos(config.train_split, train, head)
+        check_classes(data, (config.train_split, train))
         weights, reweighting = None, None
         if config.reweight_strata:
             weights, reweighting = training_weights(train, train_feats, config, head, device)
@@ -393,6 +396,27 @@ class Splits:
         if self.select is not None:
             out["select"] = len(self.select[1].missing)
         return out
+
+
+def check_classes(data: RunData, train: tuple[str, SplitVideos] | None) -> None:
+    """A single-label set of one class is refused: softmax over one class is 1 for every video, so nothing is
+    learned and every metric is trivially perfect. Classes without a training video are named (a warning):
+    the head can learn them from their label texts at most."""
+    labels, where = data.labels, f"label set {data.labels.label_set!r} of {data.manifest.root}/labels.json"
+    if not labels.multi_label and len(labels.names) < 2:
+        raise TrainingError(f"{where} has {len(labels.names)} class ({', '.join(labels.names)}): a single-label "
+                            "head scores it 1 for every video, so nothing can be learned or measured; add classes "
+                            "or declare the set multi_label (one yes/no score per video)")
+    if train is None:
+        return
+    split, videos = train
+    targets = np.asarray(videos.targets)
+    counts = targets.sum(axis=0) if labels.multi_label else np.bincount(targets, minlength=len(labels.names))
+    empty = [labels.names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        warnings.warn(f"{len(empty)} of {len(labels.names)} classes of {where} have no video in split {split!r}: "
+                      f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; the head learns them from their "
+                      "label texts at most", stacklevel=2)
 
 
 def warn_one_frame_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
@@ -454,20 +478,20 @@ def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: R
 
 
 def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, where) -> None:
+    """Every option that differs from the checkpoint's, named at once (not one per try)."""
     # through from_dict: an option added since the checkpoint was written compares as its default
     before_cfg, now_cfg = HeadConfig.from_dict(meta["head_config"]).to_dict(), head.to_dict()
-    if before_cfg != now_cfg:   # over the union of keys; an option the user sets is named before a shape
-        derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
-        keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
-        diff = next(k for k in keys if before_cfg.get(k) != now_cfg.get(k))
-        raise CheckpointMismatch(f"{where}: head option '{diff}' is {before_cfg.get(diff)!r} in the "
-                                 f"checkpoint, {now_cfg.get(diff)!r} now; resume with the same options")
+    derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
+    # over the union of keys; the options the user sets are named before the shapes they imply
+    keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
+    changed = [f"head option '{k}' is {before_cfg.get(k)!r} in the checkpoint, {now_cfg.get(k)!r} now"
+               for k in keys if before_cfg.get(k) != now_cfg.get(k)]
     before, now = TrainConfig.from_dict(meta["train_config"]).to_dict(), config.to_dict()
-    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
+    train_keys = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
+    changed += [f"option '{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in train_keys]
     if changed:
-        listing = ", ".join(f"'{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed)
-        hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in changed else ""
-        raise CheckpointMismatch(f"{where}: option {listing}{hint}; resume with the same options")
+        hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in train_keys else ""
+        raise CheckpointMismatch(f"{where}: {'; '.join(changed)}{hint}; resume with the same options")
     if meta["epoch"] >= config.epochs:
         raise TrainingError(f"{where}: the run already finished its {config.epochs} epochs")
 
