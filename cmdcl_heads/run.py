@@ -147,9 +147,12 @@ class RunFolder:
         if other.is_file():
             theirs = _read_meta(other)
             for key in SAME_IN_A_RUN:
-                if meta.get(key) != theirs.get(key):
-                    return (f"attribute '{key}' is {_brief(meta.get(key))}, in {other.name} "
-                            f"{_brief(theirs.get(key))}")
+                mine, its = meta.get(key), theirs.get(key)
+                if mine != its:
+                    if isinstance(mine, dict) and isinstance(its, dict):   # name the entry, not the whole dict
+                        sub = next(k for k in sorted(set(mine) | set(its)) if mine.get(k) != its.get(k))
+                        key, mine, its = f"{key}.{sub}", mine.get(sub), its.get(sub)
+                    return f"attribute '{key}' is {_brief(mine)}, in {other.name} {_brief(its)}"
         config = self.path / CONFIG_FILE
         if not config.is_file():
             return None
@@ -215,8 +218,8 @@ def finite_or_null(value):
     return value
 
 
-SAME_IN_A_RUN = ("head_config", "feature_dim", "label_set", "label_names", "fine_label_set", "fine_label_names",
-                 "multi_label", "tokens", "cache_provenance")   # best and last of one run agree on these
+SAME_IN_A_RUN = ("feature_dim", "label_set", "label_names", "fine_label_set", "fine_label_names", "multi_label",
+                 "tokens", "cache_provenance", "head_config")   # best and last of one run agree on these
 
 
 def _brief(value, limit: int = 120) -> str:
