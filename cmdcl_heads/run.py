@@ -12,6 +12,10 @@ Checkpoints are safetensors files: tensors and a JSON metadata string, nothing e
 JSON and reads raw tensor bytes; no pickle is involved anywhere, so a checkpoint from a stranger cannot
 run code. A `.pt` file (the pickle format of cmdcl 0.1, or anyone's `torch.save`) is never opened: the
 reader refuses it by name. Every file is written to a temporary name and renamed into place.
+
+A checkpoint belongs to its folder: `eval`, `predict`, `explain` and `--resume` refuse one that disagrees with
+the folder's other checkpoint or its config.toml (RunFolder.foreign), so a best.safetensors copied in from
+another run is never reported as this run's. Metrics files are strict JSON: NaN and inf are written null.
 """
 
 from __future__ import annotations
