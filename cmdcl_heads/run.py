@@ -179,7 +179,7 @@ class RunFolder:
         path = self.path / METRICS_FILE
         try:
             with open(path, "a") as fh:
-                fh.write(json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n")
+                fh.write(_metrics_line(record))
         except OSError as err:   # a full disk: name the file (the error alone names none)
             raise OSError(err.errno, err.strerror, str(path)) from None
         self._write_csv()
@@ -193,7 +193,7 @@ class RunFolder:
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the records of epochs <= last_epoch (a resumed run rewrites the epochs after its checkpoint)."""
         kept = [r for r in self.read_metrics() if r["epoch"] <= last_epoch]
-        write_atomic(self.path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        write_atomic(self.path / METRICS_FILE, "".join(map(_metrics_line, kept)).encode())
         self._write_csv()
 
     def _write_csv(self) -> None:
@@ -208,6 +208,10 @@ class RunFolder:
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.path / SUMMARY_FILE,
                      (json.dumps(finite_or_null(summary), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def _metrics_line(record: dict) -> str:
+    return json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n"
 
 
 def finite_or_null(value):
