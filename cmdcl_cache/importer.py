@@ -433,10 +433,11 @@ class H5Source:
             if isinstance(link, h5py.ExternalLink):
                 found.append(f"'{name}' is an external link to {link.filename}:{link.path}")
             elif isinstance(link, h5py.SoftLink) and self.soft_leaves(link.path, posixpath.dirname("/" + name)):
-                found.append(f"'{name}' is a soft link to {link.path}, which leads out of the file")
+                found.append(f"'{name}' is a soft link to {link.path}, which leads out of the file or loops")
             elif isinstance(link, h5py.HardLink) and isinstance(obj := self.file.get(name), h5py.Dataset):
                 if obj.is_virtual:
-                    found.append(f"dataset '{name}' is virtual (its data are in {obj.virtual_sources()[0].file_name})")
+                    sources = sorted({v.file_name for v in obj.virtual_sources()})
+                    found.append(f"dataset '{name}' is virtual (its data are in {', '.join(sources) or 'no file'})")
                 elif obj.external:
                     found.append(f"dataset '{name}' keeps its raw data in an external file ({obj.external[0][0]})")
         self.file.visititems_links(look)
@@ -444,14 +445,17 @@ class H5Source:
 
     def soft_leaves(self, target: str, base: str, depth: int = 0) -> bool:
         """True when the soft link target passes through an external link (or soft links nest past HDF5's
-        own limit of 16); a dangling target reads nothing and is left to the match."""
+        own limit of 16, or loop); a dangling target reads nothing and is left to the match."""
         import h5py
         if depth > 16:
             return True
         here = "/" if target.startswith("/") else base
         for part in filter(None, target.split("/")):
             here = posixpath.join(here, part)
-            link = self.file.get(here, getlink=True)
+            try:
+                link = self.file.get(here, getlink=True)
+            except (KeyError, RuntimeError, OSError, ValueError):   # a link loop HDF5 itself gives up on
+                return True
             if link is None:
                 return False
             if isinstance(link, h5py.ExternalLink):
