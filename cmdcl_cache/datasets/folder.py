@@ -28,8 +28,8 @@ Every problem is reported in one run (cmdcl_cache.manifest.ManifestErrors, up to
 the file (the CSV, or the folder or video) with its line (0 for a folder or a video file) and field:
 a class folder without videos, videos outside class folders, fewer than two classes, files that do not exist
 or are no videos, a video name that is no regular file (a FIFO, a device), a file or folder that links outside
-DIR (the manifest names only files under DIR: refused, not recorded), unknown or missing columns, a row with a wrong number of fields, an unknown split, two
-rows with one path, two videos with one id.
+DIR (the manifest names only files under DIR: refused, not recorded), unknown or missing columns, a row
+with a wrong number of fields, an unknown split, two rows with one path, two videos with one id.
 """
 
 from __future__ import annotations
