@@ -147,12 +147,14 @@ def coerce(value: Any, hint, where: str) -> Any:
 
 def check_choices(obj) -> None:
     """Refuse a value outside its Literal choices (for instances built in Python, not from a command line),
-    and NaN anywhere: it passes every `x <= 0` check after this one and means no setting."""
+    and NaN or an infinity anywhere: NaN passes every `x <= 0` check after this one, and inf passes `x > 0`
+    (`weight_decay = inf`, `--lr inf`) to end as NaN weights; neither is a setting."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         hint, value = hints[f.name], getattr(obj, f.name)
-        if isinstance(value, float) and value != value:
-            raise ValueError(f"--{f.name.replace('_', '-')} is NaN; give a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} is {'NaN' if value != value else value}; give a "
+                             "finite number")
         if typing.get_origin(hint) in (typing.Union, types.UnionType):   # Optional[Literal[...]]
             if value is None and type(None) in typing.get_args(hint):
                 continue

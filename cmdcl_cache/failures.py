@@ -19,11 +19,14 @@ STAGES = ("open", "decode", "encode", "write")
 
 def append_line(path: str | Path, record: dict) -> None:
     data = (json.dumps(record, sort_keys=False) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as err:   # a full disk's error names no file
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def read_lines(path: str | Path) -> list[dict]:

@@ -33,7 +33,9 @@ one id, a file that is truncated or not what its suffix says, a `.pt`, an HDF5 g
 a missing sidecar (video-features), a file index.jsonl lists that is gone; stage `write`: not 2-D, no rows, not a float dtype, another dimension
 than the import's, NaN/Inf, values beyond float16's range, timestamps of another length, non-finite or
 decreasing, fps not > 0. Fatal (exit 2, nothing written): files whose id is not in the manifest (unless
---allow-unknown: listed, not imported), no matching file at all, an HDF5 file that does not open, --fps with
+--allow-unknown: listed, not imported), no matching file at all, an HDF5 file that does not open or that
+keeps or reaches data in another file (external raw storage, a virtual dataset, an external link, a soft link
+through one: the source sha256 covers the --from file only), --fps with
 timestamp files, no timestamps and no --fps, a cache made with other settings or from other source bytes.
 
 Provenance (cache.ImportSpec): model = --model, pretrained "imported", and `import` = {format, source
@@ -55,6 +57,7 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 import time
 import zipfile
 from collections import Counter, defaultdict
@@ -413,6 +416,53 @@ class H5Source:
             self.file.close()
             raise SourceError(f"--from {path}: a cmdcl shard already; use its folder as --cache directly")
         self.path, self.root, self.location, self.key = path, path.parent, path, key
+        outside = self.outside_links()
+        if outside:
+            self.file.close()
+            raise SourceError(f"--from {path}: {'; '.join(outside[:5])}{'; ...' if len(outside) > 5 else ''}. "
+                              "import reads only the --from file (its sha256 covers nothing else): copy the "
+                              "data into it (h5py: f2[name] = f1[name][()]) and import that copy")
+
+    def outside_links(self) -> list[str]:
+        """What in the file keeps or reaches bytes in another file: external raw storage (EFL), virtual
+        datasets, external links, soft links through an external link. h5py's link visit follows no link."""
+        import h5py
+        found = []
+
+        def look(name: str, link) -> None:
+            if isinstance(link, h5py.ExternalLink):
+                found.append(f"'{name}' is an external link to {link.filename}:{link.path}")
+            elif isinstance(link, h5py.SoftLink) and self.soft_leaves(link.path, posixpath.dirname("/" + name)):
+                found.append(f"'{name}' is a soft link to {link.path}, which leads out of the file or loops")
+            elif isinstance(link, h5py.HardLink) and isinstance(obj := self.file.get(name), h5py.Dataset):
+                if obj.is_virtual:
+                    sources = sorted({v.file_name for v in obj.virtual_sources()})
+                    found.append(f"dataset '{name}' is virtual (its data are in {', '.join(sources) or 'no file'})")
+                elif obj.external:
+                    found.append(f"dataset '{name}' keeps its raw data in an external file ({obj.external[0][0]})")
+        self.file.visititems_links(look)
+        return found
+
+    def soft_leaves(self, target: str, base: str, depth: int = 0) -> bool:
+        """True when the soft link target passes through an external link (or soft links nest past HDF5's
+        own limit of 16, or loop); a dangling target reads nothing and is left to the match."""
+        import h5py
+        if depth > 16:
+            return True
+        here = "/" if target.startswith("/") else base
+        for part in filter(None, target.split("/")):
+            here = posixpath.join(here, part)
+            try:
+                link = self.file.get(here, getlink=True)
+            except (KeyError, RuntimeError, OSError, ValueError):   # a link loop HDF5 itself gives up on
+                return True
+            if link is None:
+                return False
+            if isinstance(link, h5py.ExternalLink):
+                return True
+            if isinstance(link, h5py.SoftLink) and self.soft_leaves(link.path, posixpath.dirname(here), depth + 1):
+                return True
+        return False
 
     def expected(self, video_id: str) -> str:
         return f"dataset '{video_id}' or '{video_id}/{self.key}' in {self.path}"

@@ -529,6 +529,10 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     try:
         tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
         os.replace(tmp, path)
+    except OSError as err:   # a full disk's error names no file: name the one that was not replaced
+        tmp.unlink(missing_ok=True)
+        what = "disk full" if _disk_full(err) else err.strerror or str(err)
+        raise OSError(err.errno, f"{what} while writing; nothing was replaced", str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -105,6 +105,7 @@ def eval_(
     import json
 
     from .evaluate import evaluate_splits
+    from .run import finite_or_null
 
     splits = [s.strip() for s in split.split(",") if s.strip()] if split else None
     try:
@@ -112,7 +113,7 @@ def eval_(
                               device, data_mode, quiet=quiet)
         if json_out:
             value = out if splits and len(splits) > 1 else next(iter(out.values()))
-            json_out.write_text(json.dumps(value, indent=2, sort_keys=True, allow_nan=False) + "\n")
+            json_out.write_text(json.dumps(finite_or_null(value), indent=2, sort_keys=True, allow_nan=False) + "\n")
     except _ERRORS as err:
         _fail(err)
     if quiet:

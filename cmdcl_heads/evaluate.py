@@ -88,7 +88,16 @@ def load_run(run: str | Path, checkpoint: str = "best", device: str = "cpu"):
     except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise CheckpointMismatch(f"{path}: its configuration and weights do not make a head "
                                  f"({type(err).__name__}: {str(err)[:300]})") from None
+    check_own(RunFolder(run), checkpoint, ckpt.meta)
     return ckpt, cfg, train_cfg, head.to(resolve_device(device)).eval()
+
+
+def check_own(run: RunFolder, name: str, meta: dict) -> None:
+    """Refuse a checkpoint that is not its run folder's (copied from another run); name what differs."""
+    diff = run.foreign(name, meta)
+    if diff:
+        raise CheckpointMismatch(f"{run.checkpoint_path(name)}: not this run's checkpoint: {diff}; a checkpoint "
+                                 "is used only in the run folder that wrote it (evaluate the other run's folder)")
 
 
 def check_checkpoint(meta: dict, data: RunData, where: Path) -> None:

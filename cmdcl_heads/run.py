@@ -13,6 +13,10 @@ Checkpoints are safetensors files: tensors and a JSON metadata string, nothing e
 JSON and reads raw tensor bytes; no pickle is involved anywhere, so a checkpoint from a stranger cannot
 run code. A `.pt` file (the pickle format of cmdcl 0.1, or anyone's `torch.save`) is never opened: the
 reader refuses it by name. Every file is written to a temporary name and renamed into place.
+
+A checkpoint belongs to its folder: `eval`, `predict`, `explain` and `--resume` refuse one that disagrees with
+the folder's other checkpoint or its config.toml (RunFolder.foreign), so a best.safetensors copied in from
+another run is never reported as this run's. Metrics files are strict JSON: NaN and inf are written null.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,11 +145,48 @@ class RunFolder:
                                   "nothing was loaded") from None
         return Checkpoint(meta=meta, model=model, optimizer=optimizer, scheduler=scheduler, rng=rng)
 
+    def foreign(self, name: str, meta: dict) -> str | None:
+        """What shows that checkpoint `name` (metadata `meta`) is not this run's, or None: the other
+        checkpoint (best / last) was trained on other data or with another head, or config.toml holds other
+        options. A checkpoint copied in from another run (8 classes into a 4-class run, D=256 into D=512)
+        would otherwise be used as this run's. Options a resume may change (RESUME_FREE) are not compared."""
+        from .config import RESUME_FREE, HeadConfig, TrainConfig
+
+        other = self.checkpoint_path("last" if name == "best" else "best")
+        if other.is_file():
+            theirs = _read_meta(other)
+            for key in SAME_IN_A_RUN:
+                mine, its = meta.get(key), theirs.get(key)
+                if mine != its:
+                    if isinstance(mine, dict) and isinstance(its, dict):   # name the entry, not the whole dict
+                        sub = next(k for k in sorted(set(mine) | set(its)) if mine.get(k) != its.get(k))
+                        key, mine, its = f"{key}.{sub}", mine.get(sub), its.get(sub)
+                    return f"attribute '{key}' is {_brief(mine)}, in {other.name} {_brief(its)}"
+        config = self.path / CONFIG_FILE
+        if not config.is_file():
+            return None
+        from cmdcl_cache.config import ConfigError, read_toml
+        try:
+            table = read_toml(config)
+            written = {**HeadConfig.from_dict(table.get("head", {})).to_dict(),
+                       **TrainConfig.from_dict(table.get("train", {})).to_dict()}
+        except (ConfigError, ValueError, TypeError) as err:
+            return f"{config} does not read as this run's configuration ({err})"
+        for key, value in {**_public(HeadConfig.from_dict(meta["head_config"])),
+                           **_public(TrainConfig.from_dict(meta["train_config"]))}.items():
+            if key not in RESUME_FREE and written.get(key) != value:
+                return f"option '{key}' is {value!r}, in {config.name} {written.get(key)!r}"
+        return None
+
     # ------------------------------------------------------------------------------------------ metrics
 
     def append_metrics(self, record: dict) -> None:
-        with open(self.path / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        path = self.path / METRICS_FILE
+        try:
+            with open(path, "a") as fh:
+                fh.write(_metrics_line(record))
+        except OSError as err:   # a full disk: name the file (the error alone names none)
+            raise OSError(err.errno, err.strerror, str(path)) from None
         self._write_csv()
 
     def read_metrics(self) -> list[dict]:
@@ -156,7 +198,7 @@ class RunFolder:
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the records of epochs <= last_epoch (a resumed run rewrites the epochs after its checkpoint)."""
         kept = [r for r in self.read_metrics() if r["epoch"] <= last_epoch]
-        write_atomic(self.path / METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+        write_atomic(self.path / METRICS_FILE, "".join(map(_metrics_line, kept)).encode())
         self._write_csv()
 
     def _write_csv(self) -> None:
@@ -180,7 +222,51 @@ class RunFolder:
 
     def write_summary(self, summary: dict) -> None:
         write_atomic(self.path / SUMMARY_FILE,
-                      (json.dumps(summary, indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+                     (json.dumps(finite_or_null(summary), indent=2, sort_keys=True, allow_nan=False) + "\n").encode())
+
+
+def _metrics_line(record: dict) -> str:
+    return json.dumps(finite_or_null(record), sort_keys=True, allow_nan=False) + "\n"
+
+
+def finite_or_null(value):
+    """`value` with every NaN/inf float as None: metrics files are strict JSON (a metric with no positives
+    is null, not the bare NaN that JSON readers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+SAME_IN_A_RUN = ("feature_dim", "label_set", "label_names", "fine_label_set", "fine_label_names", "multi_label",
+                 "tokens", "cache_provenance", "head_config")   # best and last of one run agree on these
+
+
+def _brief(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_meta(path: Path) -> dict:
+    """The cmdcl metadata of a checkpoint from its header alone (last also holds the optimizer's tensors)."""
+    try:
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            if not 0 < header_len <= MAX_HEADER_BYTES:
+                raise ValueError(f"header of {header_len} bytes")
+            meta = json.loads(json.loads(fh.read(header_len))["__metadata__"]["cmdcl"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not a cmdcl checkpoint ({type(err).__name__}: {str(err)[:200]}); nothing "
+                              "was loaded") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: metadata is not a JSON object; nothing was loaded")
+    return meta
+
+
+MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit
 
 
 def _public(cfg) -> dict:

@@ -42,8 +42,8 @@ from . import report
 from .config import RESUME_FREE, HeadConfig, TrainConfig
 from .data import RunData, SplitVideos, make_features, open_data
 from .events import RunEvents
-from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, evaluate_logits, loss_fn, predict_logits,
-                       resolve_device)
+from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, check_own, evaluate_logits, loss_fn,
+                       predict_logits, resolve_device)
 from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
@@ -76,6 +76,7 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     resumed = None
     if config.resume:   # refused before anything in the run folder changes
         resumed = run.load_checkpoint("last")
+        check_own(run, "last", resumed.meta)
         check_checkpoint(resumed.meta, data, run.checkpoint_path("last"))
         check_resume_options(resumed.meta, config, head, run.checkpoint_path("last"))
     else:
@@ -118,6 +119,7 @@ def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, co
                 record.update(evaluate_epoch(model, splits, config, device))
             run.append_metrics(record)
             events.epoch(record)
+            check_collapse(epoch, record, model, config)   # before the checkpoints: last keeps the epoch before
             value = record.get("select", {}).get(metric)
             # no selection split: best = the last epoch; a nan metric (no positives) never improves
             improved = splits.select is None or (value is not None and (value > state["best_value"]
@@ -235,6 +237,24 @@ class StepStats:
         if self.first_step.item() >= 0:
             out["nonfinite_grads"] = {"step": int(self.first_step.item()), "params": self._bad_names(model)}
         return out
+
+
+def check_collapse(epoch: int, record: dict, model, config: TrainConfig) -> None:
+    """Stop a training that collapsed, naming the epoch: every step skipped, weights no longer finite, or a
+    non-finite loss on an evaluated split. Such an epoch is never a result (nor a best, nor a last)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    losses = {r["split"]: r["eval_loss"] for r in (record.get("select"), record.get("eval")) if r}
+    if record["train_loss"] is None:
+        why = f"all {record['skipped_steps']} steps had a non-finite loss or gradient and were skipped"
+    elif bad:
+        why = f"weights {', '.join(bad[:3])} are no longer finite"
+    elif any(not math.isfinite(v) for v in losses.values()):
+        why = "; ".join(f"the {k} loss is {v}" for k, v in losses.items() if not math.isfinite(v))
+    else:
+        return
+    raise TrainingError(f"training collapsed in epoch {epoch}: {why} (--lr {config.lr:g}); lower --lr, use "
+                        "--precision fp32, or check the cache with `cmdcl-cache verify`; metrics.jsonl has the "
+                        "epoch" + (f", last.safetensors the one before ({epoch - 1})" if epoch > 1 else ""))
 
 
 def grad_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,6 +384,7 @@ class Splits:
         if config.reweight_strata and head.model not in ("text4vis", "cmdcl"):
             raise TrainingError(f"--reweight-strata weights the loss of the epoch loop; --model {head.model} has "
                                 "none (train text4vis or cmdcl, or pass --reweight-strata 0)")
+        check_classes(data, None)
         ev = part(config.eval_split)
         warn_one_frame_videos(ev[0], ev[1], head)
         if head.model == "zeroshot":
@@ -371,6 +392,7 @@ class Splits:
         select = part(config.select_split) if config.select_split != "none" else None
         _, train, train_feats = part(config.train_split)
         warn_one_frame_videos(config.train_split, train, head)
+        check_classes(data, (config.train_split, train))
         weights, reweighting = None, None
         if config.reweight_strata:
             weights, reweighting = training_weights(train, train_feats, config, head, device)
@@ -389,6 +411,27 @@ class Splits:
         if self.select is not None:
             out["select"] = len(self.select[1].missing)
         return out
+
+
+def check_classes(data: RunData, train: tuple[str, SplitVideos] | None) -> None:
+    """A single-label set of one class is refused: softmax over one class is 1 for every video, so nothing is
+    learned and every metric is trivially perfect. Classes without a training video are named (a warning):
+    the head can learn them from their label texts at most."""
+    labels, where = data.labels, f"label set {data.labels.label_set!r} of {data.manifest.root}/labels.json"
+    if not labels.multi_label and len(labels.names) < 2:
+        raise TrainingError(f"{where} has {len(labels.names)} class ({', '.join(labels.names)}): a single-label "
+                            "head scores it 1 for every video, so nothing can be learned or measured; add classes "
+                            "or declare the set multi_label (one yes/no score per video)")
+    if train is None:
+        return
+    split, videos = train
+    targets = np.asarray(videos.targets)
+    counts = targets.sum(axis=0) if labels.multi_label else np.bincount(targets, minlength=len(labels.names))
+    empty = [labels.names[i] for i in np.flatnonzero(counts == 0)]
+    if empty:
+        warnings.warn(f"{len(empty)} of {len(labels.names)} classes of {where} have no video in split {split!r}: "
+                      f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; the head learns them from their "
+                      "label texts at most", stacklevel=2)
 
 
 def warn_one_frame_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
@@ -450,20 +493,20 @@ def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: R
 
 
 def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, where) -> None:
+    """Every option that differs from the checkpoint's, named at once (not one per try)."""
     # through from_dict: an option added since the checkpoint was written compares as its default
     before_cfg, now_cfg = HeadConfig.from_dict(meta["head_config"]).to_dict(), head.to_dict()
-    if before_cfg != now_cfg:   # over the union of keys; an option the user sets is named before a shape
-        derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
-        keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
-        diff = next(k for k in keys if before_cfg.get(k) != now_cfg.get(k))
-        raise CheckpointMismatch(f"{where}: head option '{diff}' is {before_cfg.get(diff)!r} in the "
-                                 f"checkpoint, {now_cfg.get(diff)!r} now; resume with the same options")
+    derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
+    # over the union of keys; the options the user sets are named before the shapes they imply
+    keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
+    changed = [f"head option '{k}' is {before_cfg.get(k)!r} in the checkpoint, {now_cfg.get(k)!r} now"
+               for k in keys if before_cfg.get(k) != now_cfg.get(k)]
     before, now = TrainConfig.from_dict(meta["train_config"]).to_dict(), config.to_dict()
-    changed = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
+    train_keys = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
+    changed += [f"option '{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in train_keys]
     if changed:
-        listing = ", ".join(f"'{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed)
-        hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in changed else ""
-        raise CheckpointMismatch(f"{where}: option {listing}{hint}; resume with the same options")
+        hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in train_keys else ""
+        raise CheckpointMismatch(f"{where}: {'; '.join(changed)}{hint}; resume with the same options")
     if meta["epoch"] >= config.epochs:
         raise TrainingError(f"{where}: the run already finished its {config.epochs} epochs")
 
@@ -566,6 +609,9 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
     name, videos, feats = splits.eval
     logits = predict_logits(model, feats, config.batch_size, device, config.precision)
     metrics = evaluate_logits(logits, videos)
+    if not math.isfinite(metrics["eval_loss"]):
+        raise TrainingError(f"training collapsed: best (epoch {best.meta['epoch']}) gives a non-finite loss on "
+                            f"{name} ({metrics['eval_loss']}); lower --lr (now {config.lr:g})")
     history = run.read_metrics()
     metric = primary_metric(data.labels.multi_label)
     select = splits.select[0] if splits.select and not probe else None   # the probe's val chose l2, not an epoch
@@ -582,6 +628,7 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
         "epochs": config.epochs if trainable_params else 0, "data_mode": feats.mode, "device": str(device),
         "trainable_parameters": trainable_params, **({"reweighting": splits.reweighting} if splits.reweighting else {}),
         "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
+        "skipped_steps": sum(r.get("skipped_steps") or 0 for r in history),
         "head_config": head.to_dict(), "train_config": config.to_dict(), "cache_dir": str(data.folder.path.resolve()),
     }
     report.write_outputs(run.path, logits, videos, data.labels.names, metric, history,
@@ -605,6 +652,11 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
     out.print(report.metrics_table(f"{head.model} on {data.manifest.dataset}/{data.labels.label_set}: {name} "
                                    "metrics", rows, caption=how))
     out.print(f"run folder: {run}", markup=False)
+    if summary["skipped_steps"]:   # on stderr, --quiet or not: these metrics come from a damaged training
+        epochs = [r["epoch"] for r in history if r.get("skipped_steps")]
+        console(stderr=True).print(f"warning: {summary['skipped_steps']} training step(s) were skipped for a "
+                                   f"non-finite loss or gradient (epochs {', '.join(map(str, epochs))}; "
+                                   "metrics.jsonl); lower --lr", markup=False)
     return summary
 
 

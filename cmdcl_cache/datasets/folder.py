@@ -27,8 +27,9 @@ and the ids, not on the order files are listed in, and a class folder with one v
 Every problem is reported in one run (cmdcl_cache.manifest.ManifestErrors, up to MAX_ERRORS), each naming
 the file (the CSV, or the folder or video) with its line (0 for a folder or a video file) and field:
 a class folder without videos, videos outside class folders, fewer than two classes, files that do not exist
-or are no videos, unknown or missing columns, a row with a wrong number of fields, an unknown split, two
-rows with one path, two videos with one id.
+or are no videos, a video name that is no regular file (a FIFO, a device), a file or folder that links outside
+DIR (the manifest names only files under DIR: refused, not recorded), unknown or missing columns, a row
+with a wrong number of fields, an unknown split, two rows with one path, two videos with one id.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import csv
 import hashlib
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +90,8 @@ def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
                                                            "folder"))
             continue
         owner[st.st_dev, st.st_ino] = entry.name
-        videos = [FoundVideo(rel, entry.name, None, (root / rel, 0)) for rel in _videos_below(root, entry, seen)]
+        videos = [FoundVideo(rel, entry.name, None, (root / rel, 0))
+                  for rel in _videos_below(root, entry, seen, errors)]
         if not videos:
             errors.add(ManifestError(entry, 0, "(folder)", f"class folder {entry.name!r} holds no video file "
                                                            f"({' '.join(VIDEO_EXTENSIONS)}); remove it or add videos"))
@@ -99,11 +102,15 @@ def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
     return found
 
 
-def _videos_below(root: Path, folder: Path, seen: set) -> list[str]:
+def _videos_below(root: Path, folder: Path, seen: set, errors: ErrorCollector) -> list[str]:
     """Video files below `folder`; a folder (a symlink loop) and a file (a second name for it, e.g. a class
-    folder that links to another) already met under `root` are skipped: one record per real file."""
+    folder that links to another) already met under `root` are skipped: one record per real file. A link
+    that leaves `root` and a video name that is no regular file (a FIFO, a device) are errors."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        if _outside(root, Path(dirpath), errors):
+            dirnames[:] = []
+            continue
         st = os.stat(dirpath)
         if ("dir", st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
@@ -112,13 +119,32 @@ def _videos_below(root: Path, folder: Path, seen: set) -> list[str]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(root).as_posix()
         for name in sorted(filenames):
-            if name.startswith(".") or not _is_video(name):
+            if name.startswith(".") or not _is_video(name) or _outside(root, Path(dirpath) / name, errors):
                 continue
             fst = os.stat(Path(dirpath) / name)
             if ("file", fst.st_dev, fst.st_ino) not in seen:
                 seen.add(("file", fst.st_dev, fst.st_ino))
                 out.append(f"{rel_dir}/{name}")
     return out
+
+
+def _outside(root: Path, path: Path, errors: ErrorCollector) -> bool:
+    """True (and an error) when `path` resolves outside `root` or, as a file, is not a regular file: the
+    manifest names only videos under --videos, and a FIFO or /dev/zero would hang or feed the decoder."""
+    real = path.resolve()
+    if not real.is_relative_to(root.resolve()):
+        errors.add(ManifestError(path, 0, "(folder)" if real.is_dir() else "path",
+                                 f"a link to {real}, outside --videos {root}: the manifest reads only files under "
+                                 "it (move or copy the videos in, or pass their own folder as --videos)"))
+        return True
+    if not real.exists():
+        errors.add(ManifestError(path, 0, "path", f"a link to {real}, which does not exist"))
+        return True
+    if not real.is_dir() and not stat.S_ISREG(os.stat(real).st_mode):
+        errors.add(ManifestError(path, 0, "path", "not a regular file (a FIFO, socket or device); a video is a "
+                                                  "file"))
+        return True
+    return False
 
 
 def read_csv(csv_path: Path, root: Path, errors: ErrorCollector) -> list[FoundVideo]:
@@ -198,7 +224,11 @@ def _csv_video(csv_path: Path, line: int, cells: dict[str, str], root: Path) -> 
     if not _is_video(path):
         fail("path", f"{path!r} has no video extension ({' '.join(VIDEO_EXTENSIONS)})")
     if not (root / path).is_file():
-        fail("path", f"no file {path!r} under --videos {root}")
+        kind = "not a regular file (a FIFO, socket or device)" if (root / path).exists() else "no file"
+        fail("path", f"{kind} {path!r} under --videos {root}")
+    if not (root / path).resolve().is_relative_to(root.resolve()):
+        fail("path", f"{path!r} links to {(root / path).resolve()}, outside --videos {root}: the manifest reads "
+                     "only files under it")
     split = cells.get("split")
     if split is not None:
         split = split.lower()

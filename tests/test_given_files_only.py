@@ -1,0 +1,325 @@
+"""A command reads only the files it was given, and only a run's own checkpoint (issue 26).
+
+HDF5 data kept or reached outside the `--from` file, checkpoints copied between runs, non-finite options and
+collapsed trainings, full disks, resume options, degenerate label sets and odd files in folder manifests.
+"""
+
+import errno
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from _extract_util import write_manifest
+from _heads_synth import make_synthetic
+from cmdcl_cache import failures
+from cmdcl_cache.cli import app as cache_app
+from cmdcl_cache.store import TextEmbeddings, read_texts, texts_provenance, write_texts
+from cmdcl_heads import train as train_module
+from cmdcl_heads.cli import app as heads_app
+from cmdcl_heads.config import HeadConfig, TrainConfig
+from cmdcl_heads.run import RunFolder
+from cmdcl_heads.train import TrainingError, train
+
+runner = CliRunner()
+D = 64
+
+
+def _strict(path: Path):
+    """Parse a JSON or JSON Lines file refusing NaN/Infinity, as strict readers do."""
+    def refuse(name):
+        raise ValueError(f"{path}: non-JSON constant {name}")
+    text = path.read_text()
+    lines = text.splitlines() if path.suffix == ".jsonl" else [text]
+    return [json.loads(line, parse_constant=refuse) for line in lines if line.strip()]
+
+
+# ----------------------------------------------------------------------------- 1. HDF5 outside the --from file
+
+SECRET = np.full((4, D), 1234.5, dtype=np.float32)   # float16-exact, so an import would store it unchanged
+
+
+def _outside_source(tmp_path, kind: str) -> Path:
+    """An HDF5 file with a good video and a video `leak` whose data are in a file beside it."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(SECRET.tobytes())
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["feat"] = SECRET
+    src = tmp_path / f"{kind}.h5"
+    with h5py.File(src, "w") as f:
+        f["good"] = np.ones((3, D), np.float32)
+        if kind == "external":   # raw storage in secret.bin (HDF5's external file list)
+            f.create_dataset("leak", shape=SECRET.shape, dtype="f4", external=[(str(secret), 0, SECRET.nbytes)])
+        elif kind == "virtual":
+            layout = h5py.VirtualLayout(shape=SECRET.shape, dtype="f4")
+            layout[:] = h5py.VirtualSource(str(other), "feat", shape=SECRET.shape)
+            f.create_virtual_dataset("leak", layout)
+        elif kind == "external-link":
+            f["leak"] = h5py.ExternalLink(str(other), "/feat")
+        else:   # a soft link through an external link
+            f["hop"] = h5py.ExternalLink(str(other), "/feat")
+            f["leak"] = h5py.SoftLink("/hop")
+    with h5py.File(src, "r") as f:   # the attack is real: h5py hands over the outside bytes
+        assert np.array_equal(f["leak"][()], SECRET)
+    return src
+
+
+@pytest.mark.parametrize("kind", ["external", "virtual", "external-link", "soft-link"])
+def test_hdf5_data_outside_the_from_file_is_refused_and_never_reaches_the_cache(tmp_path, kind):
+    src = _outside_source(tmp_path, kind)
+    manifest = write_manifest(tmp_path / "manifest", {"good": "good.mp4", "leak": "leak.mp4"})
+    cache = tmp_path / "cache"
+    res = runner.invoke(cache_app, ["import", "--dataset", str(manifest), "--from", str(src), "--format", "hdf5",
+                                    "--cache", str(cache), "--model", "m", "--fps", "1", "--quiet"])
+    assert res.exit_code == 2, res.output
+    out = " ".join(res.output.split())
+    assert str(src) in out and "'leak'" in out, out
+    assert {"external": "external file", "virtual": "is virtual", "external-link": "external link to",
+            "soft-link": "soft link to /hop"}[kind] in out
+    if kind == "soft-link":
+        assert "'hop' is an external link" in out   # every problem at once
+    leaked = [SECRET.tobytes()[:64], SECRET.astype("<f2").tobytes()[:64]]
+    for path in (p for p in cache.rglob("*") if p.is_file()) if cache.exists() else ():
+        assert not any(s in path.read_bytes() for s in leaked), path
+
+
+# ------------------------------------------------------------------------------- 2. a run's own checkpoint
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Run `mine` (6 classes, D=32), and the runs whose checkpoints are copied into it: 10 classes of the
+    multi-label set, and D=16."""
+    root = tmp_path_factory.mktemp("runs")
+    data = make_synthetic(root / "data")
+    narrow = make_synthetic(root / "narrow", dim=16)
+
+    def fit(name, cache, manifest, **kw):
+        train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(root / name), epochs=1, batch_size=16,
+                          device="cpu", quiet=True, data_mode="memory", **kw), HeadConfig(model="linear", frames=8))
+        return root / name
+
+    return {"mine": fit("mine", *data), "classes": fit("classes", *data, label_set="steps"),
+            "dim": fit("dim", *narrow), "data": data}
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "explain", "resume"])
+@pytest.mark.parametrize("stranger,named", [("classes", "attribute 'label_set' is 'steps', in {other} 'task'"),
+                                            ("dim", "attribute 'feature_dim' is 16, in {other} 32")])
+def test_a_checkpoint_copied_from_another_run_is_refused(runs, tmp_path, command, stranger, named):
+    run = tmp_path / "run"
+    shutil.copytree(runs["mine"], run)
+    name = "last" if command == "resume" else "best"
+    shutil.copy(runs[stranger] / f"{name}.safetensors", run / f"{name}.safetensors")
+    cache, manifest = runs["data"]
+    args = {"eval": ["eval", "--run", str(run), "--device", "cpu"],
+            "predict": ["predict", "--run", str(run), "--out", str(tmp_path / "p.jsonl"), "--device", "cpu"],
+            "explain": ["explain", "--run", str(run), "--video", "test_0_000", "--out", str(tmp_path / "e.png"),
+                        "--device", "cpu"],
+            "resume": ["train", "--cache", str(cache), "--dataset", str(manifest), "--out", str(run), "--model",
+                       "linear", "--frames", "8", "--batch-size", "16", "--epochs", "2", "--resume", "--device",
+                       "cpu", "--quiet"]}[command]
+    res = runner.invoke(heads_app, args)
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, out
+    other = "best.safetensors" if name == "last" else "last.safetensors"
+    assert "not this run's checkpoint" in out and named.format(other=other) in out and f"{name}.safetensors" in out, out
+    assert not (tmp_path / "p.jsonl").exists() and not (tmp_path / "e.png").exists()
+
+
+def test_a_checkpoint_whose_run_folder_config_says_otherwise_is_refused(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["mine"], run)
+    assert runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"]).exit_code == 0
+    (run / "last.safetensors").unlink()   # then only config.toml speaks for the run
+    config = run / "config.toml"
+    config.write_text(config.read_text().replace("seed = 0", "seed = 7"))
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 2 and "option 'seed' is 0, in config.toml 7" in " ".join(res.output.split())
+
+
+# ---------------------------------------------------------------------- 3. non-finite options, collapsed runs
+
+def test_non_finite_options_are_refused_by_name(runs, tmp_path):
+    cache, manifest = runs["data"]
+    base = ["train", "--cache", str(cache), "--dataset", str(manifest), "--model", "linear", "--device", "cpu",
+            "--quiet"]
+    res = runner.invoke(heads_app, [*base, "--out", str(tmp_path / "lr"), "--lr", "inf"])
+    assert res.exit_code == 2 and "--lr is inf" in res.output, res.output
+    config = tmp_path / "wd.toml"
+    config.write_text("[train]\nweight_decay = inf\n")
+    res = runner.invoke(heads_app, [*base, "--out", str(tmp_path / "wd"), "--config", str(config)])
+    assert res.exit_code == 2 and "--weight-decay is inf" in res.output, res.output
+    assert not (tmp_path / "lr").exists() and not (tmp_path / "wd").exists()
+    with pytest.raises(ValueError, match="--dropout is -inf"):
+        HeadConfig(dropout=float("-inf"))
+
+
+def _t4v(runs, out, **kw):
+    cache, manifest = runs["data"]
+    return TrainConfig(cache=str(cache), dataset=str(manifest), out=str(out), batch_size=16, device="cpu",
+                       quiet=True, data_mode="memory", **{"epochs": 2, **kw})
+
+
+def test_a_huge_learning_rate_stops_naming_the_epoch_and_metrics_stay_strict_json(runs, tmp_path):
+    cache, manifest = runs["data"]
+    res = runner.invoke(heads_app, ["train", "--cache", str(cache), "--dataset", str(manifest), "--model",
+                                    "text4vis", "--frames", "8", "--layers", "0", "--batch-size", "16", "--epochs",
+                                    "2", "--lr", "1e30", "--out", str(tmp_path / "run"), "--device", "cpu",
+                                    "--quiet"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "training collapsed in epoch 1" in out and "not JSON compliant" not in out, out
+    assert not (tmp_path / "run" / "summary.json").exists() and not (tmp_path / "run" / "last.safetensors").exists()
+    assert [r["epoch"] for r in _strict(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+def test_every_step_skipped_is_a_collapse_and_some_skipped_is_said_loudly(runs, tmp_path, monkeypatch, capsys):
+    real, calls = train_module.loss_fn, {"n": 0}
+
+    def nan_loss(every):
+        def loss(*a, **k):
+            calls["n"] += 1
+            value = real(*a, **k)
+            return value * float("nan") if calls["n"] % every == 0 else value
+        return loss
+
+    monkeypatch.setattr(train_module, "loss_fn", nan_loss(1))
+    with pytest.raises(TrainingError, match="training collapsed in epoch 1: all 4 steps had a non-finite loss"):
+        train(_t4v(runs, tmp_path / "all"), HeadConfig(model="text4vis", frames=8, layers=0))
+    calls["n"] = 0
+    monkeypatch.setattr(train_module, "loss_fn", nan_loss(2))
+    summary = train(_t4v(runs, tmp_path / "some"), HeadConfig(model="text4vis", frames=8, layers=0))
+    assert summary["skipped_steps"] == 4   # 8 steps in two epochs (60 videos, 16 a step), every second one NaN
+    assert "warning: 4 training step(s) were skipped" in " ".join(capsys.readouterr().err.split())
+    assert _strict(tmp_path / "some" / "summary.json")[0]["skipped_steps"] == 4
+    assert sum(r["skipped_steps"] for r in _strict(tmp_path / "some" / "metrics.jsonl")) == 4
+
+
+# -------------------------------------------------------------------------------------------- 4. the rest
+
+def test_a_full_disk_names_the_file_in_train_confounders_and_import(runs, tmp_path, monkeypatch):
+    """/dev/full answers every write with ENOSPC: a real full disk, for one file."""
+    def full_at_epoch_1(epoch, record):
+        if epoch == 1:
+            (tmp_path / "run" / "last.safetensors.tmp").symlink_to("/dev/full")
+
+    with pytest.raises(OSError, match=r"disk full while writing; nothing was replaced: .*last\.safetensors'"):
+        train(_t4v(runs, tmp_path / "run"), HeadConfig(model="text4vis", frames=8, layers=0), full_at_epoch_1)
+    assert not (tmp_path / "run" / "last.safetensors.tmp").exists()
+    folder = RunFolder(tmp_path / "metrics")
+    folder.path.mkdir()
+    (folder.path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError, match=r"metrics\.jsonl"):
+        folder.append_metrics({"epoch": 1})
+
+    cache, manifest = runs["data"]
+    (tmp_path / "conf.h5.tmp").symlink_to("/dev/full")
+    res = runner.invoke(heads_app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),
+                                    "--kp", "4", "--kz", "4", "--out", str(tmp_path / "conf.h5")])
+    assert res.exit_code == 2 and "conf.h5: disk full while writing" in " ".join(res.output.split()), res.output
+
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:
+        f["a"] = np.ones((3, D), np.float32)
+    class FullDisk:   # the os module of cmdcl_cache.failures, whose writes meet a full disk
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def write(fd, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(failures, "os", FullDisk())   # not /dev/full: import reads import_sources.jsonl back
+    res = runner.invoke(cache_app, ["import", "--dataset", str(write_manifest(tmp_path / "man", {"a": "a.mp4"})),
+                                    "--from", str(src), "--format", "hdf5", "--cache", str(tmp_path / "cache"),
+                                    "--model", "m", "--fps", "1", "--quiet"])
+    assert res.exit_code == 2 and "import_sources.jsonl" in res.output and "No space left" in res.output, res.output
+
+
+def test_resume_names_every_changed_option_at_once(runs, tmp_path):
+    cache, manifest = runs["data"]
+    base = ["train", "--cache", str(cache), "--dataset", str(manifest), "--out", str(tmp_path / "run"), "--model",
+            "text4vis", "--frames", "8", "--layers", "0", "--batch-size", "16", "--device", "cpu", "--quiet"]
+    assert runner.invoke(heads_app, [*base, "--epochs", "1"]).exit_code == 0
+    res = runner.invoke(heads_app, [*base, "--epochs", "2", "--resume", "--dropout", "0.3", "--heads", "4",
+                                    "--lr", "0.5"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, out
+    for named in ("head option 'dropout' is 0.1", "head option 'heads' is 8", "option 'lr' is 0.001",
+                  "option 'epochs'"):
+        assert named in out, (named, out)
+
+
+def _with_one_class_set(root: Path) -> tuple[Path, Path]:
+    """The synthetic data with a single-label set `one` of one class, and no training video of class t5."""
+    cache, manifest = make_synthetic(root)
+    labels = json.loads((manifest / "labels.json").read_text())
+    labels["label_sets"]["one"] = {"multi_label": False, "labels": [{"key": "only", "name": "the only thing"}]}
+    (manifest / "labels.json").write_text(json.dumps(labels))
+    records = [json.loads(line) for line in (manifest / "videos.jsonl").read_text().splitlines()]
+    for r in records:
+        r["labels"]["one"] = "only"
+        if r["split"] == "train" and r["labels"]["task"] == "t5":
+            r["labels"]["task"] = "t4"
+    (manifest / "videos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    texts = read_texts(cache / "texts.h5")
+    per_prompt = texts["task"].per_prompt[:1]
+    texts["one"] = TextEmbeddings(names=["the only thing"], texts=["the only thing"],
+                                  templates=texts["task"].templates, per_prompt=per_prompt,
+                                  ensemble=TextEmbeddings.ensemble_of(per_prompt))
+    write_texts(cache / "texts.h5", texts, texts_provenance(cache / "texts.h5"))
+    return cache, manifest
+
+
+def test_one_class_sets_are_refused_and_classes_without_training_videos_named(tmp_path):
+    cache, manifest = _with_one_class_set(tmp_path / "data")
+    config = TrainConfig(cache=str(cache), dataset=str(manifest), out=str(tmp_path / "one"), epochs=1,
+                         batch_size=16, device="cpu", quiet=True, label_set="one")
+    with pytest.raises(TrainingError, match="label set 'one' of .*labels.json has 1 class \\(the only thing\\)"):
+        train(config, HeadConfig(model="linear", frames=8))
+    assert not (tmp_path / "one").exists()
+    with pytest.warns(UserWarning, match="1 of 6 classes of label set 'task' .* no video in split 'train': task "
+                                         "number 5"):
+        train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(tmp_path / "task"), epochs=1,
+                          batch_size=16, device="cpu", quiet=True), HeadConfig(model="linear", frames=8))
+    with warnings.catch_warnings():   # a set whose classes all have training videos says nothing
+        warnings.simplefilter("error")
+        train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(tmp_path / "steps"), epochs=1,
+                          batch_size=16, device="cpu", quiet=True, label_set="steps"),
+              HeadConfig(model="linear", frames=8))
+
+
+def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_path):
+    videos = tmp_path / "videos"
+    for rel in ("cat/a.mp4", "cat/b.mp4", "dog/a.mp4", "dog/b.mp4"):
+        (videos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (videos / rel).write_bytes(b"")
+    os.mkfifo(videos / "cat" / "pipe.mp4")
+    (videos / "dog" / "passwd.mp4").symlink_to("/etc/passwd")
+    (videos / "dog" / "zero.mp4").symlink_to("/dev/zero")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "x.mp4").write_bytes(b"")
+    (videos / "bird").symlink_to(elsewhere)
+    (videos / "cat" / "inside.mp4").symlink_to(videos / "dog" / "a.mp4")   # a second name inside: skipped
+    res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos), "--out",
+                                    str(tmp_path / "out")])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2, out
+    assert "pipe.mp4" in out and "not a regular file" in out
+    assert "passwd.mp4" in out and "a link to /etc/passwd, outside --videos" in out
+    assert "a link to /dev/zero, outside --videos" in out and f"a link to {elsewhere}, outside --videos" in out
+    assert not (tmp_path / "out" / "videos.jsonl").exists()
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\ncat/a.mp4,cat\ndog/passwd.mp4,dog\ncat/pipe.mp4,cat\n")
+    res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos),
+                                    "--from-csv", str(csv), "--out", str(tmp_path / "out2")])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "links to /etc/passwd, outside --videos" in out and "not a regular file" in out, out
