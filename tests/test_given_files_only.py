@@ -308,6 +308,7 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     elsewhere.mkdir()
     (elsewhere / "x.mp4").write_bytes(b"")
     (videos / "bird").symlink_to(elsewhere)
+    (videos / "dog" / "other-disk.mp4").symlink_to(elsewhere / "x.mp4")   # a video on another disk: fine
     (videos / "cat" / "inside.mp4").symlink_to(videos / "dog" / "a.mp4")   # a second name inside: skipped
     res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos), "--out",
                                     str(tmp_path / "out")])
@@ -315,11 +316,12 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     assert res.exit_code == 2, out
     assert "pipe.mp4" in out and "not a regular file" in out
     assert "passwd.mp4" in out and "a link to /etc/passwd, outside --videos" in out
-    assert "a link to /dev/zero, outside --videos" in out and f"a link to {elsewhere}, outside --videos" in out
-    assert not (tmp_path / "out" / "videos.jsonl").exists()
+    assert "zero.mp4:0: field 'path': not a regular file" in out and f"a link to {elsewhere}, outside --videos" in out
+    assert not (tmp_path / "out" / "videos.jsonl").exists() and "other-disk.mp4" not in out
     csv = tmp_path / "list.csv"
-    csv.write_text("path,label\ncat/a.mp4,cat\ndog/passwd.mp4,dog\ncat/pipe.mp4,cat\n")
+    csv.write_text("path,label\ncat/a.mp4,cat\ndog/passwd.mp4,dog\ncat/pipe.mp4,cat\ndog/other-disk.mp4,dog\n")
     res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos),
                                     "--from-csv", str(csv), "--out", str(tmp_path / "out2")])
     out = " ".join(res.output.split())
-    assert res.exit_code == 2 and "links to /etc/passwd, outside --videos" in out and "not a regular file" in out, out
+    assert res.exit_code == 2 and "a link to /etc/passwd, outside --videos" in out and "not a regular file" in out, out
+    assert "not to a video file" in out and "other-disk" not in out

@@ -27,8 +27,9 @@ and the ids, not on the order files are listed in, and a class folder with one v
 Every problem is reported in one run (cmdcl_cache.manifest.ManifestErrors, up to MAX_ERRORS), each naming
 the file (the CSV, or the folder or video) with its line (0 for a folder or a video file) and field:
 a class folder without videos, videos outside class folders, fewer than two classes, files that do not exist
-or are no videos, a video name that is no regular file (a FIFO, a device), a file or folder that links outside
-DIR (the manifest names only files under DIR: refused, not recorded), unknown or missing columns, a row
+or are no videos, a video name that is no regular file (a FIFO, a device), a folder that links outside DIR,
+a file that links outside DIR to something that is not a video file (refused, not recorded; a link to a
+video file on another disk is fine), unknown or missing columns, a row
 with a wrong number of fields, an unknown split, two rows with one path, two videos with one id.
 """
 
@@ -129,22 +130,34 @@ def _videos_below(root: Path, folder: Path, seen: set, errors: ErrorCollector) -
 
 
 def _outside(root: Path, path: Path, errors: ErrorCollector) -> bool:
-    """True (and an error) when `path` resolves outside `root` or, as a file, is not a regular file: the
-    manifest names only videos under --videos, and a FIFO or /dev/zero would hang or feed the decoder."""
+    """True (and an error) when `path` is no video file the manifest may name (see `link_problem`)."""
+    problem = link_problem(root, path)
+    if problem:
+        errors.add(ManifestError(path, 0, "(folder)" if path.resolve().is_dir() else "path", problem))
+    return problem is not None
+
+
+def link_problem(root: Path, path: Path) -> str | None:
+    """Why `path` (under `root`, maybe a link) may not be a manifest's video, or None.
+
+    A FIFO or a device (/dev/zero) would hang or feed the decoder, so only regular files are videos. A link
+    may lead outside `root` (datasets assembled from links to another disk) only to a regular file whose own
+    name is a video's (not /etc/passwd named clip.mp4); a folder that links outside `root` is refused, since
+    walking it could walk anything."""
     real = path.resolve()
-    if not real.is_relative_to(root.resolve()):
-        errors.add(ManifestError(path, 0, "(folder)" if real.is_dir() else "path",
-                                 f"a link to {real}, outside --videos {root}: the manifest reads only files under "
-                                 "it (move or copy the videos in, or pass their own folder as --videos)"))
-        return True
     if not real.exists():
-        errors.add(ManifestError(path, 0, "path", f"a link to {real}, which does not exist"))
-        return True
+        return f"a link to {real}, which does not exist"
     if not real.is_dir() and not stat.S_ISREG(os.stat(real).st_mode):
-        errors.add(ManifestError(path, 0, "path", "not a regular file (a FIFO, socket or device); a video is a "
-                                                  "file"))
-        return True
-    return False
+        return "not a regular file (a FIFO, socket or device); a video is a file"
+    if real.is_relative_to(root.resolve()):
+        return None
+    if real.is_dir():
+        return (f"a link to {real}, outside --videos {root}: class folders are read only under it (move the "
+                "folder in, or link its video files one by one)")
+    if not _is_video(real.name):
+        return (f"a link to {real}, outside --videos {root}, and not to a video file "
+                f"({' '.join(VIDEO_EXTENSIONS)})")
+    return None
 
 
 def read_csv(csv_path: Path, root: Path, errors: ErrorCollector) -> list[FoundVideo]:
@@ -223,12 +236,11 @@ def _csv_video(csv_path: Path, line: int, cells: dict[str, str], root: Path) -> 
         fail("path", str(err))
     if not _is_video(path):
         fail("path", f"{path!r} has no video extension ({' '.join(VIDEO_EXTENSIONS)})")
-    if not (root / path).is_file():
-        kind = "not a regular file (a FIFO, socket or device)" if (root / path).exists() else "no file"
-        fail("path", f"{kind} {path!r} under --videos {root}")
-    if not (root / path).resolve().is_relative_to(root.resolve()):
-        fail("path", f"{path!r} links to {(root / path).resolve()}, outside --videos {root}: the manifest reads "
-                     "only files under it")
+    if not (root / path).exists():
+        fail("path", f"no file {path!r} under --videos {root}")
+    problem = link_problem(root, root / path)
+    if problem:
+        fail("path", f"{path!r}: {problem}")
     split = cells.get("split")
     if split is not None:
         split = split.lower()
