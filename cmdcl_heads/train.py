@@ -97,7 +97,7 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     if resumed is not None:
         state = restore(resumed, run, config, head, data, model, optimizer, scheduler)
     metric = primary_metric(data.labels.multi_label)
-    progress = _progress(config.quiet)
+    progress = progress_bar(config.quiet)
     with progress:
         task = progress.add_task("train", total=(config.epochs - state["epoch"]) * steps_per_epoch)
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -531,7 +531,7 @@ def _dataset_ref(dataset: str) -> str:
     return str(path.resolve()) if path.is_dir() and ("/" in dataset or dataset not in BUILTIN_DATASETS) else dataset
 
 
-def _progress(quiet: bool):
+def progress_bar(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cmdcl_cache.progress import console
