@@ -191,7 +191,7 @@ def plan(spec: SweepSpec, head: HeadConfig, train: TrainConfig) -> list[Point]:
     for index, combo in enumerate(itertools.product(*(range(len(a.labels)) for a in axes))):
         labels = {a.name: a.labels[i] for a, i in zip(axes, combo)}
         values = {k: v for a, i in zip(axes, combo) for k, v in a.overrides[i].items()}
-        where = f"point {','.join(f'{k}={v}' for k, v in labels.items())}"
+        where = f"--grid point {','.join(f'{k}={v}' for k, v in labels.items())}"
         p_head, p_train = _with(head, values, where), _with(train, {**values, "resume": False}, where)
         digest = config_hash(p_head, p_train)
         if digest in seen:
@@ -212,8 +212,13 @@ def _with(cfg, values: dict, where: str):
 
 
 def absolute_paths(train: TrainConfig) -> TrainConfig:
-    """Paths as absolute ones, so that a Slurm task started in any folder reads the same files."""
-    dataset = str(Path(train.dataset).absolute()) if Path(train.dataset).exists() else train.dataset
+    """Paths as absolute ones, so that a Slurm task started in any folder reads the same files. `demo` is a
+    folder found from the current one (CMDCL_DEMO or ./demo/manifest); the other built-in names stay names."""
+    from cmdcl_cache.manifest import BUILTIN_DATASETS, resolve_dataset_dir
+
+    dataset = train.dataset
+    if dataset == "demo" or dataset not in BUILTIN_DATASETS:
+        dataset = str(resolve_dataset_dir(dataset).absolute())
     return dataclasses.replace(train, cache=str(Path(train.cache).absolute()), dataset=dataset,
                                out=str(Path(train.out).absolute()))
 
