@@ -100,8 +100,10 @@ _SWEEP_OPTIONS = {
 @config_command(app, "sweep", (HeadConfig, TrainConfig), handle=_fail, presets=preset_path, extra=_SWEEP_OPTIONS,
                 help="Train a grid of option values x seeds: one run folder per point under --out (the sweep "
                      "folder); finished points are skipped, half-finished ones resumed; then `collect`.",
-                epilog="The other options are the base of every point, as for `train`. Example: cmdcl-heads "
-                       "sweep --cache C --dataset demo --grid layers=0,2,4 --seeds 3 --out sweeps/layers")
+                epilog="The other options are the base of every point, as for `train`; --out is the sweep "
+                       "folder, and a sweep always resumes (--resume is not needed). Example: cmdcl-heads sweep "
+                       "--cache C --dataset demo --grid layers=0,2,4 --seeds 3 --out sweeps/layers. README: "
+                       "\"Reproduce the paper's experiments\".")
 def sweep(head: HeadConfig, config: TrainConfig, grid, seeds, ablation, jobs, slurm, point):
     from .sweep import SweepSpec
     from .sweep import sweep as run_sweep

@@ -136,6 +136,18 @@ def test_compare_a_sweep_lists_the_swept_options(killed_sweep):
                                                "seconds"}
 
 
+@pytest.mark.slow
+def test_a_failing_point_is_named_and_the_others_still_run(synth, tmp_path):
+    out = tmp_path / "fail"   # selecting on the eval split is refused by train itself, at run time
+    res = CliRunner().invoke(app, ["sweep", *base_args(synth, out), "--grid", "select_split=val,test", "--jobs", "2"])
+    assert res.exit_code == 1, res.output
+    assert "failed: select_split=test,seed=0 (exit 2" in res.output
+    assert "--select-split" in (out / "select_split=test,seed=0" / "train.log").read_text()
+    assert (out / "select_split=val,seed=0" / "summary.json").exists()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["select_split"], r["seeds"]) for r in rows] == [("val", "1"), ("test", "0")]
+
+
 @pytest.mark.parametrize("grid, named", [
     ("lyers=0,1", "'lyers'"), ("layers=0,x", "'x'"), ("layers=1.5", "'1.5'"), ("layers=-1", "--layers"),
     ("tci=maybe", "'maybe'"), ("mediator_mode=gate,fuse", "'fuse'"), ("device=cpu,cuda", "'device'"),
