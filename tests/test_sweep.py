@@ -17,7 +17,8 @@ from _heads_synth import make_synthetic
 from cmdcl_cache.config import ConfigError
 from cmdcl_heads.cli import app
 from cmdcl_heads.config import HeadConfig, TrainConfig
-from cmdcl_heads.sweep import ABLATION, SweepSpec, plan, point_name, point_state, prepare_point
+from cmdcl_heads.sweep import ABLATION, SweepSpec, plan, point_name, point_state, prepare_point, run_point
+from cmdcl_heads.train import train
 from cmdcl_heads.sweep_report import mean_ci, t975
 
 GRID = ["--grid", "layers=0,1", "--seeds", "2"]
@@ -146,6 +147,28 @@ def test_a_failing_point_is_named_and_the_others_still_run(synth, tmp_path):
     assert (out / "select_split=val,seed=0" / "summary.json").exists()
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["select_split"], r["seeds"]) for r in rows] == [("val", "1"), ("test", "0")]
+
+
+@pytest.mark.slow
+def test_a_half_finished_point_resumes_through_train_resume(synth, tmp_path):
+    cache, manifest = synth
+    head = HeadConfig(model="text4vis", frames=4, layers=1, heads=4)
+    base = TrainConfig(cache=str(cache), dataset=str(manifest), out=str(tmp_path / "sw"), epochs=2, batch_size=16,
+                       device="cpu", data_mode="memory", quiet=True)
+    point = plan(SweepSpec(), head, base)[0]
+    prepare_point(point)
+
+    def stop(epoch, record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(point.train, point.head, on_epoch_end=stop)   # killed after epoch 1's checkpoint
+    first_epoch = (point.folder / "metrics.jsonl").read_text()
+    assert point_state(point) == "partial"
+    assert run_point(point) == 0
+    records = (point.folder / "metrics.jsonl").read_text()
+    assert records.startswith(first_epoch) and len(records.splitlines()) == 2   # epoch 1 kept, not retrained
+    assert point_state(point) == "done" and run_point(point) == 0
 
 
 @pytest.mark.parametrize("grid, named", [
