@@ -92,8 +92,8 @@ _SWEEP_OPTIONS = {
     "jobs": (int, typer.Option(1, "--jobs", min=1, help="Points trained at once, each its own process.")),
     "slurm": (bool, typer.Option(False, "--slurm", help="Only write OUT/slurm.sh, an array job of one task per "
                                                       "point, for sbatch (nothing is submitted or trained).")),
-    "point": (Optional[int], typer.Option(None, "--point", help="Train only this point (0-based; what a Slurm "
-                                                               "task runs).")),
+    "point": (Optional[int], typer.Option(None, "--point", help="Train only this point (0-based), of the sweep "
+                                                               "that --slurm recorded: what a Slurm task runs.")),
 }
 
 

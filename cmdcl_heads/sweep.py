@@ -230,27 +230,27 @@ def point_state(point: Point) -> str:
     folder = point.folder
     if not folder.exists():
         return "new"
-    record = folder / POINT_FILE
-    if not record.is_file():
-        if any(folder.iterdir()):
-            raise ConfigError(f"{folder}: holds files but no {POINT_FILE}; not a point of this sweep (move it away)")
+    record, run = folder / POINT_FILE, RunFolder(folder)
+    if not record.is_file():   # a folder another Slurm task is preparing is new; someone's run is not ours
+        if run.has_run or run.read_summary() is not None:
+            raise ConfigError(f"{folder}: holds a run but no {POINT_FILE}; not a point of this sweep (move it away)")
         return "new"
     recorded = json.loads(record.read_text()).get("hash")
     if recorded != point.hash:
         raise ConfigError(f"{folder}: a point of another configuration (config hash {str(recorded)[:12]}, this "
                           f"sweep's is {point.hash[:12]}); the sweep's options changed: choose another --out")
-    if RunFolder(folder).read_summary() is not None:
+    if run.read_summary() is not None:
         return "done"
-    return "partial" if RunFolder(folder).has_run else "new"
+    return "partial" if run.has_run else "new"
 
 
 def prepare_point(point: Point) -> None:
     """point.toml and point.json of an unfinished point (a finished one is never written to)."""
     point.folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(point.folder / POINT_CONFIG, ("# sweep point " + point.name + "\n"
-                                               + config_toml(point.head, point.train)).encode())
     record = {"index": point.index, "name": point.name, "values": point.labels, "hash": point.hash}
     write_atomic(point.folder / POINT_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+    write_atomic(point.folder / POINT_CONFIG, ("# sweep point " + point.name + "\n"
+                                               + config_toml(point.head, point.train)).encode())
 
 
 def train_command(point: Point, resume: bool) -> list[str]:
@@ -292,7 +292,7 @@ def manifest(spec: SweepSpec, points: list[Point], axes: list[Axis]) -> dict:
 
 
 def write_if_changed(path: Path, text: str) -> None:
-    """Concurrent Slurm tasks write the same bytes; a file that already holds them is left alone."""
+    """A file that already holds these bytes is left alone (its time stamp too)."""
     if not path.is_file() or path.read_text() != text:
         write_atomic(path, text.encode())
 
@@ -312,7 +312,8 @@ def slurm_script(out: Path, spec: SweepSpec, count: int) -> str:
         f"#SBATCH --array=0-{count - 1}",
         f"#SBATCH --output={out}/slurm-%A_%a.out",
         "#SBATCH --cpus-per-task=4",
-        "# Add your cluster's resources (--partition, --gres=gpu:1, --time) above, then: sbatch " + str(out / SLURM_FILE),
+        "# Add your cluster's resources (--partition, --gres=gpu:1, --time) above, then: sbatch "
+        + shlex.quote(str(out / SLURM_FILE)),
         "# Each task trains one point of the sweep (a finished point is skipped, a half-finished one resumed).",
         f"# When the array has ended: cmdcl-heads collect {shlex.quote(str(out))}",
         "set -euo pipefail",
@@ -328,20 +329,25 @@ def sweep(head: HeadConfig, train: TrainConfig, spec: SweepSpec, jobs: int = 1, 
     train = absolute_paths(train)
     out = Path(train.out)
     points = plan(spec, head, train)
+    if point is not None and not 0 <= point < len(points):
+        raise ConfigError(f"--point {point}: this sweep has points 0..{len(points) - 1}")
     for p in points:
         point_state(p)   # a folder of another configuration is refused before anything runs
-    out.mkdir(parents=True, exist_ok=True)
-    write_if_changed(out / BASE_FILE, "# The base options of this sweep (cmdcl-heads sweep --config).\n"
-                     + config_toml(head, train))
-    write_if_changed(out / SWEEP_FILE, json.dumps(manifest(spec, points, axes_of(spec, head, train)), indent=2,
-                                                  sort_keys=True) + "\n")
+    record = manifest(spec, points, axes_of(spec, head, train))
+    if point is not None:   # a Slurm task: the sweep was recorded when its script was written
+        if read_manifest(out) != record:
+            raise ConfigError(f"{out / SWEEP_FILE}: records other points than these options give; the sweep's "
+                              "options changed since it was written (run it again with --slurm, or another --out)")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_if_changed(out / BASE_FILE, "# The base options of this sweep (cmdcl-heads sweep --config).\n"
+                         + config_toml(head, train))
+        write_if_changed(out / SWEEP_FILE, json.dumps(record, indent=2, sort_keys=True) + "\n")
     if slurm:
         script = out / SLURM_FILE
         write_if_changed(script, slurm_script(out, spec, len(points)))
         return {"points": points, "failed": [], "script": script}
     if point is not None:
-        if not 0 <= point < len(points):
-            raise ConfigError(f"--point {point}: this sweep has points 0..{len(points) - 1}")
         points = [points[point]]
     return {"points": points, "failed": run_points(points, jobs, train.quiet), "script": None}
 

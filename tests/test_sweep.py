@@ -199,7 +199,8 @@ def test_ablation_points_switch_one_part_each(tmp_path):
     head, train = _base(tmp_path)
     points = plan(SweepSpec(grid=("layers=0,8",), seeds=2, ablation=True), head, train)
     assert len(points) == len(ABLATION) * 2 * 2
-    assert points[0].name == "variant=full,layers=0,seed=0" and points[-1].name == "variant=no-cross-sample,layers=8,seed=1"
+    assert points[0].name == "variant=full,layers=0,seed=0"
+    assert points[-1].name == "variant=no-cross-sample,layers=8,seed=1"
     switches = ("tci", "vci", "mediator", "cross_sample")
     for p in points:
         off = {s for s in switches if not getattr(p.head, s)}
