@@ -15,7 +15,7 @@ from .run import RunFolder
 from .sweep import SWEEP_FILE, finished_points
 
 FORMATS = ("table", "md", "csv", "json")
-NEVER_COMPARED = {"out"}   # differs between any two runs by construction
+NEVER_COMPARED = {"out", "quiet"}   # where a run was written, and whether it printed: never its result
 
 
 def run_result(run: RunFolder) -> dict:
