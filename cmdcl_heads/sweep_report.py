@@ -2,8 +2,9 @@
 
 Per point of the grid (the seeds pooled): the mean of the primary metric on each split with a 95 % t
 interval, mean +- t(0.975, n-1) * sd / sqrt(n) (sd with n-1; no interval from one seed). Written as
-results.md, results.csv and sweep.png: the metric against the first numeric swept option (else the first
-option, as categories), one line per value of the other options, the interval as a band.
+results.md, results.csv and sweep.png: the metric against the first numeric swept option, one line per value
+of the other options, the interval as a band (no numeric option: the first one's values as categories, the
+interval as whiskers).
 """
 
 from __future__ import annotations
@@ -128,8 +129,11 @@ def plot(table: dict, path: Path) -> bool:
         for name, pts in lines.items():
             pts = sorted(p for p in pts if p[1] is not None)
             xs, ms = [p[0] for p in pts], [p[1] for p in pts]
-            line, = panel.plot(xs, ms, marker="o", label=name)
             halves = [p[2] or 0.0 for p in pts]
+            if x_axis not in numeric:   # categories (ablation variants): no line between them, whiskers
+                panel.errorbar(xs, ms, yerr=halves, fmt="o", capsize=4, label=name)
+                continue
+            line, = panel.plot(xs, ms, marker="o", label=name)
             panel.fill_between(xs, [m - h for m, h in zip(ms, halves)], [m + h for m, h in zip(ms, halves)],
                                color=line.get_color(), alpha=0.2, linewidth=0)
         if x_axis in numeric:   # the swept values themselves, as figure 6 marks them
