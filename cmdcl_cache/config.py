@@ -192,11 +192,12 @@ def _toml_value(value) -> str:
 # --------------------------------------------------------------------------------------- the command line
 
 def config_command(app, name: str, classes: tuple, *, help: str, epilog: str | None = None,
-                   presets: Callable[[str], Path] | None = None, handle=None):
+                   presets: Callable[[str], Path] | None = None, handle=None, extra: dict | None = None):
     """Decorator: register `run(*instances)` as command `name`, with one flag per field of `classes`.
 
     `presets(name) -> Path` adds `--preset NAME` (a TOML file, below --config). `handle(err)` turns a
-    ConfigError into the command's own exit (default: a usage error, exit 2).
+    ConfigError into the command's own exit (default: a usage error, exit 2). `extra` = {name: (annotation,
+    typer.Option)}: options of the command itself (not of a configuration), passed to `run` by keyword.
     """
     import typer
 
@@ -217,9 +218,12 @@ def config_command(app, name: str, classes: tuple, *, help: str, epilog: str | N
                                             annotation=typing.Optional[str],
                                             default=typer.Option(None, "--preset", help="A shipped set of "
                                                                  "options (below --config and flags).")))
+        for key, (annotation, opt) in (extra or {}).items():
+            params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=opt))
 
         def command(ctx, **values):
             config, preset = values.pop("config"), values.pop("preset", None)
+            own = {key: values.pop(key) for key in (extra or {})}
             try:
                 merged = resolve(ctx, classes, values, config, presets(preset) if preset is not None else None)
                 instances = [build(cls, {k: v for k, v in merged.items() if k in {f.name for f in cli_fields(cls)}},
@@ -228,7 +232,7 @@ def config_command(app, name: str, classes: tuple, *, help: str, epilog: str | N
                 if handle:
                     return handle(err)
                 raise typer.BadParameter(str(err)) from None
-            return run(*instances)
+            return run(*instances, **own)
 
         command.__signature__ = inspect.Signature(params)
         command.__doc__ = run.__doc__

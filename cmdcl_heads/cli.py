@@ -87,6 +87,97 @@ def train(head: HeadConfig, config: TrainConfig):
         _fail(err)
 
 
+_SWEEP_OPTIONS = {
+    "grid": (Optional[list[str]], typer.Option(
+        None, "--grid", help="OPTION=V1,V2,...: values of one train option, parsed by its type (repeat "
+                             "--grid for more axes; every combination is a point), e.g. layers=0,2,4,6,8,10.")),
+    "seeds": (int, typer.Option(1, "--seeds", help="Seeds per point: --seed, --seed+1, ...")),
+    "ablation": (bool, typer.Option(False, "--ablation", help="Add the paper's ablation axis 'variant': full, "
+                                                            "no-tci, no-vci, no-mediator, no-cross-sample.")),
+    "jobs": (int, typer.Option(1, "--jobs", min=1, help="Points trained at once, each its own process.")),
+    "slurm": (bool, typer.Option(False, "--slurm", help="Only write OUT/slurm.sh, an array job of one task per "
+                                                      "point, for sbatch (nothing is submitted or trained).")),
+    "point": (Optional[int], typer.Option(None, "--point", help="Train only this point (0-based), of the sweep "
+                                                               "that --slurm recorded: what a Slurm task runs.")),
+}
+
+
+@config_command(app, "sweep", (HeadConfig, TrainConfig), handle=_fail, presets=preset_path, extra=_SWEEP_OPTIONS,
+                help="Train a grid of option values x seeds: one run folder per point under --out (the sweep "
+                     "folder); finished points are skipped, half-finished ones resumed; then `collect`.",
+                epilog="The other options are the base of every point, as for `train`; --out is the sweep "
+                       "folder, and a sweep always resumes (--resume is not needed). Example: cmdcl-heads sweep "
+                       "--cache C --dataset demo --grid layers=0,2,4 --seeds 3 --out sweeps/layers. README: "
+                       "\"Reproduce the paper's experiments\".")
+def sweep(head: HeadConfig, config: TrainConfig, grid, seeds, ablation, jobs, slurm, point):
+    from .sweep import SweepSpec
+    from .sweep import sweep as run_sweep
+
+    configure_logging()
+    try:
+        result = run_sweep(head, config, SweepSpec(tuple(grid or ()), seeds, ablation), jobs, slurm, point)
+    except _ERRORS as err:
+        _fail(err)
+    if result["script"] is not None:
+        typer.echo(f"wrote {result['script']} ({len(result['points'])} tasks); submit it with sbatch "
+                   f"{result['script']}, then run: cmdcl-heads collect {result['script'].parent}")
+        return
+    if point is None:
+        _collect(Path(config.out), config.quiet)
+    for p, code in result["failed"]:
+        console(stderr=True).print(f"failed: {p.name} (exit {code}; see {p.folder / 'train.log'})", markup=False)
+    if result["failed"]:
+        raise typer.Exit(1)
+
+
+def _collect(folder: Path, quiet: bool) -> None:
+    from .sweep_report import collect as write_results
+    from .sweep_report import rich_table
+
+    try:
+        out = write_results(folder)
+    except _ERRORS as err:
+        _fail(err)
+    console(quiet=quiet).print(rich_table(out["table"], f"sweep {folder}"))
+    typer.echo(f"wrote {', '.join(str(p) for p in out['paths'].values())}")
+
+
+@app.command()
+def collect(
+    sweep_folder: Path = typer.Argument(..., metavar="SWEEP", help="Folder written by `cmdcl-heads sweep`."),
+    quiet: bool = typer.Option(False, "--quiet", help="No table."),
+):
+    """Write a sweep's results.md, results.csv and sweep.png from its finished points (after a Slurm array)."""
+    _collect(sweep_folder, quiet)
+
+
+class Format(str, Enum):
+    table = "table"
+    md = "md"
+    csv = "csv"
+    json = "json"
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., metavar="RUN|SWEEP...", help="Run folders and sweep folders (a sweep "
+                                                                        "stands for its finished points)."),
+    format: Format = typer.Option(Format.table, "--format", help="table, md, csv or json."),
+):
+    """One table of runs: the options that differ between them (only those), the primary metric per split,
+    the selected epoch and the seconds spent."""
+    from .compare import comparison, render
+
+    try:
+        out = render(comparison(runs), format.value)
+    except _ERRORS as err:
+        _fail(err)
+    if isinstance(out, str):
+        typer.echo(out, nl=False)
+    else:
+        console().print(out)
+
+
 @app.command("eval")
 def eval_(
     run: Path = typer.Option(..., help="Run folder written by `train`."),

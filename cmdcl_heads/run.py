@@ -88,9 +88,25 @@ class RunFolder:
     def write_config(self, head, train) -> Path:
         path = self.path / CONFIG_FILE
         text = ("# The resolved configuration of this run; `cmdcl-heads train --config " + str(path)
-                + " --out OTHER` repeats it.\n" + to_toml({"train": _public(train), "head": _public(head)}))
+                + " --out OTHER` repeats it.\n" + config_toml(head, train))
         write_atomic(path, text.encode())
         return path
+
+    def read_config(self) -> dict:
+        """config.toml as {"train": {...}, "head": {...}}, the options as train resolved them."""
+        from cmdcl_cache.config import read_toml
+
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no config.toml (is {self.path} a run folder written by "
+                                  "`cmdcl-heads train`?)")
+        table = read_toml(path)
+        return {"train": dict(table.get("train", {})), "head": dict(table.get("head", {}))}
+
+    def read_summary(self) -> dict | None:
+        """summary.json, written last by a run that finished; None while the run is unfinished."""
+        path = self.path / SUMMARY_FILE
+        return json.loads(path.read_text()) if path.is_file() else None
 
     # -------------------------------------------------------------------------------------- checkpoints
 
@@ -267,6 +283,11 @@ def _read_meta(path: Path) -> dict:
 
 
 MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit
+
+
+def config_toml(head, train) -> str:
+    """The TOML text of a run's options, as `--config` reads it back."""
+    return to_toml({"train": _public(train), "head": _public(head)})
 
 
 def _public(cfg) -> dict:

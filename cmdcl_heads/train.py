@@ -109,7 +109,7 @@ def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, co
     if resumed is not None:
         state = restore(resumed, run, config, head, data, model, optimizer, scheduler)
     metric = primary_metric(data.labels.multi_label)
-    progress = _progress(config.quiet)
+    progress = progress_bar(config.quiet)
     with progress:
         task = progress.add_task("train", total=(config.epochs - state["epoch"]) * steps_per_epoch)
         for epoch in range(state["epoch"] + 1, config.epochs + 1):
@@ -589,7 +589,7 @@ def _dataset_ref(dataset: str) -> str:
     return str(path.resolve()) if path.is_dir() and ("/" in dataset or dataset not in BUILTIN_DATASETS) else dataset
 
 
-def _progress(quiet: bool):
+def progress_bar(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cmdcl_cache.progress import console
