@@ -377,7 +377,12 @@ def for_writing(given: str | Path, dataset: str, spec: CacheSpec) -> CacheFolder
 class Cache:
     """Every finalized shard of one cache folder, read as one table of videos.
 
-    Files are opened lazily and reopened after a fork, so one Cache can be handed to DataLoader workers.
+    One snapshot for the whole run: each shard is opened once, here, and that descriptor is kept; every later
+    read (HDF5 opens lazily, and again in each DataLoader worker after a fork) goes through it
+    (`/proc/self/fd/N`), so a shard that an extract finalizes meanwhile (a rename over the old name) is not
+    seen: the reader keeps reading the file whose table it indexed. Where /proc is missing the shard is
+    opened by name and its identity (device, inode) compared with the snapshot's: a replaced shard stops
+    the reader with an error naming it, never a silent mix of two versions.
     """
 
     def __init__(self, folder: CacheFolder | str | Path, require_complete: bool = True):
@@ -393,8 +398,9 @@ class Cache:
         self._videos: dict[str, dict] = {}
         self.provenance: dict | None = None
         counts = set()
+        self._fds: list[int] = []
         for s, path in enumerate(self.shard_paths):
-            prov, table, dim, tokens = read_shard(path)
+            prov, table, dim, tokens = self._snapshot(path)
             if self.provenance is None:
                 self.provenance = {k: v for k, v in prov.items() if k not in PER_SHARD_KEYS}
                 self.feature_dim, self.tokens_per_frame = dim, tokens
@@ -418,6 +424,18 @@ class Cache:
         self._files: list | None = None
         self._pid = None
 
+    def _snapshot(self, path: Path):
+        """Open `path` for good and read its table; the descriptor kept is the file whose table was read."""
+        for _ in range(3):
+            fd = os.open(path, os.O_RDONLY)
+            found = read_shard(path)
+            if _identity(os.stat(path)) == _identity(os.fstat(fd)):   # not replaced while it was read
+                self._fds.append(fd)
+                return found
+            os.close(fd)
+        raise CacheError(f"{path}: replaced again and again while it was being opened; rerun once the extract "
+                         "writing it has finished")
+
     def _check_complete(self, count: int) -> None:
         # A rank that has not finished leaves no shard: reading 7 of 8 would train on 7/8 of the data.
         missing = [shard_name(i, count) for i in range(count) if not (self.dir / shard_name(i, count)).exists()]
@@ -426,11 +444,28 @@ class Cache:
                              f"{', ...' if len(missing) > 3 else ''}); finish those ranks' `cmdcl-cache extract`")
 
     def _file(self, shard: int):
-        import h5py
         if self._files is None or self._pid != os.getpid():
-            self._files = [h5py.File(p, "r") for p in self.shard_paths]
+            self._files = [self._open_snapshot(s) for s in range(len(self.shard_paths))]
             self._pid = os.getpid()
         return self._files[shard]
+
+    def _open_snapshot(self, shard: int):
+        """h5py.File of the shard this Cache indexed, in this process (a forked worker inherits the descriptor):
+        by name while the name is still that file, else through the descriptor (its own offset, read-only)."""
+        import h5py
+        fd, path = self._fds[shard], self.shard_paths[shard]
+        try:
+            f = h5py.File(path, "r")
+            if _identity(os.fstat(f.id.get_vfd_handle())) == _identity(os.fstat(fd)):
+                return f
+            f.close()
+        except (OSError, FileNotFoundError):
+            pass   # gone or unreadable under its name: the snapshot below still holds the file
+        via = f"/proc/self/fd/{fd}"
+        if not os.path.exists(via):
+            raise CacheError(f"{path}: replaced since this run opened the cache (another process finalized it); "
+                             "stopped rather than read rows of a file whose table this run did not index: rerun")
+        return h5py.File(open(via, "rb"), "r")   # a new open file description: no offset shared with others
 
     def _rows(self, video_id: str, name: str) -> np.ndarray:
         try:
@@ -487,3 +522,17 @@ class Cache:
         for f in self._files or []:
             f.close()
         self._files = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
