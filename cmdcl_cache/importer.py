@@ -730,7 +730,7 @@ def import_features(config: ImportConfig) -> ImportResult:
         plan.folder.path.mkdir(parents=True, exist_ok=True)
         for rec in plan.fresh:
             append_line(plan.folder.sources_path, rec)
-        with ShardWriter(plan.shard, plan.provenance, plan.dim, durable=config.durable) as writer:
+        with ShardWriter(plan.shard, plan.provenance, plan.dim, durable=config.durable, command="import") as writer:
             result.dropped = list(writer.dropped)
             todo = [vid for vid in plan.ids if vid not in writer.committed_ids]
             result.todo = len(todo)
@@ -935,6 +935,7 @@ def write_texts_from_file(folder: CacheFolder, manifest, path: str | Path,
     manifest's label sets the file does not cover)."""
     from .cache import Cache
     from .store import write_texts
+    from .texts import texts_lock
 
     path = Path(path).expanduser().resolve()
     cache = Cache(folder, require_complete=False)
@@ -945,5 +946,6 @@ def write_texts_from_file(folder: CacheFolder, manifest, path: str | Path,
         sha = hashlib.file_digest(fh, "sha256").hexdigest()
     source = {"file": str(path), "sha256": sha, "label_sets": sorted(sets)}
     templates = next(iter(sets.values())).templates
-    write_texts(folder.texts_path, sets, text_provenance_for(prov, source, templates))
+    with texts_lock(folder, "texts"):
+        write_texts(folder.texts_path, sets, text_provenance_for(prov, source, templates))
     return folder.texts_path, [name for name in manifest.label_sets if name not in sets]

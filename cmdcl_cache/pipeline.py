@@ -215,7 +215,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
     # the lock and the provenance check come first: a refused run changes nothing, texts.h5 included
     with ShardWriter(plan.shard, prov, encoder.feature_dim, grid=grid) as writer:
         if plan.rank.rank == 0:
-            ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts)
+            ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts, command="extract")
         result.dropped = list(writer.dropped)
         todo, replace = _todo(plan, writer)
         result.todo = len(todo)

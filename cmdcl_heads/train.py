@@ -80,7 +80,7 @@ def _train(config: TrainConfig, head: HeadConfig, run: RunFolder, on_epoch_end) 
     splits = Splits.load(data, config, head, device)   # a bad split name or a missing video: nothing written yet
     run.claim(create=not config.resume)
     resumed = None
-    if config.resume and not run.has_run and not run.finished:   # killed before its first checkpoint
+    if config.resume and not any(run.path.glob("last.*")) and not run.finished:   # killed before a checkpoint
         from cmdcl_cache.progress import console
         console(quiet=config.quiet).print(f"{run}: no checkpoint yet (the run stopped before its first one): "
                                           "starting it from scratch", markup=False)
