@@ -3,7 +3,8 @@
     <root>/<dataset>/<tag>/              a cache folder; <tag> = CacheSpec.tag (model-weights[-gridN])
         frames-0000r-of-0000n.h5         finished shard of rank r of n (format: store.py)
         frames-0000r-of-0000n.journal/   unfinished shard of rank r (an extract is running or was killed)
-        frames-0000r-of-0000n.h5.lock    flock of the extract writing that shard
+        frames-0000r-of-0000n.h5.lock    flock of the extract (or import) writing that shard: "pid host command"
+        texts.h5.lock, confounders.h5.lock  the same for the writer of texts.h5 and of confounders.h5
         texts.h5                         label text embeddings of every label set
         failures.jsonl, extract_log.jsonl, confounders.h5
         import_sources.jsonl             sha256 of each source file of an imported cache (`cmdcl-cache import`)
@@ -207,7 +208,7 @@ class CacheFolder:
         """Shards, an unfinished journal or texts.h5: something `extract` or `texts` wrote."""
         path = Path(path)
         return path.is_dir() and (any(path.glob(SHARD_GLOB)) or any(path.glob(JOURNAL_GLOB))
-                                  or (path / TEXTS_FILE).exists())
+                                  or any(path.glob(SHARD_GLOB + ".lock")) or (path / TEXTS_FILE).exists())
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -370,6 +371,29 @@ def for_writing(given: str | Path, dataset: str, spec: CacheSpec) -> CacheFolder
     if given.is_dir() and any(CacheFolder.holds_cache(p) for p in given.iterdir() if p.is_dir()):
         return CacheFolder(given / spec.tag)
     return CacheFolder(given / safe_name(dataset) / spec.tag)
+
+
+def check_not_nested(folder: CacheFolder) -> None:
+    """Refuse to create a cache inside another one, or around one: what a writer checks right before it
+    creates its folder, since another writer (an extract loading its model, an import hashing its sources)
+    may have made a cache there after this one chose its folder."""
+    target = folder.path
+    others = [p for p in list(target.parents)[:2] if CacheFolder.holds_cache(p)]
+    others += [f.path for f in candidates(target) if f.path != target] if target.is_dir() else []
+    if others:
+        raise CacheError(f"{target}: would nest one cache inside another ({others[0]} is a cache folder"
+                         f"{_writer_of(others[0])}); pass that cache folder itself, or another --cache")
+
+
+def _writer_of(path: Path) -> str:
+    """', written by `cmdcl-cache extract` (pid N)' from the lock files the writers leave, or ''."""
+    for lock in sorted(path.glob("*.lock")):
+        try:
+            pid, _, command = lock.read_text().split(maxsplit=2)
+        except (OSError, ValueError):
+            continue
+        return f", written by `cmdcl-cache {command.strip()}` (pid {pid})"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------- reading

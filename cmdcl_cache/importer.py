@@ -65,7 +65,8 @@ from typing import Literal
 
 import numpy as np
 
-from .cache import CacheFolder, ImportSpec, for_writing, provenance_difference, text_provenance_for
+from .cache import (CacheFolder, ImportSpec, check_not_nested, for_writing, provenance_difference,
+                    text_provenance_for)
 from .config import check_choices, option
 from .export import INDEX_FILE, read_index
 from .failures import append_line, append_run_log, read_lines, record_failure
@@ -727,6 +728,7 @@ def import_features(config: ImportConfig) -> ImportResult:
         if check_existing(plan):
             result.seconds = time.monotonic() - t0
             return result
+        check_not_nested(plan.folder)   # an extract may have made a cache here during the hashing
         plan.folder.path.mkdir(parents=True, exist_ok=True)
         for rec in plan.fresh:
             append_line(plan.folder.sources_path, rec)
