@@ -332,27 +332,36 @@ def test_a_shard_written_before_record_checksums_still_verifies_and_resumes(extr
 
 # -------------------------------------------------------------------- 4. interrupted runs always finish
 
-@pytest.mark.slow
-def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(synth, tmp_path):
+def _reference_and_killed(synth, tmp_path, epochs, moment):
+    """An undisturbed run (in this process) and a `cmdcl-heads train` process SIGKILLed once moment(run) holds."""
     cache, manifest = synth
-    epochs = 3
     rc, out = _run_train(_train_args(cache, manifest, tmp_path / "ref", "--data-mode", "memory", epochs=epochs))
     assert rc == 0, out
-    run = tmp_path / "run"
+    run = tmp_path / "killed"
     proc = _start_train(_train_args(cache, manifest, run, "--data-mode", "memory", epochs=epochs))
-    try:   # killed in the final evaluation: the last checkpoint is of the last epoch, no summary yet
-        _wait_for(lambda: _checkpoint_epoch(run / "last.safetensors") == epochs, proc)
+    try:
+        _wait_for(lambda: moment(run), proc, every=0.001)
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         _kill(proc)
+    return tmp_path / "ref", run
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(synth, tmp_path):
+    cache, manifest = synth
+    epochs = 3   # killed in the final evaluation: the last checkpoint is of the last epoch, no summary yet
+    ref, run = _reference_and_killed(synth, tmp_path, epochs,
+                                     lambda run: _checkpoint_epoch(run / "last.safetensors") == epochs)
     assert not (run / "summary.json").exists(), "the run finished before it was killed"
-    rc, out = _run_train(_train_args(cache, manifest, run, "--data-mode", "memory", "--resume", epochs=epochs))
+    args = _train_args(cache, manifest, run, "--data-mode", "memory", "--resume", epochs=epochs)
+    rc, out = _run_train(args)
     assert rc == 0, out
-    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
-    assert json.loads((run / "summary.json").read_text())["metrics"] == ref["metrics"]
+    summary = json.loads((ref / "summary.json").read_text())
+    assert json.loads((run / "summary.json").read_text())["metrics"] == summary["metrics"]
     assert (run / "curves.png").stat().st_size > 0 and (run / "confusion.png").stat().st_size > 0
-    assert _records(run) == _records(tmp_path / "ref")
-    rc, out = _run_train(_train_args(cache, manifest, run, "--data-mode", "memory", "--resume", epochs=epochs))
+    assert _records(run) == _records(ref)
+    rc, out = _run_train(args)
     assert rc == 2 and "already finished" in out   # now it is finished
 
 
@@ -360,24 +369,16 @@ def test_a_run_killed_after_its_last_checkpoint_is_finished_by_resume(synth, tmp
 def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_restarted(synth, tmp_path):
     cache, manifest = synth
     epochs = 2
-    rc, out = _run_train(_train_args(cache, manifest, tmp_path / "ref", "--data-mode", "memory", epochs=epochs))
-    assert rc == 0, out
-    killed = tmp_path / "killed"
-    proc = _start_train(_train_args(cache, manifest, killed, "--data-mode", "memory", epochs=epochs))
-    try:
-        _wait_for(lambda: (killed / "config.toml").exists(), proc, every=0.001)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        _kill(proc)
+    ref, killed = _reference_and_killed(synth, tmp_path, epochs, lambda run: (run / "config.toml").exists())
     assert killed.is_dir() and not (killed / "last.safetensors").exists(), "killed too late"
-    ref = json.loads((tmp_path / "ref" / "summary.json").read_text())["metrics"]
+    metrics = json.loads((ref / "summary.json").read_text())["metrics"]
     for name, extra in (("resumed", ["--resume"]), ("restarted", [])):   # the same folder, nothing deleted
         run = tmp_path / name
         shutil.copytree(killed, run)
         rc, out = _run_train(_train_args(cache, manifest, run, "--data-mode", "memory", *extra, epochs=epochs))
         assert rc == 0, out
-        assert json.loads((run / "summary.json").read_text())["metrics"] == ref
-        assert _records(run) == _records(tmp_path / "ref")
+        assert json.loads((run / "summary.json").read_text())["metrics"] == metrics
+        assert _records(run) == _records(ref)
 
 
 def test_resume_of_a_folder_that_does_not_exist_is_refused(synth, tmp_path):
