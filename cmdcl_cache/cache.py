@@ -401,12 +401,12 @@ def _writer_of(path: Path) -> str:
 class Cache:
     """Every finalized shard of one cache folder, read as one table of videos.
 
-    One snapshot for the whole run: each shard is opened once, here, and that descriptor is kept; every later
-    read (HDF5 opens lazily, and again in each DataLoader worker after a fork) goes through it
-    (`/proc/self/fd/N`), so a shard that an extract finalizes meanwhile (a rename over the old name) is not
-    seen: the reader keeps reading the file whose table it indexed. Where /proc is missing the shard is
-    opened by name and its identity (device, inode) compared with the snapshot's: a replaced shard stops
-    the reader with an error naming it, never a silent mix of two versions.
+    One snapshot for the whole run: each shard is opened once, here, and that descriptor is kept. HDF5 opens
+    lazily (again in each DataLoader worker after a fork) by name while the name is still that file (same
+    device and inode), else through the kept descriptor (`/proc/self/fd/N`): a shard that an extract
+    finalizes meanwhile (a rename over the old name) is not seen, the reader keeps reading the file whose
+    table it indexed. Without /proc a replaced shard stops the reader with an error naming it, never a
+    silent mix of two versions.
     """
 
     def __init__(self, folder: CacheFolder | str | Path, require_complete: bool = True):
@@ -469,6 +469,8 @@ class Cache:
 
     def _file(self, shard: int):
         if self._files is None or self._pid != os.getpid():
+            if not self._fds:
+                raise CacheError(f"{self.dir}: this reader was closed; open the cache again")
             self._files = [self._open_snapshot(s) for s in range(len(self.shard_paths))]
             self._pid = os.getpid()
         return self._files[shard]
@@ -483,7 +485,7 @@ class Cache:
             if _identity(os.fstat(f.id.get_vfd_handle())) == _identity(os.fstat(fd)):
                 return f
             f.close()
-        except (OSError, FileNotFoundError):
+        except OSError:
             pass   # gone or unreadable under its name: the snapshot below still holds the file
         via = f"/proc/self/fd/{fd}"
         if not os.path.exists(via):

@@ -13,7 +13,8 @@ Shard layout (`frames-00000-of-00004.h5`, schema 2, one writer per file):
     videos        compound [V]        video_id (UTF-8, any length), row_start, num_rows, fps,
                                       num_source_frames, duration, crc32 (of the video's rows),
                                       source_size and source_mtime_ns (of its file when it was read),
-                                      decoder (the backend that decoded it)
+                                      decoder (the backend that decoded it), record_crc32 (of all the
+                                      other fields: a flipped byte of the record is damage, not a change)
     attrs                             provenance (schema version, model, weights, sampling, versions, shard)
 
 Videos are sorted by id inside a shard, so a shard's bytes depend only on what it holds, not on the order
@@ -31,8 +32,8 @@ exists is always whole.
 Why a lock: two processes appending to one journal interleave their rows. A writer holds an exclusive
 `flock` on `<shard>.lock` from the moment it opens the shard until it has finalised or closed it; a second
 writer fails at once, naming the holder's pid. The kernel drops the lock when its process dies, so a
-killed run never blocks its own resume. (flock is reliable on local disks; on NFS it depends on the
-client, see the README.)
+killed run never blocks its own resume. The same WriterLock guards texts.h5, confounders.h5 and run
+folders. (flock is reliable on local disks; on NFS it depends on the client, see the README.)
 """
 
 from __future__ import annotations
