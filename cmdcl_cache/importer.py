@@ -730,9 +730,9 @@ def import_features(config: ImportConfig) -> ImportResult:
             return result
         check_not_nested(plan.folder)   # an extract may have made a cache here during the hashing
         plan.folder.path.mkdir(parents=True, exist_ok=True)
-        for rec in plan.fresh:
-            append_line(plan.folder.sources_path, rec)
         with ShardWriter(plan.shard, plan.provenance, plan.dim, durable=config.durable, command="import") as writer:
+            for rec in plan.fresh:   # under the lock: a refused second import writes nothing
+                append_line(plan.folder.sources_path, rec)
             result.dropped = list(writer.dropped)
             todo = [vid for vid in plan.ids if vid not in writer.committed_ids]
             result.todo = len(todo)
