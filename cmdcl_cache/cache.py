@@ -3,7 +3,8 @@
     <root>/<dataset>/<tag>/              a cache folder; <tag> = CacheSpec.tag (model-weights[-gridN])
         frames-0000r-of-0000n.h5         finished shard of rank r of n (format: store.py)
         frames-0000r-of-0000n.journal/   unfinished shard of rank r (an extract is running or was killed)
-        frames-0000r-of-0000n.h5.lock    flock of the extract writing that shard
+        frames-0000r-of-0000n.h5.lock    flock of the extract (or import) writing that shard: "pid host command"
+        texts.h5.lock, confounders.h5.lock  the same for the writer of texts.h5 and of confounders.h5
         texts.h5                         label text embeddings of every label set
         failures.jsonl, extract_log.jsonl, confounders.h5
         import_sources.jsonl             sha256 of each source file of an imported cache (`cmdcl-cache import`)
@@ -207,7 +208,7 @@ class CacheFolder:
         """Shards, an unfinished journal or texts.h5: something `extract` or `texts` wrote."""
         path = Path(path)
         return path.is_dir() and (any(path.glob(SHARD_GLOB)) or any(path.glob(JOURNAL_GLOB))
-                                  or (path / TEXTS_FILE).exists())
+                                  or any(path.glob(SHARD_GLOB + ".lock")) or (path / TEXTS_FILE).exists())
 
     @property
     def shard_paths(self) -> list[Path]:
@@ -372,12 +373,40 @@ def for_writing(given: str | Path, dataset: str, spec: CacheSpec) -> CacheFolder
     return CacheFolder(given / safe_name(dataset) / spec.tag)
 
 
+def check_not_nested(folder: CacheFolder) -> None:
+    """Refuse to create a cache inside another one, or around one: what a writer checks right before it
+    creates its folder, since another writer (an extract loading its model, an import hashing its sources)
+    may have made a cache there after this one chose its folder."""
+    target = folder.path
+    others = [p for p in list(target.parents)[:2] if CacheFolder.holds_cache(p)]
+    others += [f.path for f in candidates(target) if f.path != target] if target.is_dir() else []
+    if others:
+        raise CacheError(f"{target}: would nest one cache inside another ({others[0]} is a cache folder"
+                         f"{_writer_of(others[0])}); pass that cache folder itself, or another --cache")
+
+
+def _writer_of(path: Path) -> str:
+    """', written by `cmdcl-cache extract` (pid N)' from the lock files the writers leave, or ''."""
+    for lock in sorted(path.glob("*.lock")):
+        try:
+            pid, _, command = lock.read_text().split(maxsplit=2)
+        except (OSError, ValueError):
+            continue
+        return f", written by `cmdcl-cache {command.strip()}` (pid {pid})"
+    return ""
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 class Cache:
     """Every finalized shard of one cache folder, read as one table of videos.
 
-    Files are opened lazily and reopened after a fork, so one Cache can be handed to DataLoader workers.
+    One snapshot for the whole run: each shard is opened once, here, and that descriptor is kept. HDF5 opens
+    lazily (again in each DataLoader worker after a fork) by name while the name is still that file (same
+    device and inode), else through the kept descriptor (`/proc/self/fd/N`): a shard that an extract
+    finalizes meanwhile (a rename over the old name) is not seen, the reader keeps reading the file whose
+    table it indexed. Without /proc a replaced shard stops the reader with an error naming it, never a
+    silent mix of two versions.
     """
 
     def __init__(self, folder: CacheFolder | str | Path, require_complete: bool = True):
@@ -393,8 +422,9 @@ class Cache:
         self._videos: dict[str, dict] = {}
         self.provenance: dict | None = None
         counts = set()
+        self._fds: list[int] = []
         for s, path in enumerate(self.shard_paths):
-            prov, table, dim, tokens = read_shard(path)
+            prov, table, dim, tokens = self._snapshot(path)
             if self.provenance is None:
                 self.provenance = {k: v for k, v in prov.items() if k not in PER_SHARD_KEYS}
                 self.feature_dim, self.tokens_per_frame = dim, tokens
@@ -418,6 +448,18 @@ class Cache:
         self._files: list | None = None
         self._pid = None
 
+    def _snapshot(self, path: Path):
+        """Open `path` for good and read its table; the descriptor kept is the file whose table was read."""
+        for _ in range(3):
+            fd = os.open(path, os.O_RDONLY)
+            found = read_shard(path)
+            if _identity(os.stat(path)) == _identity(os.fstat(fd)):   # not replaced while it was read
+                self._fds.append(fd)
+                return found
+            os.close(fd)
+        raise CacheError(f"{path}: replaced again and again while it was being opened; rerun once the extract "
+                         "writing it has finished")
+
     def _check_complete(self, count: int) -> None:
         # A rank that has not finished leaves no shard: reading 7 of 8 would train on 7/8 of the data.
         missing = [shard_name(i, count) for i in range(count) if not (self.dir / shard_name(i, count)).exists()]
@@ -426,11 +468,30 @@ class Cache:
                              f"{', ...' if len(missing) > 3 else ''}); finish those ranks' `cmdcl-cache extract`")
 
     def _file(self, shard: int):
-        import h5py
         if self._files is None or self._pid != os.getpid():
-            self._files = [h5py.File(p, "r") for p in self.shard_paths]
+            if not self._fds:
+                raise CacheError(f"{self.dir}: this reader was closed; open the cache again")
+            self._files = [self._open_snapshot(s) for s in range(len(self.shard_paths))]
             self._pid = os.getpid()
         return self._files[shard]
+
+    def _open_snapshot(self, shard: int):
+        """h5py.File of the shard this Cache indexed, in this process (a forked worker inherits the descriptor):
+        by name while the name is still that file, else through the descriptor (its own offset, read-only)."""
+        import h5py
+        fd, path = self._fds[shard], self.shard_paths[shard]
+        try:
+            f = h5py.File(path, "r")
+            if _identity(os.fstat(f.id.get_vfd_handle())) == _identity(os.fstat(fd)):
+                return f
+            f.close()
+        except OSError:
+            pass   # gone or unreadable under its name: the snapshot below still holds the file
+        via = f"/proc/self/fd/{fd}"
+        if not os.path.exists(via):
+            raise CacheError(f"{path}: replaced since this run opened the cache (another process finalized it); "
+                             "stopped rather than read rows of a file whose table this run did not index: rerun")
+        return h5py.File(open(via, "rb"), "r")   # a new open file description: no offset shared with others
 
     def _rows(self, video_id: str, name: str) -> np.ndarray:
         try:
@@ -487,3 +548,17 @@ class Cache:
         for f in self._files or []:
             f.close()
         self._files = None
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino

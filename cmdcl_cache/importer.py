@@ -68,7 +68,8 @@ from typing import Literal
 
 import numpy as np
 
-from .cache import CacheFolder, ImportSpec, for_writing, provenance_difference, text_provenance_for
+from .cache import (CacheFolder, ImportSpec, check_not_nested, for_writing, provenance_difference,
+                    text_provenance_for)
 from .config import check_choices, option
 from .export import INDEX_FILE, read_index
 from .failures import append_line, append_run_log, read_lines, record_failure
@@ -777,10 +778,11 @@ def import_features(config: ImportConfig) -> ImportResult:
         if check_existing(plan):
             result.seconds = time.monotonic() - t0
             return result
+        check_not_nested(plan.folder)   # an extract may have made a cache here during the hashing
         plan.folder.path.mkdir(parents=True, exist_ok=True)
-        for rec in plan.fresh:
-            append_line(plan.folder.sources_path, rec)
-        with ShardWriter(plan.shard, plan.provenance, plan.dim, durable=config.durable) as writer:
+        with ShardWriter(plan.shard, plan.provenance, plan.dim, durable=config.durable, command="import") as writer:
+            for rec in plan.fresh:   # under the lock: a refused second import writes nothing
+                append_line(plan.folder.sources_path, rec)
             result.dropped = list(writer.dropped)
             todo = [vid for vid in plan.ids if vid not in writer.committed_ids]
             result.todo = len(todo)
@@ -985,6 +987,7 @@ def write_texts_from_file(folder: CacheFolder, manifest, path: str | Path,
     manifest's label sets the file does not cover)."""
     from .cache import Cache
     from .store import write_texts
+    from .texts import texts_lock
 
     path = Path(path).expanduser().resolve()
     cache = Cache(folder, require_complete=False)
@@ -995,5 +998,6 @@ def write_texts_from_file(folder: CacheFolder, manifest, path: str | Path,
         sha = hashlib.file_digest(fh, "sha256").hexdigest()
     source = {"file": str(path), "sha256": sha, "label_sets": sorted(sets)}
     templates = next(iter(sets.values())).templates
-    write_texts(folder.texts_path, sets, text_provenance_for(prov, source, templates))
+    with texts_lock(folder, "texts"):
+        write_texts(folder.texts_path, sets, text_provenance_for(prov, source, templates))
     return folder.texts_path, [name for name in manifest.label_sets if name not in sets]

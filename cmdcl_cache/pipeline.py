@@ -42,7 +42,7 @@ from typing import Literal
 
 import numpy as np
 
-from .cache import CacheFolder, CacheSpec, for_writing
+from .cache import CacheFolder, CacheSpec, check_not_nested, for_writing
 from .config import check_choices, option
 from .failures import append_run_log, read_failures, record_failure
 from .ranks import RankInfo, detect_rank, split_ids
@@ -207,6 +207,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
         result.seconds = time.monotonic() - t_start
         return result
     encoder = load_encoder(config.spec.encoder_spec(plan.rank.device(config.device)))   # fails before mkdir
+    check_not_nested(plan.folder)   # an import may have made a cache here while the model loaded
     plan.folder.path.mkdir(parents=True, exist_ok=True)
     prov = config.spec.frame_provenance(encoder.provenance(), plan.manifest.dataset,
                                         decoder_provenance(config.decoder, config.fallback_decoder),
@@ -215,7 +216,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
     # the lock and the provenance check come first: a refused run changes nothing, texts.h5 included
     with ShardWriter(plan.shard, prov, encoder.feature_dim, grid=grid) as writer:
         if plan.rank.rank == 0:
-            ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts)
+            ensure_texts(plan.folder, plan.manifest, encoder, config.spec, config.prompts, command="extract")
         result.dropped = list(writer.dropped)
         todo, replace = _todo(plan, writer)
         result.todo = len(todo)

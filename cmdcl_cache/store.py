@@ -13,7 +13,8 @@ Shard layout (`frames-00000-of-00004.h5`, schema 2, one writer per file):
     videos        compound [V]        video_id (UTF-8, any length), row_start, num_rows, fps,
                                       num_source_frames, duration, crc32 (of the video's rows),
                                       source_size and source_mtime_ns (of its file when it was read),
-                                      decoder (the backend that decoded it)
+                                      decoder (the backend that decoded it), record_crc32 (of all the
+                                      other fields: a flipped byte of the record is damage, not a change)
     attrs                             provenance (schema version, model, weights, sampling, versions, shard)
 
 Videos are sorted by id inside a shard, so a shard's bytes depend only on what it holds, not on the order
@@ -31,8 +32,8 @@ exists is always whole.
 Why a lock: two processes appending to one journal interleave their rows. A writer holds an exclusive
 `flock` on `<shard>.lock` from the moment it opens the shard until it has finalised or closed it; a second
 writer fails at once, naming the holder's pid. The kernel drops the lock when its process dies, so a
-killed run never blocks its own resume. (flock is reliable on local disks; on NFS it depends on the
-client, see the README.)
+killed run never blocks its own resume. The same WriterLock guards texts.h5, confounders.h5 and run
+folders. (flock is reliable on local disks; on NFS it depends on the client, see the README.)
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ _STR = h5py.string_dtype("utf-8")
 VIDEO_DTYPE = np.dtype([
     ("video_id", _STR), ("row_start", "<i8"), ("num_rows", "<i8"), ("fps", "<f8"),
     ("num_source_frames", "<i8"), ("duration", "<f8"), ("crc32", "<u4"), ("source_size", "<i8"),
-    ("source_mtime_ns", "<i8"), ("decoder", _STR),
+    ("source_mtime_ns", "<i8"), ("decoder", _STR), ("record_crc32", "<u4"),
 ])
+# Shards written before record_crc32 existed: read and resumed as before, their records unchecked (a
+# finalize that rewrites such a shard checksums every record it copies).
+LEGACY_VIDEO_FIELDS = VIDEO_DTYPE.names[:-1]
 FRAME_DTYPE = np.dtype([("frame_index", "<i8"), ("timestamp", "<f8")])
 CHUNK_ROWS = 256
 
@@ -118,6 +122,13 @@ def rows_checksum(features: np.ndarray, frames: np.ndarray, tokens: np.ndarray |
     return crc
 
 
+def record_checksum(record: dict) -> int:
+    """crc32 of every field of one video's record but this checksum: fps, duration, frame count, rows, crc32
+    of the rows, source size and mtime, decoder, id. Floats travel as repr (exact), so it reads back equal."""
+    values = [record[name] for name in LEGACY_VIDEO_FIELDS]
+    return zlib.crc32(json.dumps(values, ensure_ascii=False).encode("utf-8"))
+
+
 def frame_records(frame_index, timestamps) -> np.ndarray:
     frames = np.empty(len(frame_index), dtype=FRAME_DTYPE)
     frames["frame_index"], frames["timestamp"] = frame_index, timestamps
@@ -140,33 +151,52 @@ def _disk_full(err: OSError) -> bool:
 
 # ------------------------------------------------------------------------------------------------ lock
 
-class ShardLock:
-    """An exclusive, non-blocking flock on `<shard>.lock`; the file keeps the holder's pid and host."""
+class WriterLock:
+    """An exclusive, non-blocking flock on `lock_path`, held by the one process that writes `what`; the file
+    keeps the holder's pid, host and command, so that a second writer's refusal names who holds it.
 
-    def __init__(self, shard: Path):
-        self.path = shard.with_name(shard.name + ".lock")
+    The only lock of the project: shards (extract, import), texts.h5, confounders.h5, run folders (train)."""
+
+    def __init__(self, lock_path: Path, what: str, command: str):
+        self.path = Path(lock_path)
         self._fh = open(self.path, "a+")
         try:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             self._fh.seek(0)
-            holder = self._fh.read().split()
+            holder = self._fh.read().split(maxsplit=2)
             self._fh.close()
             if err.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             who = f"pid {holder[0]}" if holder else "pid unknown"
             if len(holder) > 1 and holder[1] != socket.gethostname():
                 who += f" on {holder[1]}"
-            raise CacheLockedError(f"another extract ({who}) holds {self.path}: it is writing this shard; wait "
+            other = holder[2].strip() if len(holder) > 2 else "process"
+            raise CacheLockedError(f"another {other} ({who}) holds {self.path}: it is writing {what}; wait "
                                    "for it to finish or stop it (a killed process releases the lock)") from None
         self._fh.seek(0)
         self._fh.truncate()
-        self._fh.write(f"{os.getpid()} {socket.gethostname()}\n")
+        self._fh.write(f"{os.getpid()} {socket.gethostname()} {command}\n")
         self._fh.flush()
 
     def release(self) -> None:
         if not self._fh.closed:
             self._fh.close()   # closing the descriptor drops the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def lock_path_of(target: Path) -> Path:
+    """Where the lock of a written file lives: beside it, `<name>.lock`."""
+    return target.with_name(target.name + ".lock")
+
+
+def ShardLock(shard: Path, command: str = "extract") -> WriterLock:   # noqa: N802 - reads as the class it was
+    return WriterLock(lock_path_of(shard), "this shard", command)
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -193,7 +223,7 @@ class ShardWriter:
     """
 
     def __init__(self, path: str | Path, provenance: dict, feature_dim: int, grid: int | None = None,
-                 durable: bool = True):
+                 durable: bool = True, command: str = "extract"):
         self.path = Path(path)
         # durable: fsync rows, then the commit line, so that a power loss or kernel crash (not only a
         # killed process) also leaves a journal whose commits point at rows on disk. ~10 ms a video.
@@ -208,7 +238,7 @@ class ShardWriter:
         self._files: dict = {}
         self._log = None
         self.dropped: list[tuple[str, str]] = []
-        self._lock = ShardLock(self.path)   # first: nothing below reads a journal another process writes
+        self._lock = ShardLock(self.path, command)   # first: nothing below reads a journal another process writes
         try:
             if self.path.exists():
                 self._load_finalized()
@@ -473,8 +503,8 @@ class ShardWriter:
                         x, frames["frame_index"], frames["timestamp"])
                     if toks is not None:
                         toks[row:row + n] = tok
-                    table[i] = (vid, row, n, rec["fps"], rec["num_source_frames"], rec["duration"], rec["crc32"],
-                                rec["source_size"], rec["source_mtime_ns"], rec["decoder"])
+                    values = {**rec, "video_id": vid, "row_start": row, "num_rows": n}
+                    table[i] = (*(values[k] for k in LEGACY_VIDEO_FIELDS), record_checksum(values))
                     row += n
                 f.create_dataset("videos", data=table)
         finally:
@@ -548,7 +578,8 @@ def _recovery(path: Path) -> str:
 def read_shard(path: str | Path) -> tuple[dict, list[dict], int, int]:
     """(provenance, videos table as dicts with str ids, feature dim, tokens per frame) of one shard.
 
-    Raises CacheError naming the file and the way to recover when it does not open or is not a shard.
+    Raises CacheError naming the file and the way to recover when it does not open or is not a shard, or
+    when a video's record does not match its checksum.
     """
     path = Path(path)
     try:
@@ -566,11 +597,21 @@ def read_shard(path: str | Path) -> tuple[dict, list[dict], int, int]:
     except (OSError, KeyError, ValueError, IndexError) as err:
         raise CacheError(f"{path}: not a readable cmdcl shard ({type(err).__name__}: {err}); "
                          + _recovery(path)) from None
-    if raw.dtype.names != VIDEO_DTYPE.names:
+    if raw.dtype.names not in (VIDEO_DTYPE.names, LEGACY_VIDEO_FIELDS):
         raise CacheError(f"{path}: videos table has fields {raw.dtype.names}, expected {VIDEO_DTYPE.names}; "
                          + _recovery(path))
-    table = [{name: (row[name].decode("utf-8") if isinstance(row[name], bytes) else row[name].item())
-              for name in VIDEO_DTYPE.names} for row in raw]
+    try:
+        table = [{name: (row[name].decode("utf-8") if isinstance(row[name], bytes) else row[name].item())
+                  for name in raw.dtype.names} for row in raw]
+    except UnicodeDecodeError as err:
+        raise CacheError(f"{path}: a video id or decoder name is not UTF-8 ({err.reason}): the shard is damaged; "
+                         + _recovery(path)) from None
+    for row in table:
+        row.setdefault("record_crc32", None)   # a shard written before records were checksummed
+        if row["record_crc32"] is not None and record_checksum(row) != row["record_crc32"]:
+            raise CacheError(f"{path}: the record of video {row['video_id']!r} does not match its checksum: the "
+                             "shard is damaged (bit rot or a bad copy), so its fps, duration, frame count, rows or "
+                             "source stamp cannot be trusted; " + _recovery(path))
     return prov, table, dim, tokens
 
 

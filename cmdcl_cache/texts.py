@@ -174,16 +174,29 @@ def build_text_embeddings(encoder, label_set_names: dict[str, list[str]],
     return out
 
 
+def texts_lock(folder, command: str):
+    """The exclusive lock of `folder`'s texts.h5, held from the check to the write by whoever writes it."""
+    from .store import WriterLock, lock_path_of
+    folder.path.mkdir(parents=True, exist_ok=True)
+    return WriterLock(lock_path_of(folder.texts_path), "texts.h5", command)
+
+
 def ensure_texts(folder, manifest, encoder, spec, prompts: str | Path | None = None,
-                 force: bool = False) -> tuple[Path, bool]:
+                 force: bool = False, command: str = "texts") -> tuple[Path, bool]:
     """Write `folder`'s texts.h5 unless it exists with the same provenance; returns (path, written).
 
-    folder: a cache.CacheFolder; spec: its cache.CacheSpec (whose text provenance is recorded)."""
+    folder: a cache.CacheFolder; spec: its cache.CacheSpec (whose text provenance is recorded); command: who
+    writes (named by a second writer's refusal)."""
+    templates = choose_templates(prompts, manifest)   # --prompts, else the manifest's set, else actions
+    prov = spec.text_provenance(encoder.provenance(), manifest.dataset, templates)
+    with texts_lock(folder, command):
+        return _ensure_texts(folder, manifest, encoder, prov, templates, force)
+
+
+def _ensure_texts(folder, manifest, encoder, prov: dict, templates: list[str], force: bool) -> tuple[Path, bool]:
     from .cache import provenance_difference
     from .store import normalised, texts_provenance, write_texts
 
-    templates = choose_templates(prompts, manifest)   # --prompts, else the manifest's set, else actions
-    prov = spec.text_provenance(encoder.provenance(), manifest.dataset, templates)
     path = folder.texts_path
     if path.exists() and not force:
         try:

@@ -8,7 +8,9 @@ open is one problem among others, named with the way to recover):
   no video in the cache is unknown to the manifest;
 - datasets have the expected shapes and dtypes, the videos table covers the rows exactly, frame indices
   lie inside the video, features (and tokens) hold no NaN or Inf, and (unless `quick`) every video's rows
-  match the crc32 recorded when they were committed: flipped bits are found;
+  match the crc32 recorded when they were committed: flipped bits are found; every video record (fps,
+  duration, frame count, rows, source stamp) matches its record_crc32, always (a mismatch is shard damage,
+  never a changed source);
 - with the video root (given, or the last run's), videos whose file changed (size or modification time)
   since it was read: `extract --refresh-changed` extracts them again;
 - provenance agrees across shards (the reader refuses otherwise) and with texts.h5, which holds an

@@ -127,7 +127,9 @@ class TrainConfig:
     tokens: bool | None = option(None, "Use grid tokens (default: when the cache has them).")
     skip_missing: bool = option(False, "Skip split videos missing from the cache instead of failing.")
     quiet: bool = option(False, "No progress bar or table.")
-    resume: bool = option(False, "Continue the run in --out from its last checkpoint.")
+    resume: bool = option(False, "Continue the run in --out from its last checkpoint (one killed after its last "
+                                 "epoch gets its final evaluation and summary; one with no checkpoint yet starts "
+                                 "from scratch).")
 
     def __post_init__(self):
         check_choices(self)

@@ -37,7 +37,7 @@ import torch
 
 from cmdcl_cache.cache import Cache, locate
 from cmdcl_cache.config import check_choices, option
-from cmdcl_cache.store import CacheError, ProvenanceError
+from cmdcl_cache.store import CacheError, ProvenanceError, WriterLock, lock_path_of
 
 FILE_NAME = "confounders.h5"
 SCHEMA_VERSION = 1
@@ -74,12 +74,18 @@ def build_and_save(config: ConfoundersConfig) -> tuple["Confounders", Path]:
 
     manifest = load_manifest(config.dataset)
     folder = locate(config.cache, manifest.dataset)
+    out = Path(config.out) if config.out else folder.confounders_path
+    with WriterLock(lock_path_of(out), out.name, "confounders build"):   # one build per file: no last-writer-wins
+        return _build_and_save(config, manifest, folder, out)
+
+
+def _build_and_save(config: ConfoundersConfig, manifest, folder, out: Path) -> tuple["Confounders", Path]:
     conf = build_confounders(folder.open(), manifest, kp=config.kp, kz=config.kz, niter=config.niter,
                              seed=config.seed, spherical=config.spherical, max_points=config.max_points,
                              prototypes=config.prototypes, split_scheme=config.split_scheme,
                              label_set=config.label_set, threads=config.threads)
     conf.settings["config"] = asdict(config)
-    return conf, conf.save(Path(config.out) if config.out else folder.confounders_path)
+    return conf, conf.save(out)
 
 
 def render(conf: "Confounders", path: Path, console) -> None:

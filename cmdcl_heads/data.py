@@ -11,7 +11,8 @@ Two ways to hold the features, which give the same batches for the same random n
   videos one after the other, with offsets); a batch is index arithmetic plus one gather, so an epoch is
   compute-bound.
 - `LazyFeatures`: h5py reads in a torch Dataset with DataLoader workers (the Cache reopens its files in
-  each worker process), for splits that do not fit the memory budget.
+  each worker process, the very files it indexed: a shard finalized again meanwhile is not seen, see
+  cmdcl_cache/cache.py's Cache), for splits that do not fit the memory budget.
 
 The random numbers (order and per-segment offsets) are drawn by the trainer from a torch.Generator, so the
 mode, the number of workers and the device do not change which rows a step sees.

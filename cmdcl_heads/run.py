@@ -5,9 +5,11 @@
         best.safetensors     weights of the selected epoch + metadata (configs, labels, cache provenance)
         last.safetensors     the same for the last epoch, plus optimizer, scheduler and RNG states (resume)
         metrics.jsonl        one record per epoch; metrics.csv: the same, flat, for a spreadsheet
-        summary.json         the eval split's metrics of best, the selection, timings
+        summary.json         the eval split's metrics of best, the selection, timings (written last: a run
+                             without it is unfinished, and `train --resume` finishes it)
         curves.png           rewritten after every epoch; confusion.png | per_class_ap.png at the end
         events.out.tfevents.*  TensorBoard event files (cmdcl_heads/events.py): `tensorboard --logdir runs`
+        train.lock           flock of the `train` writing the folder (store.WriterLock); left behind
 
 Checkpoints are safetensors files: tensors and a JSON metadata string, nothing else. Loading one parses
 JSON and reads raw tensor bytes; no pickle is involved anywhere, so a checkpoint from a stranger cannot
@@ -33,7 +35,7 @@ import numpy as np
 import torch
 
 from cmdcl_cache.config import to_toml
-from cmdcl_cache.store import write_atomic
+from cmdcl_cache.store import WriterLock, write_atomic
 
 CHECKPOINT_VERSION = 2
 METRICS_FILE = "metrics.jsonl"
@@ -43,6 +45,7 @@ CONFIG_FILE = "config.toml"
 SUFFIX = ".safetensors"
 EVENTS_GLOB = "events.out.tfevents.*"
 PLOTS = ("curves.png", "confusion.png", "per_class_ap.png", "probe.png")
+LOCK_FILE = "train.lock"
 
 
 class CheckpointError(RuntimeError):
@@ -61,6 +64,7 @@ class Checkpoint:
 class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self._lock: WriterLock | None = None
 
     def __str__(self) -> str:
         return str(self.path)
@@ -72,13 +76,32 @@ class RunFolder:
     def has_run(self) -> bool:
         return self.checkpoint_path("last").exists()
 
+    @property
+    def finished(self) -> bool:
+        """summary.json is the last file a run writes."""
+        return (self.path / SUMMARY_FILE).exists()
+
+    def claim(self, create: bool) -> None:
+        """Hold the folder's exclusive lock until release(): a second writer exits 2 naming this process. A
+        folder to resume must exist already (`create` False): a mistyped --out starts nothing."""
+        if not create and not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: no run folder here to resume (is --out the folder `cmdcl-heads "
+                                  "train` wrote?)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = WriterLock(self.path / LOCK_FILE, f"the run folder {self.path}", "train")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def start_fresh(self) -> None:
         """A new run: the folder must not hold one; stale metrics and checkpoints of a failed start go."""
         if self.has_run:
             raise CheckpointError(f"{self.path}: already holds a run (last{SUFFIX}); pass --resume to continue "
                                   "it or choose another --out")
         self.path.mkdir(parents=True, exist_ok=True)
-        for name in (METRICS_FILE, METRICS_CSV, f"best{SUFFIX}"):
+        for name in (METRICS_FILE, METRICS_CSV, SUMMARY_FILE, f"best{SUFFIX}"):
             (self.path / name).unlink(missing_ok=True)
         for events in self.path.glob(EVENTS_GLOB):   # TensorBoard would draw them as part of the new run
             events.unlink()

@@ -48,7 +48,7 @@ from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
 from .probe import fit_linear_head
-from .run import RunFolder, set_rng_state
+from .run import SUMMARY_FILE, RunFolder, set_rng_state
 
 MAX_BAD_STEPS = 20  # consecutive skipped steps before training stops
 
@@ -64,7 +64,16 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
 
     `on_epoch_end(epoch, record)` is called after each epoch's checkpoints are written (tests use it to
     interrupt a run). Neither configuration is modified: resolved copies are written to config.toml.
+    The run folder is locked from its first write to the end (a second train on it exits 2 naming this one).
     """
+    run = RunFolder(config.out)
+    try:
+        return _train(config, head, run, on_epoch_end)
+    finally:
+        run.release()
+
+
+def _train(config: TrainConfig, head: HeadConfig, run: RunFolder, on_epoch_end) -> dict:
     check_select_split(config)
     requested = config.select_split
     device = resolve_device(config.device)
@@ -72,13 +81,21 @@ def train(config: TrainConfig, head: HeadConfig, on_epoch_end=None) -> dict:
     confounders = load_confounders(data, head, config)
     config, head = resolve_config(config, head, data, confounders)
     splits = Splits.load(data, config, head, device)   # a bad split name or a missing video: nothing written yet
-    run = RunFolder(config.out)
+    run.claim(create=not config.resume)
     resumed = None
-    if config.resume:   # refused before anything in the run folder changes
+    if config.resume and not any(run.path.glob("last.*")) and not run.finished:   # killed before a checkpoint
+        from cmdcl_cache.progress import console
+        console(quiet=config.quiet).print(f"{run}: no checkpoint yet (the run stopped before its first one): "
+                                          "starting it from scratch", markup=False)
+        run.start_fresh()
+    elif config.resume:   # refused before anything in the run folder changes
         resumed = run.load_checkpoint("last")
         check_own(run, "last", resumed.meta)
         check_checkpoint(resumed.meta, data, run.checkpoint_path("last"))
         check_resume_options(resumed.meta, config, head, run.checkpoint_path("last"))
+        if run.finished:   # a run killed after its last epoch but before summary.json is finished below
+            raise TrainingError(f"{run}: the run already finished its {config.epochs} epochs ({SUMMARY_FILE} "
+                                "is written)")
     else:
         run.start_fresh()
     run.write_config(head, config)
@@ -507,8 +524,6 @@ def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, wher
     if changed:
         hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in train_keys else ""
         raise CheckpointMismatch(f"{where}: {'; '.join(changed)}{hint}; resume with the same options")
-    if meta["epoch"] >= config.epochs:
-        raise TrainingError(f"{where}: the run already finished its {config.epochs} epochs")
 
 
 # ------------------------------------------------------------------------------------------------ pieces
