@@ -16,6 +16,7 @@ from cmdcl_cache.config import check_choices, from_dict, option
 
 MEDIATOR_MODES = ("gate", "replace", "project")
 CROSS_SAMPLE_MODES = ("attend", "backdoor")
+APPROXIMATORS = ("text", "dictionary")
 MODELS = ("zeroshot", "linear", "text4vis", "cmdcl")
 
 
@@ -32,13 +33,19 @@ class HeadConfig:
     tci: bool = option(True, "cmdcl: textual causal intervention (back-door over V_P); off: T' = T.")
     vci: bool = option(True, "cmdcl: visual causal intervention (front-door); off: V' = mean_t X.")
     mediator: bool = option(True, "cmdcl: text-guided fine-grained mediator inside VCI.")
-    cross_sample: bool = option(True, "cmdcl: cross-sample approximator over Z inside VCI.")
+    cross_sample: bool = option(True, "cmdcl: the VCI approximator term (see --approximator); off: "
+                                      "V' = mean_t LN(Xm).")
+    approximator: Literal["text", "dictionary"] = option(
+        "text", "cmdcl: second input of the VCI approximator. text (default, what the paper's figure 4 draws): "
+                "attention from the mediated frames to the debiased label texts T'; dictionary (*after CATT / "
+                "ours*, the default before): attention over a k-means dictionary Z of training frames "
+                "(needs `confounders build --kz K`).")
     mediator_mode: Literal["gate", "replace", "project"] = option(
         "gate", "cmdcl, *ours*: gate (Xm = X*sigmoid(M)), replace (Xm = M) or project (frames projected onto "
                 "the fine-text span before the temporal encoder).")
     cross_sample_mode: Literal["attend", "backdoor"] = option(
-        "attend", "cmdcl, *ours*: attend (attention over Z, fused) or backdoor (class scores averaged over Z "
-                  "strata by P(z)).")
+        "attend", "cmdcl --approximator dictionary, *ours*: attend (attention over Z, fused) or backdoor (class "
+                  "scores averaged over Z strata by P(z)).")
     static_removal: float = option(
         0.0, "cmdcl, *ours*: subtract this share (0..1) of each video's temporal mean from its normalised frames "
              "before the temporal encoder: what is constant over a video (its scene) is removed; 0: off. "
@@ -51,7 +58,7 @@ class HeadConfig:
     num_fine: int = option(0, "Fine labels C_f of the mediator's own table; 0: it reads the target table.",
                            cli=False)
     kp: int = option(0, "Rows of V_P (0: no textual intervention).", cli=False)
-    kz: int = option(0, "Rows of Z (0: no cross-sample term).", cli=False)
+    kz: int = option(0, "Rows of Z (0: no frame dictionary, e.g. --approximator text).", cli=False)
     tokens_per_frame: int = option(0, "P grid tokens per frame (0: frame features only).", cli=False)
 
     def __post_init__(self):
@@ -72,6 +79,9 @@ class HeadConfig:
             raise ValueError(f"--static-removal with --frames {self.frames}: one frame is its own temporal mean and "
                              "two frames minus their mean are each other's opposite, so little or nothing of the "
                              "input is left (sample 3 or more frames, or pass --static-removal 0)")
+        if self.cross_sample_mode == "backdoor" and self.approximator != "dictionary":
+            raise ValueError("--cross-sample-mode backdoor averages over the strata of the frame dictionary Z: "
+                             "add --approximator dictionary (the figure-4 approximator reads T', not Z)")
         if self.logit_scale_init <= 0:
             raise ValueError(f"--logit-scale-init must be > 0, got {self.logit_scale_init}")
         if self.dim and self.dim % self.heads:
@@ -82,6 +92,9 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "HeadConfig":
+        """A checkpoint's head: one written before `approximator` existed had the dictionary approximator."""
+        if "approximator" not in d and d.get("model", "cmdcl") == "cmdcl":
+            d = {**d, "approximator": "dictionary"}
         return from_dict(cls, d, "head configuration")
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RESUME_FREE, HeadConfig, TrainConfig
+from .confounders import needs_z
 from .data import RunData, SplitVideos, make_features, open_data
 from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, evaluate_logits, loss_fn, predict_logits,
                        resolve_device)
@@ -321,7 +322,7 @@ def resolve_config(config: TrainConfig, head: HeadConfig, data: RunData, conf) -
     head = replace(head, fine_label_set=labels.fine_label_set, dim=cache.feature_dim, num_classes=len(labels.names),
                    num_fine=len(labels.fine_names) if labels.fine_label_set != labels.label_set else 0,
                    kp=len(conf.vp) if conf is not None and head.tci else 0,
-                   kz=len(conf.z) if conf is not None and head.vci and head.cross_sample else 0,
+                   kz=len(conf.z) if conf is not None and needs_z(head) else 0,
                    tokens_per_frame=cache.tokens_per_frame if tokens else 0)
     return config, head
 
