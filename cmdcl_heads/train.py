@@ -352,11 +352,13 @@ class Splits:
                                 "none (train text4vis or cmdcl, or pass --reweight-strata 0)")
         ev = part(config.eval_split)
         warn_one_frame_videos(ev[0], ev[1], head)
+        warn_short_videos(ev[0], ev[1], head)
         if head.model == "zeroshot":
             return cls(None, None, None, None, ev)
         select = part(config.select_split) if config.select_split != "none" else None
         _, train, train_feats = part(config.train_split)
         warn_one_frame_videos(config.train_split, train, head)
+        warn_short_videos(config.train_split, train, head)
         weights, reweighting = None, None
         if config.reweight_strata:
             weights, reweighting = training_weights(train, train_feats, config, head, device)
@@ -385,6 +387,15 @@ def warn_one_frame_videos(split: str, videos: SplitVideos, head: HeadConfig) -> 
     if n:
         warnings.warn(f"--static-removal: {n} of {len(videos.video_ids)} videos of split {split!r} hold one cached "
                       "frame; removing their temporal mean leaves them no input", stacklevel=2)
+
+
+def warn_short_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
+    """--frames above a video's cached rows: TSN sampling repeats rows of that video; say for how many videos."""
+    short = videos.lengths < head.frames
+    if short.any():
+        warnings.warn(f"--frames {head.frames}: {int(short.sum())} of {len(videos.video_ids)} videos of split "
+                      f"{split!r} have fewer cached rows (shortest {int(videos.lengths.min())}); TSN sampling still "
+                      f"takes one row per each of the {head.frames} segments, so their frames repeat", stacklevel=2)
 
 
 @torch.no_grad()
