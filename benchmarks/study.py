@@ -148,7 +148,9 @@ def prepare(work: Path, world: str, regime: str, data_seed: int, args) -> dict[s
     return paths
 
 
-def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds, splits, args, work: Path) -> list[dict]:
+def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds, splits, args, work: Path,
+              execute: bool = True) -> list[dict]:
+    """Run what is not recorded yet (execute=False: nothing, the recorded runs only) and return the stage's runs."""
     from multiprocessing import get_context
 
     from rich.progress import Progress
@@ -158,13 +160,15 @@ def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds,
     for world in worlds:
         for regime in regimes:
             for ds in data_seeds:
-                paths = prepare(work, world, regime, ds, args)
+                paths = prepare(work, world, regime, ds, args) if execute else {}
                 for row, (variant, model, head, train) in table.items():
                     for seed in (train_seeds if not row.startswith("ref-") else train_seeds[:1]):
                         key = [stage, world, regime, row, ds, seed]
                         settings = {"epochs": args.epochs, "head": head, "train": train}
                         wanted.add(run_id(key, settings))
                         if run_id(key, settings) in have:
+                            continue
+                        if not execute:
                             continue
                         jobs.append({"key": key, "settings": settings, "cache": str(paths[variant]),
                                      "manifest": str(paths["manifest"]),
@@ -235,7 +239,15 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cmdcl-study")
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--regimes", default=",".join(REGIMES),
+                   help="report: the order in which the regimes run (all of them are reported)")
+    p.add_argument("--recorded-only", action="store_true",
+                   help="report: run nothing, write the tables of the runs recorded so far (a row missing "
+                        "runs in a regime shows the runs it has)")
     a = p.parse_args(argv)
+    order = a.regimes.split(",")
+    if sorted(order) != sorted(REGIMES):
+        p.error(f"--regimes must order all of {', '.join(REGIMES)}, got {a.regimes}")
     if a.epochs < 1 or a.workers < 1:
         p.error(f"--epochs and --workers must be >= 1, got {a.epochs} and {a.workers}")
     args = argparse.Namespace(frames=16, layers=1, epochs=a.epochs, batch_size=32, lr=1e-3, device="cpu", kp=32,
@@ -255,10 +267,11 @@ def main(argv=None) -> None:
         return
     selection_by_regime = json.loads(SELECTION.read_text())
     all_results = []
-    for regime in REGIMES:   # each regime runs with the settings chosen for it
+    for regime in order:   # each regime runs with the settings chosen for it
         table = rows({m: selection_by_regime[regime][m] for m in GRID})
         all_results += [r for r in run_stage("report", table, list(WORLDS), [regime], REPORT_DATA_SEEDS,
-                                             REPORT_TRAIN_SEEDS, ["val", "test_id", "test"], args, a.work)
+                                             REPORT_TRAIN_SEEDS, ["val", "test_id", "test"], args, a.work,
+                                             execute=not a.recorded_only)
                         if r["regime"] == regime]
     names = list(rows({m: 0 for m in GRID}))
     text, verdict = report_tables(all_results, names)
