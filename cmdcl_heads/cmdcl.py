@@ -66,8 +66,8 @@ Static removal (HeadConfig.static_removal, *ours*, NOT in the paper; cmdcl_heads
 everything above, x_t <- normalise(x_t - lambda mean_s x_s), removing what is constant over the video.
 
 Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -> V' = mean_t X exactly;
-mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm) (no approximator term, either reading). Modules that a switch turns off are
-not built, so every parameter of a built head is used.
+mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm) (no approximator term, either reading).
+Modules that a switch turns off are not built, so every parameter of a built head is used.
 
 Built from the HeadConfig alone (its shapes: dim, num_classes, num_fine, kp, kz, tokens_per_frame), with
 zero tables; `initialise(inputs)` then copies the label texts and the dictionaries in before training. A
@@ -94,6 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
+from .confounders import needs_z
 from .debias import remove_static
 from .layers import DictionaryAttention, TemporalEncoder, cosine_logits
 
@@ -144,7 +145,7 @@ class CMDCLHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = self.dim = cfg.dim
-        need_vp, need_z = cfg.tci, cfg.vci and cfg.cross_sample and cfg.approximator == "dictionary"
+        need_vp, need_z = cfg.tci, needs_z(cfg)
         if need_vp and cfg.kp < 1:
             raise ValueError(f"CMDCL's --tci needs the bias prototypes V_P; {_build_hint()}, or train with --no-tci")
         if need_z and cfg.kz < 1:
