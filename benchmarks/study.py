@@ -48,18 +48,25 @@ GRID = {"static": ("static_removal", "head", (0.5, 1.0)),
         "reweight": ("reweight_strata", "train", (5, 10, 20))}
 
 
+# The study's cmdcl rows ran when the frame-dictionary approximator was cmdcl's default (issue 14); they stay
+# that reading. Issue 20 added one row, announced in BENCHMARKS.md before its runs: the figure-4 approximator.
+DICTIONARY = {"approximator": "dictionary"}
+FIGURE4_ROW = "cmdcl-figure4"
+
+
 def rows(selection: dict | None) -> dict[str, tuple[str, str, dict, dict]]:
     """row -> (cache variant, model, HeadConfig extras, TrainConfig extras) of the report stage."""
     out = {"ref-deconfounded": ("nobg", "text4vis", {}, {}), "text4vis": ("full", "text4vis", {}, {}),
-           "cmdcl": ("full", "cmdcl", {}, {}),
-           "cmdcl-project": ("full", "cmdcl", {"mediator_mode": "project"}, {})}
+           "cmdcl": ("full", "cmdcl", dict(DICTIONARY), {}),
+           "cmdcl-project": ("full", "cmdcl", {"mediator_mode": "project", **DICTIONARY}, {})}
     if selection is not None:
         chosen = {}
         for mech, (field, where, _grid) in GRID.items():
             value = selection[mech]
-            chosen[mech] = ({field: value}, {}) if where == "head" else ({}, {field: value})
+            chosen[mech] = ({field: value, **DICTIONARY}, {}) if where == "head" else (dict(DICTIONARY), {field: value})
             out[f"cmdcl-{mech}"] = ("full", "cmdcl", *chosen[mech])
         out["cmdcl-static+reweight"] = ("full", "cmdcl", chosen["static"][0], chosen["reweight"][1])
+    out[FIGURE4_ROW] = ("full", "cmdcl", {"approximator": "text"}, {})
     out["ref-shortcut"] = ("bgonly", "text4vis", {}, {})
     return out
 
@@ -68,7 +75,7 @@ def tune_rows() -> dict[str, tuple[str, str, dict, dict]]:
     out = {}
     for mech, (field, where, grid) in GRID.items():
         for value in grid:
-            extra = ({field: value}, {}) if where == "head" else ({}, {field: value})
+            extra = ({field: value, **DICTIONARY}, {}) if where == "head" else (dict(DICTIONARY), {field: value})
             out[f"{mech}={value}"] = ("full", "cmdcl", *extra)
     return out
 
@@ -99,7 +106,15 @@ def run_id(key: list, settings: dict) -> tuple:
 def recorded_runs() -> list[dict]:
     if not RUNS.exists():
         return []
-    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return [as_recorded(json.loads(line)) for line in RUNS.read_text().splitlines() if line.strip()]
+
+
+def as_recorded(run: dict) -> dict:
+    """A cmdcl run recorded before `--approximator` existed had the dictionary reading: say so in its settings."""
+    head = run["settings"]["head"]
+    if run["row"] != "text4vis" and not run["row"].startswith("ref-") and "approximator" not in head:
+        run["settings"] = {**run["settings"], "head": {**head, **DICTIONARY}}
+    return run
 
 
 def _run(job: dict) -> dict:
@@ -133,7 +148,9 @@ def prepare(work: Path, world: str, regime: str, data_seed: int, args) -> dict[s
     return paths
 
 
-def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds, splits, args, work: Path) -> list[dict]:
+def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds, splits, args, work: Path,
+              execute: bool = True) -> list[dict]:
+    """Run what is not recorded yet (execute=False: nothing, the recorded runs only) and return the stage's runs."""
     from multiprocessing import get_context
 
     from rich.progress import Progress
@@ -143,13 +160,15 @@ def run_stage(stage: str, table: dict, worlds, regimes, data_seeds, train_seeds,
     for world in worlds:
         for regime in regimes:
             for ds in data_seeds:
-                paths = prepare(work, world, regime, ds, args)
+                paths = prepare(work, world, regime, ds, args) if execute else {}
                 for row, (variant, model, head, train) in table.items():
                     for seed in (train_seeds if not row.startswith("ref-") else train_seeds[:1]):
                         key = [stage, world, regime, row, ds, seed]
                         settings = {"epochs": args.epochs, "head": head, "train": train}
                         wanted.add(run_id(key, settings))
                         if run_id(key, settings) in have:
+                            continue
+                        if not execute:
                             continue
                         jobs.append({"key": key, "settings": settings, "cache": str(paths[variant]),
                                      "manifest": str(paths["manifest"]),
@@ -220,7 +239,15 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cmdcl-study")
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--regimes", default=",".join(REGIMES),
+                   help="report: the order in which the regimes run (all of them are reported)")
+    p.add_argument("--recorded-only", action="store_true",
+                   help="report: run nothing, write the tables of the runs recorded so far (a row missing "
+                        "runs in a regime shows the runs it has)")
     a = p.parse_args(argv)
+    order = a.regimes.split(",")
+    if sorted(order) != sorted(REGIMES):
+        p.error(f"--regimes must order all of {', '.join(REGIMES)}, got {a.regimes}")
     if a.epochs < 1 or a.workers < 1:
         p.error(f"--epochs and --workers must be >= 1, got {a.epochs} and {a.workers}")
     args = argparse.Namespace(frames=16, layers=1, epochs=a.epochs, batch_size=32, lr=1e-3, device="cpu", kp=32,
@@ -240,10 +267,11 @@ def main(argv=None) -> None:
         return
     selection_by_regime = json.loads(SELECTION.read_text())
     all_results = []
-    for regime in REGIMES:   # each regime runs with the settings chosen for it
+    for regime in order:   # each regime runs with the settings chosen for it
         table = rows({m: selection_by_regime[regime][m] for m in GRID})
         all_results += [r for r in run_stage("report", table, list(WORLDS), [regime], REPORT_DATA_SEEDS,
-                                             REPORT_TRAIN_SEEDS, ["val", "test_id", "test"], args, a.work)
+                                             REPORT_TRAIN_SEEDS, ["val", "test_id", "test"], args, a.work,
+                                             execute=not a.recorded_only)
                         if r["regime"] == regime]
     names = list(rows({m: 0 for m in GRID}))
     text, verdict = report_tables(all_results, names)

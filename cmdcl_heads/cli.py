@@ -45,10 +45,16 @@ def _fail(err) -> None:
     raise typer.Exit(2)
 
 
+def preset_names() -> list[str]:
+    """The shipped presets, cmdcl_heads/presets/*.toml."""
+    folder = resources.files("cmdcl_heads") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")) if folder.is_dir() else []
+
+
 def preset_path(name: str) -> Path:
     """A shipped preset, cmdcl_heads/presets/NAME.toml."""
     folder = resources.files("cmdcl_heads") / "presets"
-    names = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")) if folder.is_dir() else []
+    names = preset_names()
     if name not in names:
         raise ConfigError(f"--preset {name!r}: no such preset (shipped: {', '.join(names) or 'none'})")
     return Path(str(folder / f"{name}.toml"))
@@ -71,7 +77,15 @@ def confounders_build(config: ConfoundersConfig) -> None:
     render(conf, path, console(stderr=True))
 
 
-@config_command(app, "train", (HeadConfig, TrainConfig), handle=_fail, presets=preset_path,
+_PRESETS_HELP = {"paper": "cmdcl, H = 8 layers, 64 frames, the figure-4 approximator",
+                 "coin": "paper + label set task, fine set step", "breakfast": "paper + activity / action",
+                 "charades": "paper + multi-label action"}
+_TRAIN_EPILOG = ("Presets (--preset NAME, cmdcl_heads/presets/): "
+                 + "; ".join(f"{n} ({_PRESETS_HELP.get(n, 'see its file')})" for n in preset_names())
+                 + ". Flags and --config override a preset.")
+
+
+@config_command(app, "train", (HeadConfig, TrainConfig), handle=_fail, presets=preset_path, epilog=_TRAIN_EPILOG,
                 help="Train a head on cached features (zeroshot: evaluate only) and write the run folder.")
 def train(head: HeadConfig, config: TrainConfig):
     from .train import train as run_train

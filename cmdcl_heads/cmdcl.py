@@ -3,7 +3,8 @@
 From the paper: the structural causal model (B cross-modal bias, Z visual confounder, V video, T text,
 M mediator, Y label); a back-door adjustment on the text (Textual Causal Intervention, TCI) and a
 front-door adjustment on the video through a text-guided fine-grained mediator (Visual Causal
-Intervention, VCI); H stacked temporal attention layers (best H = 8); CLIP features and label texts.
+Intervention, VCI); H stacked spatio-temporal attention layers (best H = 8, 64 frames: fig. 6); CLIP
+features and label texts; the architecture as figure 4 draws it.
 The paper publishes no code; everything below marked *inferred* is our reading (see README, "The CMDCL head").
 
 Read top to bottom, with F [B, T, D] frames (optionally grid tokens [B, T, P, D]), E [C, D] the target
@@ -16,9 +17,22 @@ label text ensemble, E_f [Cf, D] the fine vocabulary, V_P [Kp, D] / Z [Kz, D] th
     X       = STA^H(Linear(F) + pos)                                                   VCI (front-door on V)
     S       = softmax(X Wq' (T'_f Wk')^T / sqrt d)                 text-guided mediator over atomic actions
     M       = S T'_f Wv' ;  Xm = X * sigmoid(M)
-    CS      = softmax(Xm Wq'' (Z Wk'')^T / sqrt d + log P(z)) Z Wv''                cross-sample term
-    V'      = mean_t LN(Xm + Wf [Xm ; CS])
+    R       = softmax(Xm Wq'' (T' Wk'')^T / sqrt d) T' Wv''        VCI approximator (figure 4, default)
+    V'      = mean_t LN(Xm + Wf [Xm ; R])
     logits  = s * cos(V', T'_c),  s = exp(log_s), s_0 = 100
+
+What figure 4 (../shared/paper/fig4-framework.png) shows of VCI: V -> Spatio-Temporal Attention xH; its
+output enters a "Fine-grained Info Aware" block with T' and a product with that block's output; a learnable
+Approximator takes that product and T' and gives V'; the classifier takes T' and V'. No visual dictionary is
+drawn in that branch. *inferred*: the product as the sigmoid gate above, the approximator as attention from
+the mediated frames Xm to T' fused by concatenation, V' as the temporal mean; the figure gives no formulas.
+
+Approximator (HeadConfig.approximator):
+
+    text        (default) R as above: the approximator's second input is T', as figure 4 draws it.
+    dictionary  *after CATT / ours* (the default before figure 4 was read): cross-sample attention over a
+                k-means dictionary Z of training frames (built by `confounders build --kz K`),
+                CS = softmax(Xm Wq'' (Z Wk'')^T / sqrt d + log P(z)) Z Wv'', V' = mean_t LN(Xm + Wf [Xm ; CS]).
 
 Mediator modes (HeadConfig.mediator_mode; *inferred/ours*, NOT in the paper, which only says that VCI
 goes through a text-guided fine-grained mediator; added to test our reading of the front-door on
@@ -37,7 +51,8 @@ benchmarks/confounded.py, see BENCHMARKS.md "CMDCL variants"):
                         reduced to its atomic-action content before anything is learned; order is kept
                         because the projection is per frame. Needs a fine set with Cf < D (else P_f = I).
 
-Cross-sample mode (HeadConfig.cross_sample_mode; *inferred/ours*, NOT in the paper):
+Cross-sample mode (HeadConfig.cross_sample_mode, approximator='dictionary' only; *inferred/ours*, NOT in
+the paper):
 
     attend   (default)  CS as above, one attention-weighted Z entry per time step, fused by concatenation.
     backdoor            an explicit adjustment over the Z strata instead of the NWGM attention:
@@ -51,8 +66,8 @@ Static removal (HeadConfig.static_removal, *ours*, NOT in the paper; cmdcl_heads
 everything above, x_t <- normalise(x_t - lambda mean_s x_s), removing what is constant over the video.
 
 Switches (HeadConfig): tci=False -> T' = T exactly (and T'_f = T_f); vci=False -> V' = mean_t X exactly;
-mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm). Modules that a switch turns off are
-not built, so every parameter of a built head is used.
+mediator=False -> Xm = X; cross_sample=False -> V' = mean_t LN(Xm) (no approximator term, either reading).
+Modules that a switch turns off are not built, so every parameter of a built head is used.
 
 Built from the HeadConfig alone (its shapes: dim, num_classes, num_fine, kp, kz, tokens_per_frame), with
 zero tables; `initialise(inputs)` then copies the label texts and the dictionaries in before training. A
@@ -79,6 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig
+from .confounders import needs_z
 from .debias import remove_static
 from .layers import DictionaryAttention, TemporalEncoder, cosine_logits
 
@@ -129,10 +145,12 @@ class CMDCLHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         dim = self.dim = cfg.dim
-        need_vp, need_z = cfg.tci, cfg.vci and cfg.cross_sample
-        if (need_vp and cfg.kp < 1) or (need_z and cfg.kz < 1):
-            raise ValueError("CMDCL needs the confounder dictionaries (V_P for --tci, Z for the cross-sample "
-                             f"term); {_build_hint()}, or train with --no-tci --no-cross-sample")
+        need_vp, need_z = cfg.tci, needs_z(cfg)
+        if need_vp and cfg.kp < 1:
+            raise ValueError(f"CMDCL's --tci needs the bias prototypes V_P; {_build_hint()}, or train with --no-tci")
+        if need_z and cfg.kz < 1:
+            raise ValueError("--approximator dictionary needs the frame dictionary Z; build it with `cmdcl-heads "
+                             "confounders build --cache DIR --dataset D --kz 512`, or use --approximator text")
         table = torch.zeros(cfg.num_classes, dim)
         self.text = nn.Parameter(table) if cfg.learn_text else None
         if not cfg.learn_text:
@@ -162,11 +180,14 @@ class CMDCLHead(nn.Module):
                 with torch.no_grad():
                     self.mediator.v.weight.copy_(torch.eye(dim))
         self.backdoor = need_z and cfg.cross_sample_mode == "backdoor"
-        if need_z:
+        if need_z:   # *after CATT / ours*: the approximator reads a k-means dictionary Z of training frames
             self.register_buffer("z", torch.zeros(cfg.kz, dim))
             self.register_buffer("z_log_prior", torch.zeros(cfg.kz))
             if not self.backdoor:
                 self.cross = DictionaryAttention(dim)
+        elif cfg.vci and cfg.cross_sample:   # figure 4: the approximator reads the debiased texts T'
+            self.approx = DictionaryAttention(dim)
+        if cfg.vci and cfg.cross_sample:
             self.fuse = nn.Linear(2 * dim, dim)
             nn.init.zeros_(self.fuse.weight)
             nn.init.zeros_(self.fuse.bias)
@@ -234,9 +255,11 @@ class CMDCLHead(nn.Module):
         scale its atomic-action content either."""
         return F.normalize(x @ self.fine_projector, dim=-1)
 
-    def video_features(self, frames, tokens, tf_prime):
+    def video_features(self, frames, tokens, tf_prime, t_prime=None):
         """(V' [B, D] (cross_sample_mode backdoor: V'_z [B, Kz, D]), X [B, T, D], parts: mediator
-        S [B, T, Cf], cross-sample weights [B, T, Kz] (attend mode))."""
+        S [B, T, Cf], the approximator's weights: over T' [B, T, C] (key approximator, figure 4) or over Z
+        [B, T, Kz] (key cross_sample, the dictionary reading in attend mode)). t_prime: T' [C, D], read by
+        the figure-4 approximator only."""
         frames, tokens = self._inputs(frames, tokens)
         if self.cfg.static_removal:   # *ours*: what is constant over the video goes (cmdcl_heads/debias.py)
             frames = remove_static(frames, self.cfg.static_removal)
@@ -261,6 +284,11 @@ class CMDCLHead(nn.Module):
         if hasattr(self, "cross"):
             cs, parts["cross_sample"] = self.cross(xm, self.z, self.z_log_prior)
             h = self.out_ln(xm + self.fuse(torch.cat([xm, self.drop(cs)], dim=-1)))
+        elif hasattr(self, "approx"):
+            if t_prime is None:
+                raise ValueError("the figure-4 approximator reads T': pass t_prime to video_features")
+            a, parts["approximator"] = self.approx(xm, t_prime)
+            h = self.out_ln(xm + self.fuse(torch.cat([xm, self.drop(a)], dim=-1)))
         else:
             h = self.out_ln(xm)
         return h.mean(dim=1), x, parts
@@ -279,7 +307,7 @@ class CMDCLHead(nn.Module):
 
     def forward(self, frames: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         t_prime, tf_prime, _ = self.text_features()
-        v, _, _ = self.video_features(frames, tokens, tf_prime)
+        v, _, _ = self.video_features(frames, tokens, tf_prime, t_prime)
         return self._logits(v, t_prime)
 
     @torch.no_grad()
@@ -288,11 +316,11 @@ class CMDCLHead(nn.Module):
 
         Keys: logits [B, C]; pred [B]; mediator [B, T, Cf] (S, which atomic actions each time step reads);
         tci [C, Kp] (the renormalised weights A*P(b) over V_P for every class) and tci_pred [B, Kp] (the
-        row of the predicted class); cross_sample [B, T, Kz] (weights over Z). Maps of switched-off parts
-        are absent.
+        row of the predicted class); approximator [B, T, C] (figure-4 approximator: weights over T') or
+        cross_sample [B, T, Kz] (dictionary approximator: weights over Z). Maps of switched-off parts are absent.
         """
         t_prime, tf_prime, a = self.text_features()
-        v, _, parts = self.video_features(frames, tokens, tf_prime)
+        v, _, parts = self.video_features(frames, tokens, tf_prime, t_prime)
         logits = self._logits(v, t_prime)
         out = {"logits": logits, "pred": logits.argmax(dim=-1), **parts}
         if a is not None:

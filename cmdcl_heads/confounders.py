@@ -1,8 +1,11 @@
 """Confounder dictionaries for CMDCL: V_P (textual back-door) and Z (visual front-door), `confounders.h5`.
 
-What the paper fixes: a cross-modal bias B stratified by visual prototypes for the back-door adjustment
-on the text, and a visual dictionary Z of confounders for the front-door's cross-sample term, both built
-from frozen CLIP frame features, each with a prior. What we chose (*inferred*):
+What the paper shows (figure 4, ../shared/paper/): visual prototypes V_P "generated" by the frozen vision
+model enter the textual intervention together with the label texts T; no visual dictionary is drawn in the
+visual intervention (its approximator reads T'). Z, a k-means dictionary of training frames, is read only by
+`train --approximator dictionary` (*after CATT / ours*), so `confounders build` makes it only when asked
+(`--kz K`; default 0: the file then has no z / z_prior datasets, and heads that do not read Z load it as
+before; a file with Z serves every head). What we chose (*inferred*):
 
 - Both dictionaries come from the TRAINING split only (frames of training videos under the chosen split
   scheme), so that nothing of the test videos leaks into the model through its dictionaries.
@@ -51,7 +54,8 @@ class ConfoundersConfig:
     cache: str = option(None, "A cache folder, or a folder above it.", required=True)
     dataset: str = option(None, "Manifest: built-in name or folder.", required=True)
     kp: int = option(256, "K_p: bias prototypes V_P (textual back-door).")
-    kz: int = option(512, "K_z: visual dictionary Z (front-door cross-sample term).")
+    kz: int = option(0, "K_z: frame dictionary Z, read only by `train --approximator dictionary` (*after "
+                        "CATT / ours*; 512 before); 0: not built (the figure-4 default reads T' instead).")
     niter: int = option(20, "k-means iterations.")
     seed: int = option(0, "Seed of the point sample and of k-means (Z uses seed + 1).")
     spherical: bool = option(True, "Spherical k-means on L2-normalised features.")
@@ -64,8 +68,8 @@ class ConfoundersConfig:
 
     def __post_init__(self):
         check_choices(self)
-        if min(self.kp, self.kz, self.niter, self.max_points) < 1:
-            raise ValueError("--kp, --kz, --niter and --max-points must be >= 1")
+        if min(self.kp, self.niter, self.max_points) < 1 or self.kz < 0:
+            raise ValueError("--kp, --niter and --max-points must be >= 1, --kz >= 0 (0: no Z)")
 
 
 def build_and_save(config: ConfoundersConfig) -> tuple["Confounders", Path]:
@@ -98,8 +102,11 @@ def render(conf: "Confounders", path: Path, console) -> None:
     source = "kmeans" if s["prototypes"] == "kmeans" else f"class means ({s['label_set']})"
     table.add_row("V_P", str(len(conf.vp)), source, f"{s['objective'].get('vp', float('nan')):.4g}",
                   f"{conf.vp_prior.max():.4f}", f"{conf.vp_prior.min():.4f}")
-    table.add_row("Z", str(len(conf.z)), "kmeans", f"{s['objective']['z']:.4g}", f"{conf.z_prior.max():.4f}",
-                  f"{conf.z_prior.min():.4f}")
+    if conf.z is not None:
+        table.add_row("Z", str(len(conf.z)), "kmeans", f"{s['objective']['z']:.4g}", f"{conf.z_prior.max():.4f}",
+                      f"{conf.z_prior.min():.4f}")
+    else:
+        table.add_row("Z", "-", "not built (--kz 0: only `--approximator dictionary` reads it)", "", "", "")
     console.print(table)
     console.print(f"{s['train_videos']} training videos, {s['train_frames']} frames ({s['points']} clustered); "
                   f"wrote {path}", markup=False)
@@ -116,20 +123,26 @@ class Confounders:
 
     vp: torch.Tensor                   # [Kp, D] V_P: bias prototypes (k-means centroids or class means)
     vp_prior: torch.Tensor             # [Kp]   P(b), sums to 1
-    z: torch.Tensor                    # [Kz, D] Z: visual confounder dictionary
-    z_prior: torch.Tensor              # [Kz]   P(z), sums to 1
+    z: torch.Tensor | None             # [Kz, D] Z: frame dictionary (None: not built, --kz 0)
+    z_prior: torch.Tensor | None       # [Kz]   P(z), sums to 1
     settings: dict = field(default_factory=dict)
     cache_fingerprint: str = ""
     vp_labels: list[str] | None = None  # label key of each V_P row (class-mean prototypes only)
 
     def __post_init__(self):
-        for name in ("vp", "vp_prior", "z", "z_prior"):
+        if (self.z is None) != (self.z_prior is None):
+            raise ValueError("confounders: z and z_prior come together (both or neither)")
+        for name in self._arrays():
             setattr(self, name, torch.as_tensor(np.asarray(getattr(self, name)), dtype=torch.float32))
-        if self.vp.ndim != 2 or self.z.ndim != 2 or self.vp.shape[1] != self.z.shape[1]:
-            raise ValueError(f"confounders: vp {tuple(self.vp.shape)} and z {tuple(self.z.shape)} "
+        z = self.vp if self.z is None else self.z
+        if self.vp.ndim != 2 or z.ndim != 2 or self.vp.shape[1] != z.shape[1]:
+            raise ValueError(f"confounders: vp {tuple(self.vp.shape)} and z {tuple(z.shape)} "
                              "must be [K, D] with the same D")
-        if self.vp_prior.shape != self.vp.shape[:1] or self.z_prior.shape != self.z.shape[:1]:
+        if self.vp_prior.shape != self.vp.shape[:1] or (self.z is not None and self.z_prior.shape != z.shape[:1]):
             raise ValueError("confounders: each prior must have one entry per dictionary row")
+
+    def _arrays(self) -> tuple[str, ...]:
+        return ("vp", "vp_prior") + (("z", "z_prior") if self.z is not None else ())
 
     @property
     def dim(self) -> int:
@@ -137,10 +150,10 @@ class Confounders:
 
     def problem(self) -> str | None:
         """What makes these dictionaries unusable (non-finite entries, priors that are not distributions)."""
-        for name in ("vp", "z", "vp_prior", "z_prior"):
+        for name in self._arrays():
             if not torch.isfinite(getattr(self, name)).all():
                 return f"{name} holds NaN/Inf"
-        for name in ("vp_prior", "z_prior"):
+        for name in (n for n in self._arrays() if n.endswith("_prior")):
             prior = getattr(self, name)
             if (prior < 0).any() or abs(float(prior.sum()) - 1.0) > 1e-3:
                 return f"{name} is not a distribution (negative, or its sum {float(prior.sum()):.4f} is not 1)"
@@ -153,7 +166,7 @@ class Confounders:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["cache_fingerprint"] = self.cache_fingerprint
             f.attrs["settings"] = json.dumps(self.settings, sort_keys=True)
-            for name in ("vp", "vp_prior", "z", "z_prior"):
+            for name in self._arrays():   # no z datasets when Z was not built
                 f.create_dataset(name, data=getattr(self, name).numpy(), track_times=False)
             if self.vp_labels is not None:
                 f.create_dataset("vp_labels", data=np.array(self.vp_labels, dtype=h5py.string_dtype()),
@@ -172,7 +185,9 @@ class Confounders:
             raise CacheError(f"{path}: no confounder dictionaries; build them with `{build_command(where)}`")
         try:
             with h5py.File(path, "r") as f:
-                out = cls(vp=f["vp"][:], vp_prior=f["vp_prior"][:], z=f["z"][:], z_prior=f["z_prior"][:],
+                has_z = "z" in f or "z_prior" in f   # one without the other is a KeyError below
+                out = cls(vp=f["vp"][:], vp_prior=f["vp_prior"][:], z=f["z"][:] if has_z else None,
+                          z_prior=f["z_prior"][:] if has_z else None,
                           settings=json.loads(f.attrs["settings"]),
                           cache_fingerprint=str(f.attrs["cache_fingerprint"]),
                           vp_labels=[s.decode() for s in f["vp_labels"][:]] if "vp_labels" in f else None)
@@ -201,9 +216,14 @@ def load(path, cache: Cache | None = None) -> Confounders:
     return Confounders.load(path, cache)
 
 
+def needs_z(cfg) -> bool:
+    """Whether a head configuration reads Z: CMDCL's VCI approximator in its dictionary reading only."""
+    return cfg.model == "cmdcl" and cfg.vci and cfg.cross_sample and cfg.approximator == "dictionary"
+
+
 def needed_by(cfg) -> bool:
-    """Whether a head configuration reads the dictionaries (CMDCL with TCI, or VCI's cross-sample term)."""
-    return cfg.model == "cmdcl" and (cfg.tci or (cfg.vci and cfg.cross_sample))
+    """Whether a head configuration reads the dictionaries (CMDCL with TCI: V_P; the dictionary approximator: Z)."""
+    return cfg.model == "cmdcl" and (cfg.tci or needs_z(cfg))
 
 
 def training_ids(cache: Cache, manifest, split_scheme: str | None) -> list[str]:
@@ -224,8 +244,12 @@ def load_for_training(cache: Cache, cfg, dataset: str = "DATASET", manifest=None
     path = Path(cache.dir) / FILE_NAME
     if not path.exists():
         raise CacheError(f"{path}: CMDCL needs the confounder dictionaries; build them with "
-                         f"`{build_command(cache.dir, dataset)}` (or train with --no-tci --no-cross-sample)")
+                         f"`{build_command(cache.dir, dataset)}`" + (" --kz 512" if needs_z(cfg) else "")
+                         + " (or train with --no-tci" + (" --no-cross-sample)" if needs_z(cfg) else ")"))
     conf = Confounders.load(path, cache=cache)
+    if needs_z(cfg) and conf.z is None:
+        raise CacheError(f"{path}: built without the frame dictionary Z, which --approximator dictionary reads; "
+                         f"rebuild with `{build_command(cache.dir, dataset)} --kz 512`, or use --approximator text")
     if conf.dim != cache.feature_dim:
         raise CacheError(f"{path}: its dictionaries have D={conf.dim}, the cache's features D={cache.feature_dim}; "
                          f"rebuild them with `{build_command(cache.dir, dataset)}`")
@@ -390,12 +414,12 @@ def _cluster_priors(frames: _TrainingFrames, sample: np.ndarray, centroids: dict
     return {k: (h / frames.total).astype(np.float32) for k, h in hist.items()}
 
 
-def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: int = 512, niter: int = 20,
+def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: int = 0, niter: int = 20,
                       seed: int = 0, spherical: bool = True, max_points: int = DEFAULT_MAX_POINTS,
                       prototypes: str = "kmeans", split_scheme: str | None = None,
                       label_set: str | None = None, threads: int | None = None,
                       progress: bool = True) -> Confounders:
-    """Build V_P and Z from the training videos of `manifest` (under `split_scheme`) found in `cache`.
+    """Build V_P and (kz > 0) Z from the training videos of `manifest` (under `split_scheme`) found in `cache`.
 
     `label_set` (class-mean prototypes only) defaults to the manifest's fine label set, else its default set.
     `threads` sets FAISS's OpenMP threads for the build (restored afterwards); results are deterministic
@@ -407,8 +431,8 @@ def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: in
 
     if prototypes not in ("kmeans", "class-mean"):
         raise ValueError(f"prototypes must be 'kmeans' or 'class-mean', got {prototypes!r}")
-    if min(kp, kz, niter, max_points) < 1:
-        raise ValueError("kp, kz, niter and max_points must be positive")
+    if min(kp, niter, max_points) < 1 or kz < 0:
+        raise ValueError("kp, niter and max_points must be positive, kz >= 0 (0: no Z)")
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     frames = _TrainingFrames(cache, manifest, split_scheme, spherical)
     n = min(frames.total, max_points)
@@ -435,13 +459,16 @@ def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: in
                 vp, vp_prior, vp_labels = means.prototypes(spherical)
             else:
                 vp, objective["vp"] = kmeans("V_P", kp, seed)
-            z, objective["z"] = kmeans("Z", kz, seed + 1)
-            priors = _cluster_priors(frames, sample, {"z": z} if means else {"vp": vp, "z": z}, bar)
+            z = None
+            if kz:
+                z, objective["z"] = kmeans("Z", kz, seed + 1)
+            wanted = {**({} if means else {"vp": vp}), **({"z": z} if kz else {})}
+            priors = _cluster_priors(frames, sample, wanted, bar) if wanted else {}
     finally:
         faiss.omp_set_num_threads(old_threads)
     vp_prior = vp_prior if means is not None else priors["vp"]
     settings = {
-        "kp": int(kp), "kz": int(kz), "kp_effective": int(len(vp)), "kz_effective": int(len(z)),
+        "kp": int(kp), "kz": int(kz), "kp_effective": int(len(vp)), "kz_effective": int(len(z)) if z is not None else 0,
         "niter": int(niter), "seed": int(seed), "spherical": bool(spherical), "max_points": int(max_points),
         "prototypes": prototypes, "split_scheme": split_scheme,
         "label_set": means.set_name if means is not None else None,
@@ -449,5 +476,5 @@ def build_confounders(cache: Cache | str | Path, manifest, kp: int = 256, kz: in
         "train_ids_sha256": hashlib.sha256("\n".join(frames.ids).encode()).hexdigest(),
         "objective": objective, "faiss_version": faiss.__version__, "dataset": manifest.dataset,
     }
-    return Confounders(vp=vp, vp_prior=vp_prior, z=z, z_prior=priors["z"], settings=settings,
+    return Confounders(vp=vp, vp_prior=vp_prior, z=z, z_prior=priors.get("z"), settings=settings,
                        cache_fingerprint=cache_fingerprint(cache), vp_labels=vp_labels)

@@ -114,11 +114,13 @@ def make_head(cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | Non
     What the trainer does with a run's data, for callers that hold tensors (tests, notebooks)."""
     from dataclasses import replace
 
+    from .confounders import needs_z
+
     text = torch.as_tensor(text, dtype=torch.float32)
     shares = fine_text is None or torch.equal(torch.as_tensor(fine_text, dtype=torch.float32), text)
     cfg = replace(cfg, dim=text.shape[1], num_classes=text.shape[0], num_fine=0 if shares else len(fine_text),
                   kp=len(confounders.vp) if confounders is not None and cfg.tci else 0,
-                  kz=len(confounders.z) if confounders is not None and cfg.vci and cfg.cross_sample else 0)
+                  kz=len(confounders.z) if confounders is not None and needs_z(cfg) else 0)
     head = build_head(cfg)
     head.initialise(HeadInputs(text=text, fine_text=None if fine_text is None else torch.as_tensor(fine_text),
                                confounders=confounders))

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from . import report
 from .config import RESUME_FREE, HeadConfig, TrainConfig
+from .confounders import needs_z
 from .data import RunData, SplitVideos, make_features, open_data
 from .events import RunEvents
 from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, check_own, evaluate_logits, loss_fn,
@@ -373,7 +374,7 @@ def resolve_config(config: TrainConfig, head: HeadConfig, data: RunData, conf) -
     head = replace(head, fine_label_set=labels.fine_label_set, dim=cache.feature_dim, num_classes=len(labels.names),
                    num_fine=len(labels.fine_names) if labels.fine_label_set != labels.label_set else 0,
                    kp=len(conf.vp) if conf is not None and head.tci else 0,
-                   kz=len(conf.z) if conf is not None and head.vci and head.cross_sample else 0,
+                   kz=len(conf.z) if conf is not None and needs_z(head) else 0,
                    tokens_per_frame=cache.tokens_per_frame if tokens else 0)
     return config, head
 
@@ -404,12 +405,14 @@ class Splits:
         check_classes(data, None)
         ev = part(config.eval_split)
         warn_one_frame_videos(ev[0], ev[1], head)
+        warn_short_videos(ev[0], ev[1], head)
         if head.model == "zeroshot":
             return cls(None, None, None, None, ev)
         select = part(config.select_split) if config.select_split != "none" else None
         _, train, train_feats = part(config.train_split)
         warn_one_frame_videos(config.train_split, train, head)
         check_classes(data, (config.train_split, train))
+        warn_short_videos(config.train_split, train, head)
         weights, reweighting = None, None
         if config.reweight_strata:
             weights, reweighting = training_weights(train, train_feats, config, head, device)
@@ -459,6 +462,15 @@ def warn_one_frame_videos(split: str, videos: SplitVideos, head: HeadConfig) -> 
     if n:
         warnings.warn(f"--static-removal: {n} of {len(videos.video_ids)} videos of split {split!r} hold one cached "
                       "frame; removing their temporal mean leaves them no input", stacklevel=2)
+
+
+def warn_short_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
+    """--frames above a video's cached rows: TSN sampling repeats rows of that video; say for how many videos."""
+    short = videos.lengths < head.frames
+    if short.any():
+        warnings.warn(f"--frames {head.frames}: {int(short.sum())} of {len(videos.video_ids)} videos of split "
+                      f"{split!r} have fewer cached rows (shortest {int(videos.lengths.min())}); TSN sampling still "
+                      f"takes one row per each of the {head.frames} segments, so their frames repeat", stacklevel=2)
 
 
 @torch.no_grad()

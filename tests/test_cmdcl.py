@@ -33,10 +33,11 @@ def _inputs(tokens=False):
     return frames, (torch.randn(B, T, P, D) if tokens else None)
 
 
+@pytest.mark.parametrize("approximator", ["text", "dictionary"])
 @pytest.mark.parametrize("tokens", [False, True])
 @pytest.mark.parametrize("fine", [False, True])
-def test_shapes_and_explain(tokens, fine):
-    head = _head(fine=fine, tokens_per_frame=P if tokens else 0).eval()
+def test_shapes_and_explain(tokens, fine, approximator):
+    head = _head(fine=fine, tokens_per_frame=P if tokens else 0, approximator=approximator).eval()
     frames, toks = _inputs(tokens)
     logits = head(frames, toks)
     assert logits.shape == (B, C) and torch.isfinite(logits).all()
@@ -44,8 +45,11 @@ def test_shapes_and_explain(tokens, fine):
     assert torch.allclose(ex["logits"], logits)
     assert ex["mediator"].shape == (B, T, CF if fine else C)
     assert ex["tci"].shape == (C, KP) and ex["tci_pred"].shape == (B, KP)
-    assert ex["cross_sample"].shape == (B, T, KZ)
-    for key in ("mediator", "tci", "cross_sample"):
+    # the approximator's weights: over T' (figure 4) or over the frame dictionary Z (after CATT), never both
+    key = {"text": "approximator", "dictionary": "cross_sample"}[approximator]
+    assert ex[key].shape == (B, T, C if approximator == "text" else KZ)
+    assert ({"approximator", "cross_sample"} - {key}).isdisjoint(ex)
+    for key in ("mediator", "tci", key):
         assert torch.allclose(ex[key].sum(-1), torch.ones(())), key
     assert torch.equal(ex["tci_pred"], ex["tci"][logits.argmax(-1)])
 
@@ -85,7 +89,7 @@ def test_no_tci_gives_text_exactly():
     assert t_prime is head.text and torch.equal(t_prime, head.text) and attn is None
     assert torch.equal(tf_prime, head.fine_text)
     frames, _ = _inputs()
-    v, _, _ = head.video_features(frames, None, tf_prime)
+    v, _, _ = head.video_features(frames, None, tf_prime, t_prime)
     expected = head.logit_scale * F.normalize(v, dim=-1) @ F.normalize(head.text, dim=-1).T
     assert torch.equal(head(frames), expected)
 
@@ -102,11 +106,12 @@ def test_no_vci_gives_mean_of_encoder_output_exactly():
 
 def test_switched_on_vci_differs_after_training_step_and_parts_switch_individually():
     frames, _ = _inputs()
-    for flag, absent in [("mediator", "mediator"), ("cross_sample", "cross")]:
+    for flag, absent in [("mediator", "mediator"), ("cross_sample", "approx")]:
         head = _head(**{flag: False}).eval()
         assert not hasattr(head, absent)
         ex = head.explain(frames)
         assert flag not in ex and ex["logits"].shape == (B, C)
+        assert flag != "cross_sample" or "approximator" not in ex
     # no confounders needed when nothing uses them
     cfg = HeadConfig(layers=0, tci=False, cross_sample=False, dropout=0.0)
     make_head(cfg, torch.randn(C, D), torch.randn(CF, D), None)(frames)

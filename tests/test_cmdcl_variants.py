@@ -43,7 +43,7 @@ def test_replace_makes_the_video_feature_the_mediator_output():
     x = head.encoder(F.normalize(frames, dim=-1))
     m, s = head.mediator(x, tf_prime)
     assert torch.allclose(m, s @ tf_prime, atol=1e-5)
-    v, _, _ = head.video_features(frames, None, tf_prime)
+    v, _, _ = head.video_features(frames, None, tf_prime, t_prime)
     assert torch.allclose(v, head.out_ln(m).mean(1), atol=1e-6)
 
 
@@ -101,10 +101,10 @@ def test_class_mean_vp_on_the_confounded_benchmark(tmp_path):
 
 def test_backdoor_cross_sample_averages_scores_over_z_strata():
     frames, _ = _inputs()
-    head = _head(cross_sample_mode="backdoor").eval()
+    head = _head(cross_sample_mode="backdoor", approximator="dictionary").eval()
     assert not hasattr(head, "cross") and head.fuse.weight.shape == (D, 2 * D)
     t_prime, tf_prime, _ = head.text_features()
-    v, x, parts = head.video_features(frames, None, tf_prime)
+    v, x, parts = head.video_features(frames, None, tf_prime, t_prime)
     assert v.shape == (B, KZ, D) and "cross_sample" not in parts
     # zero-initialised Wf: every stratum gives the same V'_z, equal to cross_sample=False
     off = _head(cross_sample=False).eval()
@@ -112,7 +112,7 @@ def test_backdoor_cross_sample_averages_scores_over_z_strata():
     # once Wf is non-zero the strata differ and the logits are their prior-weighted mean
     with torch.no_grad():
         head.fuse.weight.normal_(0, 0.3)
-    v, _, _ = head.video_features(frames, None, tf_prime)
+    v, _, _ = head.video_features(frames, None, tf_prime, t_prime)
     assert not torch.allclose(v[:, 0], v[:, 1])
     per_z = head.logit_scale * F.normalize(v, dim=-1) @ F.normalize(t_prime, dim=-1).T
     prior = _conf().z_prior / _conf().z_prior.sum()
@@ -120,6 +120,8 @@ def test_backdoor_cross_sample_averages_scores_over_z_strata():
     assert not torch.allclose(head(frames), off(frames), atol=1e-2)
     with pytest.raises(ValueError, match="cross_sample_mode"):
         HeadConfig(cross_sample_mode="nwgm")
+    with pytest.raises(ValueError, match="add --approximator dictionary"):   # backdoor strata are Z's
+        HeadConfig(cross_sample_mode="backdoor")
 
 
 def test_project_warns_when_the_fine_texts_span_everything():

@@ -24,6 +24,8 @@ def test_a_wheel_installed_elsewhere_finds_its_data_and_runs(tmp_path):
                             "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr
     wheel = next((tmp_path / "dist").glob("cmdcl-*.whl"))
+    import zipfile
+    assert "cmdcl_heads/presets/paper.toml" in zipfile.ZipFile(wheel).namelist()   # `train --preset` data
     assert "LicenseFile" not in build.stderr and "deprecated" not in build.stderr.lower(), build.stderr
 
     venv = tmp_path / "venv"
