@@ -260,10 +260,10 @@ def fine_logits(head, model: str, frames, tokens, frozen_fine: torch.Tensor) -> 
     """s * cos(v, t_f) [B, Cf] over the fine texts, with the video feature v, the texts t_f and the scale s
     each head type (`model`, its HeadConfig.model) has (see the module docstring)."""
     if model == "cmdcl":
-        _, tf_prime, _ = head.text_features()
+        t_prime, tf_prime, _ = head.text_features()
         # T'_f where the head has a fine table of its own; otherwise its tf_prime is T' over the classes
         tf = tf_prime if head.has_fine else frozen_fine.to(frames.device)
-        v, _, _ = head.video_features(frames, tokens, tf_prime, **_t_prime_if_read(head))
+        v, _, _ = head.video_features(frames, tokens, tf_prime, t_prime=t_prime)
         logits = cosine_logits(head.logit_scale, v, tf)
         if logits.dim() == 3:   # cross_sample_mode backdoor: V'_z per stratum, averaged with P(z) as the head does
             logits = torch.einsum("bzc,z->bc", logits, head.z_log_prior.softmax(0))
@@ -273,15 +273,6 @@ def fine_logits(head, model: str, frames, tokens, frozen_fine: torch.Tensor) -> 
         x = head.encoder(normalise(frames), normalise(tokens) if tokens is not None else None)
         return cosine_logits(head.log_scale.exp(), x.mean(dim=1), tf)
     return cosine_logits(100.0, normalise(normalise(frames).mean(dim=1)), tf)
-
-
-def _t_prime_if_read(head) -> dict:
-    """{"t_prime": T'} where the head's video_features reads T' (the figure-4 approximator of issue 20), else {}."""
-    import inspect
-
-    if "t_prime" in inspect.signature(head.video_features).parameters:
-        return {"t_prime": head.text_features()[0]}
-    return {}
 
 
 def matching_probability(logits: np.ndarray, membership: np.ndarray) -> np.ndarray:
