@@ -64,14 +64,20 @@ class PyAVVideo:
 
     def _scan(self) -> tuple[list[int], list[int]]:
         """Presentation times (stream ticks, sorted) of all frames and of the keyframes."""
-        ticks, keys = [], []
+        ticks, keys, reordered = [], [], False
         for packet in self._container.demux(self._stream):
             t = packet.pts if packet.pts is not None else packet.dts
             if t is None or packet.size == 0:
                 continue     # the demuxer's end-of-stream packet, or a packet without timestamps
+            reordered = reordered or (bool(ticks) and t < ticks[-1])
             ticks.append(t)
             if packet.is_keyframe:
                 keys.append(t)
+        if self._stream.codec_context.has_b_frames and not reordered and len(ticks) > 2:
+            # AVI stores decode order only: FFmpeg's frames come out in presentation order with the
+            # timestamps of other frames, so a frame asked for by its time could be the wrong one.
+            raise ValueError("the stream has B-frames but its container gives no presentation times "
+                             "(AVI does not store them): PyAV cannot tell its frames apart")
         return sorted(ticks), sorted(keys)
 
     def will_need(self, indices) -> None:
