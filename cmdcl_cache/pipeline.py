@@ -1,6 +1,6 @@
 """`extract`: videos of a manifest -> sampled frames -> CLIP features -> one HDF5 shard per rank.
 
-    manifest ─ select rank's videos ─ skip committed ─▶ DecodePool (worker processes: decord, then
+    manifest ─ select rank's videos ─ skip committed ─▶ DecodePool (worker processes: PyAV, then
         open_clip's resize + centre crop with PIL) ─ uint8 crops [k, S, S, 3] ─▶ fixed-size batches across
         videos ─▶ /255, mean/std and encode on the device ─▶ per-video features ─▶ ShardWriter journal
         (commit per video, with its checksum) ─▶ finalize (atomic HDF5)
