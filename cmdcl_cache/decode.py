@@ -80,9 +80,9 @@ __all__ = ["BackendMissing", "DecodeError", "DecodePool", "DecordVideo", "GpuDec
 # with its row in the batch (GEMM tail kernels): changing them changes shard bytes. Kept as they were.
 CHUNK_FRAMES = 32
 CHUNK_BYTES = 64 << 20   # at most this many bytes of decoded (full-resolution) frames per chunk
-# New caches: PyAV, which skips the frames no sample needs (measured 1.3-2.3x decord per CPU second, BENCHMARKS.md
-# "Decoder backends"), and decord for what PyAV refuses (AVI with B-frames). A cache that records no decoder was
-# made with the defaults before: decord, then PyAV.
+# New caches: PyAV, which skips the frames no sample needs (measured 1.3-2.3x decord per CPU second,
+# BENCHMARKS.md "Decoder backends"), and decord for what PyAV refuses (AVI with B-frames). A cache that
+# records no decoder was made with the defaults before: decord, then PyAV.
 DEFAULT_DECODER, LEGACY_DECODERS = "pyav", ("decord", "pyav")
 
 

@@ -92,8 +92,8 @@ class ExtractConfig:
         None, "Decoder backend: pyav, decord, torchcodec, torchcodec-cuda (NVDEC, frames decoded and cropped on "
               "the GPU; `pip install 'cmdcl[gpu-decode]'`). Default: the one a resumed or extended cache records "
               "(decord for caches made before PyAV became the default), pyav for a new cache (it skips the "
-              "frames no sample needs: 1.3-2.3x decord's frames per CPU second here, same pixels). Tests swap the decoder with the "
-              "CMDCL_DECODER environment variable, never from a configuration.")
+              "frames no sample needs: 1.3-2.3x decord's frames per CPU second here, same pixels). Tests swap "
+              "the decoder with the CMDCL_DECODER environment variable, never from a configuration.")
     fallback_decoder: Literal["decord", "pyav", "none"] | None = option(
         None, "Tried on a file the decoder refuses. Default: the one a resumed cache records, else decord "
               "for pyav (PyAV refuses AVI with B-frames, as in Breakfast) and pyav for the others (decord "
