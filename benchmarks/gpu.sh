@@ -9,6 +9,8 @@
 #                                            # typer, rich, matplotlib, numpy, opencv-python-headless or av
 #   STAGES="train train-cudnn" bash benchmarks/gpu.sh   # training only, then the same run with cuDNN attention
 #                                            # allowed for CUDNN_EPOCHS epochs (is that kernel the NaN's cause?)
+#   STAGES=decode-defaults bash benchmarks/gpu.sh   # CPU decode on the box's cores: decord (the old default)
+#                                            # against PyAV skipping unneeded frames (the new), 12 workers, ~2 min
 #   STAGES=extract-coin bash benchmarks/gpu.sh   # COIN-like sampling (1 of 30 frames): every decoder backend
 #                                            # side by side, NVDEC (torchcodec-cuda) against decord with 12
 #                                            # workers, extract with NVDEC where it runs, COIN time per box
@@ -19,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 EPOCHS=${EPOCHS:-30}          # training epochs (a shorter run gives the per-epoch time)
-STAGES=${STAGES:-extract-coin train}  # any of: extract extract-coin train train-cudnn
+STAGES=${STAGES:-decode-defaults extract-coin train}  # any of: decode-defaults extract extract-coin train train-cudnn
 CUDNN_EPOCHS=${CUDNN_EPOCHS:-6}  # train-cudnn: the earlier bf16 runs went non-finite in epoch 4
 MEMORY=${MEMORY:-}            # set to --skip-memory to skip the peak-memory runs
 OUT=${OUT:-benchmarks/results}
@@ -36,6 +38,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } 2>&1 | tee "$LOG"
 
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+if has decode-defaults; then
+start=$SECONDS
+echo "== decoder defaults (CPU decode, 12 workers): decord (old default) against PyAV skipping unneeded frames (new), 4 real clips + 12 generated 60 s 640x360 H.264 with B-frames, 1 fps" | tee -a "$LOG"
+timeout 240 python3 benchmarks/extract_throughput.py --defaults-only --long-videos 12 --long-seconds 60 \
+    --workers 12 --repeats 2 --out "$OUT/gpu_decode_defaults.json" 2>&1 | grep "^  [a-z]" | tee -a "$LOG"
+echo "decoder defaults stage: $((SECONDS - start)) s" | tee -a "$LOG"
+fi
 
 if has extract; then
 start=$SECONDS

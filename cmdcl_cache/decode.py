@@ -10,9 +10,10 @@ a time over its own pipe and answers on its own pipe:
 The protocol changed deliberately in two ways when backends came: "meta" ends with `backend`, and it is
 sent after the first chunk has been decoded (a backend that refuses a file does so there, before anything
 was sent, so that the fallback can take over). `backend` names the backend that decoded the video:
-the one asked for (`--decoder`, default decord) or, when that one refused the file before sending a
-frame, the fallback (`--fallback-decoder`, default pyav; decord refuses videos with a 90 or 270
-degree display rotation). A video both refuse fails with both reasons. Timestamps are the decoder's
+the one asked for (`--decoder`: for a new cache pyav, for a resumed one the backend it records) or, when
+that one refused the file before sending a frame, the fallback (`--fallback-decoder`: decord for pyav,
+which refuses AVI with B-frames; pyav for the others, as decord refuses videos with a 90 or 270 degree
+display rotation). A video both refuse fails with both reasons. Timestamps are the decoder's
 presentation times and sampling is uniform in time (sampling.py); `fps` and `duration` are those of
 `sampling.video_timing`.
 
@@ -72,13 +73,22 @@ from .sampling import SamplingError, SamplingPolicy, sample_timing, video_timing
 from .transform import TransformSpec, resize_crop
 
 __all__ = ["BackendMissing", "DecodeError", "DecodePool", "DecordVideo", "GpuDecodePool", "check_decoders",
-           "decode_video", "decoder_provenance", "decoders_of_provenance", "resolve_decoder", "start_pool"]
+           "decode_video", "decoder_provenance", "decoders_of_provenance", "resolve_decoder", "run_decoders",
+           "start_pool"]
 
 # Chunk boundaries decide which frames share an encoder batch, and a feature can differ in its last bit
 # with its row in the batch (GEMM tail kernels): changing them changes shard bytes. Kept as they were.
 CHUNK_FRAMES = 32
 CHUNK_BYTES = 64 << 20   # at most this many bytes of decoded (full-resolution) frames per chunk
-DEFAULT_DECODER, DEFAULT_FALLBACK = "decord", "pyav"
+# New caches: PyAV, which skips the frames no sample needs (measured 1.3-2.3x decord per CPU second,
+# BENCHMARKS.md "Decoder backends"), and decord for what PyAV refuses (AVI with B-frames). A cache that
+# records no decoder was made with the defaults before: decord, then PyAV.
+DEFAULT_DECODER, LEGACY_DECODERS = "pyav", ("decord", "pyav")
+
+
+def default_fallback(decoder: str) -> str:
+    """decord for PyAV (it reads AVI with B-frames, which PyAV refuses), PyAV for every other backend."""
+    return "decord" if decoder == "pyav" else "pyav"
 
 
 class DecodeError(RuntimeError):
@@ -115,28 +125,31 @@ def resolve_decoder(name: str | None):
 
 
 def _backend_of(decoder: str | None) -> str:
-    return decoder if decoder in BACKENDS else DEFAULT_DECODER   # test seams wrap decord
+    name = decoder or os.environ.get("CMDCL_DECODER") or DEFAULT_DECODER
+    return name if name in BACKENDS else "decord"   # test seams wrap decord
 
 
-def _fallback_of(fallback: str | None) -> str | None:
-    return None if fallback in (None, "none") else fallback
+def _fallback_of(fallback: str | None, decoder: str | None) -> str | None:
+    """The fallback's name, None for none; fallback None: the decoder's default fallback."""
+    fallback = default_fallback(_backend_of(decoder)) if fallback is None else fallback
+    return None if fallback == "none" else fallback
 
 
-def check_decoders(decoder: str | None, fallback: str | None = DEFAULT_FALLBACK) -> None:
+def check_decoders(decoder: str | None, fallback: str | None = None) -> None:
     """Before any work: BackendMissing (with what to install) unless both backends can run here."""
     if fallback not in (None, *FALLBACKS):
         raise BackendMissing(f"unknown --fallback-decoder {fallback!r}: choose one of {', '.join(FALLBACKS)}")
     if decoder is not None and decoder not in BACKENDS and decoder != "hang-test" and ":" not in decoder:
         raise BackendMissing(f"unknown --decoder {decoder!r}: choose one of {', '.join(BACKENDS)}")
-    for name in (_backend_of(decoder), _fallback_of(fallback)):
+    for name in (_backend_of(decoder), _fallback_of(fallback, decoder)):
         if name is not None:
             backend_version(name)
 
 
-def decoder_provenance(decoder: str | None, fallback: str | None = DEFAULT_FALLBACK) -> str:
+def decoder_provenance(decoder: str | None, fallback: str | None = None) -> str:
     """The shard's `decoder` attribute: the backends allowed to decode its videos, with versions."""
     text = backend_version(_backend_of(decoder))
-    fb = _fallback_of(fallback)
+    fb = _fallback_of(fallback, decoder)
     return f"{text}; fallback {backend_version(fb)}" if fb and fb != _backend_of(decoder) else text
 
 
@@ -144,15 +157,31 @@ def decoders_of_provenance(text: str) -> tuple[str, str]:
     """(decoder, fallback) named by a `decoder_provenance` text, for decoding new files as the cache was.
 
     'torchcodec-cuda' becomes 'torchcodec': a file is decoded in this process, on the CPU; the same library
-    (its NVDEC frames may differ from the CPU's in the last bits). An unknown or empty text gives the defaults.
+    (its NVDEC frames may differ from the CPU's in the last bits). An unknown or empty text gives the
+    defaults of the caches that recorded none (decord, then PyAV).
     """
-    first, _, rest = str(text).partition("; fallback ")
-    decoder = first.split(" ")[0]
-    decoder = "torchcodec" if decoder == "torchcodec-cuda" else decoder
-    fallback = rest.split(" ")[0] if rest else "none"
+    decoder, fallback = _recorded(text) or LEGACY_DECODERS
+    return ("torchcodec" if decoder == "torchcodec-cuda" else decoder), fallback
+
+
+def _recorded(text: str) -> tuple[str, str] | None:
+    """(decoder, fallback or "none") named by a `decoder_provenance` text; None if it names no backend."""
+    first, _, rest = str(text or "").partition("; fallback ")
+    decoder, fallback = first.split(" ")[0], (rest.split(" ")[0] if rest else "none")
     if decoder not in BACKENDS:
-        return DEFAULT_DECODER, DEFAULT_FALLBACK
+        return None
     return decoder, fallback if fallback in FALLBACKS else "none"
+
+
+def run_decoders(decoder: str | None, fallback: str | None, recorded: str | None) -> tuple[str | None, str | None]:
+    """(decoder, fallback) of an extract run: where --decoder is not given, those the cache being resumed or
+    extended records (`recorded`, its `decoder` attribute), so that a cache made with decord before PyAV
+    became the default goes on with decord; else those given, None standing for the defaults. A test seam
+    in $CMDCL_DECODER stays in charge."""
+    found = _recorded(recorded) if decoder is None and not os.environ.get("CMDCL_DECODER") else None
+    if found is None:
+        return decoder, fallback
+    return found[0], found[1] if fallback is None else fallback
 
 
 # ------------------------------------------------------------------------------------ one video
@@ -203,6 +232,8 @@ def _open(opener, path: str, policy: SamplingPolicy, threads: int):
         timing = video_timing(video.num_frames, float(video.fps), getattr(video, "pts", None))
         keys = getattr(video, "key_indices", None) if policy.keyframes_only else None
         index, stamps = sample_timing(timing, policy, keys)
+        if hasattr(video, "will_need"):
+            video.will_need(index)     # PyAV: decode only these frames and those they are predicted from
     except SamplingError as err:
         raise DecodeError("open", f"cannot sample frames: {err}") from err
     except Exception as err:
@@ -321,11 +352,11 @@ class DecodePool(_SlotPool):
 
     def __init__(self, workers: int, policy: SamplingPolicy, timeout: float = 120.0,
                  decoder: str | None = None, threads: int | None = None,
-                 transform: TransformSpec | None = None, fallback: str | None = DEFAULT_FALLBACK):
+                 transform: TransformSpec | None = None, fallback: str | None = None):
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.policy, self.timeout, self.decoder = policy, float(timeout), decoder
-        self.fallback = _fallback_of(fallback)
+        self.fallback = _fallback_of(fallback, decoder)
         self.transform = transform if transform is None or isinstance(transform, TransformSpec) else \
             TransformSpec.from_dict(transform)
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -448,12 +479,13 @@ class GpuDecodePool(_SlotPool):
     """
 
     def __init__(self, workers: int, policy: SamplingPolicy, timeout: float, crop, transform: TransformSpec,
-                 decoder: str = "torchcodec-cuda", fallback: str | None = DEFAULT_FALLBACK, device=None):
+                 decoder: str = "torchcodec-cuda", fallback: str | None = None, device=None):
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.policy, self.timeout, self._device = policy, float(timeout), device
         self._opener = resolve_decoder(decoder)
-        self._backup = resolve_decoder(_fallback_of(fallback)) if _fallback_of(fallback) else None
+        backup = _fallback_of(fallback, decoder)
+        self._backup = resolve_decoder(backup) if backup else None
         cpu_crop = _as_crop(transform)
         self._crop = None if crop is None and cpu_crop is None else \
             (lambda frames: crop(frames) if _is_tensor(frames) else cpu_crop(frames))
@@ -537,7 +569,7 @@ class GpuDecodePool(_SlotPool):
 
 
 def start_pool(workers: int, policy: SamplingPolicy, timeout: float, decoder: str | None,
-               threads: int | None, encoder, fallback: str | None = DEFAULT_FALLBACK):
+               threads: int | None, encoder, fallback: str | None = None):
     """The decode pool for `decoder`: worker processes, or GPU threads for torchcodec-cuda. `encoder`
     gives the crop: its TransformSpec for the workers, its GPU resize_crop for NVDEC."""
     if decoder == "torchcodec-cuda":

@@ -128,7 +128,8 @@ def test_variable_rate_and_rotated_videos_are_cached_with_their_times(tmp_path):
     write_timed_video(root / "rotated.mp4", [40 * i for i in range(30)], size=(64, 48), rotation=90)
     manifest = write_manifest(tmp_path / "manifest", {"vfr": "vfr.mp4", "rotated": "rotated.mp4"})
     r = extract(ExtractConfig(dataset=str(manifest), video_root=str(root), cache=str(tmp_path / "cache"),
-                              fps=0.5, min_frames=2, max_frames=100, batch_size=4, workers=2, quiet=True, **TINY))
+                              fps=0.5, min_frames=2, max_frames=100, batch_size=4, workers=2, quiet=True,
+                              decoder="decord", **TINY))   # decord refuses the rotated one: its fallback takes it
     cache = Cache(r.cache_dir)
     assert cache.video_info("rotated")["decoder"].startswith("pyav")   # the backend that decoded it, per video
     assert cache.video_info("vfr")["decoder"].startswith("decord")

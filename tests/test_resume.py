@@ -62,11 +62,12 @@ def test_sigkill_at_any_moment_then_resume_gives_the_same_bytes(tmp_path):
     manifest = write_manifest(tmp_path / "manifest", vids)
     extra = ("--min-frames", "4", "--max-frames", "6", "--batch-size", "3")
 
-    # The reference, never interrupted (in-process: same code, no second interpreter start-up).
-    def opts(cache):
+    # The reference, never interrupted (in-process: same code, no second interpreter start-up), decoded by
+    # decord as the killed runs' test seam is; the resumed runs give no --decoder and keep the recorded one.
+    def opts(cache, decoder=None):
         return ExtractConfig(dataset=str(manifest), video_root=str(root), cache=str(cache), batch_size=3, workers=2,
-                             fps=1, min_frames=4, max_frames=6, quiet=True, **TINY)
-    ref = extract(opts(tmp_path / "ref"))
+                             fps=1, min_frames=4, max_frames=6, quiet=True, decoder=decoder, **TINY)
+    ref = extract(opts(tmp_path / "ref", "decord"))
     assert ref.exit_code == 0
     shard_ref = ref.shard
 

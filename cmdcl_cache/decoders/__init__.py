@@ -10,13 +10,15 @@ A backend class is built as `Video(path, threads)` and gives:
 
 | backend          | library                 | where it runs                    | rotation metadata          |
 |------------------|-------------------------|----------------------------------|----------------------------|
-| decord (default) | decord                  | worker processes, torch-free     | 180 applied, 90/270 refused |
-| pyav             | PyAV (FFmpeg, bundled)  | worker processes, torch-free     | applied                    |
+| pyav (default)   | PyAV (FFmpeg, bundled)  | worker processes, torch-free     | applied                    |
+| decord           | decord                  | worker processes, torch-free     | 180 applied, 90/270 refused |
 | torchcodec       | torchcodec + FFmpeg libs| worker processes (imports torch) | applied                    |
 | torchcodec-cuda  | torchcodec, NVDEC       | threads of the main process      | applied                    |
 
 `backend_version(name)` checks that a backend can run here (before any work) and raises BackendMissing
-with what to install. Importing this package imports no decoder library and never torch.
+with what to install. Importing this package imports no decoder library and never torch. PyAV, the default
+of new caches, refuses AVI files with B-frames (no presentation times), which decord, its default fallback,
+reads; caches made before PyAV became the default record decord and are resumed with it (decode.run_decoders).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import importlib
 
 BACKENDS = ("decord", "pyav", "torchcodec", "torchcodec-cuda")
-FALLBACKS = ("pyav", "none")
+FALLBACKS = ("decord", "pyav", "none")
 
 _CLASSES = {
     "decord": ("cmdcl_cache.decoders.decord_video", "DecordVideo"),
