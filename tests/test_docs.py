@@ -83,3 +83,12 @@ def test_readme_links_point_at_files_of_the_repository():
     assert len(targets) >= 10
     missing = [t for t in targets if not (REPO / t).exists()]
     assert not missing, missing
+
+
+def test_the_demo_page_shows_the_commands_of_ci_demo():
+    page = (REPO / "docs" / "guide" / "demo.md").read_text(encoding="utf-8")
+    shown = page.split("```bash\n", 1)[1].split("```", 1)[0]
+    script = {line.strip() for line in (REPO / ".ci" / "demo").read_text(encoding="utf-8").splitlines()}
+    commands = [line.strip() for line in shown.splitlines() if line.strip() and not line.startswith("export")]
+    assert len(commands) >= 10
+    assert [c for c in commands if c not in script] == []
