@@ -40,8 +40,9 @@ def test_the_site_builds_strict_with_its_generated_pages(tmp_path):
     site = tmp_path / "site"
     cli = (site / "reference" / "cli.html").read_text(encoding="utf-8")
     for command in ("cmdcl-cache extract", "cmdcl-cache manifest build", "cmdcl-heads train", "cmdcl-heads explain",
-                    "cmdcl-heads confounders build", "--static-removal", "--decoder"):
-        assert command in cli, command
+                    "cmdcl-heads confounders build"):
+        assert f"Usage: {command} [OPTIONS]" in cli, command
+    assert "--static-removal" in cli and "--decoder" in cli   # options of the configuration dataclasses
     modules = (site / "reference" / "modules.html").read_text(encoding="utf-8")
     assert "frozen dataclasses are the one source" in modules   # cmdcl_cache/config.py's docstring, rendered
     for name in site_hook().benchmark_pages((REPO / "BENCHMARKS.md").read_text(encoding="utf-8")):

@@ -47,17 +47,17 @@ def benchmark_pages(text: str, source: str = "BENCHMARKS.md") -> dict[str, str]:
     return {name: "\n".join(body).strip() + "\n" for name, body in pages.items()}
 
 
-def _help_text(app, args: list[str]) -> str:
+def _help_text(app, prog: str, args: list[str]) -> str:
     from typer.testing import CliRunner
 
-    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "110", "TERM": "dumb"})
+    result = CliRunner().invoke(app, [*args, "--help"], prog_name=prog, env={"COLUMNS": "110", "TERM": "dumb"})
     if result.exit_code != 0:
         raise PluginError(f"{' '.join(args)} --help failed: {result.output}")
     return result.output.rstrip()
 
 
 def _command_markdown(app, cmd, prog: str, args: list[str], depth: int) -> list[str]:
-    out = [f"{'#' * depth} `{' '.join([prog, *args])}`", "", "```text", _help_text(app, args), "```", ""]
+    out = [f"{'#' * depth} `{' '.join([prog, *args])}`", "", "```text", _help_text(app, prog, args), "```", ""]
     for name in getattr(cmd, "commands", {}):
         out += _command_markdown(app, cmd.commands[name], prog, [*args, name], min(depth + 1, 4))
     return out
