@@ -4,7 +4,7 @@ From the paper: the structural causal model (B cross-modal bias, Z visual confou
 M mediator, Y label); a back-door adjustment on the text (Textual Causal Intervention, TCI) and a
 front-door adjustment on the video through a text-guided fine-grained mediator (Visual Causal
 Intervention, VCI); H stacked temporal attention layers (best H = 8); CLIP features and label texts.
-The paper publishes no code; everything below marked *inferred* is our reading (see README, "The CMDCL head").
+The paper publishes no code; everything below marked *inferred* is our reading (docs/cmdcl-head.md, "The CMDCL head, as implemented").
 
 Read top to bottom, with F [B, T, D] frames (optionally grid tokens [B, T, P, D]), E [C, D] the target
 label text ensemble, E_f [Cf, D] the fine vocabulary, V_P [Kp, D] / Z [Kz, D] the dictionaries:

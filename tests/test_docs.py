@@ -16,6 +16,7 @@ import pytest
 from _extract_util import REPO
 
 PAGES = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").rglob("*.md"))]
+NO_MENTION = re.compile(r"\bissues?\s+#?\d+|\bsessions?\b|DESIGN\.md", re.I)   # the tracker, the work history
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -48,6 +49,9 @@ def test_the_site_builds_strict_with_its_generated_pages(tmp_path):
     for name in site_hook().benchmark_pages((REPO / "BENCHMARKS.md").read_text(encoding="utf-8")):
         assert (site / "evidence" / f"{name}.html").is_file(), name
     assert "<h1" in (site / "evidence" / "study.html").read_text(encoding="utf-8")
+    # every built page, the ones made from --help texts and docstrings included
+    assert not [f"{page.relative_to(site)}: {m.group(0)}" for page in site.rglob("*.html")
+                for m in NO_MENTION.finditer(page.read_text(encoding="utf-8"))]
 
 
 @pytest.mark.slow
@@ -72,9 +76,8 @@ def test_a_benchmarks_section_without_a_page_is_refused():
 
 
 def test_no_page_speaks_of_issue_numbers_or_sessions():
-    pattern = re.compile(r"\bissues?\s+#?\d+|\bsessions?\b|DESIGN\.md", re.I)
     found = [f"{p.relative_to(REPO)}:{n}: {m.group(0)!r}" for p in PAGES
-             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) for m in pattern.finditer(line)]
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) for m in NO_MENTION.finditer(line)]
     assert not found, "\n".join(found)
 
 
