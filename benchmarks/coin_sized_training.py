@@ -8,7 +8,7 @@ embedding size), 180 classes; features are class direction + noise, so the run a
 times, each as its own `cmdcl-heads` process: `confounders build` (V_P 256, Z 512) and `train --model cmdcl`
 (--epochs, --layers, --frames), and reports the mean epoch time from the run's summary.json, the steps skipped
 for a non-finite gradient (and where the first was) from metrics.jsonl, and how far a failed run got.
-`--cudnn-attention` lets training use cuDNN's fused attention (left out by default, see README limitations).
+`--cudnn-attention` lets training use cuDNN's fused attention (left out by default, see docs/reference/limitations.md).
 """
 
 from __future__ import annotations

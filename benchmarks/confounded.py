@@ -346,6 +346,13 @@ def markdown(rows, chance: float) -> str:
 
 # -------------------------------------------------------------------------------------------------- main
 
+def block_heading(title: str) -> str:
+    """The block's heading inside BENCHMARKS.md's page: its own title (`--title ', data seed varies'`
+    reads "Data seed varies"), so that no two blocks of one page share a title."""
+    text = title.strip().lstrip(",").strip() or "the heads, training seeds vary"
+    return text[0].upper() + text[1:]
+
+
 def parse_args(argv=None):
     import argparse
 
@@ -377,7 +384,8 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=None, help="folder for caches and runs (default: a temp dir)")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     p.add_argument("--section", default="confounded", help="BENCHMARKS.md section to write")
-    p.add_argument("--title", default="", help="suffix of the section's heading")
+    p.add_argument("--title", default="", help="what tells this block apart, e.g. ', data seed varies' "
+                                                "(default: the heads, training seeds vary)")
     return p.parse_args(argv)
 
 
@@ -445,7 +453,7 @@ def main(argv=None) -> None:
     console.print(f"chance {chance * 100:.1f} %; {seeds_text}; total {total:.0f} s")
     if not args.no_write:
         body = "\n".join([
-            f"## Robustness: controlled-confounder benchmark (`benchmarks/confounded.py`){args.title}", "",
+            f"### {block_heading(args.title)} (`benchmarks/confounded.py`)", "",
             f"Command: `PYTHONPATH=$PWD {command_line()}`  ",
             f"Machine: {machine()}  ",
             f"Measured {stamp()}; whole script {total:.0f} s (data {t_data:.1f} s, confounders {t_conf:.1f} s).", "",

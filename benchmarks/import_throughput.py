@@ -146,7 +146,7 @@ def render(f: dict) -> str:
     rows = "\n".join(f"| {k} | {f['median_s'][k]:.3f} | {f['median_mib_per_s'][k]:.0f} | "
                      f"{f['median_s'][k] / f['median_s']['cp']:.2f} | "
                      f"{', '.join(f'{t[k]:.3f}' for t in f['rounds'])} |" for k in f["median_s"])
-    return f"""## Import: `cmdcl-cache import` vs cp and a plain read (`benchmarks/import_throughput.py`)
+    return f"""### `cmdcl-cache import` vs cp and a plain read (`benchmarks/import_throughput.py`)
 
 Command: `{f['command']}`  
 Machine: {f['machine']}  

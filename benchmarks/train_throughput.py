@@ -267,7 +267,7 @@ def main(argv=None) -> None:
         head = "| " + " | ".join(["data path", "epoch s (median)", "min s", "all epochs s", "vs memory (median)",
                                    "vs memory (min)", "videos/s", "loader alone s (median)"]) + " |"
         body = "\n".join([
-            "## Training throughput: HDF5 cache vs memory vs npy (`benchmarks/train_throughput.py`)", "",
+            "### HDF5 cache vs memory vs npy (`benchmarks/train_throughput.py`)", "",
             f"Command: `PYTHONPATH=$PWD {command_line()}`  ",
             f"Machine: {machine()}  ",
             f"Measured {stamp()}; whole script {total:.0f} s.  ",

@@ -20,7 +20,7 @@ in whichever subfolder of --from (features kept in per-class folders: `ChangeCar
                   dataset --feature-key (default features) [T, D] and optionally `timestamps_ms` and `fps`.
 
 `.pt`/`.pth`/`.pkl` files are never read: unpickling a file runs whatever code it holds. The message says
-how to convert one (np.save, in a session that trusts it).
+how to convert one (np.save, in a Python process that trusts it).
 
 Timestamps come from the files (seconds = milliseconds / 1000; seconds exported as seconds x 1000 come back
 within one ulp, see ms_to_seconds) or, with `--fps F`, row i is at `--time-offset + i / F` seconds.
@@ -97,7 +97,7 @@ class VideoProblem(Exception):
 
 def pickled_message(path) -> str:
     return (f"{path}: a pickled PyTorch/Python file; cmdcl never unpickles files (loading one runs any code "
-            "it holds). Convert it in a session that trusts it: load the tensor with torch, then "
+            "it holds). Convert it in a Python process that trusts it: load the tensor with torch, then "
             "`np.save('<id>.npy', tensor.float().numpy())`, or save it with safetensors")
 
 
@@ -110,7 +110,7 @@ class ImportConfig:
     source: str = option(None, "Folder of per-video files (npy, video-features, safetensors) or one HDF5 file.",
                          flag="--from", required=True)
     format: Literal["npy", "video-features", "safetensors", "hdf5"] = option(
-        None, "How the features are stored (formats below; README: Features you already have).", required=True)
+        None, "How the features are stored (formats below; docs/guide/import.md).", required=True)
     cache: str = option(None, "Cache root (features go to <cache>/<dataset>/<model>-imported/), or a cache "
                               "folder to resume.", required=True)
     model: str = option(None, "Name of the model that made the features (free text, e.g. ViT-B-16-openai); "

@@ -33,7 +33,8 @@ Why a lock: two processes appending to one journal interleave their rows. A writ
 `flock` on `<shard>.lock` from the moment it opens the shard until it has finalised or closed it; a second
 writer fails at once, naming the holder's pid. The kernel drops the lock when its process dies, so a
 killed run never blocks its own resume. The same WriterLock guards texts.h5, confounders.h5 and run
-folders. (flock is reliable on local disks; on NFS it depends on the client, see the README.)
+folders. (flock is reliable on local disks; on NFS it depends on the client, see
+docs/reference/limitations.md.)
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ M mediator, Y label); a back-door adjustment on the text (Textual Causal Interve
 front-door adjustment on the video through a text-guided fine-grained mediator (Visual Causal
 Intervention, VCI); H stacked spatio-temporal attention layers (best H = 8, 64 frames: fig. 6); CLIP
 features and label texts; the architecture as figure 4 draws it.
-The paper publishes no code; everything below marked *inferred* is our reading (see README, "The CMDCL head").
+The paper publishes no code; everything below marked *inferred* is our reading (docs/cmdcl-head.md).
 
 Read top to bottom, with F [B, T, D] frames (optionally grid tokens [B, T, P, D]), E [C, D] the target
 label text ensemble, E_f [Cf, D] the fine vocabulary, V_P [Kp, D] / Z [Kz, D] the dictionaries:

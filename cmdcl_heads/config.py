@@ -18,7 +18,7 @@ MEDIATOR_MODES = ("gate", "replace", "project")
 CROSS_SAMPLE_MODES = ("attend", "backdoor")
 APPROXIMATORS = ("text", "dictionary")
 MODELS = ("zeroshot", "linear", "text4vis", "cmdcl")
-# what --reweight-strata and --static-removal did outside our own study (README, "What the causal heads do")
+# what --reweight-strata and --static-removal did outside our own study (docs/causal-heads.md)
 HELD_OUT_WORLD = ("On a held-out world not in this repository, run through the CLI on what landed, no causal "
                   "variant met the study's target: --reweight-strata 20 gained 5 points shifted at a 16-point "
                   "loss in distribution, and --static-removal 1 dropped in-distribution accuracy to chance "
@@ -54,7 +54,7 @@ class HeadConfig:
     static_removal: float = option(
         0.0, "cmdcl, *ours*: subtract this share (0..1) of each video's temporal mean from its normalised frames "
              "before the temporal encoder: what is constant over a video (its scene) is removed; 0: off. "
-             "Needs --frames >= 3. No gain where the fine texts span the feature space (README). " + HELD_OUT_WORLD)
+             "Needs --frames >= 3. No gain where the fine texts span the feature space (docs/causal-heads.md). " + HELD_OUT_WORLD)
     learn_text: bool = option(True, "cmdcl: the label text tables are learnable (initialised from texts.h5).")
     fine_label_set: str | None = option(None, "cmdcl: mediator vocabulary (default: the manifest's fine set).")
     # Shapes, resolved by the trainer from the data (a head is rebuilt from its config alone).
@@ -130,7 +130,7 @@ class TrainConfig:
     reweight_strata: int = option(
         0, "*ours*: weight each training video's loss by P(y)/P(y|z) over K k-means strata z of the training "
            "videos (a back-door adjustment on an inferred confounder); 0: off. text4vis and cmdcl, single-label, "
-           "K below the number of training videos. Small gains only in our study (README). " + HELD_OUT_WORLD)
+           "K below the number of training videos. Small gains only in our study (docs/causal-heads.md). " + HELD_OUT_WORLD)
     seed: int = option(0, "Seed of initialisation and sampling.")
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     precision: Literal["fp32", "bf16"] = option(
@@ -141,7 +141,7 @@ class TrainConfig:
     eval_every: int = option(1, "Evaluate the selection split every k epochs (and after the last).")
     cudnn_attention: bool = option(False, "Let training use cuDNN's fused attention on GPU (off by default: "
                                           "its bf16 backward is reported to return NaN gradients on H100/H200, "
-                                          "PyTorch issue #196678).")
+                                          "pytorch/pytorch#196678).")
     tokens: bool | None = option(None, "Use grid tokens (default: when the cache has them).")
     skip_missing: bool = option(False, "Skip split videos missing from the cache instead of failing.")
     quiet: bool = option(False, "No progress bar or table.")

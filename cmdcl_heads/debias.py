@@ -27,7 +27,7 @@ text span (`--mediator-mode project`) is the identity. BENCHMARKS.md "Causal stu
     videos, each counted ten times, can be fitted without giving up the shortcut). Single-label targets
     only; K must be smaller than the number of training videos.
 
-Measured (README "What the causal heads do and do not do"; BENCHMARKS.md "Causal study"): neither meets
+Measured (docs/causal-heads.md; BENCHMARKS.md "Causal study"): neither meets
 the study's target; static removal wins only where scenes are static and the fine texts span little.
 """
 

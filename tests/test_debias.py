@@ -122,7 +122,7 @@ def test_reweighting_refuses_heads_without_a_loop_and_multi_label_targets(synth,
 
 
 def test_cli_flags_reach_the_run_and_no_preset_claims_the_target(synth, tmp_path):
-    """No variant met the study's target (README, "What the causal heads do and do not do"), so none ships as a
+    """No variant met the study's target (docs/causal-heads.md), so none ships as a
     preset; the switches are typed flags, recorded in the run's configuration."""
     from typer.testing import CliRunner
 
