@@ -24,8 +24,14 @@ import torch
 
 
 def _short(text: str, limit: int = 40) -> str:
-    """Long label names (COIN steps, demo descriptions) would squeeze the plots: cut them."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    """Long label names (COIN steps, demo descriptions) would squeeze the plots: cut them. A trailing number
+    in brackets ('z3 ~ crack egg (0.41)': the similarity) is kept: the name before it is cut."""
+    if len(text) <= limit:
+        return text
+    name, bracket, number = text.rpartition(" (")
+    if bracket and number.endswith(")") and len(number) + 3 < limit:
+        return name[:limit - len(number) - 3] + "…" + bracket + number
+    return text[:limit - 1] + "…"
 
 
 def centre_indices(num_frames: int, t: int) -> np.ndarray:

@@ -517,6 +517,8 @@ def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: R
     best = ckpt.meta["best_value"]
     if not config.quiet:
         from cmdcl_cache.progress import console
+        if run.metrics_note:   # the record an interrupted append left half-written
+            console().print(run.metrics_note, markup=False)
         console().print(f"resuming {run} after epoch {ckpt.meta['epoch']}", markup=False)
     return {"epoch": ckpt.meta["epoch"], "best_epoch": ckpt.meta["best_epoch"],
             "best_value": -math.inf if best is None else best}
