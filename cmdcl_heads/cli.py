@@ -308,7 +308,8 @@ def _check_out(out: Optional[Path], force: bool, figure: bool = False) -> None:
               f"{out.with_suffix('.png')}")
     for path in (out, out.with_suffix(".json")) if figure else (out,):
         if path.exists() and not force:
-            _fail(f"--out {out}: {path} exists; pass --force to replace it, or give another --out")
+            what = f"--out {out} exists" if path == out else f"--out {out}: its numbers' file {path} exists"
+            _fail(f"{what}; pass --force to replace it, or give another --out")
 
 
 @app.command()

@@ -93,6 +93,8 @@ def test_a_resumed_run_shows_each_epoch_once_with_the_values_of_metrics_jsonl(sy
     # a run killed after logging epoch 3 but before writing its checkpoint left this behind
     with SummaryWriter(str(run)) as stale:
         stale.add_scalar("loss/train", 999.0, 3)
+    with open(run / "metrics.jsonl", "a") as fh:   # and an append the kill cut short
+        fh.write('{"epoch": 3, "train_lo')
     train(_opts(synth_val, run, resume=True), _head())
     acc = _events(run)
     records = _records(run)
