@@ -348,8 +348,9 @@ tr.section th { background: #e8eef7; }
 tr.differs td, tr.differs th { background: #fff3bf; }
 .note { color: #555; font-size: 0.9em; }
 .runs { display: grid; gap: 1.5em; margin-top: 1.5em; }
-.run { border-top: 3px solid #4a78b5; padding-top: 0.5em; min-width: 0; overflow-x: auto; }
+.run { border-top: 3px solid #4a78b5; padding-top: 0.5em; min-width: 0; }
 .run > * { min-width: 0; max-width: 100%; }
+.run table { display: block; overflow-x: auto; max-width: 100%; }   /* five runs: a table scrolls, not the page */
 img { max-width: 100%; height: auto; }
 figure { margin: 0.5em 0; }
 code { overflow-wrap: anywhere; }
