@@ -295,12 +295,31 @@ def _show_file_predictions(path: Path) -> None:
     console().print(table)
 
 
+_FORCE = typer.Option(False, help="Replace an existing --out file (without it: exit 2 before any work).")
+
+
+def _check_out(out: Optional[Path], force: bool, figure: bool = False) -> None:
+    """Refuse an explicit --out that would replace a file (a run's summary.json, another figure) unless --force;
+    a figure's numbers go beside it (.json), so that name is checked too and a .json --out is refused."""
+    if out is None:   # the default outputs are the command's own: replaced freely
+        return
+    if figure and out.suffix.lower() == ".json":
+        _fail(f"--out {out} ends in .json: a figure is a PNG and its numbers go beside it (.json); give e.g. "
+              f"{out.with_suffix('.png')}")
+    for path in (out, out.with_suffix(".json")) if figure else (out,):
+        if path.exists() and not force:
+            what = f"--out {out} exists" if path == out else f"--out {out}: its numbers' file {path} exists"
+            _fail(f"{what}; pass --force to replace it, or give another --out")
+
+
 @app.command()
 def explain(
     run: Path = typer.Option(..., help="Run folder of a `--model cmdcl` training."),
     video: str = typer.Option(..., help="Video id of the run's cache, or a video file in no manifest (decoded and "
                                         "encoded as the run's cache was, as `predict --video` does)."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/explain-VIDEO.png)."),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/explain-VIDEO.png, replaced if it "
+                                                  "exists). An existing --out file is refused unless --force."),
+    force: bool = _FORCE,
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
     dataset: Optional[str] = typer.Option(None, help="Manifest (default: the one the run used)."),
@@ -315,6 +334,7 @@ def explain(
     for one video."""
     from .explain import explain_run
 
+    _check_out(out, force)
     try:
         path = explain_run(run, video, out, checkpoint.value, None if cache is None else str(cache), dataset,
                            device, top_k, pretrained)
@@ -326,7 +346,8 @@ def explain(
 @app.command("report")
 def report_page(
     runs: list[Path] = typer.Argument(..., help="Run folders written by `train`; several are shown side by side."),
-    out: Path = typer.Option(..., help="HTML file to write (replaced if it exists)."),
+    out: Path = typer.Option(..., help="HTML file to write. An existing file is refused unless --force."),
+    force: bool = _FORCE,
     errors: int = typer.Option(8, min=0, help="Worst errors shown per run: the eval split's most confident "
                                               "wrong predictions, predicted again on the run's cache (0: the "
                                               "cache is not read)."),
@@ -339,6 +360,7 @@ def report_page(
 
     if out.is_dir():
         _fail(f"--out {out} is a folder; give a file name, e.g. {out / 'report.html'}")
+    _check_out(out, force)
     configure_logging()
     try:
         path = write_report(runs, out, errors, explain, device)
@@ -352,7 +374,11 @@ _ACTIVITY = typer.Option(None, "--activity", help="Activity to show (key or name
 _DEVICE = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
 
 
-def _figure(make) -> None:
+_FIG_OUT = "An explicit --out is refused where it or its .json exists, unless --force."
+
+
+def _figure(make, out: Optional[Path] = None, force: bool = False) -> None:
+    _check_out(out, force, figure=True)
     try:
         path = make()
     except _ERRORS as err:
@@ -363,7 +389,9 @@ def _figure(make) -> None:
 @figures_app.command("cooccurrence")
 def figures_cooccurrence(
     dataset: str = typer.Option(..., help="Manifest: built-in name or folder."),
-    out: Path = typer.Option(..., help="PNG to write (the numbers go to the same name with .json)."),
+    out: Path = typer.Option(..., help="PNG to write (the numbers go to the same name with .json). An "
+                                         "existing PNG or .json is refused unless --force."),
+    force: bool = _FORCE,
     activity: Optional[list[str]] = _ACTIVITY,
     split: Optional[str] = typer.Option(None, help="Count the videos of this split only (default: all)."),
     label_set: Optional[str] = typer.Option(None, help="Activity label set (default: the manifest's default)."),
@@ -371,13 +399,15 @@ def figures_cooccurrence(
     """Co-occurrence of atomic actions per activity, from the manifest's segments (paper fig 1b)."""
     from .figures import cooccurrence_run
 
-    _figure(lambda: cooccurrence_run(dataset, out, activity, split, label_set))
+    _figure(lambda: cooccurrence_run(dataset, out, activity, split, label_set), out, force)
 
 
 @figures_app.command("similarity")
 def figures_similarity(
     run: Path = typer.Option(..., help="Run folder of a `--model cmdcl` training (with --tci)."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default: RUN/figures/similarity.png)."),
+    out: Optional[Path] = typer.Option(
+        None, help=f"PNG to write (default: RUN/figures/similarity.png). {_FIG_OUT}"),
+    force: bool = _FORCE,
     activity: Optional[list[str]] = _ACTIVITY,
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
@@ -388,14 +418,16 @@ def figures_similarity(
     from .figures import similarity_run
 
     _figure(lambda: similarity_run(run, out, activity, checkpoint.value, None if cache is None else str(cache),
-                                   dataset, device))
+                                   dataset, device), out, force)
 
 
 @figures_app.command("matching")
 def figures_matching(
     run: list[Path] = typer.Option(..., help="Run folder; give --run twice to compare two runs side by side "
                                              "(e.g. text4vis and cmdcl)."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default: LAST_RUN/figures/matching.png)."),
+    out: Optional[Path] = typer.Option(
+        None, help=f"PNG to write (default: LAST_RUN/figures/matching.png). {_FIG_OUT}"),
+    force: bool = _FORCE,
     activity: Optional[list[str]] = _ACTIVITY,
     split: Optional[str] = typer.Option(None, help="Split whose videos are used (default: the run's eval split)."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
@@ -409,7 +441,7 @@ def figures_matching(
     from .figures import matching_run
 
     _figure(lambda: matching_run(run, out, activity, split, checkpoint.value,
-                                 None if cache is None else str(cache), dataset, device))
+                                 None if cache is None else str(cache), dataset, device), out, force)
 
 
 @figures_app.command("attention")
@@ -418,7 +450,9 @@ def figures_attention(
     video: str = typer.Option(..., help="Video id (in the run's cache)."),
     video_root: Optional[Path] = typer.Option(None, help="Folder the manifest's video paths are relative to "
                                                          "(the frames are decoded from the file)."),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default: LAST_RUN/figures/attention-VIDEO.png)."),
+    out: Optional[Path] = typer.Option(
+        None, help=f"PNG to write (default: LAST_RUN/figures/attention-VIDEO.png). {_FIG_OUT}"),
+    force: bool = _FORCE,
     frames: int = typer.Option(4, min=1, help="Frames shown (evenly spread over the sampled ones)."),
     checkpoint: Checkpoint = typer.Option(Checkpoint.best, help="Which checkpoint."),
     cache: Optional[Path] = typer.Option(None, help="Cache folder (default: the one the run used)."),
@@ -429,7 +463,7 @@ def figures_attention(
     from .figures import attention_run
 
     _figure(lambda: attention_run(run, video, out, video_root, frames, checkpoint.value,
-                                  None if cache is None else str(cache), dataset, device))
+                                  None if cache is None else str(cache), dataset, device), out, force)
 
 
 if __name__ == "__main__":

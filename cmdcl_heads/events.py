@@ -8,7 +8,9 @@ end), `time/epoch_seconds`, `skipped_steps`. At the end: the eval split's metric
 
 A resumed run opens a new event file in the same folder with `purge_step` = the first epoch it trains:
 TensorBoard then hides what an earlier file logged at that epoch or later (an interrupted run can log an
-epoch whose checkpoint was never written), so every epoch is shown once, with the values metrics.jsonl holds.
+epoch whose checkpoint was never written), so every epoch is shown once, with the values metrics.jsonl holds. A fresh run opens its file with `purge_step` = 0:
+the SessionLog START that writes is what TensorBoard's plugin reader (`--load_fast=false`) purges on, and
+without one in the first file it showed an epoch logged before a kill twice after the first resume.
 """
 
 from __future__ import annotations

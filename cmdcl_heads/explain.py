@@ -24,8 +24,14 @@ import torch
 
 
 def _short(text: str, limit: int = 40) -> str:
-    """Long label names (COIN steps, demo descriptions) would squeeze the plots: cut them."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    """Long label names (COIN steps, demo descriptions) would squeeze the plots: cut them. A trailing number
+    in brackets ('z3 ~ crack egg (0.41)': the similarity) is kept: the name before it is cut."""
+    if len(text) <= limit:
+        return text
+    name, bracket, number = text.rpartition(" (")
+    if bracket and number.endswith(")") and len(number) + 3 < limit:
+        return name[:limit - len(number) - 3] + "…" + bracket + number
+    return text[:limit - 1] + "…"
 
 
 def centre_indices(num_frames: int, t: int) -> np.ndarray:
@@ -239,6 +245,43 @@ def prototype_names(r, count: int) -> list[str] | None:
     return [ls.names[ls.index(k)] for k in conf.vp_labels]
 
 
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:   # a name too long for the file system (a 300-character id) is no file
+        return False
+
+
+def cached_run(run, video: str, checkpoint: str, cache, dataset, device):
+    """The opened run where `video` (also a file here) is an id of its cache: the id wins; else None."""
+    from cmdcl_cache.store import CacheError
+
+    from .evaluate import open_run
+
+    try:
+        r = open_run(run, checkpoint, cache, dataset, device)
+    except (CacheError, OSError, ValueError, KeyError):   # no cache to ask: the file it is
+        return None
+    return r if video in r.data.cache else None
+
+
+def check_cached(r, video: str) -> None:
+    """A `video` that is not in the cache: a missing file or a folder gets its own message."""
+    from cmdcl_cache.paths import VIDEO_EXTENSIONS
+
+    if video in r.data.cache:
+        return
+    path = Path(video)
+    try:
+        folder = path.is_dir()
+    except OSError:
+        folder = False
+    if folder:
+        raise ValueError(f"--video {video}: a folder: explain takes one video (a file or an id of the cache)")
+    if "/" in video or path.suffix.lower() in VIDEO_EXTENSIONS:
+        raise ValueError(f"--video {video}: no such file (and no id of the cache {r.data.folder})")
+
+
 def explain_run(run: str | Path, video: str, out: str | Path | None = None, checkpoint: str = "best",
                 cache: str | None = None, dataset: str | None = None, device: str = "auto",
                 top_k: int = 8, pretrained: str | None = None) -> Path:
@@ -248,12 +291,14 @@ def explain_run(run: str | Path, video: str, out: str | Path | None = None, chec
     from .evaluate import load_run, open_run
 
     path = Path(video)
-    if path.is_file():
+    r = cached_run(run, video, checkpoint, cache, dataset, device) if is_file(path) else \
+        open_run(run, checkpoint, cache, dataset, device)
+    if r is None:   # a file that is no id of the run's cache (or no cache to ask)
         ckpt, cfg, _, head = load_run(run, checkpoint, device)
-        r, meta = None, ckpt.meta
+        meta = ckpt.meta
         class_names, fine_names = list(meta["label_names"]), list(meta["fine_label_names"])
     else:
-        r = open_run(run, checkpoint, cache, dataset, device)
+        check_cached(r, video)
         cfg, head, meta = r.cfg, r.head, r.ckpt.meta
         class_names, fine_names = list(r.data.labels.names), list(r.data.labels.fine_names)
     if cfg.model != "cmdcl":

@@ -91,6 +91,9 @@ def cooccurrence(manifest, label_set: str | None = None, fine_set: str | None = 
     fine_set = fine_set or manifest.fine_label_set
     if not fine_set or fine_set == label_set:
         raise ValueError(f"{manifest.root}: no fine label set (atomic actions) besides {label_set!r}")
+    for name in (label_set, fine_set):
+        if name not in manifest.label_sets:
+            raise did_you_mean(f"label set of {manifest.root}", name, manifest.label_sets)
     acts, fine = manifest.label_sets[label_set], manifest.label_sets[fine_set]
     records = manifest.select(split) if split else manifest.videos
     counts = np.zeros((len(acts), len(fine)), np.int64)
@@ -121,7 +124,7 @@ def pick_activities(stats: dict, wanted: list[str] | None) -> list[int]:
     rows = []
     for w in wanted:
         if w not in by_name:
-            raise did_you_mean("activity", w, stats["activities"])
+            raise did_you_mean("activity", w, list(dict.fromkeys([*stats["activity_keys"], *stats["activities"]])))
         rows.append(by_name[w])
     return list(dict.fromkeys(rows))
 
@@ -340,6 +343,10 @@ def matching_run(runs: list[Path], out: Path | None = None, activities: list[str
     first = results[0]
     stats = cooccurrence(first["manifest"], first["label_set"], first["fine_set"])
     rows = pick_activities({**stats, "videos": first["videos"]}, activities)
+    empty = [first["activities"][a] for a in rows if first["videos"][a] == 0]
+    if empty:   # a zero row would read as "never matched"
+        raise ValueError(f"no video of activity {', '.join(map(repr, empty))} in the split {first['split']!r}; "
+                         "choose another --activity or --split")
     fine, _ = owners(np.asarray(stats["freq"]), rows)
     out = Path(out or Path(runs[-1]) / "figures" / "matching.png")
     return matching_figure(results, rows, fine, out)

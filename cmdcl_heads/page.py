@@ -29,6 +29,7 @@ from .run import PLOTS, RunFolder
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 ERROR_TOP = 3   # predicted labels shown per error
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass
@@ -53,6 +54,7 @@ class RunView:
     plots: dict[str, bytes]
     errors: list[ErrorRow] = field(default_factory=list)
     errors_note: str = ""
+    notes: list[str] = field(default_factory=list)   # what was read around (a cut line, a plot not shown)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -61,15 +63,52 @@ def read_run(path: str | Path, errors: int = 8, explain: bool = True, device: st
     """A run folder's view; `errors` worst errors (0: the cache is not read)."""
     folder = RunFolder(path)
     meta = folder.load_checkpoint("best").meta   # refuses a folder that holds no run, naming it
+    check_meta(folder, meta)
     view = RunView(name=folder.path.name, path=folder.path, meta=meta, summary=folder.read_summary(),
-                   history=folder.read_metrics(),
-                   plots={name: p.read_bytes() for name in PLOTS if (p := folder.plot(name)) is not None})
+                   history=folder.read_metrics(), plots={})
+    view.plots, view.notes = read_plots(folder)
+    view.notes += [folder.metrics_note] if folder.metrics_note else []
     if errors and view.summary is None:
         view.errors_note = "the run has not finished (no summary.json): no eval split to read errors from"
     elif errors:
         view.errors, view.errors_note = read_errors(folder.path, view.summary["split"], errors,
                                                     explain and meta["head_config"]["model"] == "cmdcl", device)
     return view
+
+
+PAGE_META = {"head_config": dict, "train_config": dict, "dataset": str, "label_set": str}
+
+
+def check_meta(folder: RunFolder, meta: dict) -> None:
+    """The checkpoint metadata the page reads: refused, naming the file and the keys, where it lacks them."""
+    from .run import CheckpointError
+
+    wrong = [k for k, kind in PAGE_META.items() if not isinstance(meta.get(k), kind)]
+    if not wrong and not isinstance(meta["head_config"].get("model"), str):
+        wrong = ["head_config.model"]
+    if wrong:
+        raise CheckpointError(f"{folder.checkpoint_path('best')}: its metadata lacks {', '.join(map(repr, wrong))} "
+                              "(not what `train` writes)")
+
+
+def read_plots(folder: RunFolder) -> tuple[dict[str, bytes], list[str]]:
+    """(the run's PNGs, notes on those not shown): only regular files inside the run folder (no link out of
+    it) that start with the PNG signature are inlined."""
+    plots, notes = {}, []
+    for name in PLOTS:
+        path = folder.plot(name)
+        if path is None:
+            continue
+        if not path.resolve().is_relative_to(folder.path.resolve()):
+            notes.append(f"{path}: a link out of the run folder; not shown")
+            continue
+        with open(path, "rb") as fh:
+            head = fh.read(len(PNG_SIGNATURE))
+        if head != PNG_SIGNATURE:
+            notes.append(f"{path}: not a PNG; not shown")
+            continue
+        plots[name] = path.read_bytes()
+    return plots, notes
 
 
 def wrong_by_confidence(predicted: np.ndarray, confidence: np.ndarray, targets: np.ndarray,
@@ -226,7 +265,7 @@ def option_rows(views: list[RunView], kind: str) -> list[tuple[str, list]]:
 def run_column(v: RunView) -> str:
     parts = [f"<section class=\"run\"><h2>{esc(v.name)}</h2>",
              f"<p class=\"note\">repeat: <code>cmdcl-heads train --config {esc(str(v.path / 'config.toml'))} "
-             "--out OTHER</code></p>", split_metrics(v)]
+             "--out OTHER</code></p>", *(f"<p class=\"note\">{esc(n)}</p>" for n in v.notes), split_metrics(v)]
     for name, caption in (("curves.png", "training curves"), ("confusion.png", "confusion matrix"),
                           ("per_class_ap.png", "per-class average precision"), ("probe.png", "linear probe's l2")):
         if name in v.plots:
@@ -261,8 +300,8 @@ def errors_section(v: RunView) -> str:
         out.append("<table class=\"errors\"><tr><th>video</th><th>truth</th><th>predicted (score)</th>"
                    "<th>truth's rank</th></tr>")
         for e in v.errors:
-            top = "<br>".join(f"{esc(t['name'])} ({t['score']:.3f})" for t in e.top)
-            out.append(f"<tr><td><code>{esc(e.video_id)}</code></td><td>{esc(', '.join(e.truth))}</td>"
+            top = "<br>".join(f"<bdi>{esc(t['name'])}</bdi> ({t['score']:.3f})" for t in e.top)
+            out.append(f"<tr><td><code>{esc(e.video_id)}</code></td><td><bdi>{esc(', '.join(e.truth))}</bdi></td>"
                        f"<td>{top}</td><td>{esc(fmt(e.truth_rank))}</td></tr>")
         out.append("</table>")
     for e in v.errors:
@@ -276,8 +315,13 @@ def errors_section(v: RunView) -> str:
 
 # ------------------------------------------------------------------------------------------------ pieces
 
+BIDI_CONTROLS = dict.fromkeys([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])   # embeddings, overrides, isolates
+
+
 def esc(text) -> str:
-    return html.escape(str(text), quote=True)
+    """Escaped for HTML, without the bidi controls that would reorder the cells after them (a label name
+    with U+202E would show a score backwards); each cell's own direction comes from its text."""
+    return html.escape(str(text).translate(BIDI_CONTROLS), quote=True)
 
 
 def img(png: bytes, alt: str) -> str:
@@ -305,6 +349,8 @@ tr.differs td, tr.differs th { background: #fff3bf; }
 .note { color: #555; font-size: 0.9em; }
 .runs { display: grid; gap: 1.5em; margin-top: 1.5em; }
 .run { border-top: 3px solid #4a78b5; padding-top: 0.5em; min-width: 0; }
+.run > * { min-width: 0; max-width: 100%; }
+.run table { display: block; overflow-x: auto; max-width: 100%; }   /* five runs: a table scrolls, not the page */
 img { max-width: 100%; height: auto; }
 figure { margin: 0.5em 0; }
 code { overflow-wrap: anywhere; }

@@ -65,6 +65,7 @@ class RunFolder:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._lock: WriterLock | None = None
+        self.metrics_note = ""   # what read_metrics skipped
 
     def __str__(self) -> str:
         return str(self.path)
@@ -125,11 +126,6 @@ class RunFolder:
                                   "`cmdcl-heads train`?)")
         table = read_toml(path)
         return {"train": dict(table.get("train", {})), "head": dict(table.get("head", {}))}
-
-    def read_summary(self) -> dict | None:
-        """summary.json, written last by a run that finished; None while the run is unfinished."""
-        path = self.path / SUMMARY_FILE
-        return json.loads(path.read_text()) if path.is_file() else None
 
     # -------------------------------------------------------------------------------------- checkpoints
 
@@ -229,10 +225,29 @@ class RunFolder:
         self._write_csv()
 
     def read_metrics(self) -> list[dict]:
+        """The epoch records. A last line cut short (a kill mid-append: no newline, no JSON) is skipped and
+        `metrics_note` says so; any other line that is no epoch record is refused, naming file and line."""
         path = self.path / METRICS_FILE
+        self.metrics_note = ""
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                if number == len(lines) and not text.endswith("\n"):
+                    self.metrics_note = f"{path}: line {number} is cut short (a kill mid-write?); skipped"
+                    break
+                raise CheckpointError(f"{path}: line {number} is not JSON ({err})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                raise CheckpointError(f"{path}: line {number} is no epoch record (a JSON object with an 'epoch')")
+            records.append(record)
+        return records
 
     def truncate_metrics(self, last_epoch: int) -> None:
         """Keep the records of epochs <= last_epoch (a resumed run rewrites the epochs after its checkpoint)."""
@@ -250,9 +265,24 @@ class RunFolder:
         write_atomic(self.path / METRICS_CSV, out.getvalue().encode())
 
     def read_summary(self) -> dict | None:
-        """summary.json (None while the run has not finished)."""
+        """summary.json, written last by a run that finished; None while the run is unfinished. A file that is
+        not what `train` writes (no JSON object with the eval split and its metrics) is refused, naming it."""
         path = self.path / SUMMARY_FILE
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: not JSON ({err})") from None
+        if not isinstance(summary, dict):
+            raise CheckpointError(f"{path}: holds a JSON {type(summary).__name__}, not the object `train` writes")
+        wrong = [k for k, kind in (("split", str), ("metrics", dict)) if not isinstance(summary.get(k), kind)]
+        if not isinstance(summary.get("selection") or {}, dict):
+            wrong.append("selection")
+        if wrong:
+            raise CheckpointError(f"{path}: no valid {', '.join(map(repr, wrong))} (not the summary `train` "
+                                  "writes)")
+        return summary
 
     def plot(self, name: str) -> Path | None:
         """One of the PNGs `train` writes (PLOTS), None where this run has none."""

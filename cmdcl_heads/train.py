@@ -100,8 +100,9 @@ def _train(config: TrainConfig, head: HeadConfig, run: RunFolder, on_epoch_end) 
     else:
         run.start_fresh()
     run.write_config(head, config)
-    # a resumed run hides what an interrupted one logged from its first epoch on (cmdcl_heads/events.py)
-    with RunEvents(run.path, purge_step=resumed.meta["epoch"] + 1 if resumed else None) as events:
+    # a resumed run hides what an interrupted one logged from its first epoch on; a fresh one purges from 0,
+    # which writes the SessionLog START TensorBoard's plugin reader needs to do so (cmdcl_heads/events.py)
+    with RunEvents(run.path, purge_step=resumed.meta["epoch"] + 1 if resumed else 0) as events:
         return fit(run, config, head, data, confounders, splits, device, resumed, requested, events, on_epoch_end)
 
 
@@ -516,6 +517,8 @@ def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: R
     best = ckpt.meta["best_value"]
     if not config.quiet:
         from cmdcl_cache.progress import console
+        if run.metrics_note:   # the record an interrupted append left half-written
+            console().print(run.metrics_note, markup=False)
         console().print(f"resuming {run} after epoch {ckpt.meta['epoch']}", markup=False)
     return {"epoch": ckpt.meta["epoch"], "best_epoch": ckpt.meta["best_epoch"],
             "best_value": -math.inf if best is None else best}

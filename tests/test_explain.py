@@ -84,7 +84,16 @@ def test_explain_a_video_file_as_predict_does_and_a_mistyped_id_gets_the_closest
     assert res.exit_code == 0 and (tmp_path / "cached.png").exists(), res.output
 
 
-def test_explain_a_head_without_the_frame_dictionary(tmp_path):
+def test_labels_are_cut_in_their_name_and_keep_their_similarity():
+    from cmdcl_heads.explain import _short
+
+    label = "z3 ~ " + "a very long atomic action name indeed, longer than any panel" + " (0.41)"
+    cut = _short(label)
+    assert len(cut) == 40 and cut.endswith("… (0.41)") and cut.startswith("z3 ~ a very long")
+    assert _short("x" * 60) == "x" * 39 + "…"
+
+
+def test_explain_a_head_without_the_frame_dictionary(tmp_path, monkeypatch):
     cache, manifest = make_dataset(tmp_path / "data", n_train=12, n_test=4, d=32, frames=8, seed=2)
     res = runner.invoke(app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),
                               "--kp", "4", "--kz", "4", "--niter", "3"])
@@ -104,3 +113,18 @@ def test_explain_a_head_without_the_frame_dictionary(tmp_path):
                               "--out", str(tmp_path / "e.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
+    first = (tmp_path / "e.png").read_bytes()
+    explain = ["explain", "--run", str(run), "--device", "cpu", "--video"]
+    res = runner.invoke(app, [*explain, "test013", "--out", str(tmp_path / "e.png")])
+    assert res.exit_code == 2 and "exists" in res.output and (tmp_path / "e.png").read_bytes() == first
+    res = runner.invoke(app, [*explain, "test013", "--out", str(tmp_path / "e.png"), "--force"])
+    assert res.exit_code == 0 and (tmp_path / "e.png").read_bytes() != first, res.output
+    # a file of the id's name in the current folder: the cached id wins (the file is no video)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "test012").write_bytes(b"not a video")
+    res = runner.invoke(app, [*explain, "test012", "--out", str(tmp_path / "cwd.png")])
+    assert res.exit_code == 0, res.output
+    for video, says in (("nothere/clip.mp4", "no such file"), ("clip.mp4", "no such file"),
+                        (str(tmp_path), "a folder: explain takes one video"), ("t" * 300, "no video")):
+        res = runner.invoke(app, [*explain, video])
+        assert res.exit_code == 2 and says in " ".join(res.output.split()), (video, res.output)

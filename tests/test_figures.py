@@ -60,7 +60,7 @@ def test_cooccurrence_command_writes_png_and_numbers_and_refuses_an_unknown_acti
     numbers = json.loads(out.with_suffix(".json").read_text())
     assert numbers["shown_activities"] == [1, 0] and numbers["freq"][1] == [1.0, 0.0, 1.0]
     res = runner.invoke(app, ["figures", "cooccurrence", "--dataset", str(m), "--out", str(out),
-                              "--activity", "make te"])
+                              "--activity", "make te", "--force"])
     assert res.exit_code == 2 and "did you mean 'make tea'" in res.output
 
 
@@ -76,6 +76,30 @@ def test_similarity_of_identical_texts_is_one_and_matching_rows_sum_to_one():
     np.testing.assert_allclose(p[0], [0.625, 0.375])
     np.testing.assert_allclose(p[1], [1 / (1 + np.exp(5)), 1 / (1 + np.exp(-5))])
     np.testing.assert_allclose(p.sum(axis=1), 1)
+
+
+def test_figures_replace_no_file_without_force_and_name_label_sets_and_keys(tmp_path):
+    m = _three_videos(tmp_path / "m")
+    run = tmp_path / "q"
+    run.mkdir()
+    (run / "summary.json").write_text('{"split": "test"}')
+    cmd = ["figures", "cooccurrence", "--dataset", str(m)]
+    res = runner.invoke(app, [*cmd, "--out", str(run / "summary.png")])   # its numbers would go to summary.json
+    assert res.exit_code == 2 and "summary.json exists" in res.output and "--force" in res.output
+    assert (run / "summary.json").read_text() == '{"split": "test"}' and not (run / "summary.png").exists()
+    res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "f" / "same.json")])
+    assert res.exit_code == 2 and "ends in .json" in res.output and not (tmp_path / "f").exists()
+    out = tmp_path / "f" / "co.png"
+    assert runner.invoke(app, [*cmd, "--out", str(out)]).exit_code == 0
+    first = out.read_bytes()
+    res = runner.invoke(app, [*cmd, "--out", str(out), "--activity", "egg"])
+    assert res.exit_code == 2 and "exists" in res.output and out.read_bytes() == first
+    res = runner.invoke(app, [*cmd, "--out", str(out), "--activity", "egg", "--force"])
+    assert res.exit_code == 0 and out.read_bytes() != first, res.output
+    res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "n.png"), "--label-set", "nope"])
+    assert res.exit_code == 2 and "label set" in res.output and "activity" in res.output and "actions" in res.output
+    res = runner.invoke(app, [*cmd, "--out", str(tmp_path / "k.png"), "--activity", "eggg"])   # a key, mistyped
+    assert res.exit_code == 2 and "did you mean 'egg'" in res.output
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +136,7 @@ def test_similarity_command_groups_the_actions_by_activity(runs, tmp_path):
         np.testing.assert_allclose(np.diag(m), 1, atol=1e-5)
         np.testing.assert_allclose(m, m.T, atol=1e-5)
     assert not np.allclose(n["E"], n["T'"], atol=1e-3)          # TCI changed the texts
-    res = runner.invoke(app, ["figures", "similarity", "--run", str(out["text4vis"]), "--out", str(png)])
+    res = runner.invoke(app, ["figures", "similarity", "--run", str(out["text4vis"]), "--out", str(png), "--force"])
     assert res.exit_code == 2 and "needs a cmdcl run" in res.output
 
 
@@ -139,6 +163,25 @@ def test_matching_command_compares_two_runs_and_each_row_sums_to_one(runs, tmp_p
     soft = torch.softmax(r.head.log_scale.exp() * v @ t.T, dim=1).detach().numpy()
     act0 = [i for i, y in enumerate(videos.targets) if y == 0]
     np.testing.assert_allclose(np.array(n["runs"][0]["P"])[0], soft[act0].mean(0), atol=1e-5)
+
+
+def test_matching_refuses_an_activity_without_videos_in_the_split(runs, monkeypatch):
+    cache, manifest, out = runs
+    real = figures.run_matching(out["text4vis"], "best", None, None, None, "cpu")
+    monkeypatch.setattr(figures, "run_matching", lambda *a: {**real, "videos": [2, 0, 2, 2]})
+    res = runner.invoke(app, ["figures", "matching", "--run", str(out["text4vis"]),
+                              "--activity", real["activity_keys"][1]])
+    assert res.exit_code == 2, res.output
+    assert f"no video of activity {real['activities'][1]!r} in the split 'test'" in res.output
+    assert not (out["text4vis"] / "figures" / "matching.png").exists()
+
+
+def test_default_figure_outputs_are_replaced_freely(runs):
+    cache, manifest, out = runs
+    for _ in range(2):
+        res = runner.invoke(app, ["figures", "similarity", "--run", str(out["cmdcl"]), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+    assert (out["cmdcl"] / "figures" / "similarity.json").exists()
 
 
 def test_attention_refuses_a_run_without_grid_tokens(runs):

@@ -118,7 +118,7 @@ def test_error_rows_escape_video_ids():
                          "label_set": "task"},
                    errors=[ErrorRow("vid<img src=x>", ["a&b"], [{"name": "<b>", "score": 0.5}], 2)])
     page = render([view])
-    assert "vid&lt;img src=x&gt;" in page and "<img src=x>" not in page and "&lt;b&gt; (0.500)" in page
+    assert "vid&lt;img src=x&gt;" in page and "<img src=x>" not in page and "<bdi>&lt;b&gt;</bdi> (0.500)" in page
     assert "r&lt;1&gt;" in page and "d&amp;d" in page
 
 
@@ -160,3 +160,76 @@ def test_the_page_loads_in_chromium_without_a_console_message_and_shows_somethin
     assert pixels.shape[:2] == (2000, 1280)
     colours = np.unique((pixels.reshape(-1, 3) * 255).astype(np.uint8), axis=0)
     assert len(colours) > 50 and pixels.std() > 0.05   # text, tables and plots, not one colour
+
+
+def test_report_replaces_no_file_without_force(runs, tmp_path):
+    run = shutil.copytree(runs / "t4v", tmp_path / "run")
+    summary = (run / "summary.json").read_bytes()
+    res = runner.invoke(app, ["report", str(run), "--out", str(run / "summary.json"), "--errors", "0"])
+    assert res.exit_code == 2 and "exists" in res.output and "--force" in res.output
+    assert (run / "summary.json").read_bytes() == summary
+    out = tmp_path / "r.html"
+    assert runner.invoke(app, ["report", str(run), "--out", str(out), "--errors", "0"]).exit_code == 0
+    out.write_text("mine")
+    assert runner.invoke(app, ["report", str(run), "--out", str(out), "--errors", "0"]).exit_code == 2
+    assert out.read_text() == "mine"
+    res = runner.invoke(app, ["report", str(run), "--out", str(out), "--errors", "0", "--force"])
+    assert res.exit_code == 0 and out.read_text().startswith("<!DOCTYPE html>"), res.output
+
+
+@pytest.mark.parametrize("text,problem", [("[]", "holds a JSON list"), ("{not json", "not JSON"),
+                                          ("{}", "no valid 'split', 'metrics'")])
+def test_a_summary_that_train_did_not_write_is_refused_naming_it(runs, tmp_path, text, problem):
+    run = shutil.copytree(runs / "t4v", tmp_path / "run")
+    (run / "summary.json").write_text(text)
+    res = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html"), "--errors", "0"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and str(run / "summary.json") in out and problem in out, out
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_cut_last_metrics_line_is_skipped_with_a_note_and_bad_metadata_is_refused(runs, tmp_path):
+    from cmdcl_heads.run import RunFolder
+
+    run = shutil.copytree(runs / "t4v", tmp_path / "run")
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"epoch": 3, "train_lo')   # a kill mid-append
+    view = read_run(run, errors=0)
+    assert len(view.history) == 2 and "line 3 is cut short" in render([view])
+    (run / "metrics.jsonl").write_text('{"epoch": 1}\n[1]\n')
+    res = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html"), "--errors", "0"])
+    assert res.exit_code == 2 and "metrics.jsonl: line 2 is no epoch record" in " ".join(res.output.split())
+    folder = RunFolder(run)
+    ckpt = folder.load_checkpoint("best")
+    weights = type("Weights", (), {"state_dict": lambda self: ckpt.model})()
+    meta = {k: v for k, v in ckpt.meta.items() if k not in ("dataset", "version")}
+    meta["head_config"] = {}
+    folder.save_checkpoint("best", meta, weights)
+    res = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "r.html"), "--errors", "0"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "best.safetensors" in out and "lacks 'dataset'" in out, out
+
+
+def test_bidi_controls_in_label_names_cannot_reorder_the_scores():
+    evil = "stir\u202egge yrf\u2066x"
+    view = RunView(name="r", path=Path("/x/r"), summary=None, history=[], plots={},
+                   meta={"head_config": {"model": "text4vis"}, "train_config": {}, "dataset": "d",
+                         "label_set": "task"},
+                   errors=[ErrorRow("v\u202e1", [evil], [{"name": evil, "score": 0.5}], 2)])
+    page = render([view])
+    assert not re.search("[\u202a-\u202e\u2066-\u2069]", page)
+    assert "<bdi>stirgge yrfx</bdi> (0.500)" in page
+
+
+def test_only_real_pngs_inside_the_run_folder_are_inlined(runs, tmp_path):
+    run = shutil.copytree(runs / "t4v", tmp_path / "run")
+    (run / "curves.png").write_text("not a picture")
+    outside = tmp_path / "outside.png"
+    shutil.copy(run / "confusion.png", outside)
+    (run / "confusion.png").unlink()
+    (run / "confusion.png").symlink_to(outside)
+    view = read_run(run, errors=0)
+    assert view.plots == {}
+    page = render([view])
+    assert "curves.png: not a PNG; not shown" in page and "confusion.png: a link out of the run folder" in page
+    assert "data:image/png" not in page

@@ -38,6 +38,16 @@ def _scalars(acc, tag):
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
+def _plugin_scalars(run, tag):
+    """What `tensorboard --load_fast=false` shows: the plugin reader, scalars stored as tensors."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    return [(e.step, float(make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
 def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -83,6 +93,8 @@ def test_a_resumed_run_shows_each_epoch_once_with_the_values_of_metrics_jsonl(sy
     # a run killed after logging epoch 3 but before writing its checkpoint left this behind
     with SummaryWriter(str(run)) as stale:
         stale.add_scalar("loss/train", 999.0, 3)
+    with open(run / "metrics.jsonl", "a") as fh:   # and an append the kill cut short
+        fh.write('{"epoch": 3, "train_lo')
     train(_opts(synth_val, run, resume=True), _head())
     acc = _events(run)
     records = _records(run)
@@ -90,6 +102,29 @@ def test_a_resumed_run_shows_each_epoch_once_with_the_values_of_metrics_jsonl(sy
     assert [s for s, _ in got] == [1, 2, 3] and 999.0 not in [v for _, v in got]
     assert [v for _, v in got] == pytest.approx([r["train_loss"] for r in records], rel=1e-6)
     assert [s for s, _ in _scalars(acc, "top1/val")] == [1, 2, 3]
+    assert [s for s, _ in _plugin_scalars(run, "loss/train")] == [1, 2, 3]
+
+
+def test_an_epoch_logged_before_a_kill_shows_once_after_the_first_resume(synth_val, tmp_path, monkeypatch):
+    from cmdcl_heads.events import RunEvents
+
+    run = tmp_path / "killed"
+    logged = RunEvents.epoch
+
+    def killed_after_events(self, record):   # epoch 2's events are flushed, its checkpoint never written
+        logged(self, record)
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunEvents, "epoch", killed_after_events)
+    with pytest.raises(KeyboardInterrupt):
+        train(_opts(synth_val, run, epochs=4), _head())
+    monkeypatch.setattr(RunEvents, "epoch", logged)
+    train(_opts(synth_val, run, epochs=4, resume=True), _head())
+    records = _records(run)
+    for got in (_plugin_scalars(run, "loss/train"), _scalars(_events(run), "loss/train")):
+        assert [s for s, _ in got] == [1, 2, 3, 4]
+        assert [v for _, v in got] == pytest.approx([r["train_loss"] for r in records], rel=1e-6)
 
 
 def test_a_new_run_in_a_failed_starts_folder_drops_its_events(synth_val, tmp_path):
