@@ -325,3 +325,109 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     out = " ".join(res.output.split())
     assert res.exit_code == 2 and "a link to /etc/passwd, outside --videos" in out and "not a regular file" in out, out
     assert "not to a video file" in out and "other-disk" not in out
+
+
+# ------------------------------------------------------------------ 5. the second attack (only given files)
+
+def _import(tmp_path, src, fmt, ids=("a", "b")):
+    manifest = write_manifest(tmp_path / "manifest", {v: f"{v}.mp4" for v in ids})
+    res = runner.invoke(cache_app, ["import", "--dataset", str(manifest), "--from", str(src), "--format", fmt,
+                                    "--cache", str(tmp_path / "cache"), "--model", "m", "--fps", "1", "--quiet"])
+    return res, " ".join(res.output.split())
+
+
+def _npy_folder(tmp_path, files: dict) -> Path:
+    """An export-npy-like folder: a.npy, b.npy and an index.jsonl whose `files` entries are `files`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for vid in ("a", "b"):
+        np.save(src / f"{vid}.npy", np.ones((3, D), np.float32))
+    lines = [{"video_id": "a", "files": {"features": "a.npy"}}, {"video_id": "b", "files": files}]
+    (src / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return src
+
+
+@pytest.mark.parametrize("rel", ["ABS", "../secret.npy", "sub/../../secret.npy"])
+def test_an_index_entry_outside_from_is_refused_and_nothing_leaks(tmp_path, rel):
+    np.save(tmp_path / "secret.npy", SECRET)
+    rel = str(tmp_path / "secret.npy") if rel == "ABS" else rel
+    res, out = _import(tmp_path, _npy_folder(tmp_path, {"features": rel}), "npy")
+    assert res.exit_code == 2 and "index.jsonl:2: field 'files.features'" in out and "leaves --from" in out, out
+    assert repr(rel) in out
+    assert not (tmp_path / "cache").exists() or not any(
+        SECRET.astype("<f2").tobytes()[:64] in p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+def test_an_index_entry_linking_to_a_regular_npy_elsewhere_is_imported(tmp_path):
+    np.save(tmp_path / "elsewhere.npy", np.ones((3, D), np.float32))
+    src = _npy_folder(tmp_path, {"features": "link.npy"})
+    (src / "b.npy").unlink()
+    (src / "link.npy").symlink_to(tmp_path / "elsewhere.npy")
+    res, out = _import(tmp_path, src, "npy")
+    assert res.exit_code == 0, out
+
+
+@pytest.mark.parametrize("files", ["abc", ["a"], {"features": 5}])
+def test_a_malformed_index_files_field_is_named(tmp_path, files):
+    res, out = _import(tmp_path, _npy_folder(tmp_path, files), "npy")
+    assert res.exit_code == 2 and "index.jsonl:2: field 'files'" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("how", ["fifo", "zero-index", "zero-walk", "zero-safetensors"])
+def test_a_fifo_or_device_source_is_refused_before_it_is_opened(tmp_path, how):
+    if how == "zero-safetensors":
+        src, fmt = tmp_path / "src", "safetensors"
+        src.mkdir()
+        (src / "b.safetensors").symlink_to("/dev/zero")
+    elif how == "zero-walk":
+        src, fmt = tmp_path / "src", "npy"
+        src.mkdir()
+        (src / "b.npy").symlink_to("/dev/zero")
+    else:
+        src, fmt = _npy_folder(tmp_path, {"features": "b.npy"}), "npy"
+        (src / "b.npy").unlink()
+        os.mkfifo(src / "b.npy") if how == "fifo" else (src / "b.npy").symlink_to("/dev/zero")
+    res, out = _import(tmp_path, src, fmt)
+    assert res.exit_code == 2 and f"b.{fmt}: not a regular file" in out, out
+
+
+def test_line_files_of_the_cache_folder_that_are_devices_are_refused_before_reading(tmp_path):
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:
+        f["a"] = np.ones((3, D), np.float32)
+    manifest = write_manifest(tmp_path / "manifest", {"a": "a.mp4"})
+    args = ["import", "--dataset", str(manifest), "--from", str(src), "--format", "hdf5", "--cache",
+            str(tmp_path / "cache"), "--model", "m", "--fps", "1", "--quiet"]
+    assert runner.invoke(cache_app, args).exit_code == 0
+    [sources] = (tmp_path / "cache").rglob("import_sources.jsonl")
+    sources.unlink()
+    sources.symlink_to("/dev/zero")   # read whole, it would fill the memory
+    res = runner.invoke(cache_app, args)
+    assert res.exit_code == 2 and "import_sources.jsonl: not a regular file" in " ".join(res.output.split())
+    with pytest.raises(ValueError, match="failures.jsonl: not a regular file"):
+        (tmp_path / "f").mkdir()
+        (tmp_path / "f" / "failures.jsonl").symlink_to("/dev/zero")
+        failures.read_failures(tmp_path / "f")
+
+
+@pytest.mark.parametrize("shape,kw,named", [((10**12, 8), {"chunks": (1, 8)}, "dimension 8"),
+                                            ((2**20, D), {"chunks": (4096, D), "compression": "gzip"}, "limit of"),
+                                            ((2**20, 512), {"chunks": (4096, 512), "compression": "gzip"},
+                                             "dimension 512")])
+def test_a_huge_or_bomb_hdf5_shape_is_refused_from_its_header(tmp_path, monkeypatch, shape, kw, named):
+    from cmdcl_cache import importer
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:   # nothing written: the file stays small, a read would not
+        f["a"] = np.ones((3, D), np.float32)
+        f["c"] = np.ones((3, D), np.float32)
+        f.create_dataset("b", shape=shape, dtype="f4", **kw)
+    real = importer.H5Source.read
+
+    def guarded(self, sv):
+        assert sv.video_id != "b", "the hostile dataset was read"
+        return real(self, sv)
+    monkeypatch.setattr(importer.H5Source, "read", guarded)
+    res, out = _import(tmp_path, src, "hdf5", ids=("a", "b", "c"))
+    assert "Traceback" not in out and res.exit_code != 0, out
+    [record] = [r for r in failures.read_lines(next((tmp_path / "cache").rglob("failures.jsonl")))]
+    assert record["video_id"] == "b" and f"shape {shape}" in record["error"] and named in record["error"], record
