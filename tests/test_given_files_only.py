@@ -309,7 +309,7 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     (elsewhere / "x.mp4").write_bytes(b"")
     (videos / "bird").symlink_to(elsewhere)
     (videos / "dog" / "other-disk.mp4").symlink_to(elsewhere / "x.mp4")   # a video on another disk: fine
-    (videos / "cat" / "inside.mp4").symlink_to(videos / "dog" / "a.mp4")   # a second name inside: skipped
+    (videos / "cat" / "inside.mp4").symlink_to(videos / "cat" / "a.mp4")   # a second name in its class: skipped
     res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos), "--out",
                                     str(tmp_path / "out")])
     out = " ".join(res.output.split())
@@ -318,6 +318,7 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     assert "passwd.mp4" in out and "a link to /etc/passwd, outside --videos" in out
     assert "zero.mp4:0: field 'path': not a regular file" in out and f"a link to {elsewhere}, outside --videos" in out
     assert not (tmp_path / "out" / "videos.jsonl").exists() and "other-disk.mp4" not in out
+    assert "inside.mp4" not in out
     csv = tmp_path / "list.csv"
     csv.write_text("path,label\ncat/a.mp4,cat\ndog/passwd.mp4,dog\ncat/pipe.mp4,cat\ndog/other-disk.mp4,dog\n")
     res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos),
@@ -431,3 +432,59 @@ def test_a_huge_or_bomb_hdf5_shape_is_refused_from_its_header(tmp_path, monkeypa
     assert "Traceback" not in out and res.exit_code != 0, out
     [record] = [r for r in failures.read_lines(next((tmp_path / "cache").rglob("failures.jsonl")))]
     assert record["video_id"] == "b" and f"shape {shape}" in record["error"] and named in record["error"], record
+
+
+def _class_videos(tmp_path) -> Path:
+    videos = tmp_path / "V"
+    for rel in ("cls1/a.mp4", "cls1/other/c.mp4", "cls2/b.mp4", "cls2/d.mp4"):
+        (videos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (videos / rel).write_bytes(rel.encode())
+    return videos
+
+
+def _build(videos, out, *extra):
+    res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos), "--out",
+                                    str(out), *extra])
+    return res, " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_one_file_under_two_classes_is_an_error_and_twice_in_one_class_one_record(tmp_path, chain):
+    videos = _class_videos(tmp_path)
+    if chain:   # cls1/dup.mp4 -> hop.lnk -> cls2/b.mp4
+        (videos / "hop.lnk").symlink_to("cls2/b.mp4")
+        (videos / "cls1" / "dup.mp4").symlink_to("../hop.lnk")
+    else:
+        (videos / "cls1" / "dup.mp4").symlink_to("../cls2/b.mp4")
+    res, out = _build(videos, tmp_path / "out")
+    assert res.exit_code == 2 and "cls1/dup.mp4 is the same file as cls2/b.mp4" in out, out
+    assert not (tmp_path / "out" / "videos.jsonl").exists()
+    (videos / "cls1" / "dup.mp4").unlink()
+    (videos / "cls2" / "again.mp4").symlink_to("b.mp4")   # one class: one record, under its first name
+    res, out = _build(videos, tmp_path / "out")
+    assert res.exit_code == 0, out
+    paths = [json.loads(line)["path"] for line in (tmp_path / "out" / "videos.jsonl").read_text().splitlines()]
+    assert sorted(paths) == ["cls1/a.mp4", "cls1/other/c.mp4", "cls2/again.mp4", "cls2/d.mp4"]
+
+
+def test_a_symlink_loop_and_a_class_folder_linking_into_another_class_are_named(tmp_path):
+    videos = _class_videos(tmp_path)
+    (videos / "cls1" / "loop1.mp4").symlink_to("loop2.mp4")
+    (videos / "cls1" / "loop2.mp4").symlink_to("loop1.mp4")
+    shutil.rmtree(videos / "cls2")
+    (videos / "cls2").symlink_to("cls1/other")
+    (videos / "cls3").mkdir()
+    (videos / "cls3" / "e.mp4").write_bytes(b"e")
+    res, out = _build(videos, tmp_path / "out")
+    assert res.exit_code == 2 and "Traceback" not in out, out
+    assert "loop1.mp4:0: field 'path': a symlink loop" in out and "loop2.mp4:0: field 'path': a symlink loop" in out
+    assert "class folder 'cls2' is the same folder as cls1/other" in out and "holds no video" not in out, out
+
+
+def test_a_csv_row_naming_a_folder_is_not_a_video(tmp_path):
+    videos = _class_videos(tmp_path)
+    (videos / "cls1" / "dir.mp4").mkdir()
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\ncls1/a.mp4,cls1\ncls1/dir.mp4,cls1\ncls2/b.mp4,cls2\n")
+    res, out = _build(videos, tmp_path / "out", "--from-csv", str(csv))
+    assert res.exit_code == 2 and "list.csv:3: field 'path': 'cls1/dir.mp4': not a regular file (a folder)" in out, out
