@@ -488,3 +488,61 @@ def test_a_csv_row_naming_a_folder_is_not_a_video(tmp_path):
     csv.write_text("path,label\ncls1/a.mp4,cls1\ncls1/dir.mp4,cls1\ncls2/b.mp4,cls2\n")
     res, out = _build(videos, tmp_path / "out", "--from-csv", str(csv))
     assert res.exit_code == 2 and "list.csv:3: field 'path': 'cls1/dir.mp4': not a regular file (a folder)" in out, out
+
+
+def _eval_and_predict(run, tmp_path):
+    for args in (["eval", "--run", str(run), "--device", "cpu"],
+                 ["predict", "--run", str(run), "--out", str(tmp_path / "p.jsonl"), "--device", "cpu"]):
+        res = runner.invoke(heads_app, args)
+        yield res.exit_code, " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("other,named", [({"task_names": [f"another task {c}" for c in range(6)]},
+                                          "(not this run's checkpoint: attribute 'label_names') and label set 'task'"),
+                                         ({"provenance": {"model": "ViT-L-14"}}, "attribute 'model' is")])
+def test_both_checkpoints_of_a_run_on_other_data_are_refused(runs, tmp_path, other, named):
+    cache, manifest = make_synthetic(tmp_path / "other", **other)
+    theirs = tmp_path / "theirs"
+    train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(theirs), epochs=1, batch_size=16,
+                      device="cpu", quiet=True, data_mode="memory"), HeadConfig(model="linear", frames=8))
+    run = tmp_path / "run"
+    shutil.copytree(runs["mine"], run)
+    for name in ("best", "last"):
+        shutil.copy(theirs / f"{name}.safetensors", run / f"{name}.safetensors")
+    for code, out in _eval_and_predict(run, tmp_path):
+        assert code == 2 and "not this run's checkpoint" in out and named in out and "config.toml" in out, out
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_a_moved_cache_still_evaluates_and_config_toml_must_be_a_regular_file(tmp_path):
+    cache, manifest = make_synthetic(tmp_path / "data")
+    run = tmp_path / "run"
+    train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(run), epochs=1, batch_size=16,
+                      device="cpu", quiet=True, data_mode="memory"), HeadConfig(model="linear", frames=8))
+    cache.rename(tmp_path / "moved")
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--cache", str(tmp_path / "moved"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    config = run / "config.toml"
+    config.rename(tmp_path / "config.toml")
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 2 and "config.toml: missing" in " ".join(res.output.split()), res.output
+    config.symlink_to("/dev/zero")
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 2 and "config.toml: not a regular file" in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.parametrize("key", ["label_set", "label_names", "cache_provenance"])
+def test_a_checkpoint_lacking_a_metadata_key_names_the_file_and_the_key(runs, tmp_path, key):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "run"
+    shutil.copytree(runs["mine"], run)
+    path = run / "best.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    meta = json.loads(header["cmdcl"])
+    del meta[key]
+    save_file(load_file(str(path)), str(path), metadata={"cmdcl": json.dumps(meta)})
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "best.safetensors: its metadata lacks" in out and repr(key) in out, out
