@@ -348,6 +348,10 @@ class FolderSource:
         return index + [(sv.video_id, role, rel) for sv in videos.values() for role, paths in sorted(sv.files.items())
                         if role != "pickled" for rel in paths]
 
+    def compressed(self, sv: SourceVideo) -> bool:
+        """An .npz member's declared size is bounded by no file size (.npy and safetensors are checked so)."""
+        return sv.one("features").endswith(".npz")
+
     def header(self, sv: SourceVideo):
         path = self.root / sv.one("features")
         if self.format != "safetensors":
@@ -538,6 +542,9 @@ class H5Source:
     def hash_units(self, videos) -> list[tuple[str, str, str]]:
         return [("", "hdf5", self.path.name)]
 
+    def compressed(self, sv: SourceVideo) -> bool:
+        return True   # any dataset may be gzip-compressed or chunked with nothing stored
+
     def header(self, sv: SourceVideo):
         ds = self.file[sv.one("features")]
         return tuple(ds.shape), ds.dtype
@@ -581,7 +588,7 @@ def check_features(x: np.ndarray, dim: int, where: str) -> np.ndarray:
                                     f"per frame{hint}")
     if x.shape[0] == 0:
         raise VideoProblem("write", f"{where}: no rows (shape {tuple(x.shape)})")
-    check_header((tuple(x.shape), x.dtype), dim, where)
+    check_header((tuple(x.shape), x.dtype), dim, where, capped=False)
     with np.errstate(over="ignore", invalid="ignore"):   # what they flag is reported below
         y = x.astype("<f2")
     if not np.isfinite(y).all():   # one pass over float16 finds NaN/Inf and float16 overflow alike
@@ -594,10 +601,11 @@ def check_features(x: np.ndarray, dim: int, where: str) -> np.ndarray:
     return y
 
 
-def check_header(head, dim: int | None, where: str) -> None:
+def check_header(head, dim: int | None, where: str, capped: bool = True) -> None:
     """Shape and size as declared (a header, ds.shape), judged before anything is read: a dimension other
-    than the import's, or more than MAX_ROWS rows or MAX_SOURCE_BYTES bytes (a hostile shape, a gzip bomb)
-    is refused naming the shape. `head` None (no readable header): the read reports what is wrong."""
+    than the import's, or (`capped`: a compressed source, whose declared size no file size bounds) more than
+    MAX_ROWS rows or MAX_SOURCE_BYTES bytes (a hostile shape, a gzip bomb) is refused naming the shape.
+    `head` None (no readable header): the read reports what is wrong."""
     if head is None:
         return
     shape, dtype = tuple(int(n) for n in head[0]), head[1]
@@ -605,7 +613,7 @@ def check_header(head, dim: int | None, where: str) -> None:
         raise VideoProblem("write", f"{where}: shape {shape}: dimension {shape[1]}, but this import's is {dim} "
                                     "(--dim, or the most common dimension of the source files)")
     nbytes = math.prod(shape) * (getattr(dtype, "itemsize", None) or 4)
-    if (shape[0] if shape else 0) > MAX_ROWS or nbytes > MAX_SOURCE_BYTES:
+    if capped and ((shape[0] if shape else 0) > MAX_ROWS or nbytes > MAX_SOURCE_BYTES):
         raise VideoProblem("open", f"{where}: declared shape {shape} ({nbytes / 2**20:.0f} MiB) is beyond import's "
                                    f"limit of {MAX_ROWS} rows and {MAX_SOURCE_BYTES >> 20} MiB per video; refused "
                                    "before reading (a damaged header or a compression bomb?)")
@@ -892,7 +900,7 @@ class ImportRun:
         if sv.problem:
             raise VideoProblem("open", sv.problem)
         where = plan.source.where(sv)
-        check_header(plan.source.header(sv), plan.dim, where)   # before a hostile shape is read
+        check_header(plan.source.header(sv), plan.dim, where, plan.source.compressed(sv))   # before reading
         x, ms, fps_file = plan.source.read(sv)
         feats = check_features(np.asarray(x), plan.dim, where)
         stamps, fps = row_times(len(feats), ms, fps_file, plan.config, where)
