@@ -423,6 +423,8 @@ def read_source_index(root: Path) -> dict[str, dict]:
             if rel.startswith("/") or Path(rel).is_absolute() or norm == ".." or norm.startswith("../"):
                 raise SourceError(f"{path}:{n}: field 'files.{role}': {rel!r} leaves --from {root}; import reads "
                                   "only files under it (a link inside it may point elsewhere)")
+            if norm == ".":
+                raise SourceError(f"{path}:{n}: field 'files.{role}': {rel!r} names --from itself, not a file")
         out[entry["video_id"]] = entry
     return out
 

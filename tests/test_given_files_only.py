@@ -368,10 +368,10 @@ def test_an_index_entry_linking_to_a_regular_npy_elsewhere_is_imported(tmp_path)
     assert res.exit_code == 0, out
 
 
-@pytest.mark.parametrize("files", ["abc", ["a"], {"features": 5}])
+@pytest.mark.parametrize("files", ["abc", ["a"], {"features": 5}, {"features": "."}])
 def test_a_malformed_index_files_field_is_named(tmp_path, files):
     res, out = _import(tmp_path, _npy_folder(tmp_path, files), "npy")
-    assert res.exit_code == 2 and "index.jsonl:2: field 'files'" in out and "Traceback" not in out, out
+    assert res.exit_code == 2 and "index.jsonl:2: field 'files" in out and "Traceback" not in out, out
 
 
 @pytest.mark.parametrize("how", ["fifo", "zero-index", "zero-walk", "zero-safetensors"])
