@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 FAILURES = "failures.jsonl"
@@ -30,9 +31,14 @@ def append_line(path: str | Path, record: dict) -> None:
 
 
 def read_lines(path: str | Path) -> list[dict]:
+    """The JSON objects of a line file; a name that is no regular file (a link to /dev/zero, a FIFO) is
+    refused before reading, since reading it would never end or would fill the memory."""
     path = Path(path)
     if not path.exists():
         return []
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO, socket or device, maybe through a link); "
+                         "cmdcl writes this log as a plain file: remove it")
     out = []
     for line in path.read_text(errors="replace").splitlines():
         try:

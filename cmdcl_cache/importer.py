@@ -58,6 +58,7 @@ import json
 import math
 import os
 import posixpath
+import stat
 import time
 import zipfile
 from collections import Counter, defaultdict
@@ -71,7 +72,7 @@ import numpy as np
 from .cache import (CacheFolder, ImportSpec, check_not_nested, for_writing, provenance_difference,
                     text_provenance_for)
 from .config import check_choices, option
-from .export import INDEX_FILE, read_index
+from .export import INDEX_FILE
 from .failures import append_line, append_run_log, read_lines, record_failure
 from .pipeline import EXIT_OK, ExtractResult, exit_status, main_exit_message, result_counts
 from .store import SCHEMA_VERSION, CacheError, ProvenanceError, TextEmbeddings, normalised, read_shard
@@ -81,6 +82,8 @@ SIDECARS = {"timestamps_ms": "_timestamps_ms.npy", "fps": "_fps.npy"}
 GROUP_VIDEOS = 256          # videos per group commit (one fsync per journal file per group)
 GROUP_BYTES = 32 << 20      # ... or this many bytes of float16 rows, whichever comes first
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+MAX_ROWS = 1_000_000        # rows of one video (over 9 hours at 30 rows/s), judged from its header
+MAX_SOURCE_BYTES = 1 << 30  # bytes of one video's array as read (decompressed), judged from its header
 
 
 class SourceError(RuntimeError):
@@ -252,10 +255,7 @@ class FolderSource:
         self.suffix = {"npy": ".npy", "video-features": f"_{key}.npy", "safetensors": ".safetensors"}[fmt]
         self.index = None
         if fmt == "npy" and (root / INDEX_FILE).is_file():   # export-npy's map of ids to file names
-            try:
-                self.index = read_index(root)
-            except (ValueError, KeyError, TypeError, OSError) as err:
-                raise SourceError(f"{root / INDEX_FILE}: not a readable export-npy index ({err})") from None
+            self.index = read_source_index(root)
 
     def expected(self, video_id: str) -> str:
         return f"{self.root}/{video_id}{self.suffix}"
@@ -319,7 +319,7 @@ class FolderSource:
             sv = found[vid] = SourceVideo(vid, meta=entry)
             for role, rel in files.items():
                 sv.files["features" if role in ("features", "npz") else role].append(rel)
-            gone = [rel for rel in files.values() if not (self.root / rel).is_file()]
+            gone = [rel for rel in files.values() if not (self.root / rel).exists()]   # a FIFO: hash_sources
             if gone or not sv.files.get("features"):
                 sv.problem = (f"{self.root / INDEX_FILE}: video {vid!r} lists "
                               f"{', '.join(gone) + ', not in the folder' if gone else 'no features file'}")
@@ -347,6 +347,10 @@ class FolderSource:
         index = [("", "index", INDEX_FILE)] if self.index is not None else []
         return index + [(sv.video_id, role, rel) for sv in videos.values() for role, paths in sorted(sv.files.items())
                         if role != "pickled" for rel in paths]
+
+    def compressed(self, sv: SourceVideo) -> bool:
+        """An .npz member's declared size is bounded by no file size (.npy and safetensors are checked so)."""
+        return sv.one("features").endswith(".npz")
 
     def header(self, sv: SourceVideo):
         path = self.root / sv.one("features")
@@ -389,6 +393,45 @@ class FolderSource:
 
     def close(self) -> None:
         pass
+
+
+def read_source_index(root: Path) -> dict[str, dict]:
+    """video id -> entry of export-npy's index.jsonl, every `files` value checked: a file name that stays
+    inside --from lexically (not absolute, no `..` out of it). A link inside --from to a file elsewhere is
+    allowed (as a folder manifest's links to videos on another disk); hash_sources refuses non-regular files."""
+    path = root / INDEX_FILE
+    out = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SourceError(f"{path}: not a readable export-npy index ({err})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SourceError(f"{path}:{n}: not JSON ({err})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("video_id"), str):
+            raise SourceError(f"{path}:{n}: field 'video_id': expected an object with a string video_id")
+        files = entry.get("files") or {}
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise SourceError(f"{path}:{n}: field 'files': expected an object of role -> file name, got "
+                              f"{_brief(files)}")
+        for role, rel in files.items():
+            norm = posixpath.normpath(rel)
+            if rel.startswith("/") or Path(rel).is_absolute() or norm == ".." or norm.startswith("../"):
+                raise SourceError(f"{path}:{n}: field 'files.{role}': {rel!r} leaves --from {root}; import reads "
+                                  "only files under it (a link inside it may point elsewhere)")
+            if norm == ".":
+                raise SourceError(f"{path}:{n}: field 'files.{role}': {rel!r} names --from itself, not a file")
+        out[entry["video_id"]] = entry
+    return out
+
+
+def _brief(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _walk(root: Path) -> list[str]:
@@ -501,6 +544,9 @@ class H5Source:
     def hash_units(self, videos) -> list[tuple[str, str, str]]:
         return [("", "hdf5", self.path.name)]
 
+    def compressed(self, sv: SourceVideo) -> bool:
+        return True   # any dataset may be gzip-compressed or chunked with nothing stored
+
     def header(self, sv: SourceVideo):
         ds = self.file[sv.one("features")]
         return tuple(ds.shape), ds.dtype
@@ -511,7 +557,9 @@ class H5Source:
             if name is None:
                 return None
             try:
-                return np.asarray(self.file[name][()])
+                ds = self.file[name]
+                check_header((tuple(ds.shape), ds.dtype), None, f"{self.path}: dataset {name!r}")
+                return np.asarray(ds[()])
             except (OSError, ValueError, KeyError) as err:
                 raise VideoProblem("open", f"{self.path}: dataset {name!r} cannot be read ({err})") from None
         return get("features"), get("timestamps_ms"), get("fps")
@@ -542,9 +590,7 @@ def check_features(x: np.ndarray, dim: int, where: str) -> np.ndarray:
                                     f"per frame{hint}")
     if x.shape[0] == 0:
         raise VideoProblem("write", f"{where}: no rows (shape {tuple(x.shape)})")
-    if x.shape[1] != dim:
-        raise VideoProblem("write", f"{where}: dimension {x.shape[1]}, but this import's is {dim} (--dim, "
-                                    "or the most common dimension of the source files)")
+    check_header((tuple(x.shape), x.dtype), dim, where, capped=False)
     with np.errstate(over="ignore", invalid="ignore"):   # what they flag is reported below
         y = x.astype("<f2")
     if not np.isfinite(y).all():   # one pass over float16 finds NaN/Inf and float16 overflow alike
@@ -555,6 +601,24 @@ def check_features(x: np.ndarray, dim: int, where: str) -> np.ndarray:
         raise VideoProblem("write", f"{where}: values up to {float(np.abs(x).max()):.4g} are beyond float16's "
                                     f"range ({FLOAT16_MAX:.0f}); the cache stores float16")
     return y
+
+
+def check_header(head, dim: int | None, where: str, capped: bool = True) -> None:
+    """Shape and size as declared (a header, ds.shape), judged before anything is read: a dimension other
+    than the import's, or (`capped`: a compressed source, whose declared size no file size bounds) more than
+    MAX_ROWS rows or MAX_SOURCE_BYTES bytes (a hostile shape, a gzip bomb) is refused naming the shape.
+    `head` None (no readable header): the read reports what is wrong."""
+    if head is None:
+        return
+    shape, dtype = tuple(int(n) for n in head[0]), head[1]
+    if dim is not None and len(shape) == 2 and shape[1] != dim:
+        raise VideoProblem("write", f"{where}: shape {shape}: dimension {shape[1]}, but this import's is {dim} "
+                                    "(--dim, or the most common dimension of the source files)")
+    nbytes = math.prod(shape) * (getattr(dtype, "itemsize", None) or 4)
+    if capped and ((shape[0] if shape else 0) > MAX_ROWS or nbytes > MAX_SOURCE_BYTES):
+        raise VideoProblem("open", f"{where}: declared shape {shape} ({nbytes / 2**20:.0f} MiB) is beyond import's "
+                                   f"limit of {MAX_ROWS} rows and {MAX_SOURCE_BYTES >> 20} MiB per video; refused "
+                                   "before reading (a damaged header or a compression bomb?)")
 
 
 def ms_to_seconds(ms: np.ndarray) -> np.ndarray:
@@ -686,6 +750,9 @@ def hash_sources(source, videos: dict, folder: CacheFolder, quiet: bool) -> tupl
         path = source.root / rel
         try:
             st = path.stat()
+            if not stat.S_ISREG(st.st_mode):   # a FIFO or /dev/zero would never finish hashing
+                raise SourceError(f"{path}: not a regular file (a FIFO, socket or device, maybe through a link); "
+                                  "import reads only regular files")
             sha = known.get((where, rel, st.st_size, st.st_mtime_ns))
             if sha is None:
                 with open(path, "rb") as fh:
@@ -835,6 +902,7 @@ class ImportRun:
         if sv.problem:
             raise VideoProblem("open", sv.problem)
         where = plan.source.where(sv)
+        check_header(plan.source.header(sv), plan.dim, where, plan.source.compressed(sv))   # before reading
         x, ms, fps_file = plan.source.read(sv)
         feats = check_features(np.asarray(x), plan.dim, where)
         stamps, fps = row_times(len(feats), ms, fps_file, plan.config, where)

@@ -89,15 +89,51 @@ def load_run(run: str | Path, checkpoint: str = "best", device: str = "cpu"):
         raise CheckpointMismatch(f"{path}: its configuration and weights do not make a head "
                                  f"({type(err).__name__}: {str(err)[:300]})") from None
     check_own(RunFolder(run), checkpoint, ckpt.meta)
+    check_run_data(RunFolder(run), checkpoint, ckpt.meta)
     return ckpt, cfg, train_cfg, head.to(resolve_device(device)).eval()
 
 
 def check_own(run: RunFolder, name: str, meta: dict) -> None:
     """Refuse a checkpoint that is not its run folder's (copied from another run); name what differs."""
+    problem = run.config_problem()
+    if problem:
+        raise CheckpointMismatch(f"{problem}; nothing was loaded")
     diff = run.foreign(name, meta)
     if diff:
         raise CheckpointMismatch(f"{run.checkpoint_path(name)}: not this run's checkpoint: {diff}; a checkpoint "
                                  "is used only in the run folder that wrote it (evaluate the other run's folder)")
+
+
+def check_run_data(run: RunFolder, name: str, meta: dict) -> None:
+    """The checkpoint against the data its run folder's config.toml names, where they still exist: the label
+    set and its names in the dataset, the cache's provenance (compared by content, not by path: a moved cache
+    still matches). Both checkpoints copied in from a run on other data agree with each other, not with this."""
+    from cmdcl_cache.cache import locate
+    from cmdcl_cache.manifest import load_manifest
+
+    train = run.read_config()["train"]
+    where, label_set = run.checkpoint_path(name), meta["label_set"]
+    if not train.get("dataset"):
+        return
+    try:
+        manifest = load_manifest(train["dataset"])
+    except (OSError, ValueError, KeyError):
+        return   # moved or gone: nothing here to compare against
+    named = f"{run.path / 'config.toml'} names the dataset {manifest.root}"
+    if label_set not in manifest.label_sets:
+        raise CheckpointMismatch(f"{where}: not this run's checkpoint: it was trained on label set {label_set!r}, "
+                                 f"which {manifest.root} does not have ({named})")
+    check_names(f"{where} (not this run's checkpoint: attribute 'label_names')", meta["label_names"],
+                f"label set {label_set!r} of {manifest.root} ({named})", list(manifest.label_sets[label_set].names))
+    try:
+        folder = locate(train.get("cache") or "", manifest.dataset)
+        found = folder.provenance()
+    except (OSError, ValueError, CacheError):
+        return
+    diff = provenance_difference(meta["cache_provenance"], found) if found else None
+    if diff:
+        raise CheckpointMismatch(f"{where}: not this run's checkpoint: the cache {folder.path} that "
+                                 f"{run.path / 'config.toml'} names differs: {diff.replace('expected', 'checkpoint has')}")
 
 
 def check_checkpoint(meta: dict, data: RunData, where: Path) -> None:

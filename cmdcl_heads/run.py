@@ -28,6 +28,7 @@ import io
 import json
 import math
 import random
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,14 +117,25 @@ class RunFolder:
         write_atomic(path, text.encode())
         return path
 
+    def config_problem(self) -> str | None:
+        """Why config.toml cannot speak for this run folder, or None: train writes it in every run folder, so
+        a folder without one is no run; a name that is no regular file (a link to /dev/zero) is never read."""
+        path = self.path / CONFIG_FILE
+        if not path.exists() and not path.is_symlink():
+            return (f"{path}: missing; `cmdcl-heads train` writes it in every run folder, so {self.path} is not "
+                    "a run folder (or it was damaged)")
+        if not path.exists() or not stat.S_ISREG(path.stat().st_mode):
+            return f"{path}: not a regular file (a FIFO, device or dangling link); a run's config.toml is a file"
+        return None
+
     def read_config(self) -> dict:
         """config.toml as {"train": {...}, "head": {...}}, the options as train resolved them."""
         from cmdcl_cache.config import read_toml
 
         path = self.path / CONFIG_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no config.toml (is {self.path} a run folder written by "
-                                  "`cmdcl-heads train`?)")
+        problem = self.config_problem()
+        if problem:
+            raise CheckpointError(problem)
         table = read_toml(path)
         return {"train": dict(table.get("train", {})), "head": dict(table.get("head", {}))}
 
@@ -164,6 +176,10 @@ class RunFolder:
         if meta.get("version") != CHECKPOINT_VERSION:
             raise CheckpointError(f"{path}: checkpoint version {meta.get('version')!r}, this cmdcl reads "
                                   f"{CHECKPOINT_VERSION}")
+        missing = [key for key in REQUIRED_META if key not in meta]
+        if missing:
+            raise CheckpointError(f"{path}: its metadata lacks {', '.join(map(repr, missing))} (what cmdcl writes in "
+                                  "every checkpoint); nothing was loaded")
         model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         bad = [k for k, v in model.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
@@ -310,6 +326,8 @@ def finite_or_null(value):
     return value
 
 
+REQUIRED_META = ("head_config", "train_config", "label_set", "label_names", "fine_label_set", "fine_label_names",
+                 "cache_provenance", "cache_dir", "dataset", "feature_dim", "tokens")   # what the load path reads
 SAME_IN_A_RUN = ("feature_dim", "label_set", "label_names", "fine_label_set", "fine_label_names", "multi_label",
                  "tokens", "cache_provenance", "head_config")   # best and last of one run agree on these
 

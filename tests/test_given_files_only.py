@@ -309,7 +309,7 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     (elsewhere / "x.mp4").write_bytes(b"")
     (videos / "bird").symlink_to(elsewhere)
     (videos / "dog" / "other-disk.mp4").symlink_to(elsewhere / "x.mp4")   # a video on another disk: fine
-    (videos / "cat" / "inside.mp4").symlink_to(videos / "dog" / "a.mp4")   # a second name inside: skipped
+    (videos / "cat" / "inside.mp4").symlink_to(videos / "cat" / "a.mp4")   # a second name in its class: skipped
     res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos), "--out",
                                     str(tmp_path / "out")])
     out = " ".join(res.output.split())
@@ -318,6 +318,7 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     assert "passwd.mp4" in out and "a link to /etc/passwd, outside --videos" in out
     assert "zero.mp4:0: field 'path': not a regular file" in out and f"a link to {elsewhere}, outside --videos" in out
     assert not (tmp_path / "out" / "videos.jsonl").exists() and "other-disk.mp4" not in out
+    assert "inside.mp4" not in out
     csv = tmp_path / "list.csv"
     csv.write_text("path,label\ncat/a.mp4,cat\ndog/passwd.mp4,dog\ncat/pipe.mp4,cat\ndog/other-disk.mp4,dog\n")
     res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos),
@@ -325,3 +326,223 @@ def test_folder_manifests_refuse_fifos_devices_and_links_outside_the_videos(tmp_
     out = " ".join(res.output.split())
     assert res.exit_code == 2 and "a link to /etc/passwd, outside --videos" in out and "not a regular file" in out, out
     assert "not to a video file" in out and "other-disk" not in out
+
+
+# ------------------------------------------------------------------ 5. the second attack (only given files)
+
+def _import(tmp_path, src, fmt, ids=("a", "b")):
+    manifest = write_manifest(tmp_path / "manifest", {v: f"{v}.mp4" for v in ids})
+    res = runner.invoke(cache_app, ["import", "--dataset", str(manifest), "--from", str(src), "--format", fmt,
+                                    "--cache", str(tmp_path / "cache"), "--model", "m", "--fps", "1", "--quiet"])
+    return res, " ".join(res.output.split())
+
+
+def _npy_folder(tmp_path, files: dict) -> Path:
+    """An export-npy-like folder: a.npy, b.npy and an index.jsonl whose `files` entries are `files`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for vid in ("a", "b"):
+        np.save(src / f"{vid}.npy", np.ones((3, D), np.float32))
+    lines = [{"video_id": "a", "files": {"features": "a.npy"}}, {"video_id": "b", "files": files}]
+    (src / "index.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return src
+
+
+@pytest.mark.parametrize("rel", ["ABS", "../secret.npy", "sub/../../secret.npy"])
+def test_an_index_entry_outside_from_is_refused_and_nothing_leaks(tmp_path, rel):
+    np.save(tmp_path / "secret.npy", SECRET)
+    rel = str(tmp_path / "secret.npy") if rel == "ABS" else rel
+    res, out = _import(tmp_path, _npy_folder(tmp_path, {"features": rel}), "npy")
+    assert res.exit_code == 2 and "index.jsonl:2: field 'files.features'" in out and "leaves --from" in out, out
+    assert repr(rel) in out
+    assert not (tmp_path / "cache").exists() or not any(
+        SECRET.astype("<f2").tobytes()[:64] in p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file())
+
+
+def test_an_index_entry_linking_to_a_regular_npy_elsewhere_is_imported(tmp_path):
+    np.save(tmp_path / "elsewhere.npy", np.ones((3, D), np.float32))
+    src = _npy_folder(tmp_path, {"features": "link.npy"})
+    (src / "b.npy").unlink()
+    (src / "link.npy").symlink_to(tmp_path / "elsewhere.npy")
+    res, out = _import(tmp_path, src, "npy")
+    assert res.exit_code == 0, out
+
+
+@pytest.mark.parametrize("files", ["abc", ["a"], {"features": 5}, {"features": "."}])
+def test_a_malformed_index_files_field_is_named(tmp_path, files):
+    res, out = _import(tmp_path, _npy_folder(tmp_path, files), "npy")
+    assert res.exit_code == 2 and "index.jsonl:2: field 'files" in out and "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("how", ["fifo", "zero-index", "zero-walk", "zero-safetensors"])
+def test_a_fifo_or_device_source_is_refused_before_it_is_opened(tmp_path, how):
+    if how == "zero-safetensors":
+        src, fmt = tmp_path / "src", "safetensors"
+        src.mkdir()
+        (src / "b.safetensors").symlink_to("/dev/zero")
+    elif how == "zero-walk":
+        src, fmt = tmp_path / "src", "npy"
+        src.mkdir()
+        (src / "b.npy").symlink_to("/dev/zero")
+    else:
+        src, fmt = _npy_folder(tmp_path, {"features": "b.npy"}), "npy"
+        (src / "b.npy").unlink()
+        os.mkfifo(src / "b.npy") if how == "fifo" else (src / "b.npy").symlink_to("/dev/zero")
+    res, out = _import(tmp_path, src, fmt)
+    assert res.exit_code == 2 and f"b.{fmt}: not a regular file" in out, out
+
+
+def test_line_files_of_the_cache_folder_that_are_devices_are_refused_before_reading(tmp_path):
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:
+        f["a"] = np.ones((3, D), np.float32)
+    manifest = write_manifest(tmp_path / "manifest", {"a": "a.mp4"})
+    args = ["import", "--dataset", str(manifest), "--from", str(src), "--format", "hdf5", "--cache",
+            str(tmp_path / "cache"), "--model", "m", "--fps", "1", "--quiet"]
+    assert runner.invoke(cache_app, args).exit_code == 0
+    [sources] = (tmp_path / "cache").rglob("import_sources.jsonl")
+    sources.unlink()
+    sources.symlink_to("/dev/zero")   # read whole, it would fill the memory
+    res = runner.invoke(cache_app, args)
+    assert res.exit_code == 2 and "import_sources.jsonl: not a regular file" in " ".join(res.output.split())
+    with pytest.raises(ValueError, match="failures.jsonl: not a regular file"):
+        (tmp_path / "f").mkdir()
+        (tmp_path / "f" / "failures.jsonl").symlink_to("/dev/zero")
+        failures.read_failures(tmp_path / "f")
+
+
+@pytest.mark.parametrize("shape,kw,named", [((10**12, 8), {"chunks": (1, 8)}, "dimension 8"),
+                                            ((2**20, D), {"chunks": (4096, D), "compression": "gzip"}, "limit of"),
+                                            ((2**20, 512), {"chunks": (4096, 512), "compression": "gzip"},
+                                             "dimension 512")])
+def test_a_huge_or_bomb_hdf5_shape_is_refused_from_its_header(tmp_path, monkeypatch, shape, kw, named):
+    from cmdcl_cache import importer
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:   # nothing written: the file stays small, a read would not
+        f["a"] = np.ones((3, D), np.float32)
+        f["c"] = np.ones((3, D), np.float32)
+        f.create_dataset("b", shape=shape, dtype="f4", **kw)
+    real = importer.H5Source.read
+
+    def guarded(self, sv):
+        assert sv.video_id != "b", "the hostile dataset was read"
+        return real(self, sv)
+    monkeypatch.setattr(importer.H5Source, "read", guarded)
+    res, out = _import(tmp_path, src, "hdf5", ids=("a", "b", "c"))
+    assert "Traceback" not in out and res.exit_code != 0, out
+    [record] = [r for r in failures.read_lines(next((tmp_path / "cache").rglob("failures.jsonl")))]
+    assert record["video_id"] == "b" and f"shape {shape}" in record["error"] and named in record["error"], record
+
+
+def _class_videos(tmp_path) -> Path:
+    videos = tmp_path / "V"
+    for rel in ("cls1/a.mp4", "cls1/other/c.mp4", "cls2/b.mp4", "cls2/d.mp4"):
+        (videos / rel).parent.mkdir(parents=True, exist_ok=True)
+        (videos / rel).write_bytes(rel.encode())
+    return videos
+
+
+def _build(videos, out, *extra):
+    res = runner.invoke(cache_app, ["manifest", "build", "--dataset", "folder", "--videos", str(videos), "--out",
+                                    str(out), *extra])
+    return res, " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_one_file_under_two_classes_is_an_error_and_twice_in_one_class_one_record(tmp_path, chain):
+    videos = _class_videos(tmp_path)
+    if chain:   # cls1/dup.mp4 -> hop.lnk -> cls2/b.mp4
+        (videos / "hop.lnk").symlink_to("cls2/b.mp4")
+        (videos / "cls1" / "dup.mp4").symlink_to("../hop.lnk")
+    else:
+        (videos / "cls1" / "dup.mp4").symlink_to("../cls2/b.mp4")
+    res, out = _build(videos, tmp_path / "out")
+    assert res.exit_code == 2 and "cls1/dup.mp4 is the same file as cls2/b.mp4" in out, out
+    assert not (tmp_path / "out" / "videos.jsonl").exists()
+    (videos / "cls1" / "dup.mp4").unlink()
+    (videos / "cls2" / "again.mp4").symlink_to("b.mp4")   # one class: one record, under its first name
+    res, out = _build(videos, tmp_path / "out")
+    assert res.exit_code == 0, out
+    paths = [json.loads(line)["path"] for line in (tmp_path / "out" / "videos.jsonl").read_text().splitlines()]
+    assert sorted(paths) == ["cls1/a.mp4", "cls1/other/c.mp4", "cls2/again.mp4", "cls2/d.mp4"]
+
+
+def test_a_symlink_loop_and_a_class_folder_linking_into_another_class_are_named(tmp_path):
+    videos = _class_videos(tmp_path)
+    (videos / "cls1" / "loop1.mp4").symlink_to("loop2.mp4")
+    (videos / "cls1" / "loop2.mp4").symlink_to("loop1.mp4")
+    shutil.rmtree(videos / "cls2")
+    (videos / "cls2").symlink_to("cls1/other")
+    (videos / "cls3").mkdir()
+    (videos / "cls3" / "e.mp4").write_bytes(b"e")
+    res, out = _build(videos, tmp_path / "out")
+    assert res.exit_code == 2 and "Traceback" not in out, out
+    assert "loop1.mp4:0: field 'path': a symlink loop" in out and "loop2.mp4:0: field 'path': a symlink loop" in out
+    assert "class folder 'cls2' is the same folder as cls1/other" in out and "holds no video" not in out, out
+
+
+def test_a_csv_row_naming_a_folder_is_not_a_video(tmp_path):
+    videos = _class_videos(tmp_path)
+    (videos / "cls1" / "dir.mp4").mkdir()
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\ncls1/a.mp4,cls1\ncls1/dir.mp4,cls1\ncls2/b.mp4,cls2\n")
+    res, out = _build(videos, tmp_path / "out", "--from-csv", str(csv))
+    assert res.exit_code == 2 and "list.csv:3: field 'path': 'cls1/dir.mp4': not a regular file (a folder)" in out, out
+
+
+def _eval_and_predict(run, tmp_path):
+    for args in (["eval", "--run", str(run), "--device", "cpu"],
+                 ["predict", "--run", str(run), "--out", str(tmp_path / "p.jsonl"), "--device", "cpu"]):
+        res = runner.invoke(heads_app, args)
+        yield res.exit_code, " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("other,named", [({"task_names": [f"another task {c}" for c in range(6)]},
+                                          "(not this run's checkpoint: attribute 'label_names') and label set 'task'"),
+                                         ({"provenance": {"model": "ViT-L-14"}}, "attribute 'model' is")])
+def test_both_checkpoints_of_a_run_on_other_data_are_refused(runs, tmp_path, other, named):
+    cache, manifest = make_synthetic(tmp_path / "other", **other)
+    theirs = tmp_path / "theirs"
+    train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(theirs), epochs=1, batch_size=16,
+                      device="cpu", quiet=True, data_mode="memory"), HeadConfig(model="linear", frames=8))
+    run = tmp_path / "run"
+    shutil.copytree(runs["mine"], run)
+    for name in ("best", "last"):
+        shutil.copy(theirs / f"{name}.safetensors", run / f"{name}.safetensors")
+    for code, out in _eval_and_predict(run, tmp_path):
+        assert code == 2 and "not this run's checkpoint" in out and named in out and "config.toml" in out, out
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_a_moved_cache_still_evaluates_and_config_toml_must_be_a_regular_file(tmp_path):
+    cache, manifest = make_synthetic(tmp_path / "data")
+    run = tmp_path / "run"
+    train(TrainConfig(cache=str(cache), dataset=str(manifest), out=str(run), epochs=1, batch_size=16,
+                      device="cpu", quiet=True, data_mode="memory"), HeadConfig(model="linear", frames=8))
+    cache.rename(tmp_path / "moved")
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--cache", str(tmp_path / "moved"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    config = run / "config.toml"
+    config.rename(tmp_path / "config.toml")
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 2 and "config.toml: missing" in " ".join(res.output.split()), res.output
+    config.symlink_to("/dev/zero")
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"])
+    assert res.exit_code == 2 and "config.toml: not a regular file" in " ".join(res.output.split()), res.output
+
+
+@pytest.mark.parametrize("key", ["label_set", "label_names", "cache_provenance"])
+def test_a_checkpoint_lacking_a_metadata_key_names_the_file_and_the_key(runs, tmp_path, key):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "run"
+    shutil.copytree(runs["mine"], run)
+    path = run / "best.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    meta = json.loads(header["cmdcl"])
+    del meta[key]
+    save_file(load_file(str(path)), str(path), metadata={"cmdcl": json.dumps(meta)})
+    res = runner.invoke(heads_app, ["eval", "--run", str(run), "--device", "cpu"])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "best.safetensors: its metadata lacks" in out and repr(key) in out, out

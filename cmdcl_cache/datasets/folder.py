@@ -29,13 +29,16 @@ the file (the CSV, or the folder or video) with its line (0 for a folder or a vi
 a class folder without videos, videos outside class folders, fewer than two classes, files that do not exist
 or are no videos, a video name that is no regular file (a FIFO, a device), a folder that links outside DIR,
 a file that links outside DIR to something that is not a video file (refused, not recorded; a link to a
-video file on another disk is fine), unknown or missing columns, a row
+video file on another disk is fine), a symlink loop, a CSV path that is a folder, two names of one file (or
+folder) in different classes (a link `cat/x.mp4 -> ../dog/y.mp4`: one video, two labels; two names in one
+class make one record, the first in sorted order), unknown or missing columns, a row
 with a wrong number of fields, an unknown split, two rows with one path, two videos with one id.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import math
 import os
@@ -74,7 +77,7 @@ def _is_video(name: str) -> bool:
 def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
     """Videos of DIR/<class>/..., sorted by path; problems go to `errors`."""
     found: list[FoundVideo] = []
-    classes, seen, owner = 0, set(), {}
+    classes, seen, owner = 0, {}, {}
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -84,15 +87,21 @@ def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
                                                               "in DIR/<class>/ (or list them with --from-csv)"))
             continue
         classes += 1
-        st = entry.stat()
+        try:
+            st = entry.stat()
+        except OSError as err:   # a symlink loop, a dangling link
+            errors.add(ManifestError(entry, 0, "(folder)", link_problem(root, entry) or str(err)))
+            continue
         if (st.st_dev, st.st_ino) in owner:
             errors.add(ManifestError(entry, 0, "(folder)", f"class folder {entry.name!r} is the same folder as class "
                                                            f"{owner[st.st_dev, st.st_ino]!r} (a link): one class per "
                                                            "folder"))
             continue
         owner[st.st_dev, st.st_ino] = entry.name
-        videos = [FoundVideo(rel, entry.name, None, (root / rel, 0))
-                  for rel in _videos_below(root, entry, seen, errors)]
+        below = _videos_below(root, entry, seen, errors)
+        if below is None:   # the class folder is a second name of a folder of another class: said already
+            continue
+        videos = [FoundVideo(rel, entry.name, None, (root / rel, 0)) for rel in below]
         if not videos:
             errors.add(ManifestError(entry, 0, "(folder)", f"class folder {entry.name!r} holds no video file "
                                                            f"({' '.join(VIDEO_EXTENSIONS)}); remove it or add videos"))
@@ -103,29 +112,41 @@ def find_class_folders(root: Path, errors: ErrorCollector) -> list[FoundVideo]:
     return found
 
 
-def _videos_below(root: Path, folder: Path, seen: set, errors: ErrorCollector) -> list[str]:
-    """Video files below `folder`; a folder (a symlink loop) and a file (a second name for it, e.g. a class
-    folder that links to another) already met under `root` are skipped: one record per real file. A link
+def _videos_below(root: Path, folder: Path, seen: dict, errors: ErrorCollector) -> list[str] | None:
+    """Video files below `folder` (class `folder.name`); `seen` maps every real folder and file met so far
+    to (its first name, its class). A second name in the same class (a link, a symlink loop of folders) is
+    skipped: one record per real file, under its first name in sorted order. A second name in another class
+    is an error (one video cannot carry two labels); None when `folder` itself is such a second name. A link
     that leaves `root` and a video name that is no regular file (a FIFO, a device) are errors."""
-    out = []
+    out, cls = [], folder.name
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         if _outside(root, Path(dirpath), errors):
             dirnames[:] = []
             continue
         st = os.stat(dirpath)
-        if ("dir", st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add(("dir", st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel_dir = Path(dirpath).relative_to(root).as_posix()
+        first = seen.setdefault(("dir", st.st_dev, st.st_ino), (rel_dir, cls))
+        if first != (rel_dir, cls):
+            dirnames[:] = []
+            if first[1] != cls:
+                what = f"class folder {cls!r}" if rel_dir == cls else f"folder {rel_dir}"
+                errors.add(ManifestError(Path(dirpath), 0, "(folder)", f"{what} is the same folder as {first[0]} "
+                                                                       f"(a link), of class {first[1]!r}: one class per folder"))
+                if rel_dir == cls:
+                    return None
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or not _is_video(name) or _outside(root, Path(dirpath) / name, errors):
                 continue
-            fst = os.stat(Path(dirpath) / name)
-            if ("file", fst.st_dev, fst.st_ino) not in seen:
-                seen.add(("file", fst.st_dev, fst.st_ino))
-                out.append(f"{rel_dir}/{name}")
+            fst, rel = os.stat(Path(dirpath) / name), f"{rel_dir}/{name}"
+            first = seen.setdefault(("file", fst.st_dev, fst.st_ino), (rel, cls))
+            if first == (rel, cls):
+                out.append(rel)
+            elif first[1] != cls:
+                errors.add(ManifestError(Path(dirpath) / name, 0, "path", f"{first[0]} is the same file as {rel} (a "
+                                                                          f"link): one video cannot be of class "
+                                                                          f"{first[1]!r} and {cls!r}"))
     return out
 
 
@@ -133,7 +154,7 @@ def _outside(root: Path, path: Path, errors: ErrorCollector) -> bool:
     """True (and an error) when `path` is no video file the manifest may name (see `link_problem`)."""
     problem = link_problem(root, path)
     if problem:
-        errors.add(ManifestError(path, 0, "(folder)" if path.resolve().is_dir() else "path", problem))
+        errors.add(ManifestError(path, 0, "(folder)" if os.path.isdir(path) else "path", problem))
     return problem is not None
 
 
@@ -144,7 +165,13 @@ def link_problem(root: Path, path: Path) -> str | None:
     may lead outside `root` (datasets assembled from links to another disk) only to a regular file whose own
     name is a video's (not /etc/passwd named clip.mp4); a folder that links outside `root` is refused, since
     walking it could walk anything."""
-    real = path.resolve()
+    try:
+        os.stat(path)
+        real = path.resolve()
+    except (OSError, RuntimeError) as err:   # Path.resolve raises RuntimeError on a loop before 3.13
+        if isinstance(err, RuntimeError) or err.errno == errno.ELOOP:
+            return "a symlink loop (a link that leads back to itself); remove it"
+        real = Path(os.path.realpath(path))
     if not real.exists():
         return f"a link to {real}, which does not exist"
     if not real.is_dir() and not stat.S_ISREG(os.stat(real).st_mode):
@@ -241,6 +268,8 @@ def _csv_video(csv_path: Path, line: int, cells: dict[str, str], root: Path) -> 
     problem = link_problem(root, root / path)
     if problem:
         fail("path", f"{path!r}: {problem}")
+    if (root / path).is_dir():
+        fail("path", f"{path!r}: not a regular file (a folder); a video is a file")
     split = cells.get("split")
     if split is not None:
         split = split.lower()
