@@ -11,11 +11,10 @@ The protocol changed deliberately in two ways when backends came: "meta" ends wi
 sent after the first chunk has been decoded (a backend that refuses a file does so there, before anything
 was sent, so that the fallback can take over). `backend` names the backend that decoded the video:
 the one asked for (`--decoder`: for a new cache pyav, for a resumed one the backend it records) or, when
-that one refused the file before sending a frame, the fallback (`--fallback-decoder`: decord for pyav,
-which refuses AVI with B-frames; pyav for the others, as decord refuses videos with a 90 or 270 degree
-display rotation). A video both refuse fails with both reasons. Timestamps are the decoder's
-presentation times and sampling is uniform in time (sampling.py); `fps` and `duration` are those of
-`sampling.video_timing`.
+that one refused the file before sending a frame, the fallback (`--fallback-decoder`: decord for pyav;
+pyav for the others, as decord refuses videos with a 90 or 270 degree display rotation). A video both
+refuse fails with both reasons. Timestamps are the decoder's presentation times and sampling is uniform
+in time (sampling.py); `fps` and `duration` are those of `sampling.video_timing`.
 
 Given the encoder's `TransformSpec` (the pipeline always gives it), a worker resizes and centre crops
 each frame as open_clip's eval transform does, with PIL itself (`transform.resize_crop`, the very code
@@ -81,13 +80,13 @@ __all__ = ["BackendMissing", "DecodeError", "DecodePool", "DecordVideo", "GpuDec
 CHUNK_FRAMES = 32
 CHUNK_BYTES = 64 << 20   # at most this many bytes of decoded (full-resolution) frames per chunk
 # New caches: PyAV, which skips the frames no sample needs (measured 1.3-2.3x decord per CPU second,
-# BENCHMARKS.md "Decoder backends"), and decord for what PyAV refuses (AVI with B-frames). A cache that
+# BENCHMARKS.md "Decoder backends"), and decord for what PyAV refuses. A cache that
 # records no decoder was made with the defaults before: decord, then PyAV.
 DEFAULT_DECODER, LEGACY_DECODERS = "pyav", ("decord", "pyav")
 
 
 def default_fallback(decoder: str) -> str:
-    """decord for PyAV (it reads AVI with B-frames, which PyAV refuses), PyAV for every other backend."""
+    """decord for PyAV, PyAV for every other backend (decord refuses 90 / 270 degree rotations)."""
     return "decord" if decoder == "pyav" else "pyav"
 
 

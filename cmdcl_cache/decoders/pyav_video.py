@@ -20,6 +20,18 @@ skipped are not counted. With keyframes-only sampling every target is a keyframe
 frame out after its seek. (FFmpeg's `skip_frame = "NONKEY"` measured slower here with a seek per frame,
 so it is not used.)
 
+By position (`by_position` says why): where timestamps do not tell the frames apart (AVI stores decode
+order only, and FFmpeg gives its frames, in display order, other frames' timestamps; MPEG-TS / PS seek by
+bytes and land after the frame asked for; a frame rate finer than the time base gives two frames one
+time), a sampled frame is found by counting: the file is decoded from its start, in order, nothing
+skipped and no seek (a decoder outputs display order), frame k being the k-th frame out. After the last
+sampled frame the rest is decoded and counted, so that a frame the decoder dropped or added fails the
+video instead of shifting every frame after it. Slower (every frame decoded), never a wrong frame.
+Keyframes-only sampling is refused there unless presentation times give the keyframes' positions.
+
+Edit lists (`ffmpeg -ss ... -c copy` cuts): the packets FFmpeg flags discard are decoded (a frame shown
+may be predicted from them) but never shown, so they are not frames of the video.
+
 Threads: `threads` FFmpeg threads of its default kind (slices). The pool gives each worker cores / workers
 threads, one where workers >= cores (the pipeline's usual setting), where no threading can help. Frame
 threading (`thread_type = "AUTO"`) was measured with one worker and 2 threads on 2 cores and was no faster
@@ -59,11 +71,11 @@ class PyAVVideo:
         self.fps = float(rate) if rate else float("nan")
         self._check_duration()
         self.by_position = self._position_reason(reordered)   # why frames are told apart by position
-        # AVI's timestamps and keyframe flags are in decode order: the frames are at index / fps, and no
-        # keyframe is known by position.
-        self._times_known = reordered and self._container.format.name != "avi"
-        self.pts = np.asarray(self._ticks, dtype=np.float64) * float(stream.time_base) \
-            if self._times_known or not self.by_position else None
+        # AVI's timestamps and keyframe flags are in decode order: its frames are at index / fps. A keyframe's
+        # position is known only from presentation times the container shows to be such (reordered).
+        avi = self._container.format.name == "avi"
+        self._keys_known = reordered and not avi
+        self.pts = None if avi else np.asarray(self._ticks, dtype=np.float64) * float(stream.time_base)
         self._key_indices = np.searchsorted(np.asarray(self._ticks), np.asarray(shown_keys, dtype=np.int64))
         self.skip = bool(skip)
         self._skipping = self.skip and not self.by_position   # read per packet: off while a frame is redone
@@ -127,7 +139,7 @@ class PyAVVideo:
 
     @property
     def key_indices(self) -> np.ndarray:
-        if self.by_position and not self._times_known:
+        if self.by_position and not self._keys_known:
             raise ValueError(f"keyframes-only sampling needs the keyframes' display positions, which this "
                              f"file does not give ({self.by_position}): sample by rate instead")
         return self._key_indices
