@@ -66,7 +66,7 @@ from multiprocessing.connection import wait
 
 import numpy as np
 
-from .decoders import BACKENDS, FALLBACKS, BackendMissing, backend_version, video_class
+from .decoders import BACKENDS, FALLBACKS, BackendMissing, BrokenFile, backend_version, video_class
 from .decoders.decord_video import DecordVideo
 from .sampling import SamplingError, SamplingPolicy, sample_timing, video_timing
 from .transform import TransformSpec, resize_crop
@@ -91,9 +91,9 @@ def default_fallback(decoder: str) -> str:
 
 
 class DecodeError(RuntimeError):
-    def __init__(self, stage: str, message: str):
+    def __init__(self, stage: str, message: str, broken: bool = False):
         super().__init__(message)
-        self.stage = stage
+        self.stage, self.broken = stage, broken   # broken: the file itself, no fallback tried
 
 
 def chunk_frames(height: int, width: int, limit: int = CHUNK_FRAMES) -> int:
@@ -236,7 +236,7 @@ def _open(opener, path: str, policy: SamplingPolicy, threads: int):
     except SamplingError as err:
         raise DecodeError("open", f"cannot sample frames: {err}") from err
     except Exception as err:
-        raise DecodeError("open", _message(err)) from err
+        raise DecodeError("open", _message(err), isinstance(err, BrokenFile)) from err
     return video, timing, index, stamps, _batch(video, index, 0, CHUNK_FRAMES, timing.num_frames)
 
 
@@ -248,12 +248,15 @@ def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, tr
     """Generator used by the worker (and usable in-process): yields the messages listed above, minus job.
 
     transform: a TransformSpec (or its dict): frames are sent as open_clip's eval resize + crop of them.
-    fallback: an opener tried when `opener` refuses the file (any error before the first frame).
+    fallback: an opener tried when `opener` refuses the file (any error before the first frame but a
+    BrokenFile: a file cut short, which the fallback could read as a shorter video).
     """
     crop = _as_crop(transform)
     try:
         video, timing, index, stamps, frames = _open(opener, path, policy, threads)
     except DecodeError as err:
+        if err.broken:
+            raise DecodeError(err.stage, f"{_name(opener)}: {err}", True) from err
         if fallback is None:
             raise
         try:

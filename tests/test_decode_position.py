@@ -143,3 +143,6 @@ def test_an_mkv_cut_short_is_refused_rather_than_cached_as_a_shorter_video(tmp_p
     assert PyAVVideo(str(path)).num_frames == 150
     with pytest.raises(ValueError, match=r"holds \d\.\d of the 6\.0 seconds"):
         PyAVVideo(str(short))
+    with pytest.raises(DecodeError, match="truncated") as err:   # decord, the fallback, is not tried
+        _decoded(short, SamplingPolicy(fps=1))
+    assert err.value.stage == "open" and "fallback" not in str(err.value)

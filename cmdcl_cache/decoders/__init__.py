@@ -45,6 +45,11 @@ INSTALL = {
 }
 
 
+class BrokenFile(ValueError):
+    """The file itself is wrong (cut short): no fallback is tried, another backend would read it as
+    a shorter video."""
+
+
 class BackendMissing(RuntimeError):
     """A decoder backend was asked for but cannot run here; the message says what to install."""
 

@@ -47,6 +47,8 @@ import bisect
 
 import numpy as np
 
+from . import BrokenFile
+
 # Containers whose frames are told apart by position: AVI stores decode order only (FFmpeg gives its frames,
 # in display order, the timestamps of other frames); MPEG-TS / PS seek by bytes, not to a keyframe's time.
 BY_POSITION = {"avi": "AVI stores no presentation times", "mpegts": "MPEG-TS seeks by bytes",
@@ -134,7 +136,7 @@ class PyAVVideo:
         found = (self._ticks[-1] - self._ticks[0]) * float(stream.time_base)
         found += 1.0 / self.fps if self.fps > 0 else 0.0
         if declared - found > max(1.0, 0.05 * declared):
-            raise ValueError(f"the file holds {found:.1f} of the {declared:.1f} seconds its header gives "
+            raise BrokenFile(f"the file holds {found:.1f} of the {declared:.1f} seconds its header gives "
                              "(truncated?)")
 
     @property
@@ -243,9 +245,9 @@ class PyAVVideo:
 
 def check_not_truncated(found: int, declared: int | None) -> None:
     """A file cut short keeps the header of the whole video (mp4 with its index at the front) and
-    demuxes only the first part: fail it rather than cache a shorter video. decord refuses such files."""
+    demuxes only the first part: fail it rather than cache a shorter video (no fallback)."""
     if declared and found < declared:
-        raise ValueError(f"the file holds {found} of the {declared} frames its header lists (truncated?)")
+        raise BrokenFile(f"the file holds {found} of the {declared} frames its header lists (truncated?)")
 
 
 def upright(frame) -> np.ndarray:
