@@ -100,6 +100,24 @@ def test_decord_refuses_mpeg_ts(hostile):
         DecordVideo(str(hostile["h264_b.ts"]))
 
 
+def test_b_frames_muxed_without_presentation_times_are_told_apart_by_position(hostile, tmp_path):
+    """An AVI's packets remuxed into mp4 as they are (presentation time = decode time): the refusal used
+    to name AVI; now PyAV decodes the file by position, naming its real container."""
+    import av
+    path = tmp_path / "no_pts.mp4"
+    with av.open(str(hostile["h264_b.avi"])) as inp, av.open(str(path), "w") as out:
+        s_in = inp.streams.video[0]
+        s_out = out.add_stream_from_template(s_in)
+        for packet in inp.demux(s_in):
+            if packet.dts is not None:
+                packet.pts, packet.stream = packet.dts, s_out
+                out.mux(packet)
+    reason = PyAVVideo(str(path)).by_position
+    assert "this mp4 file gives no presentation times" in reason and "AVI" not in reason
+    _, index, shown = _decoded(path, SamplingPolicy(fps=8))
+    assert shown == index
+
+
 def test_frames_that_share_a_timestamp_are_told_apart_by_position(tmp_path):
     """1500 fps in a millisecond time base (mkv): two frames per tick."""
     path = write_numbered(tmp_path / "hifps.mkv", 120, options={"bf": "3"}, rate=1500)

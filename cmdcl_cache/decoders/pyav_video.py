@@ -44,6 +44,7 @@ as FFmpeg and PyAV's `VideoFrame.rotation` define it.
 from __future__ import annotations
 
 import bisect
+import os
 
 import numpy as np
 
@@ -116,7 +117,9 @@ class PyAVVideo:
         if name in BY_POSITION:
             return BY_POSITION[name]
         if self._stream.codec_context.has_b_frames and not reordered and len(self._ticks) > 2:
-            return f"the stream may have B-frames but its {name} container gives no presentation times"
+            suffix = os.path.splitext(self._container.name)[1].lstrip(".").lower()
+            shown = suffix if suffix in name.split(",") else name.split(",")[0]   # "mp4", not "mov,mp4,..."
+            return f"the stream may have B-frames but this {shown} file gives no presentation times"
         if len(set(self._ticks)) < len(self._ticks):
             return "frames share a timestamp (a frame rate finer than the time base)"
         return ""
