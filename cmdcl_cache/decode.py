@@ -11,11 +11,10 @@ The protocol changed deliberately in two ways when backends came: "meta" ends wi
 sent after the first chunk has been decoded (a backend that refuses a file does so there, before anything
 was sent, so that the fallback can take over). `backend` names the backend that decoded the video:
 the one asked for (`--decoder`: for a new cache pyav, for a resumed one the backend it records) or, when
-that one refused the file before sending a frame, the fallback (`--fallback-decoder`: decord for pyav,
-which refuses AVI with B-frames; pyav for the others, as decord refuses videos with a 90 or 270 degree
-display rotation). A video both refuse fails with both reasons. Timestamps are the decoder's
-presentation times and sampling is uniform in time (sampling.py); `fps` and `duration` are those of
-`sampling.video_timing`.
+that one refused the file before sending a frame, the fallback (`--fallback-decoder`: decord for pyav;
+pyav for the others, as decord refuses videos with a 90 or 270 degree display rotation). A video both
+refuse fails with both reasons. Timestamps are the decoder's presentation times and sampling is uniform
+in time (sampling.py); `fps` and `duration` are those of `sampling.video_timing`.
 
 Given the encoder's `TransformSpec` (the pipeline always gives it), a worker resizes and centre crops
 each frame as open_clip's eval transform does, with PIL itself (`transform.resize_crop`, the very code
@@ -67,7 +66,7 @@ from multiprocessing.connection import wait
 
 import numpy as np
 
-from .decoders import BACKENDS, FALLBACKS, BackendMissing, backend_version, video_class
+from .decoders import BACKENDS, FALLBACKS, BackendMissing, BrokenFile, backend_version, video_class
 from .decoders.decord_video import DecordVideo
 from .sampling import SamplingError, SamplingPolicy, sample_timing, video_timing
 from .transform import TransformSpec, resize_crop
@@ -81,20 +80,20 @@ __all__ = ["BackendMissing", "DecodeError", "DecodePool", "DecordVideo", "GpuDec
 CHUNK_FRAMES = 32
 CHUNK_BYTES = 64 << 20   # at most this many bytes of decoded (full-resolution) frames per chunk
 # New caches: PyAV, which skips the frames no sample needs (measured 1.3-2.3x decord per CPU second,
-# BENCHMARKS.md "Decoder backends"), and decord for what PyAV refuses (AVI with B-frames). A cache that
+# BENCHMARKS.md "Decoder backends"), and decord for what PyAV refuses. A cache that
 # records no decoder was made with the defaults before: decord, then PyAV.
 DEFAULT_DECODER, LEGACY_DECODERS = "pyav", ("decord", "pyav")
 
 
 def default_fallback(decoder: str) -> str:
-    """decord for PyAV (it reads AVI with B-frames, which PyAV refuses), PyAV for every other backend."""
+    """decord for PyAV, PyAV for every other backend (decord refuses 90 / 270 degree rotations)."""
     return "decord" if decoder == "pyav" else "pyav"
 
 
 class DecodeError(RuntimeError):
-    def __init__(self, stage: str, message: str):
+    def __init__(self, stage: str, message: str, broken: bool = False):
         super().__init__(message)
-        self.stage = stage
+        self.stage, self.broken = stage, broken   # broken: the file itself, no fallback tried
 
 
 def chunk_frames(height: int, width: int, limit: int = CHUNK_FRAMES) -> int:
@@ -237,7 +236,7 @@ def _open(opener, path: str, policy: SamplingPolicy, threads: int):
     except SamplingError as err:
         raise DecodeError("open", f"cannot sample frames: {err}") from err
     except Exception as err:
-        raise DecodeError("open", _message(err)) from err
+        raise DecodeError("open", _message(err), isinstance(err, BrokenFile)) from err
     return video, timing, index, stamps, _batch(video, index, 0, CHUNK_FRAMES, timing.num_frames)
 
 
@@ -249,12 +248,15 @@ def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, tr
     """Generator used by the worker (and usable in-process): yields the messages listed above, minus job.
 
     transform: a TransformSpec (or its dict): frames are sent as open_clip's eval resize + crop of them.
-    fallback: an opener tried when `opener` refuses the file (any error before the first frame).
+    fallback: an opener tried when `opener` refuses the file (any error before the first frame but a
+    BrokenFile: a file cut short, which the fallback could read as a shorter video).
     """
     crop = _as_crop(transform)
     try:
         video, timing, index, stamps, frames = _open(opener, path, policy, threads)
     except DecodeError as err:
+        if err.broken:
+            raise DecodeError(err.stage, f"{_name(opener)}: {err}", True) from err
         if fallback is None:
             raise
         try:

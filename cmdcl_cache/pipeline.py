@@ -96,8 +96,7 @@ class ExtractConfig:
               "the decoder with the CMDCL_DECODER environment variable, never from a configuration.")
     fallback_decoder: Literal["decord", "pyav", "none"] | None = option(
         None, "Tried on a file the decoder refuses. Default: the one a resumed cache records, else decord "
-              "for pyav (PyAV refuses AVI with B-frames, as in Breakfast) and pyav for the others (decord "
-              "refuses video rotated by 90 or 270 degrees).")
+              "for pyav and pyav for the others (decord refuses video rotated by 90 or 270 degrees).")
     keyframes_only: bool = option(False, "Each sample is the keyframe nearest its bin centre: decodes one "
                                          "frame per sample, at a timing error up to half a keyframe interval.")
     decode_threads: int | None = option(None, "Threads per decode worker.", cli=False)

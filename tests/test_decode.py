@@ -239,19 +239,20 @@ def test_keyframes_only_decodes_one_frame_per_sample_with_every_backend(tmp_path
     assert video.decoded == len(set(ref_meta[4]))             # each keyframe is the first frame out
 
 
-def test_avi_with_b_frames_decord_keeps_index_over_fps_and_pyav_refuses_it_at_open(tmp_path):
+def test_avi_with_b_frames_is_sampled_at_index_over_fps_by_both_backends(tmp_path):
     """AVI stores no presentation times: with B-frames decord reports FFmpeg's "no timestamp" for every
-    frame (its frames are right) and PyAV, whose frames would carry other frames' timestamps, refuses the
-    file when it opens it."""
+    frame and decodes them in order (it seeks wrongly there), PyAV decodes them by position; both sample
+    at index / fps and give the same frames (test_decode_position.py checks each frame's own number)."""
     from fractions import Fraction
     path = write_timed_video(tmp_path / "bframes.avi", [40 * i for i in range(50)], tick=Fraction(1, 25))
     meta, frames = _decode("decord", path, SamplingPolicy(num_frames=5))
     assert meta[-1] == "decord" and meta[1] == 50
     np.testing.assert_allclose(meta[5], meta[4] / 25.0)                     # index / fps, as before
     np.testing.assert_allclose(frames[:, -1, -1, 0].astype(int), (meta[4] * 7) % 256, atol=4)
-    with pytest.raises(DecodeError) as err:
-        _decode("pyav", path, SamplingPolicy(num_frames=5))
-    assert err.value.stage == "open" and "container gives no presentation times" in str(err.value)
+    meta_av, frames_av = _decode("pyav", path, SamplingPolicy(num_frames=5))
+    assert meta_av[-1] == "pyav" and list(meta_av[4]) == list(meta[4])
+    np.testing.assert_allclose(meta_av[5], meta[5])
+    assert np.array_equal(frames_av, frames)
 
 
 @pytest.mark.parametrize("name,codec", [("clip.mkv", "libx264"), ("clip.mov", "mpeg4"), ("clip.avi", "mpeg4")])

@@ -1,6 +1,6 @@
 """Decode less: PyAV (the default backend of new caches) skips the non-reference frames no sample needs and
-gives byte for byte the frames of a full decode (and decord's); a file it refuses goes to decord, its
-fallback; a cache made when decord was the default is resumed and extended with decord."""
+gives byte for byte the frames of a full decode (and decord's); AVI with B-frames it decodes by position;
+a cache made when decord was the default is resumed and extended with decord."""
 
 from pathlib import Path
 
@@ -105,12 +105,13 @@ def _avi_with_b_frames(path: Path) -> Path:
     return write_timed_video(path, [40 * i for i in range(50)], tick=Fraction(1, 25))
 
 
-def test_a_file_the_default_refuses_is_decoded_by_its_fallback(tmp_path):
-    """AVI with B-frames (as in Breakfast): PyAV refuses it at open, decord decodes it, frame exact."""
+def test_avi_with_b_frames_is_decoded_by_pyav_by_position(tmp_path):
+    """AVI with B-frames (as in Breakfast): no presentation times, PyAV decodes it by position, frame exact
+    (tests/test_decode_position.py checks every frame of more such files)."""
     path = _avi_with_b_frames(tmp_path / "bframes.avi")
     policy = SamplingPolicy(num_frames=10)
     msgs = list(decode_video(resolve_decoder(None), str(path), policy, fallback=resolve_decoder("decord")))
-    assert msgs[0][0] == "meta" and msgs[0][-1] == "decord"
+    assert msgs[0][0] == "meta" and msgs[0][-1] == "pyav"
     frames = np.concatenate([m[2] for m in msgs if m[0] == "frames"])
     np.testing.assert_allclose(frames[:, -1, -1, 0].astype(int), (msgs[0][4] * 7) % 256, atol=4)
 
@@ -121,7 +122,7 @@ def _extract(manifest, root, cache, **kw):
 
 
 @pytest.mark.slow
-def test_new_cache_uses_pyav_and_records_decord_as_its_fallback(tmp_path):
+def test_new_cache_uses_pyav_also_on_avi_with_b_frames_and_records_decord_as_its_fallback(tmp_path):
     root = tmp_path / "videos"
     vids = good_videos(root, 1, frames=30)
     _avi_with_b_frames(root / "bframes.avi")
@@ -129,7 +130,7 @@ def test_new_cache_uses_pyav_and_records_decord_as_its_fallback(tmp_path):
     r = _extract(manifest, root, tmp_path / "cache")
     assert r.exit_code == EXIT_OK and r.failed == []
     cache = Cache(r.cache_dir)
-    assert cache.video_info("bframes")["decoder"] == "decord"       # the fallback took it
+    assert cache.video_info("bframes")["decoder"] == "pyav"         # by position
     assert cache.video_info(next(iter(vids)))["decoder"] == "pyav"
     with h5py.File(r.shard) as f:
         assert f.attrs["decoder"] == f"{backend_version('pyav')}; fallback {backend_version('decord')}"

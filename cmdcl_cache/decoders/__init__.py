@@ -17,8 +17,8 @@ A backend class is built as `Video(path, threads)` and gives:
 
 `backend_version(name)` checks that a backend can run here (before any work) and raises BackendMissing
 with what to install. Importing this package imports no decoder library and never torch. PyAV, the default
-of new caches, refuses AVI files with B-frames (no presentation times), which decord, its default fallback,
-reads; caches made before PyAV became the default record decord and are resumed with it (decode.run_decoders).
+of new caches, decodes files whose timestamps do not tell the frames apart (AVI with B-frames, MPEG-TS / PS)
+by position (pyav_video.py); decord, its default fallback, decodes those in order or refuses them; caches made before PyAV became the default record decord and are resumed with it (decode.run_decoders).
 """
 
 from __future__ import annotations
@@ -43,6 +43,11 @@ INSTALL = {
     "torchcodec-cuda": "pip install 'cmdcl[torchcodec]' on a machine with an NVIDIA GPU, torch built for "
                        f"CUDA, and {_FFMPEG_LIBS.replace('shared', 'shared (NVDEC-enabled)')}",
 }
+
+
+class BrokenFile(ValueError):
+    """The file itself is wrong (cut short): no fallback is tried, another backend would read it as
+    a shorter video."""
 
 
 class BackendMissing(RuntimeError):
