@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .sampling import SamplingPolicy
-from .store import (CacheError, ProvenanceError, normalised, read_shard, read_texts, texts_provenance)
+from .store import (CacheError, ProvenanceError, frame_records, normalised, read_shard, read_texts, rows_checksum,
+                    texts_provenance)
 
 SHARD_GLOB = "frames-*-of-*.h5"
 JOURNAL_GLOB = "frames-*-of-*.journal"
@@ -423,6 +424,8 @@ class Cache:
         self.provenance: dict | None = None
         counts = set()
         self._fds: list[int] = []
+        self._stamps: list[tuple] = []   # size, mtime, ctime, links of each shard at its first open
+        self._verified: set[str] = set()   # videos whose rows matched their crc32 in this process
         for s, path in enumerate(self.shard_paths):
             prov, table, dim, tokens = self._snapshot(path)
             if self.provenance is None:
@@ -455,6 +458,7 @@ class Cache:
             found = read_shard(path)
             if _identity(os.stat(path)) == _identity(os.fstat(fd)):   # not replaced while it was read
                 self._fds.append(fd)
+                self._stamps.append(_stamp(os.fstat(fd)))
                 return found
             os.close(fd)
         raise CacheError(f"{path}: replaced again and again while it was being opened; rerun once the extract "
@@ -472,8 +476,17 @@ class Cache:
             if not self._fds:
                 raise CacheError(f"{self.dir}: this reader was closed; open the cache again")
             self._files = [self._open_snapshot(s) for s in range(len(self.shard_paths))]
-            self._pid = os.getpid()
+            self._pid, self._verified = os.getpid(), set()
+        self._check_unchanged(shard)
         return self._files[shard]
+
+    def _check_unchanged(self, shard: int) -> None:
+        """The snapshot's file was not rewritten in place (truncate, `cp` over it, bytes overwritten): its
+        size and time stamps are those of the first open. A rename over its name is not a change of it."""
+        if not _same_contents(self._stamps[shard], _stamp(os.fstat(self._fds[shard]))):
+            raise CacheError(f"{self.shard_paths[shard]}: changed in place since this run opened it (truncated, "
+                             "copied over or overwritten); stopped rather than read rows of a file that is not "
+                             "the one whose table this run indexed: run `cmdcl-cache verify`, then rerun")
 
     def _open_snapshot(self, shard: int):
         """h5py.File of the shard this Cache indexed, in this process (a forked worker inherits the descriptor):
@@ -499,10 +512,26 @@ class Cache:
         except KeyError:
             raise CacheError(f"{self.dir}: video {video_id!r} is not in the cache") from None
         try:
-            return self._file(shard)[name][start:start + n]
+            f = self._file(shard)
+            if video_id not in self._verified:   # the first read of a video in this process checks its rows
+                return self._checked_rows(f, video_id, shard, start, n)[name]
+            return f[name][start:start + n]
         except OSError as err:
             raise CacheError(f"{self.shard_paths[shard]}: rows of video {video_id!r} cannot be read ({err}); "
                              "run `cmdcl-cache verify`") from None
+
+    def _checked_rows(self, f, video_id: str, shard: int, start: int, n: int) -> dict:
+        """Every stored row of a video, after checking them against the crc32 of its record."""
+        rows = {name: f[name][start:start + n] for name in ("features", "frame_index", "timestamps", "tokens")
+                if name in f}
+        crc = rows_checksum(rows["features"], frame_records(rows["frame_index"], rows["timestamps"]),
+                            rows.get("tokens"))
+        if crc != int(self._videos[video_id]["crc32"]):
+            raise CacheError(f"{self.shard_paths[shard]}: the rows of video {video_id!r} do not match their "
+                             "checksum: the shard is damaged (bit rot or a bad copy); run `cmdcl-cache verify`, "
+                             "move the shard aside and rerun `cmdcl-cache extract` for it")
+        self._verified.add(video_id)
+        return rows
 
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._index
@@ -562,3 +591,13 @@ class Cache:
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
+
+
+def _same_contents(first: tuple, now: tuple) -> bool:
+    """Size and mtime unchanged, and ctime too unless the link count changed: a rename over the shard's name
+    unlinks the old file, which moves its ctime but not its bytes."""
+    return first[:2] == now[:2] and (first[2] == now[2] or first[3] != now[3])
