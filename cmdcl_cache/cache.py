@@ -492,6 +492,7 @@ class Cache:
         """h5py.File of the shard this Cache indexed, in this process (a forked worker inherits the descriptor):
         by name while the name is still that file, else through the descriptor (its own offset, read-only)."""
         import h5py
+        self._check_unchanged(shard)   # before HDF5 meets a truncated file
         fd, path = self._fds[shard], self.shard_paths[shard]
         try:
             f = h5py.File(path, "r")
