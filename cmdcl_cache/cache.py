@@ -45,6 +45,7 @@ CONFOUNDERS_FILE = "confounders.h5"
 FAILURES_FILE = "failures.jsonl"
 RUN_LOG = "extract_log.jsonl"
 IMPORT_SOURCES_FILE = "import_sources.jsonl"
+FRAME_BLOCK = 4096   # frame rows read at once to check videos' crc32 (64 KiB)
 INIT_SEED = 0   # torch seed of random weights (--pretrained none), recorded as init_seed
 
 # Attributes that legitimately differ between the shards of one cache (the run that finalised each).
@@ -450,6 +451,7 @@ class Cache:
         self.has_tokens = self.tokens_per_frame > 0
         self._files: list | None = None
         self._pid = None
+        self._frame_block: tuple = (-1, 0, None)   # (shard, first row, frame records) last read for checking
 
     def _snapshot(self, path: Path):
         """Open `path` for good and read its table; the descriptor kept is the file whose table was read."""
@@ -476,7 +478,7 @@ class Cache:
             if not self._fds:
                 raise CacheError(f"{self.dir}: this reader was closed; open the cache again")
             self._files = [self._open_snapshot(s) for s in range(len(self.shard_paths))]
-            self._pid, self._verified = os.getpid(), set()
+            self._pid, self._verified, self._frame_block = os.getpid(), set(), (-1, 0, None)
         self._check_unchanged(shard)
         return self._files[shard]
 
@@ -523,16 +525,27 @@ class Cache:
 
     def _checked_rows(self, f, video_id: str, shard: int, start: int, n: int) -> dict:
         """Every stored row of a video, after checking them against the crc32 of its record."""
-        rows = {name: f[name][start:start + n] for name in ("features", "frame_index", "timestamps", "tokens")
-                if name in f}
-        crc = rows_checksum(rows["features"], frame_records(rows["frame_index"], rows["timestamps"]),
-                            rows.get("tokens"))
+        rows = {name: f[name][start:start + n] for name in ("features", "tokens") if name in f}
+        frames = self._frame_rows(f, shard, start, n)
+        rows["frame_index"] = np.ascontiguousarray(frames["frame_index"])
+        rows["timestamps"] = np.ascontiguousarray(frames["timestamp"])
+        crc = rows_checksum(rows["features"], frames, rows.get("tokens"))
         if crc != int(self._videos[video_id]["crc32"]):
             raise CacheError(f"{self.shard_paths[shard]}: the rows of video {video_id!r} do not match their "
                              "checksum: the shard is damaged (bit rot or a bad copy); run `cmdcl-cache verify`, "
                              "move the shard aside and rerun `cmdcl-cache extract` for it")
         self._verified.add(video_id)
         return rows
+
+    def _frame_rows(self, f, shard: int, start: int, n: int) -> np.ndarray:
+        """(frame_index, timestamp) records of rows start..start+n, read FRAME_BLOCK rows at a time: two small
+        HDF5 reads per video would cost more than the checksum (videos are mostly read in row order)."""
+        held, lo, block = self._frame_block
+        if held != shard or block is None or not lo <= start <= start + n <= lo + len(block):
+            lo, hi = start, min(max(start + n, start + FRAME_BLOCK), len(f["frame_index"]))
+            block = frame_records(f["frame_index"][lo:hi], f["timestamps"][lo:hi])
+            self._frame_block = (shard, lo, block)
+        return block[start - lo:start - lo + n]
 
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._index

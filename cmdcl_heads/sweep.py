@@ -48,10 +48,10 @@ MAX_NAME = 96   # longer point names fall back to p-<hash>
 ABLATION = {"full": {}, "no-tci": {"tci": False}, "no-vci": {"vci": False}, "no-mediator": {"mediator": False},
             "no-cross-sample": {"cross_sample": False}}
 ABLATION_AXIS = "variant"
-NOT_AXES = RESUME_FREE | {"out"}
+NOT_AXES = RESUME_FREE | {"out"}   # they do not change a run's result, or they are the sweep's own
 # What `train` fills in from the cache and manifest when it writes config.toml (train.resolve_config).
 RESOLVED_BY_TRAIN = frozenset({"label_set", "select_split", "tokens", "fine_label_set", "dim", "num_classes",
-                               "num_fine", "kp", "kz", "tokens_per_frame"})   # they do not change a run's result, or they are the sweep's own
+                               "num_fine", "kp", "kz", "tokens_per_frame"})
 
 
 @dataclass(frozen=True)

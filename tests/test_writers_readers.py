@@ -401,8 +401,9 @@ def _journal_of_two(tmp_path):
     return shard, prov, shard.with_suffix(".journal") / "commits.jsonl"
 
 
-@pytest.mark.parametrize("old, new", [(b'"fps": 8.0', b'"fps": 9.0'), (b'"source_size": 26143', b'"source_size": 26142'),
-                                      (b'"decoder": "pyav"', b'"decoder": "pyaw"'), (b'"duration": 3.0', b'"duration": 9.0')])
+@pytest.mark.parametrize("old, new", [
+    (b'"fps": 8.0', b'"fps": 9.0'), (b'"source_size": 26143', b'"source_size": 26142'),
+    (b'"decoder": "pyav"', b'"decoder": "pyaw"'), (b'"duration": 3.0', b'"duration": 9.0')])
 def test_a_changed_field_of_a_commit_line_drops_that_commit(tmp_path, old, new):
     shard, prov, log = _journal_of_two(tmp_path)
     lines = log.read_bytes().splitlines(keepends=True)
