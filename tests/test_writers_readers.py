@@ -425,12 +425,16 @@ def test_a_journal_written_before_commit_lines_had_a_checksum_still_resumes(tmp_
         assert w.committed_ids == {"a", "b"} and not w.dropped
 
 
+def _copy_of(folder, to):
+    """A copy of a cache folder and the path of its one shard."""
+    shutil.copytree(folder, to)
+    return to, to / "frames-00000-of-00001.h5"
+
+
 @pytest.mark.parametrize("old, new", [(b"bicubic", b"bicubie"), (b'"fps": 1.0', b'"fps": 5.0')])
 def test_a_changed_shard_attribute_is_named_shard_damage(extracted, tmp_path, old, new):
     t, root, manifest, folder = extracted
-    copy = tmp_path / "cache" / "tiny" / folder.name
-    shutil.copytree(folder, copy)
-    shard = copy / "frames-00000-of-00001.h5"
+    copy, shard = _copy_of(folder, tmp_path / "cache" / "tiny" / folder.name)
     data = shard.read_bytes()
     assert data.count(old) == 1
     shard.write_bytes(data.replace(old, new))
@@ -443,10 +447,8 @@ def test_a_changed_shard_attribute_is_named_shard_damage(extracted, tmp_path, ol
 
 
 def test_a_shard_written_before_attribute_checksums_is_read_unchecked(extracted, tmp_path):
-    t, root, manifest, folder = extracted
-    copy = tmp_path / "old"
-    shutil.copytree(folder, copy)
-    shard = copy / "frames-00000-of-00001.h5"
+    _, shard = _copy_of(extracted[3], tmp_path / "old")
+    folder = extracted[3]
     with h5py.File(shard, "r+") as f:
         assert "provenance_crc32" in f.attrs
         del f.attrs["provenance_crc32"]
