@@ -408,7 +408,9 @@ class Cache:
     device and inode), else through the kept descriptor (`/proc/self/fd/N`): a shard that an extract
     finalizes meanwhile (a rename over the old name) is not seen, the reader keeps reading the file whose
     table it indexed. Without /proc a replaced shard stops the reader with an error naming it, never a
-    silent mix of two versions.
+    silent mix of two versions. A shard rewritten in place (same inode: truncated, copied over) is found by its
+    size and time stamps, recorded at the first open; a video's rows are checked against their crc32 the
+    first time a process reads them.
     """
 
     def __init__(self, folder: CacheFolder | str | Path, require_complete: bool = True):

@@ -15,7 +15,8 @@ Shard layout (`frames-00000-of-00004.h5`, schema 2, one writer per file):
                                       source_size and source_mtime_ns (of its file when it was read),
                                       decoder (the backend that decoded it), record_crc32 (of all the
                                       other fields: a flipped byte of the record is damage, not a change)
-    attrs                             provenance (schema version, model, weights, sampling, versions, shard)
+    attrs                             provenance (schema version, model, weights, sampling, versions, shard),
+                                      and provenance_crc32 (of all the others, written at finalize)
 
 Videos are sorted by id inside a shard, so a shard's bytes depend only on what it holds, not on the order
 in which worker processes happened to finish.
@@ -24,9 +25,9 @@ Why a journal: an HDF5 file that is being written is not crash-safe (a SIGKILL w
 metadata can leave a file that no longer opens). So while a shard is being extracted, its rows go to an
 append-only journal folder (`frames-00000-of-00004.journal/`: raw float16 rows, raw frame info, and
 `commits.jsonl`, one line per video, written only after that video's rows are on disk, with the crc32 of
-those rows). On resume the journal is cut back to its last complete commit line, and a commit whose rows
-are missing (a truncated data file) or do not match their checksum is dropped, so that video is extracted
-again. `finalize()` writes the HDF5 shard to a temporary file and renames it into place, so a shard that
+those rows, and line_crc32 of all the line's fields). On resume the journal is cut back to its last
+complete commit line, and a commit whose line does not match its line_crc32, or whose rows are missing (a
+truncated data file) or do not match their checksum, is dropped, so that video is extracted again. `finalize()` writes the HDF5 shard to a temporary file and renames it into place, so a shard that
 exists is always whole.
 
 Why a lock: two processes appending to one journal interleave their rows. A writer holds an exclusive
