@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .sampling import SamplingPolicy
-from .store import (CacheError, ProvenanceError, normalised, read_shard, read_texts, texts_provenance)
+from .store import (CacheError, ProvenanceError, frame_records, normalised, read_shard, read_texts, rows_checksum,
+                    texts_provenance)
 
 SHARD_GLOB = "frames-*-of-*.h5"
 JOURNAL_GLOB = "frames-*-of-*.journal"
@@ -44,6 +45,7 @@ CONFOUNDERS_FILE = "confounders.h5"
 FAILURES_FILE = "failures.jsonl"
 RUN_LOG = "extract_log.jsonl"
 IMPORT_SOURCES_FILE = "import_sources.jsonl"
+FRAME_BLOCK = 4096   # frame rows read at once to check videos' crc32 (64 KiB)
 INIT_SEED = 0   # torch seed of random weights (--pretrained none), recorded as init_seed
 
 # Attributes that legitimately differ between the shards of one cache (the run that finalised each).
@@ -406,7 +408,9 @@ class Cache:
     device and inode), else through the kept descriptor (`/proc/self/fd/N`): a shard that an extract
     finalizes meanwhile (a rename over the old name) is not seen, the reader keeps reading the file whose
     table it indexed. Without /proc a replaced shard stops the reader with an error naming it, never a
-    silent mix of two versions.
+    silent mix of two versions. A shard rewritten in place (same inode: truncated, copied over) is found by its
+    size and time stamps, recorded at the first open; a video's rows are checked against their crc32 the
+    first time a process reads them.
     """
 
     def __init__(self, folder: CacheFolder | str | Path, require_complete: bool = True):
@@ -423,6 +427,8 @@ class Cache:
         self.provenance: dict | None = None
         counts = set()
         self._fds: list[int] = []
+        self._stamps: list[tuple] = []   # size, mtime, ctime, links of each shard at its first open
+        self._verified: set[str] = set()   # videos whose rows matched their crc32 in this process
         for s, path in enumerate(self.shard_paths):
             prov, table, dim, tokens = self._snapshot(path)
             if self.provenance is None:
@@ -447,6 +453,7 @@ class Cache:
         self.has_tokens = self.tokens_per_frame > 0
         self._files: list | None = None
         self._pid = None
+        self._frame_block: tuple = (-1, 0, None)   # (shard, first row, frame records) last read for checking
 
     def _snapshot(self, path: Path):
         """Open `path` for good and read its table; the descriptor kept is the file whose table was read."""
@@ -455,6 +462,7 @@ class Cache:
             found = read_shard(path)
             if _identity(os.stat(path)) == _identity(os.fstat(fd)):   # not replaced while it was read
                 self._fds.append(fd)
+                self._stamps.append(_stamp(os.fstat(fd)))
                 return found
             os.close(fd)
         raise CacheError(f"{path}: replaced again and again while it was being opened; rerun once the extract "
@@ -472,13 +480,23 @@ class Cache:
             if not self._fds:
                 raise CacheError(f"{self.dir}: this reader was closed; open the cache again")
             self._files = [self._open_snapshot(s) for s in range(len(self.shard_paths))]
-            self._pid = os.getpid()
+            self._pid, self._verified, self._frame_block = os.getpid(), set(), (-1, 0, None)
+        self._check_unchanged(shard)
         return self._files[shard]
+
+    def _check_unchanged(self, shard: int) -> None:
+        """The snapshot's file was not rewritten in place (truncate, `cp` over it, bytes overwritten): its
+        size and time stamps are those of the first open. A rename over its name is not a change of it."""
+        if not _same_contents(self._stamps[shard], _stamp(os.fstat(self._fds[shard]))):
+            raise CacheError(f"{self.shard_paths[shard]}: changed in place since this run opened it (truncated, "
+                             "copied over or overwritten); stopped rather than read rows of a file that is not "
+                             "the one whose table this run indexed: run `cmdcl-cache verify`, then rerun")
 
     def _open_snapshot(self, shard: int):
         """h5py.File of the shard this Cache indexed, in this process (a forked worker inherits the descriptor):
         by name while the name is still that file, else through the descriptor (its own offset, read-only)."""
         import h5py
+        self._check_unchanged(shard)   # before HDF5 meets a truncated file
         fd, path = self._fds[shard], self.shard_paths[shard]
         try:
             f = h5py.File(path, "r")
@@ -499,10 +517,37 @@ class Cache:
         except KeyError:
             raise CacheError(f"{self.dir}: video {video_id!r} is not in the cache") from None
         try:
-            return self._file(shard)[name][start:start + n]
+            f = self._file(shard)
+            if video_id not in self._verified:   # the first read of a video in this process checks its rows
+                return self._checked_rows(f, video_id, shard, start, n)[name]
+            return f[name][start:start + n]
         except OSError as err:
             raise CacheError(f"{self.shard_paths[shard]}: rows of video {video_id!r} cannot be read ({err}); "
                              "run `cmdcl-cache verify`") from None
+
+    def _checked_rows(self, f, video_id: str, shard: int, start: int, n: int) -> dict:
+        """Every stored row of a video, after checking them against the crc32 of its record."""
+        rows = {name: f[name][start:start + n] for name in ("features", "tokens") if name in f}
+        frames = self._frame_rows(f, shard, start, n)
+        rows["frame_index"] = np.ascontiguousarray(frames["frame_index"])
+        rows["timestamps"] = np.ascontiguousarray(frames["timestamp"])
+        crc = rows_checksum(rows["features"], frames, rows.get("tokens"))
+        if crc != int(self._videos[video_id]["crc32"]):
+            raise CacheError(f"{self.shard_paths[shard]}: the rows of video {video_id!r} do not match their "
+                             "checksum: the shard is damaged (bit rot or a bad copy); run `cmdcl-cache verify`, "
+                             "move the shard aside and rerun `cmdcl-cache extract` for it")
+        self._verified.add(video_id)
+        return rows
+
+    def _frame_rows(self, f, shard: int, start: int, n: int) -> np.ndarray:
+        """(frame_index, timestamp) records of rows start..start+n, read FRAME_BLOCK rows at a time: two small
+        HDF5 reads per video would cost more than the checksum (videos are mostly read in row order)."""
+        held, lo, block = self._frame_block
+        if held != shard or block is None or not lo <= start <= start + n <= lo + len(block):
+            lo, hi = start, min(max(start + n, start + FRAME_BLOCK), len(f["frame_index"]))
+            block = frame_records(f["frame_index"][lo:hi], f["timestamps"][lo:hi])
+            self._frame_block = (shard, lo, block)
+        return block[start - lo:start - lo + n]
 
     def __contains__(self, video_id: str) -> bool:
         return video_id in self._index
@@ -562,3 +607,13 @@ class Cache:
 
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink
+
+
+def _same_contents(first: tuple, now: tuple) -> bool:
+    """Size and mtime unchanged, and ctime too unless the link count changed: a rename over the shard's name
+    unlinks the old file, which moves its ctime but not its bytes."""
+    return first[:2] == now[:2] and (first[2] == now[2] or first[3] != now[3])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -169,12 +170,24 @@ def plan_extraction(config: ExtractConfig) -> _Plan:
         raise ExtractError(f"--video-root {video_root} is not a folder")
     _, pretrained_id, _ = check_encoder_spec(config.spec.encoder_spec(config.device))
     folder = for_writing(Path(config.cache).resolve(), manifest.dataset, config.spec)
+    _check_shard_count(folder, rank.world)
     decoder, fallback = run_decoders(config.decoder, config.fallback_decoder, folder.provenance().get("decoder"))
     if (decoder, fallback) != (config.decoder, config.fallback_decoder):
         check_decoders(decoder, fallback)   # the backends a resumed cache records must run here too
     mine = set(split_ids([v.video_id for v in manifest.videos], rank.rank, rank.world))
     selected = sorted((v for v in manifest.select(config.split) if v.video_id in mine), key=lambda v: v.video_id)
     return _Plan(config, manifest, rank, folder, video_root, selected, pretrained_id, decoder, fallback)
+
+
+def _check_shard_count(folder, world: int) -> None:
+    """Refuse a --num-shards other than the one the cache's shards (or journals) were made with: two shard sets
+    in one folder make it unreadable."""
+    others = sorted(p.name for p in [*folder.shard_paths, *folder.journals]
+                    if int(re.search(r"-of-(\d+)\.", p.name).group(1)) != world)
+    if others:
+        raise ExtractError(f"{folder.path}: holds shards of another shard count ({', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}), this run writes {world}; use the same "
+                           "--num-shards as the cache, or another --cache")
 
 
 def _already_done(plan: _Plan) -> bool:

@@ -15,7 +15,8 @@ Shard layout (`frames-00000-of-00004.h5`, schema 2, one writer per file):
                                       source_size and source_mtime_ns (of its file when it was read),
                                       decoder (the backend that decoded it), record_crc32 (of all the
                                       other fields: a flipped byte of the record is damage, not a change)
-    attrs                             provenance (schema version, model, weights, sampling, versions, shard)
+    attrs                             provenance (schema version, model, weights, sampling, versions, shard),
+                                      and provenance_crc32 (of all the others, written at finalize)
 
 Videos are sorted by id inside a shard, so a shard's bytes depend only on what it holds, not on the order
 in which worker processes happened to finish.
@@ -24,9 +25,9 @@ Why a journal: an HDF5 file that is being written is not crash-safe (a SIGKILL w
 metadata can leave a file that no longer opens). So while a shard is being extracted, its rows go to an
 append-only journal folder (`frames-00000-of-00004.journal/`: raw float16 rows, raw frame info, and
 `commits.jsonl`, one line per video, written only after that video's rows are on disk, with the crc32 of
-those rows). On resume the journal is cut back to its last complete commit line, and a commit whose rows
-are missing (a truncated data file) or do not match their checksum is dropped, so that video is extracted
-again. `finalize()` writes the HDF5 shard to a temporary file and renames it into place, so a shard that
+those rows, and line_crc32 of all the line's fields). On resume the journal is cut back to its last
+complete commit line, and a commit whose line does not match its line_crc32, or whose rows are missing (a
+truncated data file) or do not match their checksum, is dropped, so that video is extracted again. `finalize()` writes the HDF5 shard to a temporary file and renames it into place, so a shard that
 exists is always whole.
 
 Why a lock: two processes appending to one journal interleave their rows. A writer holds an exclusive
@@ -45,6 +46,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,8 @@ VIDEO_DTYPE = np.dtype([
 LEGACY_VIDEO_FIELDS = VIDEO_DTYPE.names[:-1]
 FRAME_DTYPE = np.dtype([("frame_index", "<i8"), ("timestamp", "<f8")])
 CHUNK_ROWS = 256
+# The attribute holding the crc32 of all the others, written at finalize (a shard without it: unchecked).
+PROVENANCE_CRC = "provenance_crc32"
 
 
 class CacheError(RuntimeError):
@@ -130,6 +134,12 @@ def record_checksum(record: dict) -> int:
     return zlib.crc32(json.dumps(values, ensure_ascii=False).encode("utf-8"))
 
 
+def provenance_checksum(provenance: dict) -> int:
+    """crc32 of a shard's attributes as they read back (sorted, floats as repr), this checksum left out."""
+    items = sorted((k, v) for k, v in provenance.items() if k != PROVENANCE_CRC)
+    return zlib.crc32(json.dumps(items, ensure_ascii=False).encode("utf-8"))
+
+
 def frame_records(frame_index, timestamps) -> np.ndarray:
     frames = np.empty(len(frame_index), dtype=FRAME_DTYPE)
     frames["frame_index"], frames["timestamp"] = frame_index, timestamps
@@ -160,7 +170,7 @@ class WriterLock:
 
     def __init__(self, lock_path: Path, what: str, command: str):
         self.path = Path(lock_path)
-        self._fh = open(self.path, "a+")
+        self._fh = _open_lock_file(self.path)
         try:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -189,6 +199,24 @@ class WriterLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def _open_lock_file(path: Path):
+    """The lock file, read-write, never through a symlink (its target would be overwritten) and only when it is
+    a regular file: anything else is refused naming the path (CacheError, exit 2)."""
+    if path.is_dir() and not path.is_symlink():
+        raise CacheError(f"{path}: the lock file is a folder; move it away (`mv {path} {path}.bad`) and rerun")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise CacheError(f"{path}: the lock file is a symlink, which is never followed (its target would be "
+                             "overwritten); remove the link and rerun") from None
+        raise CacheError(f"{path}: the lock file cannot be opened ({err.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CacheError(f"{path}: the lock file is not a regular file; move it away and rerun")
+    return os.fdopen(fd, "r+")
 
 
 def lock_path_of(target: Path) -> Path:
@@ -306,6 +334,10 @@ class ShardWriter:
             if not line.endswith(b"\n"):
                 break   # a commit line cut by a crash: that video is not committed
             record = _commit_record(line)
+            if record is not None and not _commit_line_holds(record):   # a changed fps, size, decoder...
+                self.dropped.append((record["video_id"], "its commit line does not match its checksum (the "
+                                     "journal was edited or damaged); the video is extracted again"))
+                continue
             if record is None:   # edited or damaged by hand: it and what follows are not trusted
                 self.dropped.append((f"(line {number} of {log})", "not a commit line; it and the lines after "
                                                                   "it are dropped"))
@@ -393,7 +425,8 @@ class ShardWriter:
             raise CacheError(f"{self.path}: a video is committed twice in one group ({', '.join(ids[:5])})")
         records, row = [], self.num_rows
         for v in videos:   # row_start second in the line, as before group commits existed
-            records.append({"video_id": v.record["video_id"], "row_start": row, **v.record})
+            record = {"video_id": v.record["video_id"], "row_start": row, **v.record}
+            records.append({**record, "line_crc32": commit_checksum(record)})
             row += v.record["num_rows"]
         try:
             for v in videos:
@@ -481,6 +514,7 @@ class ShardWriter:
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(attrs_from(self.provenance))
+                f.attrs[PROVENANCE_CRC] = provenance_checksum(provenance_from_attrs(f.attrs))
                 def rows(name, shape, dtype, chunk_rows):   # no chunks for a shard of no rows (all failed)
                     chunks = (min(chunk_rows, total), *shape) if total else None
                     return f.create_dataset(name, (total, *shape), dtype, chunks=chunks)
@@ -525,13 +559,26 @@ COMMIT_KEYS = {"video_id": str, "row_start": int, "num_rows": int, "fps": float,
                "duration": float, "crc32": int, "source_size": int, "source_mtime_ns": int, "decoder": str}
 
 
+def commit_checksum(record: dict) -> int:
+    """crc32 of every field of a commit line but this checksum (the crc32 of the rows covers only the rows)."""
+    return zlib.crc32(json.dumps([record[key] for key in COMMIT_KEYS], ensure_ascii=False).encode("utf-8"))
+
+
+def _commit_line_holds(record: dict) -> bool:
+    """A commit line matches its checksum; a line of a journal written before lines had one is unchecked."""
+    return "line_crc32" not in record or record["line_crc32"] == commit_checksum(record)
+
+
 def _commit_record(line: bytes) -> dict | None:
     """One commit line as written by append_video, or None when it is not one."""
     try:
         record = json.loads(line)
     except (ValueError, UnicodeDecodeError):
         return None
-    if not isinstance(record, dict) or set(record) != set(COMMIT_KEYS):
+    if not isinstance(record, dict) or set(record) - {"line_crc32"} != set(COMMIT_KEYS):
+        return None
+    if "line_crc32" in record and (isinstance(record["line_crc32"], bool)
+                                   or not isinstance(record["line_crc32"], int)):
         return None
     for key, kind in COMMIT_KEYS.items():
         value = record[key]
@@ -586,6 +633,11 @@ def read_shard(path: str | Path) -> tuple[dict, list[dict], int, int]:
     try:
         with h5py.File(path, "r") as f:
             prov = provenance_from_attrs(f.attrs)
+            recorded = prov.pop(PROVENANCE_CRC, None)
+            if recorded is not None and recorded != provenance_checksum(prov):
+                raise CacheError(f"{path}: its attributes (provenance: model, sampling, normalisation...) do not "
+                                 "match their checksum: the shard is damaged (bit rot or a bad copy); "
+                                 + _recovery(path))
             if prov.get("schema_version") != SCHEMA_VERSION:
                 raise CacheError(f"{path}: written by another version of cmdcl (shard schema "
                                  f"{prov.get('schema_version')!r}; this one reads {SCHEMA_VERSION}); "

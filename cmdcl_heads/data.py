@@ -286,10 +286,31 @@ class LazyFeatures:
             # would shift dropout's random numbers relative to memory mode
             generator=torch.Generator().manual_seed(0),
             multiprocessing_context="fork" if self.workers and os.name == "posix" else None)
-        for chunk, batch in zip(chunks, loader):
+        for chunk, batch in zip(chunks, _worker_errors_unwrapped(loader)):
             frames = batch[1].to(self.device, non_blocking=True).float()
             tokens = batch[2].to(self.device, non_blocking=True).float() if len(batch) > 2 else None
             yield chunk, frames, tokens
+
+
+def _worker_errors_unwrapped(loader):
+    """The loader's batches; a CacheError raised in a worker comes back as itself, without the "Caught ... in
+    DataLoader worker process 0. Original Traceback" text torch wraps around its message."""
+    try:
+        yield from loader
+    except CacheError as err:
+        raise type(err)(worker_message(err)) from None
+
+
+def worker_message(err: BaseException) -> str:
+    """The original message of an error that torch re-raised from a DataLoader worker (else its message)."""
+    text = str(err)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    for name in (f"{type(err).__module__}.{type(err).__qualname__}: ", f"{type(err).__name__}: "):
+        at = text.rfind("\n" + name)
+        if at >= 0:
+            return text[at + 1 + len(name):].strip()
+    return text
 
 
 def make_features(cache: Cache, split: SplitVideos, frames: int, device, mode: str = "auto",

@@ -27,16 +27,17 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cmdcl_cache.config import ConfigError, cli_fields, coerce
-from cmdcl_cache.store import write_atomic
+from cmdcl_cache.config import ConfigError, cli_fields, coerce, read_toml
+from cmdcl_cache.store import CacheError, write_atomic
 
 from .config import RESUME_FREE, HeadConfig, TrainConfig
-from .run import RunFolder, config_toml
+from .run import CONFIG_FILE, RunFolder, config_toml
 
 SWEEP_FILE, BASE_FILE, SLURM_FILE = "sweep.json", "base.toml", "slurm.sh"
 POINT_CONFIG, POINT_FILE, LOG_FILE = "point.toml", "point.json", "train.log"
@@ -48,6 +49,9 @@ ABLATION = {"full": {}, "no-tci": {"tci": False}, "no-vci": {"vci": False}, "no-
             "no-cross-sample": {"cross_sample": False}}
 ABLATION_AXIS = "variant"
 NOT_AXES = RESUME_FREE | {"out"}   # they do not change a run's result, or they are the sweep's own
+# What `train` fills in from the cache and manifest when it writes config.toml (train.resolve_config).
+RESOLVED_BY_TRAIN = frozenset({"label_set", "select_split", "tokens", "fine_label_set", "dim", "num_classes",
+                               "num_fine", "kp", "kz", "tokens_per_frame"})
 
 
 @dataclass(frozen=True)
@@ -245,12 +249,36 @@ def point_state(point: Point) -> str:
 
 
 def prepare_point(point: Point) -> None:
-    """point.toml and point.json of an unfinished point (a finished one is never written to)."""
-    point.folder.mkdir(parents=True, exist_ok=True)
-    record = {"index": point.index, "name": point.name, "values": point.labels, "hash": point.hash}
-    write_atomic(point.folder / POINT_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
-    write_atomic(point.folder / POINT_CONFIG, ("# sweep point " + point.name + "\n"
-                                               + config_toml(point.head, point.train)).encode())
+    """point.toml and point.json of an unfinished point (a finished one is never written to), under the run
+    folder's lock: a folder a train is writing, or one holding another configuration's run, is refused."""
+    run = RunFolder(point.folder)
+    run.claim(create=True)   # CacheLockedError naming the train that holds it
+    try:
+        own = tomllib.loads(config_toml(point.head, point.train))
+        if (point.folder / CONFIG_FILE).is_file():
+            diff = config_difference(own, run.read_config())
+            if diff:
+                raise ConfigError(f"{point.folder}: holds the run of another configuration ({diff}); not this "
+                                  "sweep's point: move it away and rerun the sweep")
+        record = {"index": point.index, "name": point.name, "values": point.labels, "hash": point.hash}
+        write_atomic(point.folder / POINT_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(point.folder / POINT_CONFIG, ("# sweep point " + point.name + "\n"
+                                                   + config_toml(point.head, point.train)).encode())
+    finally:
+        run.release()
+
+
+def config_difference(point: dict, run: dict) -> str | None:
+    """The first option (not RESUME_FREE, not one the trainer fills in from the data) in which a run's
+    config.toml differs from a point's options, as 'train.lr 0.01, the point's 0.001'; None when none does."""
+    for part in ("train", "head"):
+        ours, theirs = point.get(part, {}), run.get(part, {})
+        for key in sorted(set(ours) | set(theirs)):
+            if key in RESUME_FREE or key in RESOLVED_BY_TRAIN:
+                continue
+            if ours.get(key) != theirs.get(key):
+                return f"{part}.{key} {theirs.get(key)!r}, the point's {ours.get(key)!r}"
+    return None
 
 
 def train_command(point: Point, resume: bool) -> list[str]:
@@ -263,7 +291,11 @@ def run_point(point: Point) -> int:
     state = point_state(point)
     if state == "done":
         return 0
-    prepare_point(point)
+    try:
+        prepare_point(point)
+    except (ConfigError, CacheError) as err:   # another train's folder: reported as this point's failure
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     with open(point.folder / LOG_FILE, "a") as log:
         return subprocess.run(train_command(point, state == "partial"), stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL).returncode
@@ -372,5 +404,24 @@ def finished_points(folder: str | Path) -> list[tuple[dict, RunFolder]]:
     for entry in read_manifest(folder)["points"]:
         run = RunFolder(folder / entry["name"])
         if run.read_summary() is not None:
+            check_point_run(entry, run)
             out.append((entry, run))
     return out
+
+
+def check_point_run(entry: dict, run: RunFolder) -> None:
+    """A finished point's folder holds the run of that point: its point.json names the point's hash and its
+    config.toml has the point's options (another train may have written the folder). ConfigError otherwise."""
+    record, options = run.path / POINT_FILE, run.path / POINT_CONFIG
+    try:
+        recorded = json.loads(record.read_text()).get("hash")
+        diff = config_difference(read_toml(options), run.read_config())
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConfigError(f"{run.path}: not a point of this sweep ({record.name} or {options.name} unreadable: "
+                          f"{err})") from None
+    if recorded != entry["hash"]:
+        raise ConfigError(f"{run.path}: {record.name} names config hash {str(recorded)[:12]}, the sweep's point "
+                          f"{entry['hash'][:12]}: not this sweep's run")
+    if diff:
+        raise ConfigError(f"{run.path}: its run was trained with other options than the point's ({diff}): "
+                          "another train wrote this folder; move it away and rerun the sweep")

@@ -170,6 +170,7 @@ def fit_without_epochs(run: RunFolder, config: TrainConfig, head: HeadConfig, da
                                 data.labels.multi_label, config.batch_size)
     for name in ("last", "best"):
         run.save_checkpoint(name, {**meta, "epoch": 0, "best_epoch": 0, "best_value": None}, model)
+    run.truncate_metrics(-1)   # a resumed run wrote its epoch-0 record already: it is written once
     run.append_metrics({"epoch": 0, "train_loss": probe["train_loss"] if probe else None,
                         **({"probe": probe} if probe else {})})
     return probe

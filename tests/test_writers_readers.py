@@ -386,3 +386,267 @@ def test_resume_of_a_folder_that_does_not_exist_is_refused(synth, tmp_path):
     res = runner.invoke(heads_app, _train_args(cache, manifest, tmp_path / "typo", "--resume"))
     assert res.exit_code == 2 and "no run folder here to resume" in res.output
     assert not (tmp_path / "typo").exists()
+
+
+# ------------------------------------------------------- 5. every byte of a journal line, attributes, rows
+
+def _journal_of_two(tmp_path):
+    """A killed extract's shard: two committed videos in its journal, no HDF5 file yet."""
+    shard = tmp_path / "frames-00000-of-00001.h5"
+    prov = {"dataset": "t", "model": "m", "shard_index": 0, "shard_count": 1}
+    with ShardWriter(shard, prov, 4, durable=False) as w:
+        for i, vid in enumerate(("a", "b")):
+            w.append_video(vid, np.full((3, 4), i, np.float16), np.arange(3), np.arange(3.0), 8.0, 3, 3.0,
+                           source_size=26143, decoder="pyav")
+    return shard, prov, shard.with_suffix(".journal") / "commits.jsonl"
+
+
+@pytest.mark.parametrize("old, new", [
+    (b'"fps": 8.0', b'"fps": 9.0'), (b'"source_size": 26143', b'"source_size": 26142'),
+    (b'"decoder": "pyav"', b'"decoder": "pyaw"'), (b'"duration": 3.0', b'"duration": 9.0')])
+def test_a_changed_field_of_a_commit_line_drops_that_commit(tmp_path, old, new):
+    shard, prov, log = _journal_of_two(tmp_path)
+    lines = log.read_bytes().splitlines(keepends=True)
+    assert old in lines[0]
+    log.write_bytes(lines[0].replace(old, new, 1) + lines[1])
+    with ShardWriter(shard, prov, 4, durable=False) as w:   # the resume: that video is extracted again
+        assert w.committed_ids == {"b"}
+        assert [vid for vid, _ in w.dropped] == ["a"] and "does not match its checksum" in w.dropped[0][1]
+        w.append_video("a", np.full((3, 4), 0, np.float16), np.arange(3), np.arange(3.0), 8.0, 3, 3.0)
+        w.finalize()
+    assert {r["video_id"]: r["fps"] for r in read_shard(shard)[1]} == {"a": 8.0, "b": 8.0}
+
+
+def test_a_journal_written_before_commit_lines_had_a_checksum_still_resumes(tmp_path):
+    shard, prov, log = _journal_of_two(tmp_path)
+    old = [{k: v for k, v in json.loads(line).items() if k != "line_crc32"} for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(r) + "\n" for r in old))
+    with ShardWriter(shard, prov, 4, durable=False) as w:
+        assert w.committed_ids == {"a", "b"} and not w.dropped
+
+
+def _copy_of(folder, to):
+    """A copy of a cache folder and the path of its one shard."""
+    shutil.copytree(folder, to)
+    return to, to / "frames-00000-of-00001.h5"
+
+
+@pytest.mark.parametrize("old, new", [(b"bicubic", b"bicubie"), (b'"fps": 1.0', b'"fps": 5.0')])
+def test_a_changed_shard_attribute_is_named_shard_damage(extracted, tmp_path, old, new):
+    t, root, manifest, folder = extracted
+    copy, shard = _copy_of(folder, tmp_path / "cache" / "tiny" / folder.name)
+    data = shard.read_bytes()
+    assert data.count(old) == 1
+    shard.write_bytes(data.replace(old, new))
+    res = runner.invoke(cache_app, ["verify", "--cache", str(copy), "--dataset", str(manifest)])
+    text = res.output.replace("\n", "")
+    assert res.exit_code == 1 and "do not match their checksum: the shard is damaged" in text, res.output
+    assert "cmdcl-cache texts" not in text
+    res = runner.invoke(cache_app, ["export-npy", "--cache", str(copy), "--out", str(tmp_path / "npy")])
+    assert res.exit_code == 2 and "the shard is damaged" in res.output.replace("\n", "")
+
+
+def test_a_shard_written_before_attribute_checksums_is_read_unchecked(extracted, tmp_path):
+    _, shard = _copy_of(extracted[3], tmp_path / "old")
+    folder = extracted[3]
+    with h5py.File(shard, "r+") as f:
+        assert "provenance_crc32" in f.attrs
+        del f.attrs["provenance_crc32"]
+    prov = read_shard(shard)[0]
+    assert "provenance_crc32" not in prov and prov == read_shard(folder / shard.name)[0]
+
+
+def _synthetic(tmp_path, name="c"):
+    from cmdcl_cache.synthetic import write_synthetic_cache
+    feats = {f"v{i}": np.full((300, 4), i, np.float16) for i in range(1, 4)}
+    return write_synthetic_cache(tmp_path / name, feats), feats
+
+
+def test_a_reader_checks_each_videos_rows_against_their_crc32(tmp_path):
+    folder, feats = _synthetic(tmp_path)
+    shard = folder / "frames-00000-of-00001.h5"
+    with h5py.File(shard, "r") as f:
+        at = f["features"].id.get_chunk_info(0).byte_offset
+    with open(shard, "r+b") as fh:   # one flipped byte of v1's first row, as bit rot would
+        fh.seek(at + 1)
+        byte = fh.read(1)[0]
+        fh.seek(at + 1)
+        fh.write(bytes([byte ^ 0x01]))
+    cache = Cache(folder)
+    with pytest.raises(Exception, match=r"frames-00000-of-00001\.h5: the rows of video 'v1' do not match their "
+                                        r"checksum: the shard is damaged"):
+        cache.features("v1")
+    assert (cache.features("v2") == feats["v2"]).all()
+    res = runner.invoke(cache_app, ["export-npy", "--cache", str(folder), "--out", str(tmp_path / "npy")])
+    assert res.exit_code == 2 and "'v1' do not match their checksum" in res.output.replace("\n", "")
+
+
+@pytest.mark.parametrize("how", ["truncate", "copy over", "overwrite"])
+def test_a_shard_rewritten_in_place_stops_the_reader_naming_it(tmp_path, how):
+    folder, feats = _synthetic(tmp_path)
+    other, _ = _synthetic(tmp_path, "other")
+    shard = folder / "frames-00000-of-00001.h5"
+    cache = Cache(folder)
+    inode = os.stat(shard).st_ino
+    time.sleep(0.01)   # a later mtime, even on a coarse clock
+    if how == "truncate":
+        os.truncate(shard, shard.stat().st_size // 2)
+    elif how == "copy over":   # cp writes into the same inode
+        shutil.copyfile(other / shard.name, shard)
+    else:
+        with open(shard, "r+b") as fh:
+            fh.seek(100)
+            fh.write(fh.read(1))
+    assert os.stat(shard).st_ino == inode
+    with pytest.raises(Exception, match=r"frames-00000-of-00001\.h5: changed in place since this run opened it"):
+        cache.features("v1")
+
+
+@pytest.mark.slow
+def test_a_lazy_train_stops_cleanly_when_its_shard_is_truncated_in_place(synth, tmp_path):
+    cache, manifest = synth
+    moved = tmp_path / "cache"
+    shutil.copytree(cache, moved)
+    run = tmp_path / "run"
+    proc = _start_train(_train_args(moved, manifest, run, "--data-mode", "lazy", "--workers", "1", epochs=30))
+    try:
+        _wait_for(lambda: _lines(run / "metrics.jsonl") >= 1, proc)
+        shard = sorted(moved.glob("frames-*.h5"))[0]
+        os.truncate(shard, shard.stat().st_size // 2)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        _kill(proc)
+    assert proc.returncode == 2, err
+    assert f"{shard}: changed in place" in err.replace("\n", "")
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert not (run / "summary.json").exists()
+
+
+def test_a_worker_error_comes_back_as_its_own_message(synth, monkeypatch):
+    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_heads import data
+    cache_dir, manifest_dir = synth
+    cache = Cache(cache_dir)
+    split = data.pair_split(cache, load_manifest(manifest_dir), "train", "task")
+    lazy = data.make_features(cache, split, 8, "cpu", "lazy", workers=1)
+
+    def nan_found(cache, video_id, x, what="features"):   # what a shard damaged after the first pass gives
+        raise data.NonFiniteFeatures(f"video {video_id!r} has NaN/Inf")
+
+    monkeypatch.setattr(data, "check_finite", nan_found)   # the forked worker inherits it
+    import torch
+    with pytest.raises(data.NonFiniteFeatures) as err:
+        list(lazy.batches(8, torch.arange(len(split.video_ids)), None))
+    assert str(err.value).startswith("video ") and str(err.value).endswith("has NaN/Inf")
+    assert "Caught" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+# ------------------------------------------------------------------ 6. lock files are only regular files
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    lock = tmp_path / "train.lock"
+    lock.symlink_to(victim)
+    with pytest.raises(Exception, match=r"train\.lock: the lock file is a symlink"):
+        WriterLock(lock, "the run folder", "train")
+    assert victim.read_text() == "precious\n"
+    lock.unlink()
+    (tmp_path / "train.lock").mkdir()
+    with pytest.raises(Exception, match=r"train\.lock: the lock file is a folder"):
+        WriterLock(lock, "the run folder", "train")
+
+
+def test_a_train_whose_lock_file_is_a_symlink_exits_2_naming_it(synth, tmp_path):
+    cache, manifest = synth
+    run = tmp_path / "run"
+    run.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (run / "train.lock").symlink_to(victim)
+    rc, out = _run_train(_train_args(cache, manifest, run, "--data-mode", "memory", epochs=1))
+    assert rc == 2 and "train.lock: the lock file is a symlink" in out.replace("\n", "")
+    assert victim.read_text() == "precious\n"
+
+
+# ------------------------------------------------------------- 7. a sweep brands only its own folders
+
+def _point(synth, tmp_path):
+    from cmdcl_heads.config import HeadConfig, TrainConfig
+    from cmdcl_heads.sweep import SweepSpec, plan
+    cache, manifest = synth
+    head = HeadConfig(model="text4vis", frames=4, layers=1, heads=4)
+    base = TrainConfig(cache=str(cache), dataset=str(manifest), out=str(tmp_path / "sw"), epochs=1, batch_size=16,
+                       device="cpu", data_mode="memory", quiet=True)
+    return plan(SweepSpec(), head, base)[0]
+
+
+def test_a_sweep_never_brands_a_folder_another_train_is_writing(synth, tmp_path):
+    from cmdcl_heads.sweep import POINT_FILE, prepare_point, run_point
+    point = _point(synth, tmp_path)
+    point.folder.mkdir(parents=True)
+    with WriterLock(point.folder / "train.lock", "the run folder", "train"):   # a plain train loading its data
+        with pytest.raises(Exception, match=rf"another train \(pid {os.getpid()}\) holds"):
+            prepare_point(point)
+        assert run_point(point) == 2
+    assert not (point.folder / POINT_FILE).exists()
+
+
+def test_a_sweep_refuses_a_folder_holding_another_configurations_run(synth, tmp_path):
+    import dataclasses
+    from cmdcl_cache.config import ConfigError
+    from cmdcl_heads.run import RunFolder
+    from cmdcl_heads.sweep import POINT_FILE, prepare_point
+    point = _point(synth, tmp_path)
+    point.folder.mkdir(parents=True)
+    RunFolder(point.folder).write_config(dataclasses.replace(point.head, layers=2), point.train)
+    with pytest.raises(ConfigError, match=r"holds the run of another configuration \(head\.layers 2, the point's 1\)"):
+        prepare_point(point)
+    assert not (point.folder / POINT_FILE).exists()
+
+
+def test_collect_refuses_a_point_whose_run_has_other_options(synth, tmp_path):
+    import dataclasses
+    from cmdcl_cache.config import ConfigError
+    from cmdcl_heads.run import RunFolder
+    from cmdcl_heads.sweep import check_point_run, prepare_point
+    point = _point(synth, tmp_path)
+    prepare_point(point)
+    entry = {"name": point.name, "hash": point.hash}
+    run = RunFolder(point.folder)
+    run.write_config(point.head, point.train)   # the point's own run
+    check_point_run(entry, run)
+    run.write_config(point.head, dataclasses.replace(point.train, lr=0.01))   # a train that raced the sweep
+    with pytest.raises(ConfigError, match=r"trained with other options than the point's \(train\.lr 0\.01"):
+        check_point_run(entry, run)
+
+
+# --------------------------------------------------------------- 8. resumes and reruns that finish once
+
+@pytest.mark.slow
+def test_a_resumed_linear_probe_records_its_epoch_once(synth, tmp_path):
+    cache, manifest = synth
+    args = ["train", "--cache", str(cache), "--dataset", str(manifest), "--out", str(tmp_path / "run"), "--model",
+            "linear", "--frames", "8", "--device", "cpu", "--quiet"]
+    rc, out = _run_train(args)
+    assert rc == 0, out
+    run = tmp_path / "run"
+    (run / "summary.json").unlink()   # as a kill in the final evaluation leaves it
+    rc, out = _run_train([*args, "--resume"])
+    assert rc == 0, out
+    assert [r["epoch"] for r in _records(run)] == [0]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2
+
+
+def test_extract_refuses_another_shard_count_before_writing(extracted, tmp_path):
+    from cmdcl_cache.pipeline import ExtractError
+    t, root, manifest, folder = extracted
+    copy = tmp_path / "cache" / "tiny" / folder.name
+    shutil.copytree(folder, copy)
+    before = sorted(p.name for p in copy.iterdir())
+    cfg = ExtractConfig(dataset=str(manifest), video_root=str(root), cache=str(copy), fps=1, min_frames=2,
+                        max_frames=6, batch_size=4, workers=1, quiet=True, shard_index=0, num_shards=2, **TINY)
+    with pytest.raises(ExtractError, match=r"holds shards of another shard count \(frames-00000-of-00001\.h5\)"):
+        extract(cfg)
+    assert sorted(p.name for p in copy.iterdir()) == before
+    assert len(Cache(copy)) == 3
