@@ -325,3 +325,14 @@ def test_a_signal_to_the_sweep_stops_its_trainings(synth, tmp_path, sig):
         time.sleep(0.1)
     assert not _trainings_of(out)
     assert not (out / "layers=1,seed=0").exists()   # no point starts after the signal
+
+
+def test_a_cell_over_fewer_seeds_than_its_row_says_so():
+    from cmdcl_heads.sweep_report import counted, markdown
+
+    values = [0.5, None, float("nan")]
+    assert counted(values) == 1 and mean_ci(values) == (0.5, None)
+    table = {"axes": ["layers"], "metric": "top1", "splits": ["val", "test"],
+             "rows": [{"labels": {"layers": "0"}, "n": 3, "of": 3,
+                       "stats": {"val": (*mean_ci(values), counted(values)), "test": (0.25, 0.01, 3)}}]}
+    assert markdown(table).splitlines()[-1] == "| 0 | 3/3 | 0.5000 (n=1) | 0.2500 ± 0.0100 |"
