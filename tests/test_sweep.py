@@ -336,3 +336,13 @@ def test_a_cell_over_fewer_seeds_than_its_row_says_so():
              "rows": [{"labels": {"layers": "0"}, "n": 3, "of": 3,
                        "stats": {"val": (*mean_ci(values), counted(values)), "test": (0.25, 0.01, 3)}}]}
     assert markdown(table).splitlines()[-1] == "| 0 | 3/3 | 0.5000 (n=1) | 0.2500 ± 0.0100 |"
+
+
+def test_a_sweep_starts_from_a_preset(synth, tmp_path):
+    out = tmp_path / "paper"
+    res = CliRunner().invoke(app, ["sweep", "--preset", "paper", *base_args(synth, out), "--grid", "layers=0,1",
+                                   "--slurm"])
+    assert res.exit_code == 0, res.output
+    base = (out / "base.toml").read_text()
+    assert 'approximator = "text"' in base   # from the preset; the flags (--frames 4) win over it
+    assert re.search(r"^frames = 4$", base, re.M) and re.search(r'^model = "text4vis"$', base, re.M)
