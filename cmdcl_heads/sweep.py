@@ -450,8 +450,12 @@ def read_manifest(folder: str | Path) -> dict:
     for key in ("axes", "points"):
         if not isinstance(data.get(key), list):
             raise ConfigError(f"{path}: no {key!r} list (a damaged or hand-edited sweep manifest)")
+    axes = [a.get("name") if isinstance(a, dict) else None for a in data["axes"]]
+    if None in axes:
+        raise ConfigError(f"{path}: axes[{axes.index(None)}] has no 'name'")
     for i, entry in enumerate(data["points"]):
         missing = [k for k in ("name", "values", "hash") if not isinstance(entry, dict) or k not in entry]
+        missing += [f"values.{a}" for a in axes if not missing and a not in entry["values"]]
         if missing:
             raise ConfigError(f"{path}: points[{i}] has no {missing[0]!r}")
     return data

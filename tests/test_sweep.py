@@ -282,6 +282,10 @@ def test_a_damaged_sweep_json_names_the_file_and_the_key(tmp_path):
     (tmp_path / "sweep.json").write_text(json.dumps({"version": 1, "axes": [], "points": [{"name": "x"}]}))
     with pytest.raises(ConfigError, match=r"sweep\.json: points\[0\] has no 'values'"):
         read_manifest(tmp_path)
+    (tmp_path / "sweep.json").write_text(json.dumps({"version": 1, "axes": [{"name": "layers"}],
+                                                    "points": [{"name": "x", "values": {}, "hash": "ab"}]}))
+    with pytest.raises(ConfigError, match=r"points\[0\] has no 'values.layers'"):
+        read_manifest(tmp_path)
 
 
 def test_a_point_another_training_holds_is_reported_with_the_reason(tmp_path):
