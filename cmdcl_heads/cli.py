@@ -124,7 +124,9 @@ _SWEEP_OPTIONS = {
                        "--cache C --dataset demo --grid layers=0,2,4 --seeds 3 --out sweeps/layers. README: "
                        "\"Reproduce the paper's experiments\".")
 def sweep(head: HeadConfig, config: TrainConfig, grid, seeds, ablation, jobs, slurm, point):
-    from .sweep import SweepSpec
+    import signal
+
+    from .sweep import SweepSpec, failure_reason
     from .sweep import sweep as run_sweep
 
     configure_logging()
@@ -136,10 +138,16 @@ def sweep(head: HeadConfig, config: TrainConfig, grid, seeds, ablation, jobs, sl
         typer.echo(f"wrote {result['script']} ({len(result['points'])} tasks); submit it with sbatch "
                    f"{result['script']}, then run: cmdcl-heads collect {result['script'].parent}")
         return
+    if result.get("stopped"):
+        console(stderr=True).print(f"stopped by {result['stopped']}: the signal was forwarded to the running "
+                                   "trainings; run the same sweep again to resume", markup=False)
+        raise typer.Exit(128 + signal.Signals[result["stopped"]].value)
     if point is None:
         _collect(Path(config.out), config.quiet)
     for p, code in result["failed"]:
-        console(stderr=True).print(f"failed: {p.name} (exit {code}; see {p.folder / 'train.log'})", markup=False)
+        reason = failure_reason(p) if code == 2 else ""
+        console(stderr=True).print(f"failed: {p.name} (exit {code}; see {p.folder / 'train.log'})"
+                                   + (f": {reason}" if reason else ""), markup=False)
     if result["failed"]:
         raise typer.Exit(1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 
 from .run import RunFolder
@@ -41,7 +42,10 @@ def expand(paths: list[Path]) -> list[RunFolder]:
     runs = []
     for path in paths:
         if (Path(path) / SWEEP_FILE).is_file():
-            runs += [run for _, run in finished_points(path)]
+            points = [run for _, run in finished_points(path)]
+            if not points:   # dropping it quietly would read as a table of everything named
+                raise ValueError(f"{path}: a sweep folder with no finished point yet (nothing of it to compare)")
+            runs += points
         else:
             runs.append(RunFolder(path))
     return runs
@@ -73,7 +77,7 @@ def comparison(paths: list[Path]) -> dict:
     for run, opts, res in zip(runs, options, results):
         row = {"run": str(run.path), **{k: opts.get(k) for k in keys}}
         row.update({f"{split} {res['metric']}": value for split, value in res["splits"].items()})
-        row.update({"best epoch": res["best_epoch"], "seconds": res["seconds"]})
+        row.update({"best epoch": res["best_epoch"] if res["finished"] else "unfinished", "seconds": res["seconds"]})
         rows.append(row)
     return {"columns": ["run", *keys, *metric_cols, "best epoch", "seconds"], "rows": rows}
 
@@ -92,7 +96,9 @@ def render(table: dict, fmt: str) -> str | object:
     """The comparison as text (md, csv, json) or as a rich Table (table)."""
     columns, rows = table["columns"], table["rows"]
     if fmt == "json":
-        return json.dumps(rows, indent=2, allow_nan=False) + "\n"
+        finite = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()}
+                  for r in rows]   # NaN and inf are no JSON: null, as for a metric a run did not report
+        return json.dumps(finite, indent=2, allow_nan=False) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")

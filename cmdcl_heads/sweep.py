@@ -25,8 +25,10 @@ import itertools
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import tomllib
 import typing
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +50,10 @@ MAX_NAME = 96   # longer point names fall back to p-<hash>
 ABLATION = {"full": {}, "no-tci": {"tci": False}, "no-vci": {"vci": False}, "no-mediator": {"mediator": False},
             "no-cross-sample": {"cross_sample": False}}
 ABLATION_AXIS = "variant"
-NOT_AXES = RESUME_FREE | {"out"}   # they do not change a run's result, or they are the sweep's own
+# eval_every may change on a resume, but it decides which epoch is selected: a point's hash includes it.
+RESULT_FREE = RESUME_FREE - {"eval_every"}
+NOT_AXES = RESULT_FREE | {"out"}   # they do not change a run's result, or they are the sweep's own
+INPUTS = ("cache", "dataset")      # left out of the hash, so one --out must keep them (sweep.json records them)
 # What `train` fills in from the cache and manifest when it writes config.toml (train.resolve_config).
 RESOLVED_BY_TRAIN = frozenset({"label_set", "select_split", "tokens", "fine_label_set", "dim", "num_classes",
                                "num_fine", "kp", "kz", "tokens_per_frame"})
@@ -172,9 +177,9 @@ def axes_of(spec: SweepSpec, head: HeadConfig, train: TrainConfig) -> list[Axis]
 # ---------------------------------------------------------------------------------------------- the points
 
 def config_hash(head: HeadConfig, train: TrainConfig) -> str:
-    """sha256 of the options that decide the result (not device, paths, workers: RESUME_FREE)."""
+    """sha256 of the options that decide the result (not device, paths, workers: RESULT_FREE)."""
     def decisive(cfg):
-        return {f.name: getattr(cfg, f.name) for f in cli_fields(type(cfg)) if f.name not in RESUME_FREE}
+        return {f.name: getattr(cfg, f.name) for f in cli_fields(type(cfg)) if f.name not in RESULT_FREE}
     text = json.dumps({"head": decisive(head), "train": decisive(train)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -191,6 +196,7 @@ def plan(spec: SweepSpec, head: HeadConfig, train: TrainConfig) -> list[Point]:
     """Every point of the grid, resolved and checked, before anything runs."""
     axes = axes_of(spec, head, train)
     out = Path(train.out).absolute()
+    known = recorded_folders(out)
     points, seen = [], {}
     for index, combo in enumerate(itertools.product(*(range(len(a.labels)) for a in axes))):
         labels = {a.name: a.labels[i] for a, i in zip(axes, combo)}
@@ -200,11 +206,20 @@ def plan(spec: SweepSpec, head: HeadConfig, train: TrainConfig) -> list[Point]:
         digest = config_hash(p_head, p_train)
         if digest in seen:
             raise ConfigError(f"{where} has the same configuration as point {seen[digest]}")
-        name = point_name(labels, digest)
+        name = known.get(digest) or point_name(labels, digest)
         seen[digest] = name
         p_train = dataclasses.replace(p_train, out=str(out / name))
         points.append(Point(index, name, labels, p_head, p_train, digest))
     return points
+
+
+def recorded_folders(out: Path) -> dict:
+    """hash -> folder name of the points an earlier run of this sweep recorded: a point is its hash, so a
+    reordered --grid, another spelling of a value (`00`) or a new axis at the base's value finds its folder."""
+    if not (out / SWEEP_FILE).is_file():
+        return {}
+    return {entry["hash"]: entry["name"] for entry in read_manifest(out)["points"]
+            if (out / entry["name"] / POINT_FILE).is_file()}
 
 
 def _with(cfg, values: dict, where: str):
@@ -286,19 +301,49 @@ def train_command(point: Point, resume: bool) -> list[str]:
             *(["--resume"] if resume else [])]
 
 
+class Children:
+    """The trainings running now, so that a SIGTERM or SIGINT of the sweep reaches them (a plain `kill PID`
+    reaches the sweep alone) and no new point starts after it."""
+
+    def __init__(self):
+        self.lock, self.live, self.stopped_by = threading.Lock(), set(), None
+
+    def run(self, cmd: list[str], log) -> int:
+        with self.lock:
+            if self.stopped_by is not None:
+                return 128 + self.stopped_by
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.live.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+
+    def forward(self, signum, _frame=None) -> None:
+        with self.lock:
+            self.stopped_by = signum
+            for proc in self.live:
+                proc.send_signal(signum)
+
+
+CHILDREN = Children()
+
+
 def run_point(point: Point) -> int:
     """Train one point in its own process (0 also when it was already done); its output goes to train.log."""
     state = point_state(point)
     if state == "done":
         return 0
+    if CHILDREN.stopped_by is not None:   # the sweep was stopped: start no new point
+        return 128 + CHILDREN.stopped_by
     try:
         prepare_point(point)
     except (ConfigError, CacheError) as err:   # another train's folder: reported as this point's failure
         print(f"error: {err}", file=sys.stderr)
         return 2
     with open(point.folder / LOG_FILE, "a") as log:
-        return subprocess.run(train_command(point, state == "partial"), stdout=log, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL).returncode
+        return CHILDREN.run(train_command(point, state == "partial"), log)
 
 
 def run_points(points: list[Point], jobs: int, quiet: bool) -> list[tuple[Point, int]]:
@@ -306,6 +351,9 @@ def run_points(points: list[Point], jobs: int, quiet: bool) -> list[tuple[Point,
     from .train import progress_bar
 
     failed = []
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, CHILDREN.forward)
     with progress_bar(quiet) as progress, ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         task = progress.add_task("sweep", total=len(points))
         for point, code in zip(points, pool.map(run_point, points)):
@@ -317,8 +365,9 @@ def run_points(points: list[Point], jobs: int, quiet: bool) -> list[tuple[Point,
 
 # ------------------------------------------------------------------------------- manifest and Slurm script
 
-def manifest(spec: SweepSpec, points: list[Point], axes: list[Axis]) -> dict:
+def manifest(spec: SweepSpec, points: list[Point], axes: list[Axis], train: TrainConfig) -> dict:
     return {"version": MANIFEST_VERSION, "grid": list(spec.grid), "seeds": spec.seeds, "ablation": spec.ablation,
+            "inputs": {key: getattr(train, key) for key in INPUTS},
             "axes": [{"name": a.name, "labels": list(a.labels)} for a in axes],
             "points": [{"index": p.index, "name": p.name, "values": p.labels, "hash": p.hash} for p in points]}
 
@@ -336,7 +385,14 @@ def sweep_command(out: Path, spec: SweepSpec) -> list[str]:
             + (["--ablation"] if spec.ablation else []))
 
 
+def check_slurm_path(out: Path) -> None:
+    if re.search(r'[\s"\'\\]', str(out)):   # sbatch reads #SBATCH lines with its own parser, not the shell's
+        raise ConfigError(f"--out {str(out)!r}: a path with spaces or quotes cannot be written into #SBATCH "
+                          "lines; choose an --out without them for --slurm")
+
+
 def slurm_script(out: Path, spec: SweepSpec, count: int) -> str:
+    check_slurm_path(out)
     task = shlex.join(sweep_command(out, spec) + ["--point"]) + ' "$SLURM_ARRAY_TASK_ID"'
     return "\n".join([
         "#!/bin/bash",
@@ -357,15 +413,18 @@ def slurm_script(out: Path, spec: SweepSpec, count: int) -> str:
 def sweep(head: HeadConfig, train: TrainConfig, spec: SweepSpec, jobs: int = 1, slurm: bool = False,
           point: int | None = None) -> dict:
     """Plan, record, then run every point (or only `point`, or write the Slurm script). Returns
-    {"points": [...], "failed": [(Point, code)], "script": Path | None}."""
+    {"points": [...], "failed": [(Point, code)], "script": Path | None, "stopped": signal name | None}."""
     train = absolute_paths(train)
     out = Path(train.out)
+    if slurm:
+        check_slurm_path(out)
     points = plan(spec, head, train)
     if point is not None and not 0 <= point < len(points):
         raise ConfigError(f"--point {point}: this sweep has points 0..{len(points) - 1}")
     for p in points:
         point_state(p)   # a folder of another configuration is refused before anything runs
-    record = manifest(spec, points, axes_of(spec, head, train))
+    record = manifest(spec, points, axes_of(spec, head, train), train)
+    check_out(out, record)
     if point is not None:   # a Slurm task: the sweep was recorded when its script was written
         if read_manifest(out) != record:
             raise ConfigError(f"{out / SWEEP_FILE}: records other points than these options give; the sweep's "
@@ -381,7 +440,33 @@ def sweep(head: HeadConfig, train: TrainConfig, spec: SweepSpec, jobs: int = 1, 
         return {"points": points, "failed": [], "script": script}
     if point is not None:
         points = [points[point]]
-    return {"points": points, "failed": run_points(points, jobs, train.quiet), "script": None}
+    failed = run_points(points, jobs, train.quiet)
+    stopped = signal.Signals(CHILDREN.stopped_by).name if CHILDREN.stopped_by is not None else None
+    return {"points": points, "failed": failed, "script": None, "stopped": stopped}
+
+
+def failure_reason(point: Point) -> str:
+    """The last line a failed point's training printed (e.g. that another training holds the folder)."""
+    try:
+        lines = [line.strip() for line in (point.folder / LOG_FILE).read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    return next((line for line in reversed(lines) if line), "")
+
+
+def check_out(out: Path, record: dict) -> None:
+    """--out must not be a run folder, and a sweep rerun into it must read the same cache and dataset: they are
+    not part of a point's hash, so a table would otherwise mix results of two caches."""
+    if RunFolder(out).has_run or (out / "config.toml").is_file():
+        raise ConfigError(f"--out {out}: is a run folder (it holds config.toml or checkpoints), not a sweep folder;"
+                          " choose another --out")
+    if not (out / SWEEP_FILE).is_file():
+        return
+    recorded = read_manifest(out).get("inputs", {})
+    for key in INPUTS:
+        if key in recorded and recorded[key] != record["inputs"][key]:
+            raise ConfigError(f"--{key} {record['inputs'][key]}: this sweep folder ({out / SWEEP_FILE}) was run with "
+                              f"--{key} {recorded[key]}; its table would mix both: choose another --out")
 
 
 def read_manifest(folder: str | Path) -> dict:
@@ -394,6 +479,17 @@ def read_manifest(folder: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
         raise ConfigError(f"{path}: not a sweep manifest of version {MANIFEST_VERSION}")
+    for key in ("axes", "points"):
+        if not isinstance(data.get(key), list):
+            raise ConfigError(f"{path}: no {key!r} list (a damaged or hand-edited sweep manifest)")
+    axes = [a.get("name") if isinstance(a, dict) else None for a in data["axes"]]
+    if None in axes:
+        raise ConfigError(f"{path}: axes[{axes.index(None)}] has no 'name'")
+    for i, entry in enumerate(data["points"]):
+        missing = [k for k in ("name", "values", "hash") if not isinstance(entry, dict) or k not in entry]
+        missing += [f"values.{a}" for a in axes if not missing and a not in entry["values"]]
+        if missing:
+            raise ConfigError(f"{path}: points[{i}] has no {missing[0]!r}")
     return data
 
 

@@ -59,15 +59,22 @@ def group(folder: Path) -> dict:
     splits = list(dict.fromkeys(s for r in results for s in r["splits"]))
     rows = []
     for g in groups.values():
-        stats = {s: mean_ci([r["splits"].get(s) for r in g["results"]]) for s in splits}
+        stats = {s: (*mean_ci(vals := [r["splits"].get(s) for r in g["results"]]), counted(vals)) for s in splits}
         rows.append({"labels": g["labels"], "n": len(g["results"]), "of": g["of"], "stats": stats})
     return {"axes": axes, "metric": "/".join(sorted(metrics)) or "metric", "splits": splits, "rows": rows}
 
 
-def fmt(mean, half) -> str:
+def counted(values: list) -> int:
+    """How many seeds a split's mean is over: a null or NaN metric is left out of it (and so of this count)."""
+    return sum(v is not None and not math.isnan(v) for v in values)
+
+
+def fmt(mean, half, n=None, seeds=None) -> str:
+    """The cell; `(n=K)` marks a cell whose mean is over fewer seeds than the row's count."""
     if mean is None:
         return "-"
-    return f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
+    text = f"{mean:.4f}" if half is None else f"{mean:.4f} ± {half:.4f}"
+    return text + (f" (n={n})" if n is not None and seeds is not None and n < seeds else "")
 
 
 def markdown(table: dict) -> str:
@@ -75,7 +82,7 @@ def markdown(table: dict) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in table["rows"]:
         cells = [r["labels"][a] for a in table["axes"]] + [f"{r['n']}/{r['of']}"]
-        cells += [fmt(*r["stats"][s]) for s in table["splits"]]
+        cells += [fmt(*r["stats"][s], r["n"]) for s in table["splits"]]
         lines.append("| " + " | ".join(cells) + " |")
     return (f"Mean ± 95 % t-interval over seeds of {table['metric']} per split.\n\n" + "\n".join(lines) + "\n")
 
@@ -84,7 +91,7 @@ def csv_text(table: dict) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(table["axes"] + ["seeds", "of"] + [f"{s}_{table['metric']}_{x}" for s in table["splits"]
-                                                       for x in ("mean", "ci95")])
+                                                       for x in ("mean", "ci95", "n")])
     for r in table["rows"]:
         stats = [("" if v is None else repr(v)) for s in table["splits"] for v in r["stats"][s]]
         writer.writerow([r["labels"][a] for a in table["axes"]] + [r["n"], r["of"]] + stats)
@@ -173,5 +180,5 @@ def rich_table(table: dict, title: str):
         out.add_column(f"{split} {table['metric']}", justify="right")
     for r in table["rows"]:
         out.add_row(*[r["labels"][a] for a in table["axes"]], f"{r['n']}/{r['of']}",
-                    *(fmt(*r["stats"][s]) for s in table["splits"]))
+                    *(fmt(*r["stats"][s], r["n"]) for s in table["splits"]))
     return out

@@ -61,3 +61,38 @@ def test_compare_formats_hold_the_same_table(three_runs):
 def test_compare_names_a_folder_that_is_no_run(tmp_path):
     res = CliRunner().invoke(app, ["compare", str(tmp_path)])
     assert res.exit_code == 2 and "config.toml" in res.output and str(tmp_path) in res.output
+
+
+def _copy(run, tmp_path, name):
+    import shutil
+
+    return shutil.copytree(run, tmp_path / name)
+
+
+def test_compare_json_writes_nan_and_inf_as_null(three_runs, tmp_path):
+    runs = [_copy(r, tmp_path, r.name) for r in three_runs[:2]]
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    summary["metrics"]["top1"] = float("nan")
+    summary["selection"]["metrics"]["top1"] = float("inf")
+    (runs[1] / "summary.json").write_text(json.dumps(summary))   # Python writes NaN/Infinity tokens
+    rows = json.loads(_compare(runs, "json"), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert rows[1]["test top1"] is None and rows[1]["val top1"] is None and rows[0]["test top1"] is not None
+
+
+def test_compare_names_a_truncated_summary_and_marks_unfinished_runs(three_runs, tmp_path):
+    runs = [_copy(r, tmp_path, r.name) for r in three_runs[:2]]
+    (runs[1] / "summary.json").unlink()
+    rows = json.loads(_compare(runs, "json"))
+    assert rows[1]["best epoch"] == "unfinished" and rows[0]["best epoch"] == 1
+    (runs[1] / "summary.json").write_text('{"split": "te')
+    res = CliRunner().invoke(app, ["compare", *map(str, runs)])
+    assert res.exit_code == 2 and str(runs[1] / "summary.json") in res.output, res.output
+
+
+def test_compare_names_a_sweep_with_no_finished_point(three_runs, tmp_path):
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "sweep.json").write_text(json.dumps({"version": 1, "axes": [], "points": [
+        {"name": "seed=0", "values": {"seed": "0"}, "hash": "ab"}]}))
+    res = CliRunner().invoke(app, ["compare", str(three_runs[0]), str(sweep)])
+    assert res.exit_code == 2 and str(sweep) in res.output and "no finished point" in res.output, res.output

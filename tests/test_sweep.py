@@ -237,3 +237,116 @@ def test_t_interval_matches_scipy():
     mean, half = mean_ci([0.5, 0.7, 0.9])
     assert mean == pytest.approx(0.7) and half == pytest.approx(stats.t.ppf(0.975, 2) * 0.2 / 3 ** 0.5, rel=1e-3)
     assert mean_ci([0.4]) == (0.4, None)
+
+
+def test_eval_every_is_part_of_a_points_hash_and_may_be_swept(tmp_path):
+    head, train = _base(tmp_path)
+    points = plan(SweepSpec(grid=("eval_every=1,2",)), head, train)   # it decides the selected epoch
+    assert len({p.hash for p in points}) == 2 and [p.train.eval_every for p in points] == [1, 2]
+
+
+def test_a_point_is_found_by_its_hash_whatever_the_grid_spelling(synth, tmp_path):
+    out = tmp_path / "sw"
+    res = CliRunner().invoke(app, ["sweep", *base_args(synth, out), "--grid", "layers=0,1", "--slurm"])
+    assert res.exit_code == 0, res.output
+    first = plan(SweepSpec(grid=("layers=0,1",)), HeadConfig(model="text4vis", frames=4, heads=4),
+                 TrainConfig(cache="c", dataset="d", out=str(out), epochs=2, batch_size=16))
+    for p in first:
+        prepare_point(p)   # as a started task leaves them
+    res = CliRunner().invoke(app, ["sweep", *base_args(synth, out), "--grid", "heads=4", "--grid", "layers=01,00",
+                                   "--slurm"])
+    assert res.exit_code == 0, res.output
+    names = [e["name"] for e in json.loads((out / "sweep.json").read_text())["points"]]
+    assert sorted(names) == ["layers=0,seed=0", "layers=1,seed=0"]   # the same folders, not new ones
+
+
+def test_sweep_out_must_keep_its_cache_and_dataset_and_not_be_a_run(synth, tmp_path):
+    out = tmp_path / "sw"
+    assert CliRunner().invoke(app, ["sweep", *base_args(synth, out), "--slurm"]).exit_code == 0
+    args = base_args(synth, out)
+    args[args.index("--cache") + 1] = str(tmp_path / "other-cache")
+    res = CliRunner().invoke(app, ["sweep", *args, "--slurm"])
+    assert res.exit_code == 2 and "--cache" in res.output and "other-cache" in res.output, res.output
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("")
+    res = CliRunner().invoke(app, ["sweep", *base_args(synth, run), "--slurm"])
+    assert res.exit_code == 2 and "is a run folder" in res.output, res.output
+    res = CliRunner().invoke(app, ["sweep", *base_args(synth, tmp_path / "a b"), "--slurm"])
+    assert res.exit_code == 2 and "spaces or quotes" in res.output and not (tmp_path / "a b").exists()
+
+
+def test_a_damaged_sweep_json_names_the_file_and_the_key(tmp_path):
+    from cmdcl_heads.sweep import read_manifest
+
+    (tmp_path / "sweep.json").write_text(json.dumps({"version": 1, "axes": [], "points": [{"name": "x"}]}))
+    with pytest.raises(ConfigError, match=r"sweep\.json: points\[0\] has no 'values'"):
+        read_manifest(tmp_path)
+    (tmp_path / "sweep.json").write_text(json.dumps({"version": 1, "axes": [{"name": "layers"}],
+                                                    "points": [{"name": "x", "values": {}, "hash": "ab"}]}))
+    with pytest.raises(ConfigError, match=r"points\[0\] has no 'values.layers'"):
+        read_manifest(tmp_path)
+
+
+def test_a_point_another_training_holds_is_reported_with_the_reason(tmp_path):
+    from cmdcl_heads.sweep import failure_reason
+
+    head, train = _base(tmp_path)
+    point = plan(SweepSpec(), head, train)[0]
+    prepare_point(point)
+    (point.folder / "train.log").write_text("epoch 1\nerror: the run folder x is held by train (pid 7)\n\n")
+    assert failure_reason(point) == "error: the run folder x is held by train (pid 7)"
+
+
+def _trainings_of(folder):
+    found = []
+    for proc in os.listdir("/proc"):
+        try:
+            if proc.isdigit() and str(folder) in open(f"/proc/{proc}/cmdline").read():
+                found.append(int(proc))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_sweep_stops_its_trainings(synth, tmp_path, sig):
+    out = tmp_path / "sig"
+    args = base_args(synth, out)
+    args[args.index("--epochs") + 1] = "200"
+    proc = subprocess.Popen([PY, "-m", "cmdcl_heads.cli", "sweep", *args, "--grid", "layers=0,1"], env=ENV,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "layers=0,seed=0" / "last.safetensors").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)   # the sweep's pid alone, as `kill PID` does
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig.value and f"stopped by {sig.name}" in output, output
+    deadline = time.monotonic() + 30
+    while _trainings_of(out) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _trainings_of(out)
+    assert not (out / "layers=1,seed=0").exists()   # no point starts after the signal
+
+
+def test_a_cell_over_fewer_seeds_than_its_row_says_so():
+    from cmdcl_heads.sweep_report import counted, markdown
+
+    values = [0.5, None, float("nan")]
+    assert counted(values) == 1 and mean_ci(values) == (0.5, None)
+    table = {"axes": ["layers"], "metric": "top1", "splits": ["val", "test"],
+             "rows": [{"labels": {"layers": "0"}, "n": 3, "of": 3,
+                       "stats": {"val": (*mean_ci(values), counted(values)), "test": (0.25, 0.01, 3)}}]}
+    assert markdown(table).splitlines()[-1] == "| 0 | 3/3 | 0.5000 (n=1) | 0.2500 ± 0.0100 |"
+
+
+def test_a_sweep_starts_from_a_preset(synth, tmp_path):
+    out = tmp_path / "paper"
+    res = CliRunner().invoke(app, ["sweep", "--preset", "paper", *base_args(synth, out), "--grid", "layers=0,1",
+                                   "--slurm"])
+    assert res.exit_code == 0, res.output
+    base = (out / "base.toml").read_text()
+    assert 'approximator = "text"' in base   # from the preset; the flags (--frames 4) win over it
+    assert re.search(r"^frames = 4$", base, re.M) and re.search(r'^model = "text4vis"$', base, re.M)
