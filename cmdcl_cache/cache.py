@@ -410,7 +410,8 @@ class Cache:
     table it indexed. Without /proc a replaced shard stops the reader with an error naming it, never a
     silent mix of two versions. A shard rewritten in place (same inode: truncated, copied over) is found by its
     size and time stamps, recorded at the first open; a video's rows are checked against their crc32 the
-    first time a process reads them.
+    first time they are read after the cache was opened (a forked DataLoader worker inherits what the parent
+    checked: it reads the same file).
     """
 
     def __init__(self, folder: CacheFolder | str | Path, require_complete: bool = True):
@@ -428,7 +429,8 @@ class Cache:
         counts = set()
         self._fds: list[int] = []
         self._stamps: list[tuple] = []   # size, mtime, ctime, links of each shard at its first open
-        self._verified: set[str] = set()   # videos whose rows matched their crc32 in this process
+        self._verified: set[str] = set()   # videos whose rows matched their crc32 since the cache was opened
+        self._last_checked: tuple = (None, {})   # (video id, its rows read for the check, not yet returned)
         for s, path in enumerate(self.shard_paths):
             prov, table, dim, tokens = self._snapshot(path)
             if self.provenance is None:
@@ -480,7 +482,9 @@ class Cache:
             if not self._fds:
                 raise CacheError(f"{self.dir}: this reader was closed; open the cache again")
             self._files = [self._open_snapshot(s) for s in range(len(self.shard_paths))]
-            self._pid, self._verified, self._frame_block = os.getpid(), set(), (-1, 0, None)
+            # a forked worker reads the very file the parent checked (same descriptor and stamps), so the
+            # videos checked stay checked: once per open, not once per worker and epoch
+            self._pid, self._frame_block, self._last_checked = os.getpid(), (-1, 0, None), (None, {})
         self._check_unchanged(shard)
         return self._files[shard]
 
@@ -518,8 +522,13 @@ class Cache:
             raise CacheError(f"{self.dir}: video {video_id!r} is not in the cache") from None
         try:
             f = self._file(shard)
-            if video_id not in self._verified:   # the first read of a video in this process checks its rows
-                return self._checked_rows(f, video_id, shard, start, n)[name]
+            held, rows = self._last_checked
+            if held == video_id and name in rows:   # read for the check just now (features, then tokens)
+                return rows.pop(name)
+            if video_id not in self._verified:   # the first read of a video checks its rows
+                rows = self._checked_rows(f, video_id, shard, start, n)
+                self._last_checked = (video_id, rows)
+                return rows.pop(name)
             return f[name][start:start + n]
         except OSError as err:
             raise CacheError(f"{self.shard_paths[shard]}: rows of video {video_id!r} cannot be read ({err}); "

@@ -127,17 +127,20 @@ def rows_checksum(features: np.ndarray, frames: np.ndarray, tokens: np.ndarray |
     return crc
 
 
+def json_crc32(values) -> int:
+    """crc32 of plain values as JSON (floats as repr, exact): the record, attribute and commit checksums."""
+    return zlib.crc32(json.dumps(values, ensure_ascii=False).encode("utf-8"))
+
+
 def record_checksum(record: dict) -> int:
     """crc32 of every field of one video's record but this checksum: fps, duration, frame count, rows, crc32
     of the rows, source size and mtime, decoder, id. Floats travel as repr (exact), so it reads back equal."""
-    values = [record[name] for name in LEGACY_VIDEO_FIELDS]
-    return zlib.crc32(json.dumps(values, ensure_ascii=False).encode("utf-8"))
+    return json_crc32([record[name] for name in LEGACY_VIDEO_FIELDS])
 
 
 def provenance_checksum(provenance: dict) -> int:
     """crc32 of a shard's attributes as they read back (sorted, floats as repr), this checksum left out."""
-    items = sorted((k, v) for k, v in provenance.items() if k != PROVENANCE_CRC)
-    return zlib.crc32(json.dumps(items, ensure_ascii=False).encode("utf-8"))
+    return json_crc32(sorted((k, v) for k, v in provenance.items() if k != PROVENANCE_CRC))
 
 
 def frame_records(frame_index, timestamps) -> np.ndarray:
@@ -561,7 +564,7 @@ COMMIT_KEYS = {"video_id": str, "row_start": int, "num_rows": int, "fps": float,
 
 def commit_checksum(record: dict) -> int:
     """crc32 of every field of a commit line but this checksum (the crc32 of the rows covers only the rows)."""
-    return zlib.crc32(json.dumps([record[key] for key in COMMIT_KEYS], ensure_ascii=False).encode("utf-8"))
+    return json_crc32([record[key] for key in COMMIT_KEYS])
 
 
 def _commit_line_holds(record: dict) -> bool:

@@ -226,13 +226,14 @@ class CMDCLHead(nn.Module):
 
     # ------------------------------------------------------------------------------------------ text
 
-    def _tables(self):
+    def tables(self):
+        """(T [C, D], T_f [Cf, D] or None): the head's own label-text tables (learned or frozen buffers)."""
         return (self.text if self.text is not None else self.text_buf,
                 (self.fine_text if self.cfg.learn_text else self.fine_text_buf) if self.has_fine else None)
 
     def text_features(self):
         """(T' [C, D], T'_f [Cf, D] or None, TCI attention over V_P [C, Kp] or None)."""
-        t, tf = self._tables()
+        t, tf = self.tables()
         if self.tci is None:
             return t, (tf if tf is not None else (t if self.uses_fine else None)), None
         t_prime, attn = self.tci(t)

@@ -220,9 +220,9 @@ def file_subject(meta: dict, path: Path, device: str, pretrained: str | None, ch
 
 def entry_names(head, class_names: list[str], fine_names: list[str]) -> tuple[list[str] | None, list[str] | None]:
     """(V_P names, Z names): each entry with its nearest label of the head's own table (fine, else target)."""
-    fine = getattr(head, "has_fine", False)
-    table = (head.fine_text if head.cfg.learn_text else head.fine_text_buf) if fine else \
-        (head.text if head.text is not None else head.text_buf)
+    t, tf = head.tables()
+    fine = tf is not None
+    table = tf if fine else t
     names = fine_names if fine else class_names
     vp = nearest_names(head.tci.vp, table.detach(), names, "b") if getattr(head, "tci", None) is not None else None
     z = nearest_names(head.z, table.detach(), names, "z") if getattr(head, "z", None) is not None else None

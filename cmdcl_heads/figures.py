@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .layers import cosine_logits, normalise
+from .report import pyplot, save_png
 
 DEFAULT_ACTIVITIES = 2
 
@@ -56,21 +57,12 @@ def save_figure(fig, out: Path, numbers: dict) -> Path:
     """The PNG, and its numbers as JSON beside it (same name, .json)."""
     from cmdcl_cache.store import write_atomic
 
-    from .report import save_png
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_png(fig, out, dpi=110)
     write_atomic(out.with_suffix(".json"), json.dumps(numbers, indent=1, allow_nan=False) + "\n")
     return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 # ---------------------------------------------------------------------------------- co-occurrence (fig. 1b)
@@ -143,7 +135,7 @@ def owners(freq: np.ndarray, rows: list[int]) -> tuple[list[int], list[int]]:
 
 
 def cooccurrence_figure(stats: dict, rows: list[int], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     freq = np.asarray(stats["freq"])
     fine, own = owners(freq, rows)
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(fine) * len(rows) ** 0.5 + 2), 4.5), layout="constrained")
@@ -184,9 +176,9 @@ def text_tables(head, labels) -> tuple[list[str], dict[str, torch.Tensor]]:
     if getattr(head, "tci", None) is None:
         raise ValueError("this run has no textual intervention (a cmdcl head trained with --tci): T' = T, so "
                          "there is nothing to compare")
-    fine = head.has_fine
-    table = (head.fine_text if head.cfg.learn_text else head.fine_text_buf) if fine else \
-        (head.text if head.text is not None else head.text_buf)
+    t, tf = head.tables()
+    fine = tf is not None
+    table = tf if fine else t
     names = labels.fine_names if fine else labels.names
     frozen = labels.fine_text if fine else labels.text
     tables = {"E": frozen.float(), "T": table.detach().float().cpu(), "T'": head.tci(table)[0].float().cpu()}
@@ -203,7 +195,7 @@ def similarity_figure(names: list[str], tables: dict, groups: list[tuple[str, in
                       title: str) -> Path:
     """One cosine-similarity heat map per table, over the labels `names` (already chosen and ordered);
     `groups` (activity, first, end) draws a dashed box per activity."""
-    plt = _pyplot()
+    plt = pyplot()
     mats = {k: cosine_matrix(v) for k, v in tables.items()}
     lo = min(0.0, min(float(m.min()) for m in mats.values()))
     n = len(names)
@@ -259,11 +251,12 @@ def similarity_run(run: Path, out: Path | None = None, activities: list[str] | N
 # ------------------------------------------------------------------------------ matching (fig. 1c / 7c)
 
 @torch.no_grad()
-def fine_logits(head, model: str, frames, tokens, frozen_fine: torch.Tensor) -> torch.Tensor:
+def fine_logits(head, model: str, frames, tokens, frozen_fine: torch.Tensor, texts=None) -> torch.Tensor:
     """s * cos(v, t_f) [B, Cf] over the fine texts, with the video feature v, the texts t_f and the scale s
-    each head type (`model`, its HeadConfig.model) has (see the module docstring)."""
+    each head type (`model`, its HeadConfig.model) has (see the module docstring). `texts`: a cmdcl head's
+    text_features(), computed once per run rather than per batch (they do not depend on the videos)."""
     if model == "cmdcl":
-        t_prime, tf_prime, _ = head.text_features()
+        t_prime, tf_prime, _ = texts if texts is not None else head.text_features()
         # T'_f where the head has a fine table of its own; otherwise its tf_prime is T' over the classes
         tf = tf_prime if head.has_fine else frozen_fine.to(frames.device)
         v, _, _ = head.video_features(frames, tokens, tf_prime, t_prime=t_prime)
@@ -297,7 +290,9 @@ def run_matching(run: Path, checkpoint: str, split: str | None, cache, dataset, 
     split = split or r.train.eval_split
     videos, feats = r.features(split)
     r.head.eval()
-    logits = torch.cat([fine_logits(r.head, r.cfg.model, f, t, labels.fine_text).float().cpu()
+    with torch.no_grad():
+        texts = r.head.text_features() if r.cfg.model == "cmdcl" else None
+    logits = torch.cat([fine_logits(r.head, r.cfg.model, f, t, labels.fine_text, texts).float().cpu()
                         for _, f, t in feats.batches(r.train.batch_size, torch.arange(len(videos.video_ids)), None)])
     targets = np.asarray(videos.targets)
     membership = targets if videos.multi_label else np.eye(len(labels.names))[targets]
@@ -309,7 +304,7 @@ def run_matching(run: Path, checkpoint: str, split: str | None, cache, dataset, 
 
 
 def matching_figure(results: list[dict], rows: list[int], fine: list[int], out: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 0.45 * len(fine) * len(rows) + 2),
                              layout="constrained", squeeze=False, sharey=True)
     names = results[0]["fine"]
@@ -394,6 +389,7 @@ def decoded_frames(cache, video_id: str, rows: np.ndarray, video_root: Path | No
     """uint8 [k, S, S, 3]: the cached rows' source frames, decoded with the decoder the cache records and
     resized / cropped as the encoder saw them (cmdcl_cache's decoders and transform, not a new decoder)."""
     from cmdcl_cache.decode import decoders_of_provenance, resolve_decoder
+    from cmdcl_cache.decoders import BrokenFile
     from cmdcl_cache.paths import resolve_video_path
     from cmdcl_cache.transform import TransformSpec, resize_crop
 
@@ -407,8 +403,8 @@ def decoded_frames(cache, video_id: str, rows: np.ndarray, video_root: Path | No
     decoder, fallback = decoders_of_provenance(cache.video_info(video_id).get("decoder") or prov.get("decoder", ""))
     try:
         frames = resolve_decoder(decoder)(str(path), 1).get_batch(index)
-    except Exception:   # noqa: BLE001 - the fallback the extraction would have used (e.g. a rotated file)
-        if fallback == "none":
+    except Exception as err:   # noqa: BLE001 - the fallback the extraction would have used (e.g. a rotated file)
+        if fallback == "none" or isinstance(err, BrokenFile):   # as decode_video: a cut file never falls back
             raise
         frames = resolve_decoder(fallback)(str(path), 1).get_batch(index)
     size = prov.get("image_size", 224)
@@ -433,7 +429,7 @@ def overlay(image: np.ndarray, grid_weights: np.ndarray) -> np.ndarray:
 
 def attention_figure(images: np.ndarray, maps: dict[str, np.ndarray], times: np.ndarray, out: Path,
                      title: str, numbers: dict) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     k = len(images)
     fig, axes = plt.subplots(1 + len(maps), k, figsize=(2.2 * k, 2.3 * (1 + len(maps))), layout="constrained",
                              squeeze=False)

@@ -26,7 +26,7 @@ def write_outputs(run: Path, logits, split, names, metric, history, best_epoch, 
 
 # ------------------------------------------------------------------------------------------------ plots
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -49,7 +49,7 @@ def plot_curves(history: list[dict], metric: str, path: Path, best_epoch: int | 
     parts = [(part, role, color) for part, role, color in (("select", "selection", "tab:orange"),
                                                            ("eval", "eval", "tab:green"))
              if any(part in r for r in history)]
-    plt = _pyplot()
+    plt = pyplot()
     # no split evaluated per epoch (no selection split, no --eval-each-epoch): the loss panel alone
     fig, axes = plt.subplots(1, 2 if parts else 1, figsize=(10 if parts else 5.5, 4), layout="constrained",
                              squeeze=False)
@@ -94,7 +94,7 @@ def save_png(fig, path, dpi: int = 100) -> None:
     with warnings.catch_warnings():   # the layout engine gives up on such a name; the tight box covers it
         warnings.filterwarnings("ignore", message="constrained_layout not applied")
         fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.1)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     write_atomic(Path(path), buffer.getvalue())   # a viewer reloading curves.png mid-run never reads half a file
 
 
@@ -110,7 +110,7 @@ def confusion_figure(cm: np.ndarray, names: list[str], split: str | None = None)
     """The row-normalised confusion matrix as a matplotlib Figure, readable from 2 to about 200 classes:
     whole class names (wrapped up to 40 classes), the split and its size in the title, values in the cells
     up to 20 classes. The layout engine keeps every label and the title on the canvas."""
-    plt = _pyplot()
+    plt = pyplot()
     c = len(names)
     rows = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
@@ -145,7 +145,7 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path, split: str | No
 
 def plot_per_class_ap(ap: np.ndarray, names: list[str], path: Path, split: str | None = None) -> None:
     """Per-class AP sorted from best to worst, whole class names; classes without a positive are left out."""
-    plt = _pyplot()
+    plt = pyplot()
     keep = [i for i in np.argsort(-np.nan_to_num(ap, nan=-1)) if not np.isnan(ap[i])]
     c = len(keep)
     fig, ax = plt.subplots(figsize=(7, max(3.0, 0.16 * c + 1)), layout="constrained")
@@ -165,7 +165,7 @@ def plot_probe_sweep(probe: dict, metric: str, path: Path) -> bool:
     sweep = probe.get("sweep") or []
     if not sweep:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_metric, ax_loss) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
     l2 = [r["l2"] for r in sweep]
     for ax, key, label in ((ax_metric, "val_metric", f"{probe['chosen_on']} {metric}"),

@@ -113,12 +113,9 @@ def plot(table: dict, path: Path) -> bool:
     """Figure 6's form: one panel per split, metric vs the x option, one line per other setting, CI band."""
     if not table["splits"]:
         return False
-    import matplotlib
+    from .report import pyplot, save_png
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    from .report import save_png
+    plt = pyplot()
 
     axes = table["axes"]
     numeric = [a for a in axes if all(_number(r["labels"][a]) is not None for r in table["rows"])]
