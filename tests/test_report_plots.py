@@ -94,9 +94,9 @@ def test_a_name_too_long_for_the_layout_grows_the_png_instead_of_being_cut(tmp_p
     name = "x" * 400   # no space to wrap at: 400 characters on one line
     path = tmp_path / "ap.png"
     report.plot_per_class_ap(np.array([0.5, 0.7]), ["dog", name], path, split="test")
-    fig = report._pyplot().figure()
+    fig = report.pyplot().figure()
     width = fig.text(0, 0, name, fontsize=8).get_window_extent(fig.canvas.get_renderer()).width
-    report._pyplot().close(fig)
+    report.pyplot().close(fig)
     assert mpimg.imread(path).shape[1] > width   # the whole name (and the bars beside it) is in the image
     report.plot_confusion(np.eye(2, dtype=int), ["dog", name], tmp_path / "cm.png", split="test")
     assert mpimg.imread(tmp_path / "cm.png").shape[0] > width * 0.9   # rotated x labels: the height grows
