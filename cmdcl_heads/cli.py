@@ -264,9 +264,7 @@ def predict(
     out = out or run / (FILE_PREDICTIONS if video else SPLIT_PREDICTIONS)
     if out.is_dir():   # before any decoding: the write at the end would fail
         _fail(f"--out {out} is a folder; give a file name, e.g. {out / SPLIT_PREDICTIONS}")
-    if out.exists() and not force:
-        _fail(f"--out {out} exists; pass --force to replace it, or give another --out (predict replaces no "
-              "file unasked)")
+    _check_out(out, force)   # its default too: a split's and the files' predictions are never replaced unasked
     configure_logging()
     try:
         if not video:

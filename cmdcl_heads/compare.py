@@ -16,7 +16,12 @@ from .run import RunFolder
 from .sweep import SWEEP_FILE, finished_points
 
 FORMATS = ("table", "md", "csv", "json")
-NEVER_COMPARED = {"out", "quiet"}   # where a run was written, and whether it printed: never its result
+NEVER_COMPARED = {"out", "quiet", "resume"}   # where a run was written and how it ran: never its result
+
+
+def values_differ(values: list) -> bool:
+    """The one rule of `compare` and the report page: the values are not all the same (as JSON)."""
+    return len({json.dumps(v, sort_keys=True, default=str) for v in values}) > 1
 
 
 def run_result(run: RunFolder) -> dict:
@@ -60,7 +65,7 @@ def differing(options: list[dict]) -> list[str]:
     """Option names whose value is not the same in every run, in file order. config.toml leaves unset
     (None) options out, so a missing key reads as None."""
     names = list(dict.fromkeys(k for o in options for k in o))
-    return [k for k in names if k not in NEVER_COMPARED and len({json.dumps(o.get(k)) for o in options}) > 1]
+    return [k for k in names if k not in NEVER_COMPARED and values_differ([o.get(k) for o in options])]
 
 
 def comparison(paths: list[Path]) -> dict:

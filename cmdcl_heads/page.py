@@ -25,6 +25,7 @@ import numpy as np
 
 from cmdcl_cache.store import write_atomic
 
+from .compare import NEVER_COMPARED, values_differ
 from .run import PLOTS, RunFolder
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -216,12 +217,9 @@ def comparison_table(views: list[RunView]) -> str:
             f"<table class=\"compare\"><thead>{head}</thead><tbody>{''.join(every)}</tbody></table></details>")
 
 
-INCIDENTAL = {"out", "quiet", "resume"}   # where a run was written and how it printed: not a difference
-
-
 def differs(row: tuple[str, list]) -> bool:
     key, values = row
-    return key not in INCIDENTAL and len({json.dumps(x, sort_keys=True, default=str) for x in values}) > 1
+    return key not in NEVER_COMPARED and values_differ(values)
 
 
 def table_rows(section: str, rows: list[tuple[str, list]], runs: int, mark: bool = True) -> str:
