@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .failures import FAILURES_FILE, RUN_LOG
 from .sampling import SamplingPolicy
 from .store import (CacheError, ProvenanceError, frame_records, normalised, read_shard, read_texts, rows_checksum,
                     texts_provenance)
@@ -42,8 +43,6 @@ JOURNAL_GLOB = "frames-*-of-*.journal"
 SHARD_RE = re.compile(r"frames-(\d+)-of-(\d+)\.h5$")
 TEXTS_FILE = "texts.h5"
 CONFOUNDERS_FILE = "confounders.h5"
-FAILURES_FILE = "failures.jsonl"
-RUN_LOG = "extract_log.jsonl"
 IMPORT_SOURCES_FILE = "import_sources.jsonl"
 FRAME_BLOCK = 4096   # frame rows read at once to check videos' crc32 (64 KiB)
 INIT_SEED = 0   # torch seed of random weights (--pretrained none), recorded as init_seed
@@ -118,11 +117,6 @@ class CacheSpec:
         if "/" in p or "\\" in p or Path(p).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
             p = Path(p).stem
         return f"{safe_name(self.model)}-{safe_name(p)}" + (f"-grid{int(self.grid)}" if self.tokens == "grid" else "")
-
-    def encoder_spec(self, device: str = "auto"):
-        from .encoder import EncoderSpec
-        return EncoderSpec(model=self.model, pretrained=self.pretrained, precision=self.precision, device=device,
-                           tokens=self.tokens, grid=self.grid)
 
     def difference(self, prov: dict, pretrained_id: str, dataset: str, world: int) -> str | None:
         """The first setting of this spec (weights as their recorded id) that a shard's attributes contradict,

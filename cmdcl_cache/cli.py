@@ -367,7 +367,7 @@ def _imported_texts(config: TextsConfig, m) -> bool:
 
 def _texts_from_encoder(config: TextsConfig, m) -> None:
     from cmdcl_cache.cache import CacheSpec, for_writing, locate
-    from cmdcl_cache.encoder import load_encoder
+    from cmdcl_cache.encoder import EncoderSpec, load_encoder
     from cmdcl_cache.texts import ensure_texts
 
     model, pretrained, precision = config.model, config.pretrained, config.precision
@@ -381,7 +381,7 @@ def _texts_from_encoder(config: TextsConfig, m) -> None:
     spec = CacheSpec(model=model, pretrained=pretrained, precision=precision, tokens=config.tokens,
                      grid=config.grid)
     folder = for_writing(Path(config.cache), m.dataset, spec)
-    enc = load_encoder(spec.encoder_spec(config.device))
+    enc = load_encoder(EncoderSpec.of(spec, config.device))
     path, written = ensure_texts(folder, m, enc, spec, config.prompts, force=config.force)
     print(f"{'wrote' if written else 'up to date:'} {path}")
 

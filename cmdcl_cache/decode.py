@@ -283,7 +283,7 @@ def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, tr
     yield ("done",)
 
 
-def _worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int,
+def decode_worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads: int,
             transform: dict | None = None, fallback: str | None = None) -> None:
     # Ctrl-C is the main process's: it ends the workers. Blocked by the parent while we started.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -370,11 +370,11 @@ class DecodePool(_SlotPool):
         inbox_r, inbox_w = self._ctx.Pipe(duplex=False)
         outbox_r, outbox_w = self._ctx.Pipe(duplex=False)
         transform = self.transform.to_dict() if self.transform is not None else None
-        p = self._ctx.Process(target=_worker, args=(inbox_r, outbox_w, self.policy.to_dict(), self.decoder,
+        p = self._ctx.Process(target=decode_worker, args=(inbox_r, outbox_w, self.policy.to_dict(), self.decoder,
                                                     self.threads, transform, self.fallback),
                               daemon=True, name="cmdcl-decode")
         # The child inherits the blocked SIGINT through exec, so a Ctrl-C during its start-up is not
-        # a KeyboardInterrupt traceback from it; _worker ignores SIGINT and unblocks it.
+        # a KeyboardInterrupt traceback from it; decode_worker ignores SIGINT and unblocks it.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             p.start()

@@ -75,6 +75,12 @@ class EncoderSpec:
     tokens: str = "cls"         # "cls": one feature per frame; "grid": also a pooled patch grid
     grid: int = 4               # side of the pooled patch grid when tokens == "grid"
 
+    @classmethod
+    def of(cls, cache_spec, device: str = "auto") -> "EncoderSpec":
+        """The encoder that makes (or made) a cache of `cache_spec` (a CacheSpec), on `device`."""
+        return cls(model=cache_spec.model, pretrained=cache_spec.pretrained, precision=cache_spec.precision,
+                   device=device, tokens=cache_spec.tokens, grid=cache_spec.grid)
+
 
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()

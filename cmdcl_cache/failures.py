@@ -13,7 +13,7 @@ import os
 import stat
 from pathlib import Path
 
-FAILURES = "failures.jsonl"
+FAILURES_FILE = "failures.jsonl"
 RUN_LOG = "extract_log.jsonl"
 STAGES = ("open", "decode", "encode", "write")
 
@@ -56,13 +56,13 @@ def record_failure(cache_dir: str | Path, video_id: str, path: str, stage: str, 
         raise ValueError(f"unknown failure stage {stage!r}")
     record = {"video_id": video_id, "path": str(path), "stage": stage, "error": error,
               "seconds": round(float(seconds), 3), "rank": int(rank)}
-    append_line(Path(cache_dir) / FAILURES, record)
+    append_line(Path(cache_dir) / FAILURES_FILE, record)
     return record
 
 
 def read_failures(cache_dir: str | Path) -> dict[str, dict]:
     """The last failure record of each video listed in failures.jsonl."""
-    return {r["video_id"]: r for r in read_lines(Path(cache_dir) / FAILURES) if "video_id" in r}
+    return {r["video_id"]: r for r in read_lines(Path(cache_dir) / FAILURES_FILE) if "video_id" in r}
 
 
 def append_run_log(folder_log: str | Path, record: dict) -> None:

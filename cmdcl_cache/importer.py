@@ -972,7 +972,7 @@ def write_imported_texts(folder: CacheFolder, manifest, model: str, pretrained: 
     """texts.h5 of an imported cache from an open_clip text tower whose space the features share (CLIP
     features: the text tower of the same model); its provenance names that tower (`text_source`)."""
     from .cache import CacheSpec
-    from .encoder import load_encoder
+    from .encoder import EncoderSpec, load_encoder
     from .texts import ensure_texts
 
     import open_clip
@@ -987,7 +987,7 @@ def write_imported_texts(folder: CacheFolder, manifest, model: str, pretrained: 
                              "pass --text-embeddings FILE")
 
     check((open_clip.get_model_config(model) or {}).get("embed_dim"))   # before loading any weights
-    encoder = load_encoder(CacheSpec(model=model, pretrained=pretrained, precision=precision).encoder_spec(device))
+    encoder = load_encoder(EncoderSpec.of(CacheSpec(model=model, pretrained=pretrained, precision=precision), device))
     check(encoder.feature_dim)
     return ensure_texts(folder, manifest, encoder, spec, prompts, force=force)
 

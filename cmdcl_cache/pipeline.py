@@ -159,7 +159,7 @@ class _Plan:
 def plan_extraction(config: ExtractConfig) -> _Plan:
     """Every check that needs no model and writes nothing (see the module docstring)."""
     from .decode import check_decoders, run_decoders
-    from .encoder import check_encoder_spec
+    from .encoder import EncoderSpec, check_encoder_spec
     from .manifest import load_manifest
 
     check_decoders(config.decoder, config.fallback_decoder)   # BackendMissing says what to install
@@ -168,7 +168,7 @@ def plan_extraction(config: ExtractConfig) -> _Plan:
     video_root = Path(config.video_root).resolve()
     if not video_root.is_dir():
         raise ExtractError(f"--video-root {video_root} is not a folder")
-    _, pretrained_id, _ = check_encoder_spec(config.spec.encoder_spec(config.device))
+    _, pretrained_id, _ = check_encoder_spec(EncoderSpec.of(config.spec, config.device))
     folder = for_writing(Path(config.cache).resolve(), manifest.dataset, config.spec)
     _check_shard_count(folder, rank.world)
     decoder, fallback = run_decoders(config.decoder, config.fallback_decoder, folder.provenance().get("decoder"))
@@ -217,7 +217,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
     """Run one rank's extraction; see the module docstring. Raises ExtractError (and the manifest's,
     encoder's and store's own errors) for fatal problems."""
     from .decode import decoder_provenance, start_pool
-    from .encoder import load_encoder
+    from .encoder import EncoderSpec, load_encoder
     from .store import ShardWriter
     from .texts import ensure_texts
 
@@ -227,7 +227,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
     if _already_done(plan):
         result.seconds = time.monotonic() - t_start
         return result
-    encoder = load_encoder(config.spec.encoder_spec(plan.rank.device(config.device)))   # fails before mkdir
+    encoder = load_encoder(EncoderSpec.of(config.spec, plan.rank.device(config.device)))   # fails before mkdir
     check_not_nested(plan.folder)   # an import may have made a cache here while the model loaded
     plan.folder.path.mkdir(parents=True, exist_ok=True)
     prov = config.spec.frame_provenance(encoder.provenance(), plan.manifest.dataset,
@@ -241,7 +241,7 @@ def extract(config: ExtractConfig) -> ExtractResult:
         result.dropped = list(writer.dropped)
         todo, replace = _todo(plan, writer)
         result.todo = len(todo)
-        run = _Run(plan, encoder, writer, result, replace)
+        run = ExtractRun(plan, encoder, writer, result, replace)
         try:
             run.start(todo)
             if todo:
@@ -343,11 +343,11 @@ def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str 
 
     from .cache import CacheSpec, provenance_difference
     from .decode import check_decoders, decode_video, decoders_of_provenance, resolve_decoder
-    from .encoder import load_encoder
+    from .encoder import EncoderSpec, load_encoder
     from .store import ProvenanceError
 
     spec = CacheSpec.from_provenance(provenance, pretrained)
-    encoder = load_encoder(spec.encoder_spec(device))
+    encoder = load_encoder(EncoderSpec.of(spec, device))
     here = {k: v for k, v in _plain_provenance(encoder.provenance()).items() if k in ENCODER_KEYS}
     recorded = {k: provenance.get(k) for k in ENCODER_KEYS if k in provenance}
     diff = provenance_difference(recorded, {k: v for k, v in here.items() if k in recorded}, ignore=("pretrained",))
@@ -408,7 +408,7 @@ class _Committer:
     encoding never waits on a write or an fsync. A write error (disk full) is kept and raised in the main
     thread at its next `check`; a video the writer refuses (its rows do not fit) is recorded as failed."""
 
-    def __init__(self, run: "_Run"):
+    def __init__(self, run: "ExtractRun"):
         import queue
         import threading
         self.run, self.error = run, None
@@ -438,7 +438,7 @@ class _Committer:
                     self.error = err
 
 
-class _Run:
+class ExtractRun:
     """One rank's extraction in flight: decoded crops wait in `pending` until a full batch is launched on the
     encoder; up to MAX_IN_FLIGHT batches compute while frames keep arriving; a video goes to the committer
     once all its frames are encoded and its worker said "done"."""

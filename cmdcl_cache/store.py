@@ -149,7 +149,7 @@ def frame_records(frame_index, timestamps) -> np.ndarray:
     return frames
 
 
-def check_video_id(video_id) -> str:
+def storable_video_id(video_id) -> str:
     if not isinstance(video_id, str) or not video_id:
         raise CacheError(f"video id {video_id!r}: expected a non-empty string")
     try:
@@ -159,7 +159,7 @@ def check_video_id(video_id) -> str:
     return video_id
 
 
-def _disk_full(err: OSError) -> bool:
+def disk_full(err: OSError) -> bool:
     return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -336,8 +336,8 @@ class ShardWriter:
         for number, line in enumerate(data.splitlines(keepends=True), 1):
             if not line.endswith(b"\n"):
                 break   # a commit line cut by a crash: that video is not committed
-            record = _commit_record(line)
-            if record is not None and not _commit_line_holds(record):   # a changed fps, size, decoder...
+            record = parse_commit_line(line)
+            if record is not None and not commit_line_holds(record):   # a changed fps, size, decoder...
                 self.dropped.append((record["video_id"], "its commit line does not match its checksum (the "
                                      "journal was edited or damaged); the video is extracted again"))
                 continue
@@ -395,7 +395,7 @@ class ShardWriter:
                 decoder: str = "", replace: bool = False) -> "PreparedVideo":
         """Check one video's rows and compute its checksum, writing nothing; CacheError if they do not fit.
         `commit` writes what `prepare` returns (append_video = commit([prepare(...)]))."""
-        check_video_id(video_id)
+        storable_video_id(video_id)
         if video_id in self._commits or (video_id in self._finalized and not replace):
             raise CacheError(f"{self.path}: video {video_id!r} is already committed")
         features = np.ascontiguousarray(features, dtype="<f2")
@@ -453,7 +453,7 @@ class ShardWriter:
         self.num_rows = row
 
     def _write_error(self, err: OSError, where: Path) -> StorageError:
-        what = "disk full" if _disk_full(err) else f"{type(err).__name__}: {err.strerror or err}"
+        what = "disk full" if disk_full(err) else f"{type(err).__name__}: {err.strerror or err}"
         return StorageError(f"{where}: {what} while writing; what is committed is kept, rerun the same command "
                           "to resume once the problem is fixed")
 
@@ -492,9 +492,9 @@ class ShardWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_path(tmp)            # the shard's bytes are on disk before its name points at them
+        fsync_path(tmp)            # the shard's bytes are on disk before its name points at them
         os.replace(tmp, self.path)
-        _fsync_path(self.path.parent)   # and the rename itself survives a power loss
+        fsync_path(self.path.parent)   # and the rename itself survives a power loss
         self.close()
         shutil.rmtree(self.journal)
         return self.path
@@ -567,12 +567,12 @@ def commit_checksum(record: dict) -> int:
     return json_crc32([record[key] for key in COMMIT_KEYS])
 
 
-def _commit_line_holds(record: dict) -> bool:
+def commit_line_holds(record: dict) -> bool:
     """A commit line matches its checksum; a line of a journal written before lines had one is unchecked."""
     return "line_crc32" not in record or record["line_crc32"] == commit_checksum(record)
 
 
-def _commit_record(line: bytes) -> dict | None:
+def parse_commit_line(line: bytes) -> dict | None:
     """One commit line as written by append_video, or None when it is not one."""
     try:
         record = json.loads(line)
@@ -592,7 +592,7 @@ def _commit_record(line: bytes) -> dict | None:
     return record
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -612,7 +612,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
         os.replace(tmp, path)
     except OSError as err:   # a full disk's error names no file: name the one that was not replaced
         tmp.unlink(missing_ok=True)
-        what = "disk full" if _disk_full(err) else err.strerror or str(err)
+        what = "disk full" if disk_full(err) else err.strerror or str(err)
         raise OSError(err.errno, f"{what} while writing; nothing was replaced", str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -708,7 +708,7 @@ def write_small_h5(path: str | Path, fill) -> Path:
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)
-        what = "disk full" if _disk_full(err) else f"{type(err).__name__}: {err.strerror or err}"
+        what = "disk full" if disk_full(err) else f"{type(err).__name__}: {err.strerror or err}"
         raise StorageError(f"{path}: {what} while writing; nothing was replaced") from None
     return path
 

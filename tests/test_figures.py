@@ -219,13 +219,13 @@ def test_attention_on_decoded_frames_sums_to_one_and_leaves_the_prediction_uncha
     assert not head.encoder.blocks[-1].space.attn._forward_hooks                 # removed again
     # the frames are those the cache records, decoded as the encoder saw them (64 x 64, the tiny model's size)
     from cmdcl_cache.cache import Cache, CacheSpec
-    from cmdcl_cache.encoder import load_encoder
+    from cmdcl_cache.encoder import EncoderSpec, load_encoder
     cache = Cache(leaf)
     rows = np.array(n[str(runs["cmdcl"])]["rows"])
     got = figures.decoded_frames(cache, "good3", rows, root, load_manifest(manifest))
     assert got.shape == (3, 64, 64, 3) and got.dtype == np.uint8
     assert n["frame_index"] == cache.frame_info("good3")[0][rows].tolist()
-    encoder = load_encoder(CacheSpec.from_provenance(cache.provenance).encoder_spec("cpu"))
+    encoder = load_encoder(EncoderSpec.of(CacheSpec.from_provenance(cache.provenance), "cpu"))
     features, _ = encoder.encode_pixels(encoder.normalise_crops(got))   # they encode to the cached rows
     np.testing.assert_allclose(features.numpy(), cache.features("good3")[rows].astype(np.float32), atol=2e-3, rtol=2e-3)
     res = runner.invoke(app, ["figures", "attention", "--run", str(runs["cmdcl"]), "--video", "god3",
