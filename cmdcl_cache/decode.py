@@ -128,7 +128,7 @@ def _backend_of(decoder: str | None) -> str:
     return name if name in BACKENDS else "decord"   # test seams wrap decord
 
 
-def _fallback_of(fallback: str | None, decoder: str | None) -> str | None:
+def fallback_of(fallback: str | None, decoder: str | None) -> str | None:
     """The fallback's name, None for none; fallback None: the decoder's default fallback."""
     fallback = default_fallback(_backend_of(decoder)) if fallback is None else fallback
     return None if fallback == "none" else fallback
@@ -140,7 +140,7 @@ def check_decoders(decoder: str | None, fallback: str | None = None) -> None:
         raise BackendMissing(f"unknown --fallback-decoder {fallback!r}: choose one of {', '.join(FALLBACKS)}")
     if decoder is not None and decoder not in BACKENDS and decoder != "hang-test" and ":" not in decoder:
         raise BackendMissing(f"unknown --decoder {decoder!r}: choose one of {', '.join(BACKENDS)}")
-    for name in (_backend_of(decoder), _fallback_of(fallback, decoder)):
+    for name in (_backend_of(decoder), fallback_of(fallback, decoder)):
         if name is not None:
             backend_version(name)
 
@@ -148,7 +148,7 @@ def check_decoders(decoder: str | None, fallback: str | None = None) -> None:
 def decoder_provenance(decoder: str | None, fallback: str | None = None) -> str:
     """The shard's `decoder` attribute: the backends allowed to decode its videos, with versions."""
     text = backend_version(_backend_of(decoder))
-    fb = _fallback_of(fallback, decoder)
+    fb = fallback_of(fallback, decoder)
     return f"{text}; fallback {backend_version(fb)}" if fb and fb != _backend_of(decoder) else text
 
 
@@ -185,12 +185,12 @@ def run_decoders(decoder: str | None, fallback: str | None, recorded: str | None
 
 # ------------------------------------------------------------------------------------ one video
 
-def _message(err: BaseException) -> str:
+def error_message(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:500]}"
 
 
-def _as_crop(transform):
+def crop_of(transform):
     """None (full frames), a TransformSpec or its dict (PIL's resize + crop), or a callable (GPU pool)."""
     if transform is None or callable(transform):
         return transform
@@ -198,13 +198,13 @@ def _as_crop(transform):
     return lambda frames: resize_crop(spec, frames)
 
 
-def _is_tensor(frames) -> bool:
+def is_tensor(frames) -> bool:
     return type(frames).__module__.startswith("torch")   # without importing torch
 
 
 def _checked(frames, count: int):
     """uint8 [count, H, W, 3] frames, contiguous numpy or, from NVDEC, a CUDA tensor checked as it is."""
-    if _is_tensor(frames):
+    if is_tensor(frames):
         if str(frames.dtype) != "torch.uint8":
             raise DecodeError("decode", f"decoder returned a {frames.dtype} tensor")
     else:
@@ -221,7 +221,7 @@ def _batch(video, index: np.ndarray, start: int, step: int, n: int):
     except DecodeError:
         raise
     except Exception as err:
-        raise DecodeError("decode", f"frames {want[0]}..{want[-1]} of {n}: {_message(err)}") from err
+        raise DecodeError("decode", f"frames {want[0]}..{want[-1]} of {n}: {error_message(err)}") from err
 
 
 def _open(opener, path: str, policy: SamplingPolicy, threads: int):
@@ -236,7 +236,7 @@ def _open(opener, path: str, policy: SamplingPolicy, threads: int):
     except SamplingError as err:
         raise DecodeError("open", f"cannot sample frames: {err}") from err
     except Exception as err:
-        raise DecodeError("open", _message(err), isinstance(err, BrokenFile)) from err
+        raise DecodeError("open", error_message(err), isinstance(err, BrokenFile)) from err
     return video, timing, index, stamps, _batch(video, index, 0, CHUNK_FRAMES, timing.num_frames)
 
 
@@ -251,7 +251,7 @@ def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, tr
     fallback: an opener tried when `opener` refuses the file (any error before the first frame but a
     BrokenFile: a file cut short, which the fallback could read as a shorter video).
     """
-    crop = _as_crop(transform)
+    crop = crop_of(transform)
     try:
         video, timing, index, stamps, frames = _open(opener, path, policy, threads)
     except DecodeError as err:
@@ -274,7 +274,7 @@ def decode_video(opener, path: str, policy: SamplingPolicy, threads: int = 1, tr
                 frames = crop(frames)
             except Exception as err:
                 raise DecodeError("decode", f"resize/crop of frames {index[start]}.. of shape "
-                                            f"{tuple(frames.shape)}: {_message(err)}") from err
+                                            f"{tuple(frames.shape)}: {error_message(err)}") from err
         yield ("frames", start, frames)
         start += len(frames)
         if start >= len(index):
@@ -310,7 +310,7 @@ def decode_worker(inbox, outbox, policy_dict: dict, decoder: str | None, threads
         except DecodeError as err:
             outbox.send(("error", job, err.stage, str(err)))
         except Exception as err:  # a bug, not a bad video: still one video, keep the run going
-            outbox.send(("error", job, "decode", _message(err) + " | " + traceback.format_exc(limit=3)))
+            outbox.send(("error", job, "decode", error_message(err) + " | " + traceback.format_exc(limit=3)))
 
 
 # ----------------------------------------------------------------------------------------- pools
@@ -358,7 +358,7 @@ class DecodePool(_SlotPool):
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.policy, self.timeout, self.decoder = policy, float(timeout), decoder
-        self.fallback = _fallback_of(fallback, decoder)
+        self.fallback = fallback_of(fallback, decoder)
         self.transform = transform if transform is None or isinstance(transform, TransformSpec) else \
             TransformSpec.from_dict(transform)
         self.threads = threads or max(1, (os.cpu_count() or 1) // workers)
@@ -486,11 +486,11 @@ class GpuDecodePool(_SlotPool):
             raise ValueError(f"--workers must be >= 1, got {workers}")
         self.policy, self.timeout, self._device = policy, float(timeout), device
         self._opener = resolve_decoder(decoder)
-        backup = _fallback_of(fallback, decoder)
+        backup = fallback_of(fallback, decoder)
         self._backup = resolve_decoder(backup) if backup else None
-        cpu_crop = _as_crop(transform)
+        cpu_crop = crop_of(transform)
         self._crop = None if crop is None and cpu_crop is None else \
-            (lambda frames: crop(frames) if _is_tensor(frames) else cpu_crop(frames))
+            (lambda frames: crop(frames) if is_tensor(frames) else cpu_crop(frames))
         self.slots = [_Thread() for _ in range(workers)]
         self.restarts = 0
 
@@ -519,7 +519,7 @@ class GpuDecodePool(_SlotPool):
         except DecodeError as err:
             self._send(slot, ("error", job, err.stage, str(err)))
         except Exception as err:  # noqa: BLE001 - a bug or a CUDA error: this video fails, the run goes on
-            self._send(slot, ("error", job, "decode", _message(err) + " | " + traceback.format_exc(limit=3)))
+            self._send(slot, ("error", job, "decode", error_message(err) + " | " + traceback.format_exc(limit=3)))
 
     def _abandon(self, slot: _Thread) -> None:
         slot.stop.set()

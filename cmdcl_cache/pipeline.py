@@ -138,7 +138,7 @@ class ExtractResult:
 
 
 @dataclass
-class _Plan:
+class ExtractPlan:
     """What a run will do, decided before anything is written."""
 
     config: ExtractConfig
@@ -156,7 +156,7 @@ class _Plan:
         return self.folder.shard_path(self.rank.rank, self.rank.world)
 
 
-def plan_extraction(config: ExtractConfig) -> _Plan:
+def plan_extraction(config: ExtractConfig) -> ExtractPlan:
     """Every check that needs no model and writes nothing (see the module docstring)."""
     from .decode import check_decoders, run_decoders
     from .encoder import EncoderSpec, check_encoder_spec
@@ -176,7 +176,7 @@ def plan_extraction(config: ExtractConfig) -> _Plan:
         check_decoders(decoder, fallback)   # the backends a resumed cache records must run here too
     mine = set(split_ids([v.video_id for v in manifest.videos], rank.rank, rank.world))
     selected = sorted((v for v in manifest.select(config.split) if v.video_id in mine), key=lambda v: v.video_id)
-    return _Plan(config, manifest, rank, folder, video_root, selected, pretrained_id, decoder, fallback)
+    return ExtractPlan(config, manifest, rank, folder, video_root, selected, pretrained_id, decoder, fallback)
 
 
 def _check_shard_count(folder, world: int) -> None:
@@ -190,7 +190,7 @@ def _check_shard_count(folder, world: int) -> None:
                            "--num-shards as the cache, or another --cache")
 
 
-def _already_done(plan: _Plan) -> bool:
+def _already_done(plan: ExtractPlan) -> bool:
     """A finished shard of these settings holding every selected video, its texts made with these prompts, no
     journal, nothing to retry or refresh. Anything else goes through the writer, which names what differs."""
     from .store import texts_provenance
@@ -266,7 +266,7 @@ def exit_status(selected_ids, committed) -> tuple[int, list[str]]:
     return (EXIT_PARTIAL if len(missing) < len(selected_ids) else EXIT_FATAL), missing
 
 
-def _todo(plan: _Plan, writer) -> tuple[list, set[str]]:
+def _todo(plan: ExtractPlan, writer) -> tuple[list, set[str]]:
     """(records to extract now, ids among them that replace a committed video whose file changed)."""
     committed = writer.committed_ids
     todo = [v for v in plan.selected if v.video_id not in committed]
@@ -291,7 +291,7 @@ def _todo(plan: _Plan, writer) -> tuple[list, set[str]]:
     return todo, replace
 
 
-def _log_run(plan: _Plan, result: ExtractResult, started, restarts: int) -> None:
+def _log_run(plan: ExtractPlan, result: ExtractResult, started, restarts: int) -> None:
     record = {
         "start": started.isoformat(timespec="seconds"),
         "end": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -443,7 +443,7 @@ class ExtractRun:
     encoder; up to MAX_IN_FLIGHT batches compute while frames keep arriving; a video goes to the committer
     once all its frames are encoded and its worker said "done"."""
 
-    def __init__(self, plan: _Plan, encoder, writer, result: ExtractResult, replace: set[str]):
+    def __init__(self, plan: ExtractPlan, encoder, writer, result: ExtractResult, replace: set[str]):
         from .progress import ExtractProgress
         self.plan, self.encoder, self.writer, self.result, self.replace = plan, encoder, writer, result, replace
         self.bs = plan.config.batch_size

@@ -101,5 +101,6 @@ def detect_rank(shard_index: int | None = None, num_shards: int | None = None,
 
 def split_ids(ids: Iterable[str], rank: int, world: int) -> list[str]:
     """This rank's videos: every world-th of the sorted ids, starting at rank."""
-    _check(rank, world, "split")
+    if not 0 <= rank < world:
+        raise ValueError(f"split: rank {rank} is outside 0..{world - 1}")
     return sorted(ids)[rank::world]
