@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 from _common import report_json  # noqa: E402
 
-from cmdcl_cache.manifest import make_labels_json, write_manifest  # noqa: E402
-from cmdcl_cache.store import TextEmbeddings  # noqa: E402
-from cmdcl_cache.synthetic import write_synthetic_cache  # noqa: E402
+from cmdcl_cache.manifest.io import make_labels_json, write_manifest
+from cmdcl_cache.cache.format import TextEmbeddings
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
 
 
 def write_coin_sized(work: Path, videos: int, test_videos: int, rows: int, dim: int, classes: int, seed: int):

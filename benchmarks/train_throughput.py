@@ -43,9 +43,9 @@ from _common import command_line, machine, stamp, update_section  # noqa: E402
 
 def write_data(work: Path, videos: int, dim: int, min_frames: int, max_frames: int, classes: int, seed: int):
     """Cache + manifest + npy folder for `videos` training videos with random lengths; returns paths."""
-    from cmdcl_cache.manifest import make_labels_json, write_manifest
-    from cmdcl_cache.synthetic import write_synthetic_cache
-    from cmdcl_cache.store import TextEmbeddings
+    from cmdcl_cache.manifest.io import make_labels_json, write_manifest
+    from cmdcl_cache.ingest.synthetic import write_synthetic_cache
+    from cmdcl_cache.cache.format import TextEmbeddings
 
     rng = np.random.default_rng(seed)
     class_dir = rng.standard_normal((classes, dim)).astype(np.float32)
@@ -168,9 +168,9 @@ def main(argv=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from cmdcl_cache.manifest import load_manifest
-    from cmdcl_cache.cache import Cache
-    from cmdcl_cache.store import read_texts
+    from cmdcl_cache.manifest.io import load_manifest
+    from cmdcl_cache.cache.folder import Cache
+    from cmdcl_cache.cache.format import read_texts
     from cmdcl_heads.config import HeadConfig
     from cmdcl_heads.data import make_features, pair_split
     from cmdcl_heads.config import TrainConfig

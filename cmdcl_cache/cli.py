@@ -7,10 +7,10 @@ from typing import Literal, Optional
 import typer
 
 from cmdcl_cache.config import config_command, option, version_option
-from cmdcl_cache.importer import ImportConfig
-from cmdcl_cache.pipeline import ExtractConfig
+from cmdcl_cache.extract.pipeline import ExtractConfig
+from cmdcl_cache.ingest.sources import ImportConfig
+from cmdcl_cache.manifest.prompts import PROMPTS_HELP
 from cmdcl_cache.progress import configure_logging, console, markup_mode
-from cmdcl_cache.texts import PROMPTS_HELP
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=markup_mode(),
                   help="Build manifests, render the demo set, and cache CLIP features of videos in HDF5.")
@@ -19,9 +19,16 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=m
 @app.callback()
 def _main(version: bool = version_option("cmdcl-cache")):
     """Build manifests, render the demo set, and cache CLIP features of videos in HDF5."""
+
+
 manifest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="Build and check dataset manifests.")
+
 demo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="The offline demo set of rendered videos.")
+
+
 app.add_typer(manifest_app, name="manifest")
+
+
 app.add_typer(demo_app, name="demo")
 
 
@@ -47,7 +54,7 @@ def demo_make(
     """Render the offline demo set (activities of ordered atomic actions over confounding backgrounds)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cmdcl_cache.demo import check_size_fps, make_demo
+    from cmdcl_cache.manifest.demo import check_size_fps, make_demo
 
     frame_size = _parse_size(size)
     try:  # before the progress bar, so that a typo fails at once
@@ -120,8 +127,8 @@ def manifest_build(
                                                            "cmdcl_cache/manifests/<dataset>)."),
 ):
     """Build a manifest (videos.jsonl + labels.json) from a dataset's annotation files or your own videos."""
-    from cmdcl_cache.datasets import BUILDERS, build_manifest
-    from cmdcl_cache.manifest import resolve_dataset_dir
+    from cmdcl_cache.manifest.builders import BUILDERS, build_manifest
+    from cmdcl_cache.manifest.format import resolve_dataset_dir
 
     if dataset not in BUILDERS:
         raise typer.BadParameter(f"no builder for {dataset!r}; choose one of {', '.join(BUILDERS)}",
@@ -186,8 +193,9 @@ def manifest_check(
     """Report which videos of a manifest are found, missing or ambiguous under --video-root."""
     from rich.table import Table
 
-    from cmdcl_cache.manifest import ManifestError, load_manifest
-    from cmdcl_cache.paths import check_videos
+    from cmdcl_cache.manifest.format import ManifestError
+    from cmdcl_cache.manifest.io import load_manifest
+    from cmdcl_cache.manifest.paths import check_videos
 
     out = console()
     try:
@@ -219,14 +227,12 @@ def manifest_check(
         raise typer.Exit(1)
 
 
-# ------------------------------------------------------------------------------------- feature cache
-
 _EXIT_HELP = ("Exit status: 0 every selected video is in the cache, 1 some failed (listed in failures.jsonl; "
               "the cache holds the others), 2 nothing extracted or a fatal error.")
 
 
 def _fail(message: str, code: int = 2):
-    from rich.markup import escape   # the message is text: "pip install 'cmdcl[torchcodec]'" is no markup
+    from rich.markup import escape  # the message is text: "pip install 'cmdcl[torchcodec]'" is no markup
     console(stderr=True).print(f"[red]error:[/red] {escape(message)}", markup=True)
     raise typer.Exit(code)
 
@@ -238,7 +244,8 @@ def _config_error(err):
 @config_command(app, "extract", (ExtractConfig,), handle=_config_error, epilog=_EXIT_HELP,
                 help="Decode, sample and encode a dataset's videos into HDF5 shards (resumable; one shard per rank).")
 def extract_cmd(config: ExtractConfig):
-    from cmdcl_cache.pipeline import extract, main_exit_message
+    from cmdcl_cache.cache.runlog import main_exit_message
+    from cmdcl_cache.extract.pipeline import extract
 
     configure_logging()
     try:
@@ -264,7 +271,7 @@ _IMPORT_EPILOG = ("Formats: npy = <id>.npy [T, D] (+ <id>_timestamps_ms.npy, <id
 @config_command(app, "import", (ImportConfig,), handle=_config_error, epilog=_IMPORT_EPILOG,
                 help="Bring per-frame features made elsewhere into a cache (resumable; checked; sources hashed).")
 def import_cmd(config: ImportConfig):
-    from cmdcl_cache.importer import import_features, main_message
+    from cmdcl_cache.ingest.importer import import_features, main_message
 
     configure_logging()
     try:
@@ -315,7 +322,7 @@ _TEXTS_EPILOG = ("A cache of imported features (`cmdcl-cache import`) takes --mo
                 help="(Re)write texts.h5: prompt-ensembled text embeddings of every label set, from an open_clip "
                      "text tower or a file.")
 def texts_cmd(config: TextsConfig):
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache.manifest.io import load_manifest
 
     configure_logging()
     try:
@@ -332,8 +339,8 @@ def texts_cmd(config: TextsConfig):
 
 
 def _texts_from_file(config: TextsConfig, m) -> None:
-    from cmdcl_cache.cache import locate
-    from cmdcl_cache.importer import write_texts_from_file
+    from cmdcl_cache.cache.folder import locate
+    from cmdcl_cache.ingest.texts import write_texts_from_file
 
     if not config.text_embeddings:
         _fail("--label-set goes with --text-embeddings FILE")
@@ -350,7 +357,7 @@ def _texts_from_file(config: TextsConfig, m) -> None:
 
 def _imported_texts(config: TextsConfig, m) -> bool:
     """texts.h5 of an imported cache from the open_clip text tower named by --model/--pretrained."""
-    from cmdcl_cache.importer import imported_cache, write_imported_texts
+    from cmdcl_cache.extract.texts import imported_cache, write_imported_texts
 
     folder = imported_cache(Path(config.cache), m.dataset)
     if folder is None:
@@ -366,9 +373,10 @@ def _imported_texts(config: TextsConfig, m) -> bool:
 
 
 def _texts_from_encoder(config: TextsConfig, m) -> None:
-    from cmdcl_cache.cache import CacheSpec, for_writing, locate
-    from cmdcl_cache.encoder import EncoderSpec, load_encoder
-    from cmdcl_cache.texts import ensure_texts
+    from cmdcl_cache.cache.folder import for_writing, locate
+    from cmdcl_cache.cache.provenance import CacheSpec
+    from cmdcl_cache.extract.encoder import EncoderSpec, load_encoder
+    from cmdcl_cache.extract.texts import ensure_texts
 
     model, pretrained, precision = config.model, config.pretrained, config.precision
     if model is None or pretrained is None:   # infer what the existing cache was made with
@@ -387,12 +395,13 @@ def _texts_from_encoder(config: TextsConfig, m) -> None:
 
 
 _CACHE_HELP = "A cache folder, or a folder above it (root or <root>/<dataset>)."
+
 _FIND = "To choose among several caches below --cache."
 
 
 def _locate(cache: Path, dataset: str | None, model: str | None, pretrained: str | None):
-    from cmdcl_cache.cache import locate
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache.cache.folder import locate
+    from cmdcl_cache.manifest.io import load_manifest
     try:
         name = load_manifest(dataset).dataset if dataset else None
         return locate(cache, name, model, pretrained)
@@ -415,7 +424,7 @@ def verify_cmd(
     video_root: Optional[Path] = typer.Option(None, "--video-root", help="Report videos whose file changed since "
                                                                          "extraction (default: the last run's root)."),
 ):
-    from cmdcl_cache.verify import verify
+    from cmdcl_cache.cache.verify import verify
 
     folder = _locate(cache, dataset, model, pretrained)
     report = verify(folder, dataset, split, shard_index, num_shards, quick=quick, video_root=video_root)
@@ -441,7 +450,7 @@ def inspect_cmd(
 ):
     import json
 
-    from cmdcl_cache.verify import render_summary, summarize
+    from cmdcl_cache.cache.verify import render_summary, summarize
 
     s = summarize(_locate(cache, dataset, model, pretrained))
     if as_json:
@@ -455,7 +464,7 @@ def inspect_cmd(
 @app.command("export-npy", help="Write each cached video's features [T, D] with its timestamps and fps, in "
                                  "video_features' layout (<name>.npy, <name>_timestamps_ms.npy, <name>_fps.npy, or "
                                  "one <name>.npz), and index.jsonl mapping every video id to its file names (ids "
-                                 "that are not safe file names get '<prefix>~<sha256>'; see cmdcl_cache/export.py).")
+                                 "that are not safe file names get '<prefix>~<sha256>'; see cmdcl_cache/ingest/export.py).")
 def export_cmd(
     cache: Path = typer.Option(..., "--cache", help=_CACHE_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for the exported files."),
@@ -465,8 +474,8 @@ def export_cmd(
     dtype: str = typer.Option("float16", "--dtype", help="float16 (as stored) or float32."),
     layout: str = typer.Option("npy", "--format", help="npy: three .npy files per video; npz: one .npz per video."),
 ):
-    from cmdcl_cache.export import export_npy
-    from cmdcl_cache.store import CacheError
+    from cmdcl_cache.errors import CacheError
+    from cmdcl_cache.ingest.export import export_npy
 
     try:
         n = export_npy(_locate(cache, dataset, model, pretrained).path, out, dtype=dtype, layout=layout)

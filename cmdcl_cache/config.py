@@ -49,8 +49,6 @@ def help_of(cls, name: str) -> str:
     return next(f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name)
 
 
-# ------------------------------------------------------------------------------------------- TOML files
-
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
     try:
@@ -188,8 +186,6 @@ def _toml_value(value) -> str:
     text = str(value)
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
-
-# --------------------------------------------------------------------------------------- the command line
 
 def config_command(app, name: str, classes: tuple, *, help: str, epilog: str | None = None,
                    presets: Callable[[str], Path] | None = None, handle=None, extra: dict | None = None):

@@ -38,9 +38,10 @@ import h5py
 import numpy as np
 import torch
 
-from cmdcl_cache.cache import Cache, locate
+from cmdcl_cache import Cache, locate
 from cmdcl_cache.config import check_choices, option
-from cmdcl_cache.store import CacheError, ProvenanceError, WriterLock, lock_path_of
+from cmdcl_cache import CacheError, ProvenanceError
+from cmdcl_cache import WriterLock, lock_path_of
 
 FILE_NAME = "confounders.h5"
 SCHEMA_VERSION = 1
@@ -74,7 +75,7 @@ class ConfoundersConfig:
 
 def build_and_save(config: ConfoundersConfig) -> tuple["Confounders", Path]:
     """Build the dictionaries of `config` and write them (with the configuration in their settings)."""
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache import load_manifest
 
     manifest = load_manifest(config.dataset)
     folder = locate(config.cache, manifest.dataset)
@@ -160,7 +161,7 @@ class Confounders:
         return None
 
     def save(self, path: str | Path) -> Path:
-        from cmdcl_cache.store import write_small_h5
+        from cmdcl_cache import write_small_h5
 
         def fill(f):
             f.attrs["schema_version"] = SCHEMA_VERSION

@@ -12,7 +12,7 @@ Two ways to hold the features, which give the same batches for the same random n
   compute-bound.
 - `LazyFeatures`: h5py reads in a torch Dataset with DataLoader workers (the Cache reopens its files in
   each worker process, the very files it indexed: a shard finalized again meanwhile is not seen, see
-  cmdcl_cache/cache.py's Cache), for splits that do not fit the memory budget.
+  cmdcl_cache/cache/folder.py's Cache), for splits that do not fit the memory budget.
 
 The random numbers (order and per-segment offsets) are drawn by the trainer from a torch.Generator, so the
 mode, the number of workers and the device do not change which rows a step sees.
@@ -20,7 +20,7 @@ mode, the number of workers and the device do not change which rows a step sees.
 Every split that train, eval, predict or explain reads is checked for NaN/Inf: memory mode checks each video
 as it is loaded, lazy mode each video as it is read; either way the error names the video and its shard.
 
-`open_data` is what a run reads: the cache (found from `--cache` by cmdcl_cache.cache.locate), the manifest
+`open_data` is what a run reads: the cache (found from `--cache` by cmdcl_cache.cache.folder.locate), the manifest
 and the label texts, checked against each other.
 """
 
@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmdcl_cache.cache import Cache, CacheFolder, locate
-from cmdcl_cache.store import CacheError
+from cmdcl_cache import Cache, CacheFolder, locate
+from cmdcl_cache import CacheError
 
 MEMORY_FRACTION = 0.25  # share of available RAM (or free GPU memory) that memory mode may take
 
@@ -117,7 +117,7 @@ class RunData:
 
 
 def open_data(cache: str | Path, dataset: str, label_set: str | None, fine_label_set: str | None = None) -> RunData:
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache import load_manifest
 
     manifest = load_manifest(dataset)
     folder = locate(cache, manifest.dataset)

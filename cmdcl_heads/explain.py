@@ -186,7 +186,7 @@ class Subject:
 
 def cached_subject(r, video_id: str, checkpoint: str) -> Subject:
     """A video of the run's cache (open_run's `r`); an unknown id gets the closest ids of the cache."""
-    from cmdcl_cache.export import file_names
+    from cmdcl_cache import file_names
 
     from .data import check_finite
     from .figures import did_you_mean
@@ -209,7 +209,7 @@ def cached_subject(r, video_id: str, checkpoint: str) -> Subject:
 
 def file_subject(meta: dict, path: Path, device: str, pretrained: str | None, checkpoint: str) -> Subject:
     """A video file in no manifest, decoded and encoded as the run's cache was (what `predict --video` does)."""
-    from cmdcl_cache.pipeline import encode_files
+    from cmdcl_cache import encode_files
 
     [(_, result)] = list(encode_files(meta["cache_provenance"], [path], device, pretrained))
     if isinstance(result, Exception):
@@ -254,7 +254,7 @@ def is_file(path: Path) -> bool:
 
 def cached_run(run, video: str, checkpoint: str, cache, dataset, device):
     """The opened run where `video` (also a file here) is an id of its cache: the id wins; else None."""
-    from cmdcl_cache.store import CacheError
+    from cmdcl_cache import CacheError
 
     from .evaluate import open_run
 
@@ -267,7 +267,7 @@ def cached_run(run, video: str, checkpoint: str, cache, dataset, device):
 
 def check_cached(r, video: str) -> None:
     """A `video` that is not in the cache: a missing file or a folder gets its own message."""
-    from cmdcl_cache.paths import VIDEO_EXTENSIONS
+    from cmdcl_cache import VIDEO_EXTENSIONS
 
     if video in r.data.cache:
         return

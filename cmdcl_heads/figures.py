@@ -55,7 +55,7 @@ def did_you_mean(what: str, given: str, choices) -> ValueError:
 
 def save_figure(fig, out: Path, numbers: dict) -> Path:
     """The PNG, and its numbers as JSON beside it (same name, .json)."""
-    from cmdcl_cache.store import write_atomic
+    from cmdcl_cache import write_atomic
 
 
     out = Path(out)
@@ -156,7 +156,7 @@ def cooccurrence_figure(stats: dict, rows: list[int], out: Path) -> Path:
 
 def cooccurrence_run(dataset: str, out: Path, activities: list[str] | None = None, split: str | None = None,
                      label_set: str | None = None) -> Path:
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache import load_manifest
 
     stats = cooccurrence(load_manifest(dataset), label_set, split=split)
     return cooccurrence_figure(stats, pick_activities(stats, activities), out)
@@ -388,10 +388,10 @@ def decoded_frames(cache, video_id: str, rows: np.ndarray, video_root: Path | No
                    path: Path | None = None) -> np.ndarray:
     """uint8 [k, S, S, 3]: the cached rows' source frames, decoded with the decoder the cache records and
     resized / cropped as the encoder saw them (cmdcl_cache's decoders and transform, not a new decoder)."""
-    from cmdcl_cache.decode import decoders_of_provenance, resolve_decoder
-    from cmdcl_cache.decoders import BrokenFile
-    from cmdcl_cache.paths import resolve_video_path
-    from cmdcl_cache.transform import TransformSpec, resize_crop
+    from cmdcl_cache import decoders_of_provenance, resolve_decoder
+    from cmdcl_cache import BrokenFile
+    from cmdcl_cache import resolve_video_path
+    from cmdcl_cache import TransformSpec, resize_crop
 
     prov = cache.provenance
     if path is None:
@@ -486,6 +486,6 @@ def attention_run(runs: list[Path], video_id: str, out: Path | None = None, vide
 
 
 def _safe(video_id: str) -> str:
-    from cmdcl_cache.export import file_names
+    from cmdcl_cache import file_names
 
     return file_names([video_id])[video_id]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdcl_cache.store import write_atomic
+from cmdcl_cache import write_atomic
 
 from .compare import NEVER_COMPARED, values_differ
 from .run import PLOTS, RunFolder
@@ -126,7 +126,7 @@ def read_errors(run: Path, split: str, n: int, explain: bool, device: str) -> tu
     """(the n worst errors of `split`, a note): predicted again with best, on the run's cache."""
     import torch
 
-    from cmdcl_cache.store import CacheError
+    from cmdcl_cache import CacheError
 
     from .evaluate import open_run, top_labels, truth_keys
 

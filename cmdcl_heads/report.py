@@ -88,7 +88,7 @@ def save_png(fig, path, dpi: int = 100) -> None:
     name too long for the layout engine would otherwise be cut at the edge."""
     import warnings
 
-    from cmdcl_cache.store import write_atomic
+    from cmdcl_cache import write_atomic
 
     buffer = io.BytesIO()
     with warnings.catch_warnings():   # the layout engine gives up on such a name; the tight box covers it

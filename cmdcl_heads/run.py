@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from cmdcl_cache.config import to_toml
-from cmdcl_cache.store import WriterLock, write_atomic
+from cmdcl_cache import WriterLock, write_atomic
 
 CHECKPOINT_VERSION = 2
 METRICS_FILE = "metrics.jsonl"

@@ -155,7 +155,7 @@ def plot(table: dict, path: Path) -> bool:
 
 def collect(folder: str | Path) -> dict:
     """Write results.md, results.csv and sweep.png into the sweep folder; returns the table and the paths."""
-    from cmdcl_cache.store import write_atomic
+    from cmdcl_cache import write_atomic
 
     folder = Path(folder)
     table = group(folder)

@@ -615,7 +615,7 @@ def _model_part(name: str) -> str:
 
 def _dataset_ref(dataset: str) -> str:
     """Built-in names stay names; folders become absolute so eval works from another directory."""
-    from cmdcl_cache.manifest import BUILTIN_DATASETS
+    from cmdcl_cache import BUILTIN_DATASETS
     path = Path(dataset)
     return str(path.resolve()) if path.is_dir() and ("/" in dataset or dataset not in BUILTIN_DATASETS) else dataset
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cmdcl_cache.manifest import make_labels_json, write_manifest
-from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.store import TextEmbeddings
+from cmdcl_cache.manifest.io import make_labels_json, write_manifest
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
+from cmdcl_cache.cache.format import TextEmbeddings
 
 ACTIVITIES = ["make_tea", "make_coffee", "fry_egg", "make_salad"]
 ACTIONS = ["boil_water", "pour_water", "add_teabag", "grind_beans", "crack_egg", "stir", "cut_lettuce",

@@ -67,7 +67,7 @@ LABELS = {"task": ["make tea", "fix bike", "cut hair"], "step": ["boil water", "
 
 
 def write_manifest(folder: Path, videos: dict[str, str], dataset: str = "tiny", splits=None) -> Path:
-    """A manifest folder in the format of cmdcl_cache/manifest.py; `videos` maps video_id -> path under the root."""
+    """A manifest folder in the format of cmdcl_cache/manifest/format.py; `videos` maps video_id -> path under the root."""
     folder.mkdir(parents=True, exist_ok=True)
     labels = {"dataset": dataset, "default_label_set": "task", "fine_label_set": "step",
               "split_schemes": ["default"],
@@ -121,13 +121,13 @@ def torch_probe(path: str, threads: int = 1):
     reports, as an open error, whether the decode worker that runs it has imported torch."""
     if os.path.basename(path).startswith("probe"):
         raise RuntimeError(f"torch imported: {'torch' in sys.modules}")
-    from cmdcl_cache.decode import DecordVideo
+    from cmdcl_cache.extract.decoders.decord_video import DecordVideo
     return DecordVideo(path, threads)
 
 
 def slow_decord(path: str, threads: int = 1):
     """decord, but every get_batch takes 0.15 s longer: spaces commits out so a test can kill between them."""
-    from cmdcl_cache.decode import DecordVideo
+    from cmdcl_cache.extract.decoders.decord_video import DecordVideo
 
     video = DecordVideo(path, threads)
     get_batch = video.get_batch
@@ -183,7 +183,7 @@ def torch_frames(path: str, threads: int = 1):
     """decord, but get_batch returns torch tensors, as torchcodec-cuda returns CUDA ones."""
     import torch
 
-    from cmdcl_cache.decode import DecordVideo
+    from cmdcl_cache.extract.decoders.decord_video import DecordVideo
 
     video = DecordVideo(path, threads)
     get_batch = video.get_batch
@@ -194,7 +194,7 @@ def torch_frames(path: str, threads: int = 1):
 def gated_decord(path: str, threads: int = 1):
     """decord, but no frame is returned before the file named by $CMDCL_GATE exists: a test holds an
     extraction in the middle of its work (lock taken, journal open) for as long as it needs."""
-    from cmdcl_cache.decode import DecordVideo
+    from cmdcl_cache.extract.decoders.decord_video import DecordVideo
 
     video = DecordVideo(path, threads)
     get_batch = video.get_batch

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.store import TextEmbeddings
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
+from cmdcl_cache.cache.format import TextEmbeddings
 
 NUM_TASKS, NUM_STEPS, DIM = 6, 10, 32
 

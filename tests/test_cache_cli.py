@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from _extract_util import good_videos, write_manifest
 from cmdcl_cache.cli import app
-from cmdcl_cache.cache import Cache
-from cmdcl_cache.export import read_index
+from cmdcl_cache.cache.folder import Cache
+from cmdcl_cache.ingest.export import read_index
 
 runner = CliRunner()
 
@@ -61,7 +61,7 @@ def test_verify_passes_then_names_each_problem(small_cache, tmp_path):
 def test_verify_refuses_texts_from_another_model(small_cache, tmp_path):
     import shutil
 
-    from cmdcl_cache.store import read_texts, texts_provenance, write_texts
+    from cmdcl_cache.cache.format import read_texts, texts_provenance, write_texts
     t, manifest, _ = small_cache
     folder = tmp_path / "c"
     shutil.copytree(t / "cache" / "tiny" / "cmdcl-tiny-none", folder)

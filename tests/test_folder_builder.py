@@ -10,9 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cmdcl_cache.cli import app
-from cmdcl_cache.datasets import build_manifest, build_records
-from cmdcl_cache.datasets.folder import assign_splits, split_counts, video_id_for
-from cmdcl_cache.manifest import ManifestErrors, load_manifest
+from cmdcl_cache.manifest.builders import build_manifest, build_records
+from cmdcl_cache.manifest.builders.folder import assign_splits, split_counts, video_id_for
+from cmdcl_cache.manifest.format import ManifestErrors
+from cmdcl_cache.manifest.io import load_manifest
 
 runner = CliRunner()
 

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from _extract_util import write_manifest
 from _heads_synth import make_synthetic
-from cmdcl_cache import failures
+from cmdcl_cache.cache import runlog as failures
 from cmdcl_cache.cli import app as cache_app
-from cmdcl_cache.store import TextEmbeddings, read_texts, texts_provenance, write_texts
+from cmdcl_cache.cache.format import TextEmbeddings, read_texts, texts_provenance, write_texts
 from cmdcl_heads import train as train_module
 from cmdcl_heads.cli import app as heads_app
 from cmdcl_heads.config import HeadConfig, TrainConfig
@@ -228,7 +228,7 @@ def test_a_full_disk_names_the_file_in_train_confounders_and_import(runs, tmp_pa
     src = tmp_path / "src.h5"
     with h5py.File(src, "w") as f:
         f["a"] = np.ones((3, D), np.float32)
-    class FullDisk:   # the os module of cmdcl_cache.failures, whose writes meet a full disk
+    class FullDisk:   # the os module of cmdcl_cache.cache.runlog, whose writes meet a full disk
         def __getattr__(self, name):
             return getattr(os, name)
 
@@ -416,7 +416,7 @@ def test_line_files_of_the_cache_folder_that_are_devices_are_refused_before_read
                                             ((2**20, 512), {"chunks": (4096, 512), "compression": "gzip"},
                                              "dimension 512")])
 def test_a_huge_or_bomb_hdf5_shape_is_refused_from_its_header(tmp_path, monkeypatch, shape, kw, named):
-    from cmdcl_cache import importer
+    from cmdcl_cache.ingest import sources as importer
     src = tmp_path / "src.h5"
     with h5py.File(src, "w") as f:   # nothing written: the file stays small, a read would not
         f["a"] = np.ones((3, D), np.float32)

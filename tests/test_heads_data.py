@@ -5,15 +5,15 @@ import pytest
 import torch
 
 from _heads_synth import make_synthetic
-from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.cache import Cache
+from cmdcl_cache.manifest.io import load_manifest
+from cmdcl_cache.cache.folder import Cache
 from cmdcl_heads import data
 from cmdcl_heads.data import (LazyFeatures, MemoryFeatures, MissingVideosError, make_features, pair_split,
                               tsn_indices, tsn_rows)
 
 
 def resolve_cache_dir(path):
-    from cmdcl_cache.cache import locate
+    from cmdcl_cache.cache.folder import locate
     return locate(path).path
 
 

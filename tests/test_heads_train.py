@@ -9,9 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from _heads_synth import NUM_TASKS, make_synthetic
-from cmdcl_cache.cache import Cache
-from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.store import CacheError, ProvenanceError, read_texts
+from cmdcl_cache.cache.folder import Cache
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
+from cmdcl_cache.errors import CacheError, ProvenanceError
+from cmdcl_cache.cache.format import read_texts
 from cmdcl_heads import train as train_module
 from cmdcl_heads.cli import app
 from cmdcl_heads.config import HeadConfig, TrainConfig
@@ -356,7 +357,7 @@ def test_a_skipped_step_names_the_parameters_with_a_non_finite_gradient(synth, t
 def test_texts_of_other_weights_are_refused(synth, tmp_path):
     """texts.h5 from another model's weights has the same D: without the check, zero-shot would be silently
     wrong."""
-    from cmdcl_cache.store import texts_provenance, write_texts
+    from cmdcl_cache.cache.format import texts_provenance, write_texts
 
     cache = Cache(synth[0])
     feats = {v: np.asarray(cache.features(v)) for v in cache.video_ids}

@@ -18,13 +18,14 @@ import torch
 from typer.testing import CliRunner
 
 from _extract_util import PY, REPO, default_sigint, write_manifest
-from cmdcl_cache.cache import Cache, CacheFolder
+from cmdcl_cache.cache.folder import Cache, CacheFolder
 from cmdcl_cache.cli import app
-from cmdcl_cache.failures import read_failures, read_lines
-from cmdcl_cache.importer import ms_to_seconds
-from cmdcl_cache.manifest import load_manifest
-from cmdcl_cache.store import ShardWriter, texts_provenance
-from cmdcl_cache.verify import verify
+from cmdcl_cache.cache.runlog import read_failures, read_lines
+from cmdcl_cache.ingest.plan import ms_to_seconds
+from cmdcl_cache.manifest.io import load_manifest
+from cmdcl_cache.cache.writer import ShardWriter
+from cmdcl_cache.cache.format import texts_provenance
+from cmdcl_cache.cache.verify import verify
 
 runner = CliRunner()
 D = 64   # cmdcl-tiny's embedding width, so that its text tower fits

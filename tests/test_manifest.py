@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from cmdcl_cache.manifest import (MAX_ERRORS, LabelSet, ManifestError, ManifestErrors, VideoRecord, load_manifest,
-                                  make_labels_json, resolve_dataset_dir, write_manifest)
+from cmdcl_cache.manifest.format import LabelSet, ManifestError, ManifestErrors, MAX_ERRORS, VideoRecord, resolve_dataset_dir
+from cmdcl_cache.manifest.io import load_manifest, make_labels_json, write_manifest
 
 LABELS = make_labels_json("toy", {"task": (False, [("a", "task a"), ("b", "task b")]),
                                   "step": (True, [("1", "one"), ("2", "two"), ("3", "three")])},

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from _extract_util import extract_args, good_videos, write_manifest, write_video
-from cmdcl_cache.cache import Cache
+from cmdcl_cache.cache.folder import Cache
 from cmdcl_cache.cli import app as cache_app
 from cmdcl_heads.cli import app as heads_app
 
@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
 
 
 def test_new_files_get_the_features_the_cache_would_hold(trained):
-    from cmdcl_cache.pipeline import encode_files
+    from cmdcl_cache.extract.run import encode_files
     t, root, leaf, run = trained
     cache = Cache(leaf)
     got = dict(encode_files(cache.provenance, [root / "good1.mp4", root / "good3.mp4"], "cpu"))
@@ -71,8 +71,8 @@ def test_predict_on_files_and_a_folder_writes_top_k_and_names_bad_files(trained,
 
 
 def test_new_files_are_decoded_by_the_backends_the_cache_records(trained, monkeypatch):
-    from cmdcl_cache import decode
-    from cmdcl_cache.pipeline import encode_files
+    from cmdcl_cache.extract import decode
+    from cmdcl_cache.extract.run import encode_files
     assert decode.decoders_of_provenance("decord 0.6.0; fallback pyav 18.1.0") == ("decord", "pyav")
     assert decode.decoders_of_provenance("pyav 18.1.0") == ("pyav", "none")
     assert decode.decoders_of_provenance("torchcodec-cuda 0.9; fallback pyav 18") == ("torchcodec", "pyav")
@@ -87,7 +87,7 @@ def test_new_files_are_decoded_by_the_backends_the_cache_records(trained, monkey
 
 
 def test_predict_out_naming_a_folder_is_refused_before_any_decoding(trained, tmp_path, monkeypatch):
-    from cmdcl_cache import pipeline
+    from cmdcl_cache.extract import run as pipeline
     t, root, leaf, run = trained
     monkeypatch.setattr(pipeline, "encode_files", lambda *a, **k: pytest.fail("decoded before --out was checked"))
     folder = tmp_path / "preds"
@@ -99,7 +99,7 @@ def test_predict_out_naming_a_folder_is_refused_before_any_decoding(trained, tmp
 
 
 def test_write_atomic_refuses_a_folder_and_leaves_no_tmp_when_the_write_fails(tmp_path):
-    from cmdcl_cache.store import write_atomic
+    from cmdcl_cache.files import write_atomic
     write_atomic(tmp_path / "a.txt", "first")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         write_atomic(tmp_path, "x")

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from _cmdcl_synth import make_dataset
-from cmdcl_cache.manifest import resolve_dataset_dir
+from cmdcl_cache.manifest.format import resolve_dataset_dir
 from cmdcl_heads.cli import app, preset_names, preset_path
 from cmdcl_heads.config import HeadConfig, TrainConfig
 from cmdcl_heads.run import RunFolder

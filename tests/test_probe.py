@@ -8,8 +8,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from cmdcl_cache.store import TextEmbeddings
-from cmdcl_cache.synthetic import write_synthetic_cache
+from cmdcl_cache.cache.format import TextEmbeddings
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
 from cmdcl_heads.config import HeadConfig
 from cmdcl_heads.data import NonFiniteFeatures, tsn_indices
 from cmdcl_heads.probe import ProbeError, fit_linear_probe, fit_logistic

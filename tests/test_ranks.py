@@ -2,7 +2,8 @@
 
 import pytest
 
-from cmdcl_cache.ranks import RankError, detect_rank, split_ids
+from cmdcl_cache.extract.pipeline import RankError, detect_rank
+from cmdcl_cache.cache.folder import split_ids
 
 
 def test_default_is_rank_zero_of_one():

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from _extract_util import PY, REPO, TINY, extract_args, good_videos, write_manifest
-from cmdcl_cache.pipeline import ExtractConfig, extract
-from cmdcl_cache.cache import Cache
-from cmdcl_cache.verify import verify
+from cmdcl_cache.extract.pipeline import ExtractConfig, extract
+from cmdcl_cache.cache.folder import Cache
+from cmdcl_cache.cache.verify import verify
 
 pytestmark = pytest.mark.slow
 

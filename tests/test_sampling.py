@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cmdcl_cache.sampling import SamplingError, SamplingPolicy, num_samples, sample_frames
+from cmdcl_cache.cache.sampling import SamplingError, SamplingPolicy, num_samples, sample_frames
 
 
 def test_rate_mode_one_fps_centres_of_bins():
@@ -57,7 +57,7 @@ def test_unsampleable_videos_are_refused(n, fps):
 def test_time_uniform_rule_is_the_bin_centre_formula_on_constant_rate_timestamps(fps):
     """The frame on screen at each bin centre, found from timestamps i / fps, is floor((2k+1) n / 2T),
     bin edges included (n = 40, T = 4 puts every centre exactly on a frame's start)."""
-    from cmdcl_cache.sampling import bin_centres, frames_shown_at
+    from cmdcl_cache.cache.sampling import bin_centres, frames_shown_at
     for n in [1, 2, 3, 40, 99, 250, 1000, 4321]:
         for t in sorted({1, 2, 3, 4, 7, 10, 64, n // 2 or 1, n}):
             if t > n:
@@ -75,7 +75,7 @@ def test_timestamps_given_for_a_constant_rate_video_are_stored_as_given():
 
 
 def test_variable_rate_duration_and_fps_come_from_the_timestamps():
-    from cmdcl_cache.sampling import video_timing
+    from cmdcl_cache.cache.sampling import video_timing
     pts = np.r_[np.arange(10) * 0.1, 1.0 + np.arange(10) * 2.0]   # 1 s at 10 fps, then 20 s at 0.5 fps
     timing = video_timing(20, 10.0, pts)
     assert not timing.constant_rate
@@ -103,7 +103,7 @@ def test_one_frame_without_a_rate_is_refused():
 
 
 def test_keyframes_only_takes_the_keyframe_nearest_each_bin_centre():
-    from cmdcl_cache.sampling import sample_timing, video_timing
+    from cmdcl_cache.cache.sampling import sample_timing, video_timing
     timing = video_timing(300, 25.0)                         # 12 s; keyframes at 0, 1.6, 5.2, 8, 11.6 s
     keys = np.array([0, 40, 130, 200, 290])
     rate = SamplingPolicy(fps=1, min_frames=2, max_frames=100, keyframes_only=True)
@@ -124,7 +124,7 @@ def test_keyframes_only_takes_the_keyframe_nearest_each_bin_centre():
 
 
 def test_keyframes_only_policy_round_trips_and_needs_keyframes():
-    from cmdcl_cache.sampling import sample_timing, video_timing
+    from cmdcl_cache.cache.sampling import sample_timing, video_timing
     p = SamplingPolicy(fps=0.5, keyframes_only=True)
     assert p.to_dict()["placement"] == "nearest-keyframe" and SamplingPolicy.from_dict(p.to_dict()) == p
     assert SamplingPolicy().to_dict()["placement"] == "bin-centre"

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from _heads_synth import make_synthetic
-from cmdcl_cache.manifest import ManifestError, load_manifest
+from cmdcl_cache.manifest.format import ManifestError
+from cmdcl_cache.manifest.io import load_manifest
 from cmdcl_heads.cli import app
 from cmdcl_heads.config import HeadConfig, TrainConfig
 from cmdcl_heads.train import TrainingError, train

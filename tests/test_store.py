@@ -6,9 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from cmdcl_cache.cache import Cache, shard_name
-from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.store import CacheError, ProvenanceError, ShardWriter, TextEmbeddings, read_texts
+from cmdcl_cache.cache.folder import Cache, shard_name
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
+from cmdcl_cache.errors import CacheError, ProvenanceError
+from cmdcl_cache.cache.writer import ShardWriter
+from cmdcl_cache.cache.format import TextEmbeddings, read_texts
 
 PROV = {"dataset": "t", "model": "m", "shard_index": 0, "shard_count": 1, "sampling": {"fps": 1.0}}
 

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from cmdcl_cache.encoder import EncoderSpec, load_encoder
-from cmdcl_cache.manifest import ManifestError, load_manifest
-from cmdcl_cache.store import read_texts, write_texts
-from cmdcl_cache.texts import (DEFAULT_TEMPLATES, TEMPLATE_SETS, PromptError, build_text_embeddings,
-                               choose_templates, load_templates, readable_label)
+from cmdcl_cache.extract.encoder import EncoderSpec, load_encoder
+from cmdcl_cache.manifest.format import ManifestError
+from cmdcl_cache.manifest.io import load_manifest
+from cmdcl_cache.cache.format import read_texts, write_texts
+from cmdcl_cache.manifest.prompts import DEFAULT_TEMPLATES, PromptError, TEMPLATE_SETS, choose_templates, load_templates, readable_label
+from cmdcl_cache.extract.texts import build_text_embeddings
 
 
 @pytest.mark.parametrize("key,text", [

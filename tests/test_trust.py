@@ -19,12 +19,14 @@ from typer.testing import CliRunner
 
 from _extract_util import PY, REPO, TINY, extract_args, good_videos, write_manifest, write_video
 from _heads_synth import make_synthetic
-from cmdcl_cache.cache import Cache
+from cmdcl_cache.cache.folder import Cache
 from cmdcl_cache.cli import app as cache_app
-from cmdcl_cache.pipeline import ExtractConfig, extract
-from cmdcl_cache.store import CacheError, ShardWriter, read_texts
-from cmdcl_cache.synthetic import write_synthetic_cache
-from cmdcl_cache.verify import verify
+from cmdcl_cache.extract.pipeline import ExtractConfig, extract
+from cmdcl_cache.errors import CacheError
+from cmdcl_cache.cache.writer import ShardWriter
+from cmdcl_cache.cache.format import read_texts
+from cmdcl_cache.ingest.synthetic import write_synthetic_cache
+from cmdcl_cache.cache.verify import verify
 from cmdcl_heads.cli import app as heads_app
 from cmdcl_heads.config import HeadConfig, TrainConfig
 from cmdcl_heads.train import train
@@ -321,7 +323,7 @@ def test_a_changed_source_is_reported_and_refreshed(small_cache, tmp_path):
 def test_a_full_disk_stops_the_run_naming_the_file_and_keeps_the_commits(tmp_path, monkeypatch):
     root = tmp_path / "videos"
     manifest = write_manifest(tmp_path / "manifest", good_videos(root, 3, frames=12))
-    import cmdcl_cache.store as store
+    from cmdcl_cache.cache import writer as store
     real = store.ShardWriter.append_video
     calls = {"n": 0}
 
@@ -419,7 +421,7 @@ def test_a_refused_second_extract_changes_nothing_texts_included(small_cache, tm
     prompts = tmp_path / "p.txt"
     prompts.write_text("a photo of {}.\n")
     before = _sha(folder / "texts.h5")
-    from cmdcl_cache.store import ShardLock
+    from cmdcl_cache.cache.writer import ShardLock
     lock = ShardLock(folder / "frames-00000-of-00001.h5")   # another process is writing this shard
     try:
         args = extract_args(manifest, root, t / "cache", "--prompts", str(prompts))
@@ -543,7 +545,7 @@ def test_a_disk_too_full_for_the_shard_stops_before_hdf5_writes(small_cache, tmp
     from collections import namedtuple
     t, root, manifest, _ = small_cache
     usage = namedtuple("usage", "total used free")
-    import cmdcl_cache.store as store
+    from cmdcl_cache.cache import writer as store
     monkeypatch.setattr(store.shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1024))
     res = runner.invoke(cache_app, extract_args(manifest, root, tmp_path / "cache"))
     assert res.exit_code == 2 and "disk full: the shard needs about" in res.output and "journal is kept" in res.output

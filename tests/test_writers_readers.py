@@ -15,11 +15,13 @@ from typer.testing import CliRunner
 
 from _extract_util import PY, REPO, TINY, good_videos, write_manifest
 from _heads_synth import make_synthetic
-from cmdcl_cache.cache import Cache
+from cmdcl_cache.cache.folder import Cache
 from cmdcl_cache.cli import app as cache_app
-from cmdcl_cache.pipeline import ExtractConfig, extract
-from cmdcl_cache.store import ShardWriter, WriterLock, lock_path_of, read_shard
-from cmdcl_cache.verify import verify
+from cmdcl_cache.extract.pipeline import ExtractConfig, extract
+from cmdcl_cache.cache.writer import ShardWriter
+from cmdcl_cache.files import WriterLock, lock_path_of
+from cmdcl_cache.cache.format import read_shard
+from cmdcl_cache.cache.verify import verify
 from cmdcl_heads.cli import app as heads_app
 
 runner = CliRunner()
@@ -131,7 +133,7 @@ def test_a_lazy_train_keeps_its_snapshot_while_an_extract_finalizes_its_shard(sy
 
 def test_a_forked_reader_reads_the_rows_it_indexed_after_the_shard_was_replaced(tmp_path):
     feats = {f"v{i}": np.full((3, 4), i, np.float16) for i in range(1, 4)}
-    from cmdcl_cache.synthetic import write_synthetic_cache
+    from cmdcl_cache.ingest.synthetic import write_synthetic_cache
     folder = write_synthetic_cache(tmp_path / "c", feats)
     cache = Cache(folder)
     _finalize_again_with_one_more_video(cache.shard_paths[0])
@@ -199,7 +201,7 @@ def test_texts_are_written_by_one_writer_at_a_time(extracted, tmp_path):
 
 
 def test_an_import_never_nests_a_cache_inside_one_an_extract_is_creating(tmp_path, monkeypatch):
-    from cmdcl_cache import importer
+    from cmdcl_cache.ingest import plan as importer
     src = tmp_path / "feats"
     src.mkdir()
     ids = ["a", "b"]
@@ -457,7 +459,7 @@ def test_a_shard_written_before_attribute_checksums_is_read_unchecked(extracted,
 
 
 def _synthetic(tmp_path, name="c"):
-    from cmdcl_cache.synthetic import write_synthetic_cache
+    from cmdcl_cache.ingest.synthetic import write_synthetic_cache
     feats = {f"v{i}": np.full((300, 4), i, np.float16) for i in range(1, 4)}
     return write_synthetic_cache(tmp_path / name, feats), feats
 
@@ -523,7 +525,7 @@ def test_a_lazy_train_stops_cleanly_when_its_shard_is_truncated_in_place(synth, 
 
 
 def test_a_worker_error_comes_back_as_its_own_message(synth, monkeypatch):
-    from cmdcl_cache.manifest import load_manifest
+    from cmdcl_cache.manifest.io import load_manifest
     from cmdcl_heads import data
     cache_dir, manifest_dir = synth
     cache = Cache(cache_dir)
@@ -639,7 +641,7 @@ def test_a_resumed_linear_probe_records_its_epoch_once(synth, tmp_path):
 
 
 def test_extract_refuses_another_shard_count_before_writing(extracted, tmp_path):
-    from cmdcl_cache.pipeline import ExtractError
+    from cmdcl_cache.extract.pipeline import ExtractError
     t, root, manifest, folder = extracted
     copy = tmp_path / "cache" / "tiny" / folder.name
     shutil.copytree(folder, copy)
