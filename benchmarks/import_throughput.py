@@ -78,7 +78,7 @@ def read_all(src: Path) -> int:
 
 
 def one_round(manifest: Path, src: Path, out: Path, r: int) -> dict[str, float]:
-    from cmdcl_cache.ingest.sources import ImportConfig
+    from cmdcl_cache.ingest.importer import ImportConfig
     from cmdcl_cache.ingest.importer import import_features
     from cmdcl_cache.ingest.plan import plan_import
 

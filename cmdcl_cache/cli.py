@@ -1,15 +1,14 @@
 """`cmdcl-cache`: build manifests, make the demo set, extract CLIP features into HDF5 shards."""
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import typer
 
-from cmdcl_cache.config import config_command, option, version_option
-from cmdcl_cache.extract.pipeline import ExtractConfig
+from cmdcl_cache.config import config_command, version_option
+from cmdcl_cache.extract.pipeline import ExtractConfig, extract
+from cmdcl_cache.extract.texts import TextsConfig
 from cmdcl_cache.ingest.sources import ImportConfig
-from cmdcl_cache.manifest.prompts import PROMPTS_HELP
 from cmdcl_cache.progress import configure_logging, console, markup_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=markup_mode(),
@@ -22,7 +21,6 @@ def _main(version: bool = version_option("cmdcl-cache")):
 
 
 manifest_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="Build and check dataset manifests.")
-
 demo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=markup_mode(), help="The offline demo set of rendered videos.")
 
 
@@ -245,7 +243,6 @@ def _config_error(err):
                 help="Decode, sample and encode a dataset's videos into HDF5 shards (resumable; one shard per rank).")
 def extract_cmd(config: ExtractConfig):
     from cmdcl_cache.cache.runlog import main_exit_message
-    from cmdcl_cache.extract.pipeline import extract
 
     configure_logging()
     try:
@@ -288,29 +285,6 @@ def import_cmd(config: ImportConfig):
                   "--text-embeddings FILE", markup=False)
     print(result.cache_dir)
     raise typer.Exit(result.exit_code)
-
-
-@dataclass(frozen=True)
-class TextsConfig:
-    """`cmdcl-cache texts`: which cache folder, which text tower, which prompts."""
-
-    dataset: str = option(None, "Built-in manifest or a manifest folder.", required=True)
-    cache: str = option(None, "A cache folder, or a folder above it (the root).", required=True)
-    model: str | None = option(None, "open_clip model name (default: the one the cache's shards were made with).")
-    pretrained: str | None = option(None, "Weight tag, checkpoint file, or none (default: the cache's; a "
-                                          "checkpoint-file cache needs the file).")
-    precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Autocast precision on CUDA.")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
-    tokens: Literal["cls", "grid"] = option("cls", "Which cache folder: cls or grid (as extracted).")
-    grid: int = option(4, "Grid side, with --tokens grid.")
-    prompts: str | None = option(None, PROMPTS_HELP)
-    force: bool = option(False, "Rewrite even when texts.h5 has the same provenance.")
-    text_embeddings: str | None = option(None, "Embeddings from a file instead of a text tower: .npy [C, D] (one "
-                                               "row per label of --label-set, in labels.json order), or .npz / "
-                                               ".safetensors with one such array per label set; checked for "
-                                               "count and dimension. --model/--pretrained then choose the cache.")
-    label_set: str | None = option(None, "With an .npy --text-embeddings: its label set (default: the "
-                                         "manifest's default label set).")
 
 
 _TEXTS_EPILOG = ("A cache of imported features (`cmdcl-cache import`) takes --model/--pretrained as the open_clip "
@@ -395,7 +369,6 @@ def _texts_from_encoder(config: TextsConfig, m) -> None:
 
 
 _CACHE_HELP = "A cache folder, or a folder above it (root or <root>/<dataset>)."
-
 _FIND = "To choose among several caches below --cache."
 
 
@@ -464,7 +437,8 @@ def inspect_cmd(
 @app.command("export-npy", help="Write each cached video's features [T, D] with its timestamps and fps, in "
                                  "video_features' layout (<name>.npy, <name>_timestamps_ms.npy, <name>_fps.npy, or "
                                  "one <name>.npz), and index.jsonl mapping every video id to its file names (ids "
-                                 "that are not safe file names get '<prefix>~<sha256>'; see cmdcl_cache/ingest/export.py).")
+                                 "that are not safe file names get '<prefix>~<sha256>'; see "
+                                 "cmdcl_cache/ingest/export.py).")
 def export_cmd(
     cache: Path = typer.Option(..., "--cache", help=_CACHE_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for the exported files."),

@@ -39,17 +39,11 @@ from cmdcl_cache.cache.runlog import FAILURES_FILE, RUN_LOG
 from cmdcl_cache.errors import CacheError, ProvenanceError
 
 SHARD_GLOB = "frames-*-of-*.h5"
-
 JOURNAL_GLOB = "frames-*-of-*.journal"
-
 SHARD_RE = re.compile(r"frames-(\d+)-of-(\d+)\.h5$")
-
 TEXTS_FILE = "texts.h5"
-
 CONFOUNDERS_FILE = "confounders.h5"
-
 IMPORT_SOURCES_FILE = "import_sources.jsonl"
-
 FRAME_BLOCK = 4096   # frame rows read at once to check videos' crc32 (64 KiB)
 
 

@@ -48,30 +48,21 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cmdcl_cache.cache.provenance import (
-    PROVENANCE_CRC,
-    attrs_from,
-    json_crc32,
-    provenance_checksum,
-    provenance_from_attrs,
-)
+from cmdcl_cache.cache.provenance import (PROVENANCE_CRC, attrs_from, json_crc32, provenance_checksum,
+                                          provenance_from_attrs)
 from cmdcl_cache.errors import CacheError, StorageError
 from cmdcl_cache.files import disk_full
 
 SCHEMA_VERSION = 2
-
 _STR = h5py.string_dtype("utf-8")
-
 VIDEO_DTYPE = np.dtype([
     ("video_id", _STR), ("row_start", "<i8"), ("num_rows", "<i8"), ("fps", "<f8"),
     ("num_source_frames", "<i8"), ("duration", "<f8"), ("crc32", "<u4"), ("source_size", "<i8"),
     ("source_mtime_ns", "<i8"), ("decoder", _STR), ("record_crc32", "<u4"),
 ])
-
 # Shards written before record_crc32 existed: read and resumed as before, their records unchecked (a
 # finalize that rewrites such a shard checksums every record it copies).
 LEGACY_VIDEO_FIELDS = VIDEO_DTYPE.names[:-1]
-
 FRAME_DTYPE = np.dtype([("frame_index", "<i8"), ("timestamp", "<f8")])
 
 

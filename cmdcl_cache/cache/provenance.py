@@ -24,10 +24,8 @@ INIT_SEED = 0   # torch seed of random weights (--pretrained none), recorded as 
 
 # Attributes that legitimately differ between the shards of one cache (the run that finalised each).
 PER_SHARD_KEYS = frozenset({"shard_index"})
-
 # What texts.h5 and the shards may disagree on: texts do not depend on frames, sampling or shards.
 TEXT_ONLY_KEYS = frozenset({"templates", "text_source"})
-
 FRAME_ONLY_KEYS = frozenset({"sampling", "decoder", "shard_index", "shard_count", "tokens", "grid", "import"})
 
 

@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FAILURES_FILE = "failures.jsonl"
-
 RUN_LOG = "extract_log.jsonl"
-
 STAGES = ("open", "decode", "encode", "write")
 
 

@@ -15,25 +15,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cmdcl_cache.cache.format import (
-    FRAME_DTYPE,
-    LEGACY_VIDEO_FIELDS,
-    SCHEMA_VERSION,
-    VIDEO_DTYPE,
-    frame_records,
-    read_shard,
-    record_checksum,
-    rows_checksum,
-    storable_video_id,
-)
-from cmdcl_cache.cache.provenance import (
-    PROVENANCE_CRC,
-    attrs_from,
-    json_crc32,
-    normalised,
-    provenance_checksum,
-    provenance_from_attrs,
-)
+from cmdcl_cache.cache.format import (FRAME_DTYPE, LEGACY_VIDEO_FIELDS, SCHEMA_VERSION, VIDEO_DTYPE, frame_records,
+                                      read_shard, record_checksum, rows_checksum, storable_video_id)
+from cmdcl_cache.cache.provenance import (PROVENANCE_CRC, attrs_from, json_crc32, normalised, provenance_checksum,
+                                          provenance_difference, provenance_from_attrs)
 from cmdcl_cache.errors import CacheError, ProvenanceError, StorageError
 from cmdcl_cache.files import WriterLock, disk_full, fsync_path, lock_path_of, write_atomic
 
@@ -100,7 +85,6 @@ class ShardWriter:
         return self._commits.get(video_id) or self._finalized.get(video_id)
 
     def _check_provenance(self, found: dict, where: Path) -> None:
-        from cmdcl_cache.cache.provenance import provenance_difference
         diff = provenance_difference(self.provenance, found)
         if diff:
             raise ProvenanceError(f"{where}: made with different settings ({diff}); "

@@ -45,37 +45,36 @@ NVDEC (`--decoder torchcodec-cuda`): frames decoded on the GPU cannot travel thr
 `resize_crop`, bit-identical to PIL) and hands the same messages to the pipeline, the crops copied to
 host memory (150 KB a frame). `start_pool` picks the pool for the backend.
 
-Test seam: `decoder` (or env `CMDCL_DECODER`) may also be "hang-test" (decord, except that files whose
-name contains "hang" never return, as decord can on broken files), or "module:function" returning an
-object with `num_frames`, `fps`, `get_batch(indices)` and optionally `pts` (see decoders/__init__.py).
-Seams are recorded in the provenance as decord, the backend they wrap.
+Decoder hooks: an installed package may provide decoders through the entry-point group
+`cmdcl_cache.decoder_hooks`: a function (decoder name or None) -> (opener, backend) or None, asked before
+the built-in backends, where `opener` is (path, threads) -> an object with `num_frames`, `fps`,
+`get_batch(indices)` and optionally `pts` (see decoders/__init__.py), and `backend` the built-in backend
+whose name and version its provenance records. cmdcl installs none; the tests install theirs (a decoder
+that hangs, one that is slow) from tests/, so no code is ever imported from a name in the environment.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
+import functools
+import importlib.metadata
 import signal
-import time
 import traceback
 
 import numpy as np
 
 from cmdcl_cache.cache.sampling import SamplingError, SamplingPolicy, sample_timing, video_timing
 from cmdcl_cache.extract.decoders import BACKENDS, FALLBACKS, BackendMissing, BrokenFile, backend_version, video_class
-from cmdcl_cache.extract.decoders.decord_video import DecordVideo
 from cmdcl_cache.extract.transform import TransformSpec, resize_crop
 
 # Chunk boundaries decide which frames share an encoder batch, and a feature can differ in its last bit
 # with its row in the batch (GEMM tail kernels): changing them changes shard bytes. Kept as they were.
 CHUNK_FRAMES = 32
-
 CHUNK_BYTES = 64 << 20   # at most this many bytes of decoded (full-resolution) frames per chunk
-
 # New caches: PyAV, which skips the frames no sample needs (measured 1.3-2.3x decord per CPU second,
 # BENCHMARKS.md "Decoder backends"), and decord for what PyAV refuses. A cache that
 # records no decoder was made with the defaults before: decord, then PyAV.
 DEFAULT_DECODER, LEGACY_DECODERS = "pyav", ("decord", "pyav")
+DECODER_HOOKS = "cmdcl_cache.decoder_hooks"   # entry-point group of installed decoders (see above)
 
 
 def default_fallback(decoder: str) -> str:
@@ -93,30 +92,34 @@ def chunk_frames(height: int, width: int, limit: int = CHUNK_FRAMES) -> int:
     return max(1, min(limit, CHUNK_BYTES // max(1, height * width * 3)))
 
 
-def _open_hang_test(path: str, threads: int = 1):
-    if "hang" in os.path.basename(path):
-        while True:          # what a decoder stuck in native code looks like from outside
-            time.sleep(3600)
-    return DecordVideo(path, threads)
+@functools.cache
+def _hooks() -> tuple:
+    return tuple(entry.load() for entry in importlib.metadata.entry_points(group=DECODER_HOOKS))
+
+
+def _hooked(name: str | None):
+    """(opener, backend) of the first installed hook that provides `name`, or None."""
+    for hook in _hooks():
+        found = hook(name)
+        if found is not None:
+            return found
+    return None
 
 
 def resolve_decoder(name: str | None):
-    """The function that opens a video, (path, threads) -> video, for a backend name or a test seam."""
-    name = name or os.environ.get("CMDCL_DECODER") or DEFAULT_DECODER
-    if name in BACKENDS:
-        return video_class(name)
-    if name == "hang-test":
-        return _open_hang_test
-    module, _, attr = name.partition(":")
-    if not attr:
-        raise ValueError(f"unknown decoder {name!r}: use one of {', '.join(BACKENDS)}, hang-test or "
-                         "module:function")
-    return getattr(importlib.import_module(module), attr)
+    """The function that opens a video, (path, threads) -> video, for a backend name (or a hook's)."""
+    hooked = _hooked(name)
+    if hooked is not None:
+        return hooked[0]
+    name = name or DEFAULT_DECODER
+    if name not in BACKENDS:
+        raise ValueError(f"unknown decoder {name!r}: use one of {', '.join(BACKENDS)}")
+    return video_class(name)
 
 
 def _backend_of(decoder: str | None) -> str:
-    name = decoder or os.environ.get("CMDCL_DECODER") or DEFAULT_DECODER
-    return name if name in BACKENDS else "decord"   # test seams wrap decord
+    hooked = _hooked(decoder)
+    return hooked[1] if hooked is not None else decoder or DEFAULT_DECODER
 
 
 def fallback_of(fallback: str | None, decoder: str | None) -> str | None:
@@ -129,7 +132,7 @@ def check_decoders(decoder: str | None, fallback: str | None = None) -> None:
     """Before any work: BackendMissing (with what to install) unless both backends can run here."""
     if fallback not in (None, *FALLBACKS):
         raise BackendMissing(f"unknown --fallback-decoder {fallback!r}: choose one of {', '.join(FALLBACKS)}")
-    if decoder is not None and decoder not in BACKENDS and decoder != "hang-test" and ":" not in decoder:
+    if decoder is not None and decoder not in BACKENDS and _hooked(decoder) is None:
         raise BackendMissing(f"unknown --decoder {decoder!r}: choose one of {', '.join(BACKENDS)}")
     for name in (_backend_of(decoder), fallback_of(fallback, decoder)):
         if name is not None:
@@ -166,9 +169,9 @@ def _recorded(text: str) -> tuple[str, str] | None:
 def run_decoders(decoder: str | None, fallback: str | None, recorded: str | None) -> tuple[str | None, str | None]:
     """(decoder, fallback) of an extract run: where --decoder is not given, those the cache being resumed or
     extended records (`recorded`, its `decoder` attribute), so that a cache made with decord before PyAV
-    became the default goes on with decord; else those given, None standing for the defaults. A test seam
-    in $CMDCL_DECODER stays in charge."""
-    found = _recorded(recorded) if decoder is None and not os.environ.get("CMDCL_DECODER") else None
+    became the default goes on with decord; else those given, None standing for the defaults. An installed
+    decoder hook that answers for the default stays in charge."""
+    found = _recorded(recorded) if decoder is None and _hooked(None) is None else None
     if found is None:
         return decoder, fallback
     return found[0], found[1] if fallback is None else fallback

@@ -46,11 +46,8 @@ from cmdcl_cache.extract.transform import TransformSpec, plan, resize_crop
 from cmdcl_cache.files import file_sha256
 
 MODEL_CONFIG_DIR = resources.files("cmdcl_cache") / "model_configs"  # package data
-
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 TOKEN_MODES = ("cls", "grid")
-
 # Frames are preprocessed in slices of at most this many pixels, so that a batch of 1080p frames
 # does not need gigabytes of float64 on the device at once.
 _PIXEL_BUDGET = 1 << 23
@@ -372,10 +369,8 @@ class FrameEncoder:
                               enabled=self._autocast)
 
     def encode_pixels(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Preprocessed pixels [N, 3, S, S] -> (features float32 [N, D] cpu, tokens [N, P, D] | None).
-
-        Use this to encode one batch gathered from frames of different sizes (preprocess each group).
-        """
+        """Preprocessed pixels [N, 3, S, S] (from frames of any sizes) -> (features float32 [N, D] cpu,
+        tokens [N, P, D] | None)."""
         return self.encode_pixels_async(pixels).result()
 
     def encode_pixels_async(self, pixels: torch.Tensor) -> "PendingFeatures":
@@ -403,6 +398,15 @@ class FrameEncoder:
             grid = nnf.adaptive_avg_pool2d(grid, self.spec.grid).flatten(2).transpose(1, 2)
             grid = grid @ visual.proj.float()
             return PendingFeatures(pooled.float(), grid)
+
+    def encode_batch(self, crops: np.ndarray, size: int) -> "PendingFeatures":
+        """Start encoding uint8 crops [k, S, S, 3] (k <= size) as one batch of exactly `size` rows, zero-padded;
+        rows past k of the result are padding. A frame's feature must not depend on how many frames share its
+        batch (GEMM kernels differ with the row count): byte-identical resumes rely on this."""
+        pixels = self.normalise_crops(crops)
+        if len(pixels) < size:
+            pixels = torch.cat([pixels, pixels.new_zeros((size - len(pixels), *pixels.shape[1:]))])
+        return self.encode_pixels_async(pixels)
 
     def encode_frames(self, frames) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 frames [N, H, W, 3] -> (features float32 [N, D] on cpu, grid tokens [N, P, D] | None).

@@ -41,14 +41,14 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 from cmdcl_cache.cache.folder import CacheFolder, check_not_nested, for_writing, split_ids
-from cmdcl_cache.cache.format import read_shard
+from cmdcl_cache.cache.format import read_shard, texts_provenance
 from cmdcl_cache.cache.provenance import CacheSpec
 from cmdcl_cache.cache.runlog import EXIT_OK, ExtractResult, append_run_log, exit_status, read_failures, result_counts
 from cmdcl_cache.cache.sampling import SamplingPolicy
 from cmdcl_cache.config import check_choices, option
 from cmdcl_cache.errors import CacheError
 from cmdcl_cache.extract.run import ExtractRun
-from cmdcl_cache.manifest.prompts import PROMPTS_HELP
+from cmdcl_cache.manifest.prompts import PROMPTS_HELP, choose_templates
 
 
 class ExtractError(RuntimeError):
@@ -90,8 +90,8 @@ class ExtractConfig:
         None, "Decoder backend: pyav, decord, torchcodec, torchcodec-cuda (NVDEC, frames decoded and cropped on "
               "the GPU; `pip install 'cmdcl[gpu-decode]'`). Default: the one a resumed or extended cache records "
               "(decord for caches made before PyAV became the default), pyav for a new cache (it skips the "
-              "frames no sample needs: 1.3-2.3x decord's frames per CPU second here, same pixels). Tests swap "
-              "the decoder with the CMDCL_DECODER environment variable, never from a configuration.")
+              "frames no sample needs: 1.3-2.3x decord's frames per CPU second here, same pixels). An installed "
+              "decoder hook (entry-point group cmdcl_cache.decoder_hooks) may take over; the tests install one.")
     fallback_decoder: Literal["decord", "pyav", "none"] | None = option(
         None, "Tried on a file the decoder refuses. Default: the one a resumed cache records, else decord "
               "for pyav and pyav for the others (decord refuses video rotated by 90 or 270 degrees).")
@@ -175,8 +175,6 @@ def _check_shard_count(folder, world: int) -> None:
 def _already_done(plan: ExtractPlan) -> bool:
     """A finished shard of these settings holding every selected video, its texts made with these prompts, no
     journal, nothing to retry or refresh. Anything else goes through the writer, which names what differs."""
-    from cmdcl_cache.cache.format import texts_provenance
-    from cmdcl_cache.manifest.prompts import choose_templates
 
     c = plan.config
     if c.refresh_changed or not plan.shard.exists() or plan.shard.with_suffix(".journal").exists():

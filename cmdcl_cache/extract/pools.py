@@ -16,16 +16,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from cmdcl_cache.cache.sampling import SamplingPolicy
-from cmdcl_cache.extract.decode import (
-    DecodeError,
-    crop_of,
-    decode_video,
-    decode_worker,
-    error_message,
-    fallback_of,
-    is_tensor,
-    resolve_decoder,
-)
+from cmdcl_cache.extract.decode import (DecodeError, crop_of, decode_video, decode_worker, error_message, fallback_of,
+                                        is_tensor, resolve_decoder)
 from cmdcl_cache.extract.transform import TransformSpec
 
 

@@ -10,17 +10,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cmdcl_cache.cache.provenance import CacheSpec, normalised, provenance_difference
+from cmdcl_cache.cache.runlog import ExtractResult, record_failure
+from cmdcl_cache.errors import CacheError, ProvenanceError, StorageError
+
 if TYPE_CHECKING:   # annotations only: pipeline.py imports this module
     from cmdcl_cache.extract.pipeline import ExtractPlan
-
-from cmdcl_cache.cache.provenance import CacheSpec
-from cmdcl_cache.cache.runlog import ExtractResult, record_failure
-from cmdcl_cache.errors import CacheError, StorageError
 
 ENCODER_KEYS = ("model", "pretrained", "image_size", "mean", "std", "resize_mode", "interpolation", "tokens",
                 "grid", "quick_gelu")
@@ -39,10 +38,6 @@ def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str 
     """Features of video files that are in no manifest, computed exactly as the cache with `provenance` was:
     the same model, weights, preprocessing, tokens and sampling, padded fixed-size batches; decoded in this
     process. Yields (path, FileFeatures) or (path, the exception that stopped that file), in order."""
-    import torch
-
-    from cmdcl_cache.cache.provenance import provenance_difference
-    from cmdcl_cache.errors import ProvenanceError
     from cmdcl_cache.extract.decode import check_decoders, decode_video, decoders_of_provenance, resolve_decoder
     from cmdcl_cache.extract.encoder import EncoderSpec, load_encoder
 
@@ -66,10 +61,9 @@ def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str 
                     stamps = np.asarray(msg[5], dtype=np.float64)
                 elif msg[0] == "frames":
                     for lo in range(0, len(msg[2]), batch_size):
-                        pixels = encoder.normalise_crops(msg[2][lo:lo + batch_size])
-                        k = len(pixels)
-                        pixels = torch.cat([pixels, pixels.new_zeros((batch_size - k, *pixels.shape[1:]))])
-                        f, t = encoder.encode_pixels(pixels)
+                        crops = msg[2][lo:lo + batch_size]
+                        k = len(crops)
+                        f, t = encoder.encode_batch(crops, batch_size).result()
                         feats.append(f[:k].numpy().astype(np.float16))
                         toks.append(t[:k].numpy().astype(np.float16) if t is not None else None)
             yield path, FileFeatures(path, np.concatenate(feats),
@@ -79,7 +73,6 @@ def encode_files(provenance: dict, paths, device: str = "auto", pretrained: str 
 
 
 def _plain_provenance(prov: dict) -> dict:
-    from cmdcl_cache.cache.provenance import normalised
     return normalised(json.loads(json.dumps(prov)))
 
 
@@ -255,15 +248,10 @@ class ExtractRun:
                 self.drop(job, "encode", f"{type(err).__name__}: {err}")
 
     def launch_batch(self) -> None:
-        import torch
         parts = self._take_batch()
         try:
             crops = parts[0][1] if len(parts) == 1 else np.concatenate([x for _, x in parts])
-            pixels = self.encoder.normalise_crops(crops)
-            k = len(pixels)
-            if k < self.bs:   # fixed batch shape: see the module docstring
-                pixels = torch.cat([pixels, pixels.new_zeros((self.bs - k, *pixels.shape[1:]))])
-            self.in_flight.append((parts, k, self.encoder.encode_pixels_async(pixels)))
+            self.in_flight.append((parts, len(crops), self.encoder.encode_batch(crops, self.bs)))
         except Exception as err:  # noqa: BLE001 - one batch's videos fail, the run goes on
             self._encode_failed(parts, err)
         while len(self.in_flight) > MAX_IN_FLIGHT:

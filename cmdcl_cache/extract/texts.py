@@ -1,46 +1,52 @@
-"""Label texts for the text tower: readable names, prompt templates, CLIP-style prompt ensembles.
+"""`cmdcl-cache texts`: a cache's label texts through an open_clip text tower, into texts.h5.
 
-Readable names (`readable_label`):
-- CamelCase keys (COIN tasks) are split into lower-case words, acronyms kept:
-  `ChangeCarTire` -> "change car tire", `ReplaceCDDriveWithSSD` -> "replace CD drive with SSD".
-- snake_case keys (Breakfast actions) become words: `stir_tea` -> "stir tea" (an underscore is a space).
-- Any other word is kept as written: `iPhone`, `C++`, `T-shirt`, `3D_printer` -> "3D printer",
-  `crème_brûlée` -> "crème brûlée" (so two different names never become one text by losing characters).
-- Anything that already reads as text (COIN step names such as "remove the tire") is kept as is.
-- Breakfast's `SIL` ("silence") is named "background" by its manifest builder (our mapping, not the
-  dataset's): the closest thing a text tower knows.
-
-Templates come in named sets (`TEMPLATE_SETS`, CLIP-style ensembles in the spirit of CLIP's ImageNet and
-Kinetics prompts and ActionCLIP's video prompts; the CMDCL paper does not list its prompts), one per kind of
-label name:
-
-- `actions` (the default): verb phrases, "change car tire", "stir tea" -> "a video of a person stir tea."
-- `things`: noun phrases without an article, "cartoon rabbit", "vehicles" -> "a video of the cartoon rabbit."
-- `generic`: any phrase, read as a title, "cartoon rabbit", "stir tea", "a red circle sliding"
-  -> "a video titled cartoon rabbit."; what `manifest build --dataset folder` writes unless told otherwise.
-
-`choose_templates` picks them, first match wins: `--prompts` (a set name, or a file of templates: one per
-line, each with one "{}", blank lines and "#" comments skipped; `./actions` means a file named actions),
-then the manifest's labels.json `prompts` (a set name), then `actions`.
+Each label set's names become readable texts and go into the prompt templates (both manifest/prompts.py's);
+each prompt is encoded, then they are ensembled CLIP-style (normalise, average, normalise). texts.h5 is
+rewritten only when its provenance (model, weights, templates...) would change, under its own lock. An
+imported cache takes the text tower of the model whose space its features share (`write_imported_texts`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
-from cmdcl_cache.cache.folder import CacheFolder, texts_lock
-from cmdcl_cache.cache.format import TextEmbeddings
-from cmdcl_cache.cache.provenance import ImportSpec, normalised, provenance_difference
+from cmdcl_cache.cache.folder import CacheFolder, locate, texts_lock
+from cmdcl_cache.cache.format import TextEmbeddings, texts_provenance, write_texts
+from cmdcl_cache.cache.provenance import CacheSpec, ImportSpec, normalised, provenance_difference
+from cmdcl_cache.config import option
 from cmdcl_cache.errors import CacheError
-from cmdcl_cache.manifest.prompts import DEFAULT_TEMPLATES, choose_templates, readable_label
+from cmdcl_cache.manifest.prompts import DEFAULT_TEMPLATES, PROMPTS_HELP, choose_templates, readable_label
+
+
+@dataclass(frozen=True)
+class TextsConfig:
+    """`cmdcl-cache texts`: which cache folder, which text tower, which prompts."""
+
+    dataset: str = option(None, "Built-in manifest or a manifest folder.", required=True)
+    cache: str = option(None, "A cache folder, or a folder above it (the root).", required=True)
+    model: str | None = option(None, "open_clip model name (default: the one the cache's shards were made with).")
+    pretrained: str | None = option(None, "Weight tag, checkpoint file, or none (default: the cache's; a "
+                                          "checkpoint-file cache needs the file).")
+    precision: Literal["fp32", "fp16", "bf16"] = option("fp16", "Autocast precision on CUDA.")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N.")
+    tokens: Literal["cls", "grid"] = option("cls", "Which cache folder: cls or grid (as extracted).")
+    grid: int = option(4, "Grid side, with --tokens grid.")
+    prompts: str | None = option(None, PROMPTS_HELP)
+    force: bool = option(False, "Rewrite even when texts.h5 has the same provenance.")
+    text_embeddings: str | None = option(None, "Embeddings from a file instead of a text tower: .npy [C, D] (one "
+                                               "row per label of --label-set, in labels.json order), or .npz / "
+                                               ".safetensors with one such array per label set; checked for "
+                                               "count and dimension. --model/--pretrained then choose the cache.")
+    label_set: str | None = option(None, "With an .npy --text-embeddings: its label set (default: the "
+                                         "manifest's default label set).")
 
 
 def imported_cache(given, dataset: str) -> CacheFolder | None:
     """The one cache at or below `given` when it holds imported features, else None."""
-    from cmdcl_cache.cache.folder import locate
     try:
         folder = locate(given, dataset)
     except CacheError:
@@ -54,7 +60,6 @@ def write_imported_texts(folder: CacheFolder, manifest, model: str, pretrained: 
     features: the text tower of the same model); its provenance names that tower (`text_source`)."""
     import open_clip
 
-    from cmdcl_cache.cache.provenance import CacheSpec
     from cmdcl_cache.extract.encoder import EncoderSpec, load_encoder
 
     spec = ImportSpec.from_provenance(folder.provenance())
@@ -110,7 +115,6 @@ def ensure_texts(folder, manifest, encoder, spec, prompts: str | Path | None = N
 
 
 def _ensure_texts(folder, manifest, encoder, prov: dict, templates: list[str], force: bool) -> tuple[Path, bool]:
-    from cmdcl_cache.cache.format import texts_provenance, write_texts
 
     path = folder.texts_path
     if path.exists() and not force:

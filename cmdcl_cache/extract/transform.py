@@ -23,7 +23,6 @@ import numpy as np
 import PIL.Image
 
 RESIZE_MODES = ("shortest", "longest", "squash")
-
 INTERPOLATIONS = ("bicubic", "bilinear")
 
 

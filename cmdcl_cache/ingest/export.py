@@ -37,17 +37,11 @@ import numpy as np
 from cmdcl_cache.cache.folder import Cache
 
 INDEX_FILE = "index.jsonl"
-
 FORMATS = ("npy", "npz")
-
 COMPANIONS = ("timestamps_ms", "fps")
-
 MAX_PLAIN_BYTES = 200
-
 PREFIX_CHARS = 64
-
 _SAFE = re.compile(r"[A-Za-z0-9._-]+")
-
 _WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
 

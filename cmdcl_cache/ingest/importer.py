@@ -56,32 +56,64 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from cmdcl_cache.cache.folder import check_not_nested
-from cmdcl_cache.cache.runlog import (
-    EXIT_OK,
-    ExtractResult,
-    append_line,
-    append_run_log,
-    exit_status,
-    main_exit_message,
-    record_failure,
-    result_counts,
-)
+from cmdcl_cache.cache.runlog import (EXIT_OK, ExtractResult, append_line, append_run_log, exit_status,
+                                      main_exit_message, record_failure, result_counts)
+from cmdcl_cache.config import check_choices, option
 from cmdcl_cache.errors import CacheError
 from cmdcl_cache.ingest.export import INDEX_FILE
-from cmdcl_cache.ingest.plan import (
-    GROUP_BYTES,
-    GROUP_VIDEOS,
-    ImportPlan,
-    check_existing,
-    check_features,
-    plan_import,
-    row_times,
-)
-from cmdcl_cache.ingest.sources import ImportConfig, VideoProblem, check_header
+from cmdcl_cache.ingest.plan import (GROUP_BYTES, GROUP_VIDEOS, ImportPlan, check_existing, check_features, plan_import,
+                                     row_times)
+from cmdcl_cache.ingest.sources import PICKLED, VideoProblem, check_header, pickled_message
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    """Everything `cmdcl-cache import` is told; the fields are its flags (`--config FILE` takes them too)."""
+
+    dataset: str = option(None, "Built-in manifest (coin, breakfast, charades, demo) or a manifest folder.",
+                          required=True)
+    source: str = option(None, "Folder of per-video files (npy, video-features, safetensors) or one HDF5 file.",
+                         flag="--from", required=True)
+    format: Literal["npy", "video-features", "safetensors", "hdf5"] = option(
+        None, "How the features are stored (formats below; docs/guide/import.md).", required=True)
+    cache: str = option(None, "Cache root (features go to <cache>/<dataset>/<model>-imported/), or a cache "
+                              "folder to resume.", required=True)
+    model: str = option(None, "Name of the model that made the features (free text, e.g. ViT-B-16-openai); "
+                              "names the cache folder and goes into its provenance.", required=True)
+    fps: float | None = option(None, "Rows per second, for sources without timestamps: row i is at "
+                                     "--time-offset + i / fps seconds.")
+    time_offset: float = option(0.0, "With --fps: seconds of row 0 (e.g. half a feature window).")
+    feature_key: str | None = option(None, "video-features: the feature_type in <id>_<key>.npy (default clip); "
+                                           "hdf5, safetensors: the dataset or tensor name (default features).")
+    dim: int | None = option(None, "Feature dimension (default: the most common one among the source files).")
+    allow_unknown: bool = option(False, "Import even when the source holds ids the manifest does not have "
+                                        "(they are listed, not imported).")
+    durable: bool = option(True, "fsync each group of videos, rows before commit lines (survives a power loss).")
+    quiet: bool = option(False, "Log lines instead of a progress bar (for batch jobs).")
+
+    def __post_init__(self):
+        check_choices(self)
+        if self.fps is not None and not (np.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"--fps must be a number > 0, got {self.fps}")
+        if not np.isfinite(self.time_offset):
+            raise ValueError(f"--time-offset must be finite, got {self.time_offset}")
+        if self.dim is not None and self.dim < 1:
+            raise ValueError(f"--dim must be >= 1, got {self.dim}")
+        if self.feature_key is not None and self.format == "npy":
+            raise ValueError("--feature-key: --format npy reads <id>.npy (use --format video-features for "
+                             "<id>_<key>.npy)")
+        if Path(self.source).suffix.lower() in PICKLED:
+            raise ValueError(pickled_message(self.source))
+
+    @property
+    def key(self) -> str:
+        return self.feature_key or ("clip" if self.format == "video-features" else "features")
 
 
 @dataclass

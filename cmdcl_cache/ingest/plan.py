@@ -10,6 +10,7 @@ import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,18 +19,12 @@ from cmdcl_cache.cache.format import SCHEMA_VERSION, read_shard
 from cmdcl_cache.cache.provenance import ImportSpec, normalised, provenance_difference
 from cmdcl_cache.cache.runlog import read_lines
 from cmdcl_cache.errors import ProvenanceError
-from cmdcl_cache.ingest.sources import (
-    FLOAT16_MAX,
-    ImportConfig,
-    SourceError,
-    SourceVideo,
-    VideoProblem,
-    check_header,
-    open_source,
-)
+from cmdcl_cache.ingest.sources import FLOAT16_MAX, SourceError, SourceVideo, VideoProblem, check_header, open_source
+
+if TYPE_CHECKING:   # annotations only: importer.py imports this module
+    from cmdcl_cache.ingest.importer import ImportConfig
 
 GROUP_VIDEOS = 256          # videos per group commit (one fsync per journal file per group)
-
 GROUP_BYTES = 32 << 20      # ... or this many bytes of float16 rows, whichever comes first
 
 

@@ -13,21 +13,20 @@ import zipfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cmdcl_cache.config import check_choices, option
 from cmdcl_cache.ingest.export import INDEX_FILE
 
-PICKLED = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
+if TYPE_CHECKING:   # annotations only: importer.py imports this module
+    from cmdcl_cache.ingest.importer import ImportConfig
 
+PICKLED = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 SIDECARS = {"timestamps_ms": "_timestamps_ms.npy", "fps": "_fps.npy"}
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-
 MAX_ROWS = 1_000_000        # rows of one video (over 9 hours at 30 rows/s), judged from its header
-
 MAX_SOURCE_BYTES = 1 << 30  # bytes of one video's array as read (decompressed), judged from its header
 
 
@@ -47,50 +46,6 @@ def pickled_message(path) -> str:
     return (f"{path}: a pickled PyTorch/Python file; cmdcl never unpickles files (loading one runs any code "
             "it holds). Convert it in a Python process that trusts it: load the tensor with torch, then "
             "`np.save('<id>.npy', tensor.float().numpy())`, or save it with safetensors")
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    """Everything `cmdcl-cache import` is told; the fields are its flags (`--config FILE` takes them too)."""
-
-    dataset: str = option(None, "Built-in manifest (coin, breakfast, charades, demo) or a manifest folder.",
-                          required=True)
-    source: str = option(None, "Folder of per-video files (npy, video-features, safetensors) or one HDF5 file.",
-                         flag="--from", required=True)
-    format: Literal["npy", "video-features", "safetensors", "hdf5"] = option(
-        None, "How the features are stored (formats below; docs/guide/import.md).", required=True)
-    cache: str = option(None, "Cache root (features go to <cache>/<dataset>/<model>-imported/), or a cache "
-                              "folder to resume.", required=True)
-    model: str = option(None, "Name of the model that made the features (free text, e.g. ViT-B-16-openai); "
-                              "names the cache folder and goes into its provenance.", required=True)
-    fps: float | None = option(None, "Rows per second, for sources without timestamps: row i is at "
-                                     "--time-offset + i / fps seconds.")
-    time_offset: float = option(0.0, "With --fps: seconds of row 0 (e.g. half a feature window).")
-    feature_key: str | None = option(None, "video-features: the feature_type in <id>_<key>.npy (default clip); "
-                                           "hdf5, safetensors: the dataset or tensor name (default features).")
-    dim: int | None = option(None, "Feature dimension (default: the most common one among the source files).")
-    allow_unknown: bool = option(False, "Import even when the source holds ids the manifest does not have "
-                                        "(they are listed, not imported).")
-    durable: bool = option(True, "fsync each group of videos, rows before commit lines (survives a power loss).")
-    quiet: bool = option(False, "Log lines instead of a progress bar (for batch jobs).")
-
-    def __post_init__(self):
-        check_choices(self)
-        if self.fps is not None and not (np.isfinite(self.fps) and self.fps > 0):
-            raise ValueError(f"--fps must be a number > 0, got {self.fps}")
-        if not np.isfinite(self.time_offset):
-            raise ValueError(f"--time-offset must be finite, got {self.time_offset}")
-        if self.dim is not None and self.dim < 1:
-            raise ValueError(f"--dim must be >= 1, got {self.dim}")
-        if self.feature_key is not None and self.format == "npy":
-            raise ValueError("--feature-key: --format npy reads <id>.npy (use --format video-features for "
-                             "<id>_<key>.npy)")
-        if Path(self.source).suffix.lower() in PICKLED:
-            raise ValueError(pickled_message(self.source))
-
-    @property
-    def key(self) -> str:
-        return self.feature_key or ("clip" if self.format == "video-features" else "features")
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdcl_cache.cache.folder import CacheFolder
-from cmdcl_cache.cache.format import TextEmbeddings
+from cmdcl_cache.cache.folder import Cache, CacheFolder, texts_lock
+from cmdcl_cache.cache.format import TextEmbeddings, write_texts
 from cmdcl_cache.cache.provenance import text_provenance_for
 from cmdcl_cache.ingest.sources import PICKLED, SourceError, VideoProblem, load_npy, pickled_message
 
@@ -76,8 +76,6 @@ def write_texts_from_file(folder: CacheFolder, manifest, path: str | Path,
                           label_set: str | None = None) -> tuple[Path, list[str]]:
     """texts.h5 from a file of embeddings, for any cache (imported or extracted); returns (texts.h5, the
     manifest's label sets the file does not cover)."""
-    from cmdcl_cache.cache.folder import Cache, texts_lock
-    from cmdcl_cache.cache.format import write_texts
 
     path = Path(path).expanduser().resolve()
     cache = Cache(folder, require_complete=False)

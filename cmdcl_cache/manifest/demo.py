@@ -42,7 +42,6 @@ from typing import Callable
 import numpy as np
 
 DATASET = "demo"
-
 SPLIT_SCHEME = "default"
 
 # key, text (the "name" that prompts are built from), RGB colour
@@ -70,7 +69,6 @@ ACTIVITIES: list[tuple[str, str, tuple[str, ...], str]] = [
 ]
 
 BACKGROUNDS: list[str] = ["dusk", "stripes", "checker", "static"]
-
 OWN_BACKGROUND: dict[str, str] = {key: bg for key, _, _, bg in ACTIVITIES}
 
 
@@ -328,7 +326,8 @@ def labels_json(seed: int) -> dict:
             "action": {"multi_label": True,
                        "labels": [{"key": k, "name": n} for k, n, _ in ACTIONS]},
         },
-        "source": f"procedurally rendered by cmdcl_cache.manifest.demo (seed {seed}); recipe in manifests/demo/README.md",
+        "source": f"procedurally rendered by cmdcl_cache.manifest.demo (seed {seed}); "
+                  "recipe in manifests/demo/README.md",
         "licence": "MIT (generated data)",
     }
 

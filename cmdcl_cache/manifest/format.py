@@ -53,21 +53,15 @@ from typing import Any
 import numpy as np
 
 SPLITS = ("train", "val", "test")          # the split names every manifest has, and the three roles
-
 ROLES = SPLITS
-
 DEFAULT_SPLITS = {"train": "train", "val": "val", "test": "test"}
 
 BUILTIN_DATASETS = ("coin", "breakfast", "charades", "demo")
-
 VIDEOS_FILE = "videos.jsonl"
-
 LABELS_FILE = "labels.json"
-
 MAX_ERRORS = 20  # errors listed by one load; the rest are counted
 
 DEFAULT_SPLIT_SCHEMES = ["default"]
-
 # Characters that break file systems, terminals and line-based files when they sit in an id or a path.
 _FORBIDDEN_CATEGORIES = {"Cc": "a control character", "Cs": "a lone surrogate", "Zl": "a line separator",
                          "Zp": "a paragraph separator"}

@@ -12,29 +12,14 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from cmdcl_cache.manifest.format import (
-    DEFAULT_SPLIT_SCHEMES,
-    DEFAULT_SPLITS,
-    LABELS_FILE,
-    ROLES,
-    SPLITS,
-    VIDEOS_FILE,
-    ErrorCollector,
-    LabelSet,
-    Manifest,
-    ManifestError,
-    VideoRecord,
-    check_video_id,
-    normalise_path,
-    resolve_dataset_dir,
-)
+from cmdcl_cache.manifest.format import (DEFAULT_SPLIT_SCHEMES, DEFAULT_SPLITS, LABELS_FILE, ROLES, SPLITS, VIDEOS_FILE,
+                                         ErrorCollector, LabelSet, Manifest, ManifestError, VideoRecord, check_video_id,
+                                         normalise_path, resolve_dataset_dir)
 
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _RECORD_FIELDS = ("video_id", "path", "split", "labels", "splits", "duration", "segments", "meta")
-
 _REQUIRED_FIELDS = ("video_id", "path", "split", "labels")
-
 _LABELS_JSON_FIELDS = ("dataset", "default_label_set", "fine_label_set", "split_schemes", "split_roles",
                        "label_sets", "prompts", "source", "licence")
 

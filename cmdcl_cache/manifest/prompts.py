@@ -61,9 +61,7 @@ TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
         "{}.",
     ),
 }
-
 DEFAULT_TEMPLATE_SET = "actions"
-
 DEFAULT_TEMPLATES = TEMPLATE_SETS[DEFAULT_TEMPLATE_SET]
 
 # A run of capitals followed by a capitalised word splits before that word's capital ("CDDrive" ->

@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 
 BACKENDS = ("decord", "pyav", "torchcodec", "torchcodec-cuda")
-
 FALLBACKS = ("decord", "pyav", "none")
 
 _CLASSES = {
@@ -35,7 +34,6 @@ _CLASSES = {
     "torchcodec": ("cmdcl_cache.extract.decoders.torchcodec_video", "TorchCodecVideo"),
     "torchcodec-cuda": ("cmdcl_cache.extract.decoders.torchcodec_video", "TorchCodecCudaVideo"),
 }
-
 _FFMPEG_LIBS = ("FFmpeg 4-8 shared libraries (Debian 12: apt-get install libavcodec59 libavformat59 "
                 "libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8)")
 

@@ -13,7 +13,6 @@ import numpy as np
 from cmdcl_cache.cache.sampling import unusable_timestamps
 
 SEQUENTIAL_SUFFIXES = (".avi", ".mpg", ".mpeg", ".vob")
-
 REFUSED_SUFFIXES = (".ts", ".m2ts", ".mts")   # decord's frame k is another frame even decoded in order
 
 

@@ -43,15 +43,10 @@ from cmdcl_cache.manifest.format import ManifestError
 from cmdcl_cache.manifest.io import make_labels_json
 
 GT_FPS = 15
-
 ACTIVITY_NAMES = {"friedegg": "fried egg", "scrambledegg": "scrambled egg", "salat": "salad"}
-
 NUM_VIDEOS = 1712
-
 SCHEMES = ["vis4mer", "s1", "s2", "s3", "s4"]
-
 EXCLUDED_BY_VIS4MER_MALMM = frozenset({"P28_cam01_P28_cereals", "P27_stereo01_P27_milk", "P28_cam02_P28_cereals"})
-
 SOURCE = ("Breakfast Actions (Kuehne et al., CVPR 2014): MS-TCN mapping, participant splits and frame-level "
           "ground truth; ViS4mer 1,357/355 split (see manifests/README.md)")
 

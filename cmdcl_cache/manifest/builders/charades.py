@@ -24,7 +24,6 @@ COLUMNS = ["id", "subject", "scene", "quality", "relevance", "verified", "script
            "actions", "length"]
 
 SOURCE = "Charades v1 (Sigurdsson et al., ECCV 2016), built from the user's own copy"
-
 LICENCE = "Charades licence: non-commercial research use, no redistribution (do not commit this manifest)"
 
 

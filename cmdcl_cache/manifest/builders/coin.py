@@ -36,9 +36,7 @@ from cmdcl_cache.manifest.format import ManifestError
 from cmdcl_cache.manifest.io import make_labels_json
 
 EXCLUDED_BY_VIS4MER_MALMM = frozenset({"AfiVmAjfTNs", "cjwtcDKTQM8"})
-
 SUBSETS = {"training": "train", "testing": "test", "validation": "val"}
-
 # pre-Feb-2020 task names found in older COIN.json copies -> current taxonomy names
 OLD_TASK_NAMES = {"MakeFrenchFried": "MakeFrenchFries", "InstallBicycleRackToCar": "InstallBicycleRack",
                   "InstallIpadScreenProtector": "PasteScreenProtectorOnPad"}
@@ -47,7 +45,6 @@ SOURCE = ("COIN annotations (Tang et al., CVPR 2019; github.com/coin-dataset/ann
           "per-video task/split/steps and segments (see manifests/README.md)")
 
 LICENCE = "CC BY-NC 4.0 (COIN annotations); research use"
-
 VIDEO_EXTS = (".mp4", ".mkv", ".webm")
 
 

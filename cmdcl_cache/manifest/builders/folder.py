@@ -51,11 +51,8 @@ from cmdcl_cache.manifest.io import decode_lines, make_labels_json
 from cmdcl_cache.manifest.paths import VIDEO_EXTENSIONS
 
 LABEL_SET = "class"
-
 SPLIT_SCHEME = "default"
-
 DEFAULT_PROMPTS = "generic"
-
 CSV_COLUMNS = ("path", "label", "split")   # split is optional
 
 
