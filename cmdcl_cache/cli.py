@@ -5,10 +5,11 @@ from typing import Optional
 
 import typer
 
+from cmdcl_cache.cache.folder import TEXTS_FILE
 from cmdcl_cache.config import config_command, version_option
 from cmdcl_cache.extract.pipeline import ExtractConfig, extract
 from cmdcl_cache.extract.texts import TextsConfig
-from cmdcl_cache.ingest.sources import ImportConfig
+from cmdcl_cache.ingest.importer import ImportConfig
 from cmdcl_cache.progress import configure_logging, console, markup_mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=markup_mode(),
@@ -279,7 +280,7 @@ def import_cmd(config: ImportConfig):
         _fail(str(err), 2)
     err = console(stderr=True)
     err.print(main_message(result), markup=False)
-    if result.committed and not (result.cache_dir / "texts.h5").exists():
+    if result.committed and not (result.cache_dir / TEXTS_FILE).exists():
         err.print(f"next: cmdcl-cache texts --dataset {config.dataset} --cache {result.cache_dir} --model <open_clip "
                   "model> --pretrained <weights> (the text tower of the model that made the features), or "
                   "--text-embeddings FILE", markup=False)

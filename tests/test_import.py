@@ -269,13 +269,14 @@ def _start_slow_import(args, output=subprocess.DEVNULL):
     """The import in its own process group, each video read 20 ms slower, committed 3 at a time."""
     script = textwrap.dedent(f"""
         import sys, time
-        import cmdcl_cache.importer as m
+        import cmdcl_cache.ingest.importer as m
+        from cmdcl_cache.ingest.sources import FolderSource
         m.GROUP_VIDEOS = 3
-        read = m.FolderSource.read
+        read = FolderSource.read
         def slow(self, sv):
             time.sleep(0.02)
             return read(self, sv)
-        m.FolderSource.read = slow
+        FolderSource.read = slow
         from cmdcl_cache.cli import app
         sys.argv = ["cmdcl-cache", *{args!r}]
         app()

@@ -1,7 +1,7 @@
 """The cache folder contract: where a cache lives, what it is made of, how it is found and compared.
 
     <root>/<dataset>/<tag>/              a cache folder; <tag> = CacheSpec.tag (model-weights[-gridN])
-        frames-0000r-of-0000n.h5         finished shard of rank r of n (format: store.py)
+        frames-0000r-of-0000n.h5         finished shard of rank r of n (format: format.py)
         frames-0000r-of-0000n.journal/   unfinished shard of rank r (an extract is running or was killed)
         frames-0000r-of-0000n.h5.lock    flock of the extract (or import) writing that shard: "pid host command"
         texts.h5.lock, confounders.h5.lock  the same for the writer of texts.h5 and of confounders.h5
@@ -493,4 +493,4 @@ def texts_lock(folder, command: str):
     """The exclusive lock of `folder`'s texts.h5, held from the check to the write by whoever writes it."""
     from cmdcl_cache.files import WriterLock, lock_path_of
     folder.path.mkdir(parents=True, exist_ok=True)
-    return WriterLock(lock_path_of(folder.texts_path), "texts.h5", command)
+    return WriterLock(lock_path_of(folder.texts_path), TEXTS_FILE, command)

@@ -4,6 +4,9 @@ Every rank appends to the same files, one `os.write` of one whole line on a desc
 O_APPEND, so lines from different processes do not interleave (on a local file system). A line cut by a
 crash is skipped on reading. A video may appear several times (a retry that failed again); the last line
 wins, and a video that is committed in a shard is not failed, whatever the log says.
+
+A run's outcome is also here, the same for extract and import: `ExtractResult`, its exit status
+(0 all done, 1 some videos failed, 2 nothing could be done) and its one-line summary.
 """
 
 from __future__ import annotations

@@ -27,9 +27,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cmdcl_cache.cache.folder import SHARD_RE, Cache, CacheFolder, shard_name, split_ids
+from cmdcl_cache.cache.folder import SHARD_RE, TEXTS_FILE, Cache, CacheFolder, shard_name, split_ids
 from cmdcl_cache.cache.format import frame_records, read_shard, read_texts, rows_checksum
 from cmdcl_cache.cache.runlog import read_failures, read_lines
+from cmdcl_cache.cache.writer import COMMITS_FILE
 from cmdcl_cache.errors import CacheError
 
 SCAN_ROWS = 8192
@@ -257,7 +258,7 @@ def summarize(cache_dir: str | Path | CacheFolder) -> dict:
         committed |= {r["video_id"] for r in table}
         lengths += [int(r["num_rows"]) for r in table]
     for j in folder.journals:
-        n = len(read_lines(j / "commits.jsonl"))
+        n = len(read_lines(j / COMMITS_FILE))
         out["journals"].append({"folder": j.name, "committed_videos": n})
     failures = {v: r for v, r in read_failures(folder.path).items() if v not in committed}
     out["videos"] = len(committed)
@@ -300,7 +301,7 @@ def render_summary(s: dict, console) -> None:
         t.add_row(j["folder"] + " (unfinished)", str(j["committed_videos"]), "", "")
     console.print(t)
     if s["texts"]:
-        t = Table(title="texts.h5")
+        t = Table(title=TEXTS_FILE)
         for col in ("label set", "classes", "prompts", "dim"):
             t.add_column(col)
         for name, v in s["texts"].items():

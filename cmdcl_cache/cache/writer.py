@@ -22,6 +22,7 @@ from cmdcl_cache.cache.provenance import (PROVENANCE_CRC, attrs_from, json_crc32
 from cmdcl_cache.errors import CacheError, ProvenanceError, StorageError
 from cmdcl_cache.files import WriterLock, disk_full, fsync_path, lock_path_of, write_atomic
 
+COMMITS_FILE = "commits.jsonl"   # a journal's commit lines, one per video
 CHUNK_ROWS = 256
 
 
@@ -119,11 +120,11 @@ class ShardWriter:
                 self._files[name] = fh
         self.num_rows = end
         self._drop_damaged()
-        self._log = open(self.journal / "commits.jsonl", "ab")
+        self._log = open(self.journal / COMMITS_FILE, "ab")
 
     def _read_commits(self) -> tuple[dict[str, dict], int]:
         """Complete commit lines whose rows are all in the data files; returns (commits, end row)."""
-        log = self.journal / "commits.jsonl"
+        log = self.journal / COMMITS_FILE
         data = log.read_bytes() if log.exists() else b""
         rows_on_disk = min((os.path.getsize(self.journal / n) // b if (self.journal / n).exists() else 0)
                            for n, b in self._row_bytes.items() if b)
@@ -161,7 +162,7 @@ class ShardWriter:
             del self._commits[vid]
         if damaged:
             good = b"".join(json.dumps(r).encode() + b"\n" for r in self._commits.values())
-            write_atomic(self.journal / "commits.jsonl", good)
+            write_atomic(self.journal / COMMITS_FILE, good)
 
     def _journal_rows(self, rec: dict):
         lo, n = int(rec["row_start"]), int(rec["num_rows"])

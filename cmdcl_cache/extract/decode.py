@@ -14,7 +14,7 @@ the one asked for (`--decoder`: for a new cache pyav, for a resumed one the back
 that one refused the file before sending a frame, the fallback (`--fallback-decoder`: decord for pyav;
 pyav for the others, as decord refuses videos with a 90 or 270 degree display rotation). A video both
 refuse fails with both reasons. Timestamps are the decoder's presentation times and sampling is uniform
-in time (sampling.py); `fps` and `duration` are those of `sampling.video_timing`.
+in time (cache/sampling.py); `fps` and `duration` are those of `sampling.video_timing`.
 
 Given the encoder's `TransformSpec` (the pipeline always gives it), a worker resizes and centre crops
 each frame as open_clip's eval transform does, with PIL itself (`transform.resize_crop`, the very code

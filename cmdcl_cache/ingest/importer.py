@@ -67,9 +67,11 @@ from cmdcl_cache.cache.runlog import (EXIT_OK, ExtractResult, append_line, appen
 from cmdcl_cache.config import check_choices, option
 from cmdcl_cache.errors import CacheError
 from cmdcl_cache.ingest.export import INDEX_FILE
-from cmdcl_cache.ingest.plan import (GROUP_BYTES, GROUP_VIDEOS, ImportPlan, check_existing, check_features, plan_import,
-                                     row_times)
+from cmdcl_cache.ingest.plan import ImportPlan, check_existing, check_features, plan_import, row_times
 from cmdcl_cache.ingest.sources import PICKLED, VideoProblem, check_header, pickled_message
+
+GROUP_VIDEOS = 256          # videos per group commit (one fsync per journal file per group)
+GROUP_BYTES = 32 << 20      # ... or this many bytes of float16 rows, whichever comes first
 
 
 @dataclass(frozen=True)

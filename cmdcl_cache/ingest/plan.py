@@ -24,8 +24,6 @@ from cmdcl_cache.ingest.sources import FLOAT16_MAX, SourceError, SourceVideo, Vi
 if TYPE_CHECKING:   # annotations only: importer.py imports this module
     from cmdcl_cache.ingest.importer import ImportConfig
 
-GROUP_VIDEOS = 256          # videos per group commit (one fsync per journal file per group)
-GROUP_BYTES = 32 << 20      # ... or this many bytes of float16 rows, whichever comes first
 
 
 def check_features(x: np.ndarray, dim: int, where: str) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdcl_cache.cache.folder import shard_name
+from cmdcl_cache.cache.folder import TEXTS_FILE, shard_name
 from cmdcl_cache.cache.format import TextEmbeddings, write_texts
 from cmdcl_cache.cache.writer import ShardWriter
 
@@ -38,7 +38,7 @@ def write_synthetic_cache(cache_dir: str | Path, features: dict[str, np.ndarray]
                                tokens=tokens[vid] if tokens else None)
             w.finalize()
     if texts:
-        write_texts(cache_dir / "texts.h5", texts, prov)
+        write_texts(cache_dir / TEXTS_FILE, texts, prov)
     return cache_dir
 
 

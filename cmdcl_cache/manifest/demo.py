@@ -41,6 +41,9 @@ from typing import Callable
 
 import numpy as np
 
+from cmdcl_cache.files import write_atomic
+from cmdcl_cache.manifest.format import LABELS_FILE, VIDEOS_FILE
+
 DATASET = "demo"
 SPLIT_SCHEME = "default"
 
@@ -363,8 +366,7 @@ def make_demo(out_dir: str | Path, num_videos_per_activity_train: int = 10,
         if progress is not None:
             progress(i + 1, len(plans))
     jsonl = "".join(json.dumps(line, sort_keys=False) + "\n" for line in manifest_lines(plans, fps))
-    from cmdcl_cache.files import write_atomic
 
-    write_atomic(manifest_dir / "videos.jsonl", jsonl)
-    write_atomic(manifest_dir / "labels.json", json.dumps(labels_json(seed), indent=2) + "\n")
+    write_atomic(manifest_dir / VIDEOS_FILE, jsonl)
+    write_atomic(manifest_dir / LABELS_FILE, json.dumps(labels_json(seed), indent=2) + "\n")
     return manifest_dir
