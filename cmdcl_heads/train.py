@@ -48,6 +48,7 @@ from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, check_own
 from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
+from .optim import make_optimizer, make_scheduler
 from .probe import fit_linear_head
 from .run import SUMMARY_FILE, RunFolder, set_rng_state
 from .steps import StepStats, check_collapse, describe_bad, grad_norms  # noqa: F401  (describe_bad: tests)
@@ -483,25 +484,6 @@ def seed_everything(seed: int) -> None:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """Sampling RNG of one epoch: depends on (seed, epoch) only, so a resumed run draws the same numbers."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel, and a skipped step costs no host sync); matrices decay, the rest not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=True)
-
-
-def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _attention_kernels(device: torch.device, allow_cudnn: bool):
