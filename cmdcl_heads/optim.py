@@ -24,7 +24,7 @@ def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
 
 
 def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
-    """The learning rate's factor per step; a LambdaLR, so the scheduler's state in `last` is its step count."""
+    """A LambdaLR: `last` keeps its step count, the factor itself is rebuilt from the options on resume."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
