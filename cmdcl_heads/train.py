@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
-from dataclasses import fields
 
 import numpy as np
 import torch
 
 from . import report
-from .config import RESUME_FREE, HeadConfig, TrainConfig
+from .config import HeadConfig, TrainConfig
 from .data import RunData, open_data
 from .errors import TrainingError
 from .events import RunEvents
-from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, check_own, evaluate_logits, loss_fn,
-                       predict_logits, resolve_device)
+from .evaluate import autocast, evaluate_logits, loss_fn, predict_logits, resolve_device
 from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
@@ -48,7 +45,8 @@ from .optim import make_optimizer, make_scheduler
 from .prepare import Splits, check_select_split, dataset_ref, load_confounders, resolve_config
 from .prepare import training_weights, warn_one_frame_videos  # noqa: F401  (tests import them from here)
 from .probe import fit_linear_head
-from .run import SUMMARY_FILE, RunFolder, set_rng_state
+from .resume import checkpoint_meta, epoch_generator, restore, seed_everything, start_or_resume
+from .run import RunFolder
 from .steps import StepStats, check_collapse, describe_bad, grad_norms  # noqa: F401  (describe_bad: tests)
 
 MAX_BAD_STEPS = 20  # consecutive skipped steps before training stops
@@ -79,22 +77,7 @@ def _train(config: TrainConfig, head: HeadConfig, run: RunFolder, on_epoch_end) 
     config, head = resolve_config(config, head, data, confounders)
     splits = Splits.load(data, config, head, device)   # a bad split name or a missing video: nothing written yet
     run.claim(create=not config.resume)
-    resumed = None
-    if config.resume and not any(run.path.glob("last.*")) and not run.finished:   # killed before a checkpoint
-        from cmdcl_cache.progress import console
-        console(quiet=config.quiet).print(f"{run}: no checkpoint yet (the run stopped before its first one): "
-                                          "starting it from scratch", markup=False)
-        run.start_fresh()
-    elif config.resume:   # refused before anything in the run folder changes
-        resumed = run.load_checkpoint("last")
-        check_own(run, "last", resumed.meta)
-        check_checkpoint(resumed.meta, data, run.checkpoint_path("last"))
-        check_resume_options(resumed.meta, config, head, run.checkpoint_path("last"))
-        if run.finished:   # a run killed after its last epoch but before summary.json is finished below
-            raise TrainingError(f"{run}: the run already finished its {config.epochs} epochs ({SUMMARY_FILE} "
-                                "is written)")
-    else:
-        run.start_fresh()
+    resumed = start_or_resume(run, config, head, data)
     run.write_config(head, config)
     # a resumed run hides what an interrupted one logged from its first epoch on; a fresh one purges from 0,
     # which writes the SessionLog START TensorBoard's plugin reader needs to do so (cmdcl_heads/events.py)
@@ -122,7 +105,7 @@ def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, co
     scheduler = make_scheduler(optimizer, round(config.warmup * steps_per_epoch), config.epochs * steps_per_epoch)
     state = {"epoch": 0, "best_epoch": 0, "best_value": -math.inf}
     if resumed is not None:
-        state = restore(resumed, run, config, head, data, model, optimizer, scheduler)
+        state = restore(resumed, run, config, model, optimizer, scheduler)
     metric = primary_metric(data.labels.multi_label)
     progress = progress_bar(config.quiet)
     with progress:
@@ -238,64 +221,7 @@ def epoch_line(epoch: int, epochs: int, record: dict, metric: str) -> str:
     return " | ".join(parts) + f" ({record['epoch_seconds']:.2f} s)"
 
 
-def checkpoint_meta(config: TrainConfig, head: HeadConfig, data: RunData) -> dict:
-    labels = data.labels
-    return {"head_config": head.to_dict(), "train_config": config.to_dict(), "label_set": labels.label_set,
-            "label_names": labels.names, "label_keys": labels.keys, "multi_label": labels.multi_label,
-            "fine_label_set": labels.fine_label_set, "fine_label_names": labels.fine_names,
-            "cache_provenance": data.cache.provenance, "cache_dir": str(data.folder.path.resolve()),
-            "dataset": dataset_ref(config.dataset), "feature_dim": data.cache.feature_dim,
-            "tokens": bool(config.tokens)}
-
-
-def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, optimizer,
-            scheduler) -> dict:
-    """Continue from `last` (already checked against the data and options): its weights, optimizer,
-    scheduler and RNGs."""
-    model.load_state_dict(ckpt.model)
-    optimizer.load_state_dict(ckpt.optimizer)
-    scheduler.load_state_dict(ckpt.scheduler)
-    set_rng_state(ckpt.rng)
-    run.truncate_metrics(ckpt.meta["epoch"])
-    best = ckpt.meta["best_value"]
-    if not config.quiet:
-        from cmdcl_cache.progress import console
-        if run.metrics_note:   # the record an interrupted append left half-written
-            console().print(run.metrics_note, markup=False)
-        console().print(f"resuming {run} after epoch {ckpt.meta['epoch']}", markup=False)
-    return {"epoch": ckpt.meta["epoch"], "best_epoch": ckpt.meta["best_epoch"],
-            "best_value": -math.inf if best is None else best}
-
-
-def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, where) -> None:
-    """Every option that differs from the checkpoint's, named at once (not one per try)."""
-    # through from_dict: an option added since the checkpoint was written compares as its default
-    before_cfg, now_cfg = HeadConfig.from_dict(meta["head_config"]).to_dict(), head.to_dict()
-    derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
-    # over the union of keys; the options the user sets are named before the shapes they imply
-    keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
-    changed = [f"head option '{k}' is {before_cfg.get(k)!r} in the checkpoint, {now_cfg.get(k)!r} now"
-               for k in keys if before_cfg.get(k) != now_cfg.get(k)]
-    before, now = TrainConfig.from_dict(meta["train_config"]).to_dict(), config.to_dict()
-    train_keys = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
-    changed += [f"option '{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in train_keys]
-    if changed:
-        hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in train_keys else ""
-        raise CheckpointMismatch(f"{where}: {'; '.join(changed)}{hint}; resume with the same options")
-
-
 # ------------------------------------------------------------------------------------------------ pieces
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Sampling RNG of one epoch: depends on (seed, epoch) only, so a resumed run draws the same numbers."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
 
 def _attention_kernels(device: torch.device, allow_cudnn: bool):
     """The attention kernels a training forward (and so its backward) may use.
