@@ -5,7 +5,7 @@ fp32 by default (TF32 matmuls on CUDA; `--precision bf16` for bf16 autocast), gr
 that skips a step whose loss or gradient is not finite, cross-entropy for single-label and BCE for
 multi-label targets. After every epoch: the selection split is evaluated, `last` is saved and `best` when
 the selection metric improved, the epoch's scalars go to TensorBoard (cmdcl_heads/events.py) and curves.png
-is drawn again.
+is drawn again. At the end `best` is evaluated once on the eval split.
 
 Model selection never looks at the eval split. `best` is the epoch whose *selection split* (`select_split`,
 default `auto` = `val` when the manifest has val videos for the label set and scheme) scores the highest
@@ -15,12 +15,13 @@ every epoch only with --eval-each-epoch, for the curves); selecting on it is ref
 number would then be chosen on the data it reports on.
 
 No host synchronisation inside a step: what the loop keeps about its steps stays on the device, and a bad
-step is skipped inside the fused AdamW kernel (cmdcl_heads/steps.py); the host reads it once per epoch and
-the streak of bad steps every MAX_BAD_STEPS steps, to stop a run that only produces non-finite gradients.
+step is skipped inside the fused AdamW kernel; the host reads it once per epoch and the streak of bad steps
+every MAX_BAD_STEPS steps, to stop a run that only produces non-finite gradients.
 
-Exact resume: the sampling random numbers of epoch e come from a torch.Generator seeded with (seed, e), so
-they do not depend on what ran before; dropout's global RNG state, the optimizer and the scheduler are in
-`last`. Interrupting after epoch k and resuming gives the metrics of a run never interrupted.
+The pieces the loop uses, each in its module: prepare.py (the set-up, all of it checked before the run
+folder is touched), resume.py (checkpoint metadata and exact resume: interrupting after epoch k and resuming
+gives the metrics of a run never interrupted), optim.py (the optimiser and its schedule), steps.py (step
+bookkeeping and the non-finite guards), finish.py (the evaluation at the end, summary.json and the table).
 """
 
 from __future__ import annotations
@@ -29,25 +30,28 @@ import contextlib
 import math
 import time
 
-import numpy as np
 import torch
 
 from . import report
 from .config import HeadConfig, TrainConfig
 from .data import RunData, open_data
-from .errors import TrainingError
-from .events import RunEvents
 from .evaluate import autocast, evaluate_logits, loss_fn, predict_logits, resolve_device
+from .events import RunEvents
+from .finish import finish
 from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
 from .optim import make_optimizer, make_scheduler
-from .prepare import Splits, check_select_split, dataset_ref, load_confounders, resolve_config
-from .prepare import training_weights, warn_one_frame_videos  # noqa: F401  (tests import them from here)
+from .prepare import Splits, check_select_split, load_confounders, resolve_config
 from .probe import fit_linear_head
 from .resume import checkpoint_meta, epoch_generator, restore, seed_everything, start_or_resume
 from .run import RunFolder
-from .steps import StepStats, check_collapse, describe_bad, grad_norms  # noqa: F401  (describe_bad: tests)
+from .steps import StepStats, check_collapse, grad_norms
+
+# names that callers and tests import from here; the modules named own them
+from .errors import TrainingError  # noqa: F401
+from .prepare import training_weights, warn_one_frame_videos  # noqa: F401
+from .steps import describe_bad  # noqa: F401
 
 MAX_BAD_STEPS = 20  # consecutive skipped steps before training stops
 
@@ -85,7 +89,7 @@ def _train(config: TrainConfig, head: HeadConfig, run: RunFolder, on_epoch_end) 
         return fit(run, config, head, data, confounders, splits, device, resumed, requested, events, on_epoch_end)
 
 
-def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, confounders, splits: "Splits", device,
+def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, confounders, splits: Splits, device,
         resumed, requested: str, events: RunEvents, on_epoch_end=None) -> dict:
     """The head built, trained epoch by epoch (or fitted once) and finished: `train` after its checks."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 = TF32 on CUDA
@@ -155,7 +159,7 @@ def fit_without_epochs(run: RunFolder, config: TrainConfig, head: HeadConfig, da
     return probe
 
 
-def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConfig, epoch: int, device,
+def train_epoch(model, splits: Splits, optimizer, scheduler, config: TrainConfig, epoch: int, device,
                 advance) -> dict:
     """One pass over the training split; the host waits on the device only at the end (see module doc)."""
     model.train()
@@ -196,7 +200,7 @@ def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConf
             "epoch_seconds": time.perf_counter() - t0}
 
 
-def evaluate_epoch(model, splits: "Splits", config: TrainConfig, device) -> dict:
+def evaluate_epoch(model, splits: Splits, config: TrainConfig, device) -> dict:
     """{"select": {"split": name, metrics...}} (and "eval" with --eval-each-epoch), after an epoch."""
     out = {}
     t0 = time.perf_counter()
@@ -248,79 +252,3 @@ def progress_bar(quiet: bool):
     from cmdcl_cache.progress import console
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=quiet, transient=True, console=console(quiet=quiet))
-
-
-# ------------------------------------------------------------------------------------------------ the end
-
-def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, splits: Splits, device,
-           trainable_params: int, requested: str, probe: dict | None = None, events: RunEvents | None = None) -> dict:
-    """Evaluate the eval split once, with best; write the plots, summary.json, the final events and the table."""
-    from cmdcl_cache.progress import console
-
-    best = run.load_checkpoint("best")
-    model.load_state_dict(best.model)
-    name, videos, feats = splits.eval
-    logits = predict_logits(model, feats, config.batch_size, device, config.precision)
-    metrics = evaluate_logits(logits, videos)
-    if not math.isfinite(metrics["eval_loss"]):
-        raise TrainingError(f"training collapsed: best (epoch {best.meta['epoch']}) gives a non-finite loss on "
-                            f"{name} ({metrics['eval_loss']}); lower --lr (now {config.lr:g})")
-    history = run.read_metrics()
-    metric = primary_metric(data.labels.multi_label)
-    select = splits.select[0] if splits.select and not probe else None   # the probe's val chose l2, not an epoch
-    at_best = next((r for r in history if r["epoch"] == best.meta["epoch"]), {})
-    selection = {"split": select, "metric": metric if select else None, "best_epoch": best.meta["epoch"],
-                 "value": best.meta["best_value"] if select else None, "requested": requested,
-                 "metrics": {k: v for k, v in at_best.get("select", {}).items() if k != "split"} if select else None}
-    epoch_times = [r["epoch_seconds"] for r in history if r.get("epoch_seconds") is not None]
-    summary = {
-        "model": head.model, "dataset": dataset_ref(config.dataset), "label_set": data.labels.label_set,
-        "split": name, "split_scheme": config.split_scheme, "checkpoint": "best", "best_epoch": best.meta["epoch"],
-        "selection": selection, "primary_metric": metric, "metrics": metrics,
-        "num_eval_videos": len(videos.video_ids), "skipped_missing": splits.skipped(),
-        "epochs": config.epochs if trainable_params else 0, "data_mode": feats.mode, "device": str(device),
-        "trainable_parameters": trainable_params, **({"reweighting": splits.reweighting} if splits.reweighting else {}),
-        "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
-        "skipped_steps": sum(r.get("skipped_steps") or 0 for r in history),
-        "head_config": head.to_dict(), "train_config": config.to_dict(), "cache_dir": str(data.folder.path.resolve()),
-    }
-    report.write_outputs(run.path, logits, videos, data.labels.names, metric, history,
-                         best.meta["epoch"] if select else None, trained=bool(trainable_params), split_name=name)
-    if data.labels.multi_label:
-        from .metrics import per_class_ap
-        ap = per_class_ap(logits, videos.targets)
-        summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(data.labels.names, ap)}
-    if probe:
-        summary.update(probe=probe, trainable_parameters=probe["parameters"])
-        report.plot_probe_sweep(probe, metric, run.path / "probe.png")
-    run.write_summary(summary)
-    if events is not None:
-        events.final(name, metrics, best.meta["epoch"], {**config.to_dict(), **head.to_dict()},
-                     run.path / ("per_class_ap.png" if data.labels.multi_label else "confusion.png"))
-    how = _caption(best.meta["epoch"], select, metric, trainable_params, config.select_split, probe)
-    rows = {f"{name}, best": metrics}
-    if select:
-        rows[f"{select} (selection), best"] = selection["metrics"]
-    out = console(quiet=config.quiet)
-    out.print(report.metrics_table(f"{head.model} on {data.manifest.dataset}/{data.labels.label_set}: {name} "
-                                   "metrics", rows, caption=how))
-    out.print(f"run folder: {run}", markup=False)
-    if summary["skipped_steps"]:   # on stderr, --quiet or not: these metrics come from a damaged training
-        epochs = [r["epoch"] for r in history if r.get("skipped_steps")]
-        console(stderr=True).print(f"warning: {summary['skipped_steps']} training step(s) were skipped for a "
-                                   f"non-finite loss or gradient (epochs {', '.join(map(str, epochs))}; "
-                                   "metrics.jsonl); lower --lr", markup=False)
-    return summary
-
-
-def _caption(epoch: int, select: str | None, metric: str, trainable_params: int, select_option: str,
-             probe: dict | None) -> str:
-    """How the reported checkpoint was chosen, in one line under the table."""
-    if probe:
-        return f"fitted by L-BFGS (l2 {probe['l2']:g} chosen on {probe['chosen_on']}; see summary.json 'probe')"
-    if select:
-        return f"best = epoch {epoch}, selected by {select} {metric}"
-    if not trainable_params:
-        return f"best = last epoch {epoch} (nothing trained)"
-    why = "none" if select_option == "none" else "auto found no val videos"
-    return f"best = last epoch {epoch} (no selection split: --select-split {why})"
