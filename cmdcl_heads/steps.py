@@ -18,6 +18,13 @@ from .config import TrainConfig
 from .errors import TrainingError
 
 
+def grad_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total norm, per-parameter norms) of the gradients, on the device; a missing gradient counts 0."""
+    grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
+    per_param = torch.stack(torch._foreach_norm(grads))   # what clip_grad_norm_ computes, one kernel
+    return per_param.norm(), per_param
+
+
 class StepStats:
     """Per-epoch step statistics kept on the device (no host sync per step); `check` stops the training after
     `max_bad` skipped steps in a row."""
@@ -62,31 +69,6 @@ class StepStats:
         return out
 
 
-def check_collapse(epoch: int, record: dict, model, config: TrainConfig) -> None:
-    """Stop a training that collapsed, naming the epoch: every step skipped, weights no longer finite, or a
-    non-finite loss on an evaluated split. Such an epoch is never a result (nor a best, nor a last)."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    losses = {r["split"]: r["eval_loss"] for r in (record.get("select"), record.get("eval")) if r}
-    if record["train_loss"] is None:
-        why = f"all {record['skipped_steps']} steps had a non-finite loss or gradient and were skipped"
-    elif bad:
-        why = f"weights {', '.join(bad[:3])} are no longer finite"
-    elif any(not math.isfinite(v) for v in losses.values()):
-        why = "; ".join(f"the {k} loss is {v}" for k, v in losses.items() if not math.isfinite(v))
-    else:
-        return
-    raise TrainingError(f"training collapsed in epoch {epoch}: {why} (--lr {config.lr:g}); lower --lr, use "
-                        "--precision fp32, or check the cache with `cmdcl-cache verify`; metrics.jsonl has the "
-                        "epoch" + (f", last.safetensors the one before ({epoch - 1})" if epoch > 1 else ""))
-
-
-def grad_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total norm, per-parameter norms) of the gradients, on the device; a missing gradient counts 0."""
-    grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
-    per_param = torch.stack(torch._foreach_norm(grads))   # what clip_grad_norm_ computes, one kernel
-    return per_param.norm(), per_param
-
-
 def describe_bad(bad: list[str], model) -> str:
     """Which parts of the model a non-finite gradient reached: backward carries NaN from the op that made it
     to every parameter used before that op and to none used after it, so in a temporal encoder the deepest
@@ -105,3 +87,21 @@ def _model_part(name: str) -> str:
     if bits[0] != "encoder":
         return bits[0]
     return ".".join(bits[:3] if bits[1:2] == ["blocks"] else bits[:2])
+
+
+def check_collapse(epoch: int, record: dict, model, config: TrainConfig) -> None:
+    """Stop a training that collapsed, naming the epoch: every step skipped, weights no longer finite, or a
+    non-finite loss on an evaluated split. Such an epoch is never a result (nor a best, nor a last)."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    losses = {r["split"]: r["eval_loss"] for r in (record.get("select"), record.get("eval")) if r}
+    if record["train_loss"] is None:
+        why = f"all {record['skipped_steps']} steps had a non-finite loss or gradient and were skipped"
+    elif bad:
+        why = f"weights {', '.join(bad[:3])} are no longer finite"
+    elif any(not math.isfinite(v) for v in losses.values()):
+        why = "; ".join(f"the {k} loss is {v}" for k, v in losses.items() if not math.isfinite(v))
+    else:
+        return
+    raise TrainingError(f"training collapsed in epoch {epoch}: {why} (--lr {config.lr:g}); lower --lr, use "
+                        "--precision fp32, or check the cache with `cmdcl-cache verify`; metrics.jsonl has the "
+                        "epoch" + (f", last.safetensors the one before ({epoch - 1})" if epoch > 1 else ""))
