@@ -55,7 +55,7 @@ ABLATION_AXIS = "variant"
 RESULT_FREE = RESUME_FREE - {"eval_every"}
 NOT_AXES = RESULT_FREE | {"out"}   # they do not change a run's result, or they are the sweep's own
 INPUTS = ("cache", "dataset")      # left out of the hash, so one --out must keep them (sweep.json records them)
-# What `train` fills in from the cache and manifest when it writes config.toml (train.resolve_config).
+# What `train` fills in from the cache and manifest when it writes config.toml (prepare.resolve_config).
 RESOLVED_BY_TRAIN = frozenset({"label_set", "select_split", "tokens", "fine_label_set", "dim", "num_classes",
                                "num_fine", "kp", "kz", "tokens_per_frame"})
 

@@ -5,7 +5,7 @@ fp32 by default (TF32 matmuls on CUDA; `--precision bf16` for bf16 autocast), gr
 that skips a step whose loss or gradient is not finite, cross-entropy for single-label and BCE for
 multi-label targets. After every epoch: the selection split is evaluated, `last` is saved and `best` when
 the selection metric improved, the epoch's scalars go to TensorBoard (cmdcl_heads/events.py) and curves.png
-is drawn again.
+is drawn again. At the end `best` is evaluated once on the eval split.
 
 Model selection never looks at the eval split. `best` is the epoch whose *selection split* (`select_split`,
 default `auto` = `val` when the manifest has val videos for the label set and scheme) scores the highest
@@ -14,48 +14,46 @@ and Breakfast) `best` is the last epoch. The eval split is evaluated once, at th
 every epoch only with --eval-each-epoch, for the curves); selecting on it is refused, because the reported
 number would then be chosen on the data it reports on.
 
-No host synchronisation inside a step: the loss, the skipped-step count, the streak of consecutive bad
-steps and the first bad step's parameters are accumulated on the device; a bad step is skipped inside
-the fused AdamW kernel (`found_inf`, as torch's GradScaler does); the host reads them once per epoch (and
-the streak every MAX_BAD_STEPS steps, to stop a run that only produces non-finite gradients).
+No host synchronisation inside a step: what the loop keeps about its steps stays on the device, and a bad
+step is skipped inside the fused AdamW kernel; the host reads it once per epoch and the streak of bad steps
+every MAX_BAD_STEPS steps, to stop a run that only produces non-finite gradients.
 
-Exact resume: the sampling random numbers of epoch e come from a torch.Generator seeded with (seed, e), so
-they do not depend on what ran before; dropout's global RNG state, the optimizer and the scheduler are in
-`last`. Interrupting after epoch k and resuming gives the metrics of a run never interrupted.
+The pieces the loop uses, each in its module: prepare.py (the set-up, all of it checked before the run
+folder is touched), resume.py (checkpoint metadata and exact resume: interrupting after epoch k and resuming
+gives the metrics of a run never interrupted), optim.py (the optimiser and its schedule), steps.py (step
+bookkeeping and the non-finite guards), finish.py (the evaluation at the end, summary.json and the table).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import random
 import time
-import warnings
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import report
-from .config import RESUME_FREE, HeadConfig, TrainConfig
-from .confounders import needs_z
-from .data import RunData, SplitVideos, make_features, open_data
+from .config import HeadConfig, TrainConfig
+from .data import RunData, open_data
+from .evaluate import autocast, evaluate_logits, loss_fn, predict_logits, resolve_device
 from .events import RunEvents
-from .evaluate import (CheckpointMismatch, autocast, check_checkpoint, check_own, evaluate_logits, loss_fn,
-                       predict_logits, resolve_device)
+from .finish import finish
 from .layers import clamp_logit_scales
 from .metrics import primary_metric
 from .models import HeadInputs, build_head, is_trainable
+from .optim import make_optimizer, make_scheduler
+from .prepare import Splits, check_select_split, load_confounders, resolve_config
 from .probe import fit_linear_head
-from .run import SUMMARY_FILE, RunFolder, set_rng_state
+from .resume import checkpoint_meta, epoch_generator, restore, seed_everything, start_or_resume
+from .run import RunFolder
+from .steps import StepStats, check_collapse, grad_norms
+
+# names that callers and tests import from here; the modules named own them
+from .errors import TrainingError  # noqa: F401
+from .prepare import training_weights, warn_one_frame_videos  # noqa: F401
+from .steps import describe_bad  # noqa: F401
 
 MAX_BAD_STEPS = 20  # consecutive skipped steps before training stops
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite gradients, run folder in the way, ...)."""
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -83,22 +81,7 @@ def _train(config: TrainConfig, head: HeadConfig, run: RunFolder, on_epoch_end) 
     config, head = resolve_config(config, head, data, confounders)
     splits = Splits.load(data, config, head, device)   # a bad split name or a missing video: nothing written yet
     run.claim(create=not config.resume)
-    resumed = None
-    if config.resume and not any(run.path.glob("last.*")) and not run.finished:   # killed before a checkpoint
-        from cmdcl_cache.progress import console
-        console(quiet=config.quiet).print(f"{run}: no checkpoint yet (the run stopped before its first one): "
-                                          "starting it from scratch", markup=False)
-        run.start_fresh()
-    elif config.resume:   # refused before anything in the run folder changes
-        resumed = run.load_checkpoint("last")
-        check_own(run, "last", resumed.meta)
-        check_checkpoint(resumed.meta, data, run.checkpoint_path("last"))
-        check_resume_options(resumed.meta, config, head, run.checkpoint_path("last"))
-        if run.finished:   # a run killed after its last epoch but before summary.json is finished below
-            raise TrainingError(f"{run}: the run already finished its {config.epochs} epochs ({SUMMARY_FILE} "
-                                "is written)")
-    else:
-        run.start_fresh()
+    resumed = start_or_resume(run, config, head, data)
     run.write_config(head, config)
     # a resumed run hides what an interrupted one logged from its first epoch on; a fresh one purges from 0,
     # which writes the SessionLog START TensorBoard's plugin reader needs to do so (cmdcl_heads/events.py)
@@ -106,7 +89,7 @@ def _train(config: TrainConfig, head: HeadConfig, run: RunFolder, on_epoch_end) 
         return fit(run, config, head, data, confounders, splits, device, resumed, requested, events, on_epoch_end)
 
 
-def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, confounders, splits: "Splits", device,
+def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, confounders, splits: Splits, device,
         resumed, requested: str, events: RunEvents, on_epoch_end=None) -> dict:
     """The head built, trained epoch by epoch (or fitted once) and finished: `train` after its checks."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # fp32 = TF32 on CUDA
@@ -126,7 +109,7 @@ def fit(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, co
     scheduler = make_scheduler(optimizer, round(config.warmup * steps_per_epoch), config.epochs * steps_per_epoch)
     state = {"epoch": 0, "best_epoch": 0, "best_value": -math.inf}
     if resumed is not None:
-        state = restore(resumed, run, config, head, data, model, optimizer, scheduler)
+        state = restore(resumed, run, config, model, optimizer, scheduler)
     metric = primary_metric(data.labels.multi_label)
     progress = progress_bar(config.quiet)
     with progress:
@@ -176,7 +159,7 @@ def fit_without_epochs(run: RunFolder, config: TrainConfig, head: HeadConfig, da
     return probe
 
 
-def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConfig, epoch: int, device,
+def train_epoch(model, splits: Splits, optimizer, scheduler, config: TrainConfig, epoch: int, device,
                 advance) -> dict:
     """One pass over the training split; the host waits on the device only at the end (see module doc)."""
     model.train()
@@ -184,8 +167,8 @@ def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConf
     gen = epoch_generator(config.seed, epoch)
     order = torch.randperm(n, generator=gen)
     offsets = torch.rand(n, splits.train_feats.frames, generator=gen).to(device)   # one copy an epoch
-    stats = StepStats(device, sum(1 for p in model.parameters() if p.requires_grad))
     params = [p for p in model.parameters() if p.requires_grad]
+    stats = StepStats(device, len(params), MAX_BAD_STEPS)
     t0 = time.perf_counter()
     for step, (pos, frames, toks) in enumerate(splits.train_feats.batches(config.batch_size, order, offsets), 1):
         pos = pos.to(device)
@@ -217,74 +200,7 @@ def train_epoch(model, splits: "Splits", optimizer, scheduler, config: TrainConf
             "epoch_seconds": time.perf_counter() - t0}
 
 
-class StepStats:
-    """Per-epoch step statistics kept on the device (no host sync per step)."""
-
-    def __init__(self, device, num_params: int):
-        zero = torch.zeros((), device=device)
-        self.loss_sum, self.count, self.skipped = zero.clone(), zero.clone(), zero.clone()
-        self.streak, self.worst = zero.clone(), zero.clone()
-        self.first_step = torch.full((), -1.0, device=device)
-        self.first_params = torch.zeros(num_params, dtype=torch.bool, device=device)
-
-    def add(self, step: int, loss, n: int, bad, bad_params) -> None:
-        good = (~bad).float()
-        self.loss_sum += torch.where(bad, torch.zeros_like(loss), loss) * n
-        self.count += good * n
-        self.skipped += bad.float()
-        self.streak = (self.streak + 1) * bad.float()
-        self.worst = torch.maximum(self.worst, self.streak)
-        first = bad & (self.first_step < 0)
-        self.first_step = torch.where(first, torch.full_like(self.first_step, step), self.first_step)
-        self.first_params = torch.where(first, bad_params, self.first_params)
-
-    def _bad_names(self, model) -> list[str]:
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-        return [n for n, b in zip(names, self.first_params.tolist()) if b]
-
-    def check(self, epoch: int, step: int | None, model) -> None:
-        if self.worst.item() >= MAX_BAD_STEPS:
-            where = f"step {step}" if step else "its end"
-            raise TrainingError(f"{int(self.worst.item())} steps in a row had a non-finite loss or gradient (epoch "
-                                f"{epoch}, {where}; first at step {int(self.first_step.item())}: "
-                                f"{describe_bad(self._bad_names(model), model)}): stopping; lower --lr, use "
-                                "--precision fp32, or check the cache with `cmdcl-cache verify`; last holds the "
-                                "last whole epoch")
-
-    def record(self, model) -> dict:
-        count = self.count.item()
-        out = {"train_loss": self.loss_sum.item() / count if count else None, "skipped_steps": int(self.skipped.item())}
-        if self.first_step.item() >= 0:
-            out["nonfinite_grads"] = {"step": int(self.first_step.item()), "params": self._bad_names(model)}
-        return out
-
-
-def check_collapse(epoch: int, record: dict, model, config: TrainConfig) -> None:
-    """Stop a training that collapsed, naming the epoch: every step skipped, weights no longer finite, or a
-    non-finite loss on an evaluated split. Such an epoch is never a result (nor a best, nor a last)."""
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    losses = {r["split"]: r["eval_loss"] for r in (record.get("select"), record.get("eval")) if r}
-    if record["train_loss"] is None:
-        why = f"all {record['skipped_steps']} steps had a non-finite loss or gradient and were skipped"
-    elif bad:
-        why = f"weights {', '.join(bad[:3])} are no longer finite"
-    elif any(not math.isfinite(v) for v in losses.values()):
-        why = "; ".join(f"the {k} loss is {v}" for k, v in losses.items() if not math.isfinite(v))
-    else:
-        return
-    raise TrainingError(f"training collapsed in epoch {epoch}: {why} (--lr {config.lr:g}); lower --lr, use "
-                        "--precision fp32, or check the cache with `cmdcl-cache verify`; metrics.jsonl has the "
-                        "epoch" + (f", last.safetensors the one before ({epoch - 1})" if epoch > 1 else ""))
-
-
-def grad_norms(params) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total norm, per-parameter norms) of the gradients, on the device; a missing gradient counts 0."""
-    grads = [p.grad if p.grad is not None else torch.zeros((), device=p.device) for p in params]
-    per_param = torch.stack(torch._foreach_norm(grads))   # what clip_grad_norm_ computes, one kernel
-    return per_param.norm(), per_param
-
-
-def evaluate_epoch(model, splits: "Splits", config: TrainConfig, device) -> dict:
+def evaluate_epoch(model, splits: Splits, config: TrainConfig, device) -> dict:
     """{"select": {"split": name, metrics...}} (and "eval" with --eval-each-epoch), after an epoch."""
     out = {}
     t0 = time.perf_counter()
@@ -309,270 +225,7 @@ def epoch_line(epoch: int, epochs: int, record: dict, metric: str) -> str:
     return " | ".join(parts) + f" ({record['epoch_seconds']:.2f} s)"
 
 
-# ------------------------------------------------------------------------------------------------ set-up
-
-def check_select_split(config: TrainConfig) -> None:
-    """Refuse selection on the eval split (before anything is read or written)."""
-    if config.select_split == config.eval_split:
-        raise TrainingError(
-            f"--select-split {config.select_split} is also the --eval-split: choosing best on the split whose "
-            "metrics are reported selects the model on its own evaluation data and inflates them. Select on a held-out "
-            "split (e.g. --select-split val; give the manifest val videos taken from the training videos) or "
-            "pass --select-split none to report the last epoch")
-
-
-def resolve_select_split(config: TrainConfig, manifest, label_set: str) -> tuple[str | None, str]:
-    """(the split that picks best or None, why), from the manifest's declared splits and their roles.
-
-    `auto`: the splits of role val that have videos of `label_set` under the scheme, minus the eval split;
-    "val" when it is one of them, else the first declared. A split named explicitly must exist, and one of
-    role test is refused unless --force-select."""
-    if config.select_split == "none":
-        return None, "--select-split none"
-    if config.select_split != "auto":
-        role = manifest.role(config.select_split)
-        if role == "test" and not config.force_select:
-            raise TrainingError(f"--select-split {config.select_split}: {manifest.root}/labels.json declares it a "
-                                "test split; selecting on it makes its numbers optimistic. Select on a split of "
-                                "role val, or pass --force-select")
-        return config.select_split, f"--select-split {config.select_split} (role {role})"
-    with_videos = [name for name in manifest.splits_with_role("val")
-                   if any(label_set in v.labels for v in manifest.select(name, config.split_scheme))]
-    found = [name for name in with_videos if name != config.eval_split]
-    if not found:
-        if with_videos:   # the only one is being reported on: selecting on it would make its numbers optimistic
-            return None, f"auto: the only split of role val ({config.eval_split}) is the eval split"
-        return None, "auto: no split of role val has videos of this label set"
-    chosen = "val" if "val" in found else found[0]
-    return chosen, "auto: the split of role val" + (f" (of {', '.join(found)})" if len(found) > 1 else "")
-
-
-def load_confounders(data: RunData, head: HeadConfig, config: TrainConfig):
-    """The dictionaries when the head reads them (checked against the cache and training videos), else None."""
-    from .confounders import load_for_training
-    if head.model != "cmdcl":
-        return None
-    return load_for_training(data.cache, head, config.dataset, data.manifest, config.split_scheme)
-
-
-def resolve_config(config: TrainConfig, head: HeadConfig, data: RunData, conf) -> tuple[TrainConfig, HeadConfig]:
-    """Frozen copies with everything the data decides filled in: label sets, selection split, tokens, shapes."""
-    cache, labels = data.cache, data.labels
-    uses_tokens = head.model in ("text4vis", "cmdcl")
-    if config.tokens and not cache.has_tokens:
-        raise TrainingError(f"{cache.dir}: --tokens asked for but this cache has no grid tokens")
-    tokens = uses_tokens and cache.has_tokens and config.tokens is not False
-    select, why = resolve_select_split(config, data.manifest, labels.label_set)
-    if not config.quiet:   # the first line of the run: the split that will choose best, and why
-        from cmdcl_cache.progress import console
-        chooses = f"best = the epoch with the best {select} metric" if select else "best = the last epoch"
-        console().print(f"selection: {chooses} ({why}); reported: {config.eval_split}, evaluated once at the end",
-                        markup=False)
-    trainable = head.model != "zeroshot"
-    # paths made absolute: config.toml repeats the run from any working directory
-    config = replace(config, label_set=labels.label_set, select_split=(select if trainable else None) or "none",
-                     tokens=tokens, cache=str(data.folder.path.resolve()), dataset=_dataset_ref(config.dataset),
-                     out=str(Path(config.out).resolve()))
-    head = replace(head, fine_label_set=labels.fine_label_set, dim=cache.feature_dim, num_classes=len(labels.names),
-                   num_fine=len(labels.fine_names) if labels.fine_label_set != labels.label_set else 0,
-                   kp=len(conf.vp) if conf is not None and head.tci else 0,
-                   kz=len(conf.z) if conf is not None and needs_z(head) else 0,
-                   tokens_per_frame=cache.tokens_per_frame if tokens else 0)
-    return config, head
-
-
-@dataclass
-class Splits:
-    """The train, selection and eval splits of a run, paired with the cache, and their features."""
-
-    train: SplitVideos | None
-    train_feats: object
-    targets: torch.Tensor | None
-    select: tuple | None      # (name, SplitVideos, features)
-    eval: tuple               # (name, SplitVideos, features)
-    weights: torch.Tensor | None = None   # per training video loss weight (--reweight-strata), else None
-    reweighting: dict | None = None       # its summary (strata sizes, weight range)
-
-    @classmethod
-    def load(cls, data: RunData, config: TrainConfig, head: HeadConfig, device) -> "Splits":
-        def part(name):
-            videos = data.split(name, config.split_scheme, config.skip_missing)
-            feats = make_features(data.cache, videos, head.frames, device, config.data_mode, config.tokens,
-                                  config.workers)
-            return name, videos, feats
-
-        if config.reweight_strata and head.model not in ("text4vis", "cmdcl"):
-            raise TrainingError(f"--reweight-strata weights the loss of the epoch loop; --model {head.model} has "
-                                "none (train text4vis or cmdcl, or pass --reweight-strata 0)")
-        check_classes(data, None)
-        ev = part(config.eval_split)
-        warn_one_frame_videos(ev[0], ev[1], head)
-        warn_short_videos(ev[0], ev[1], head)
-        if head.model == "zeroshot":
-            return cls(None, None, None, None, ev)
-        select = part(config.select_split) if config.select_split != "none" else None
-        _, train, train_feats = part(config.train_split)
-        warn_one_frame_videos(config.train_split, train, head)
-        check_classes(data, (config.train_split, train))
-        warn_short_videos(config.train_split, train, head)
-        weights, reweighting = None, None
-        if config.reweight_strata:
-            weights, reweighting = training_weights(train, train_feats, config, head, device)
-        return cls(train, train_feats, torch.as_tensor(train.targets).to(device), select, ev, weights, reweighting)
-
-    def per_epoch(self, config: TrainConfig):
-        if self.select is not None:
-            yield ("select", *self.select)
-        if config.eval_each_epoch:
-            yield ("eval", *self.eval)
-
-    def skipped(self) -> dict:
-        out = {"eval": len(self.eval[1].missing)}
-        if self.train is not None:
-            out["train"] = len(self.train.missing)
-        if self.select is not None:
-            out["select"] = len(self.select[1].missing)
-        return out
-
-
-def check_classes(data: RunData, train: tuple[str, SplitVideos] | None) -> None:
-    """A single-label set of one class is refused: softmax over one class is 1 for every video, so nothing is
-    learned and every metric is trivially perfect. Classes without a training video are named (a warning):
-    the head can learn them from their label texts at most."""
-    labels, where = data.labels, f"label set {data.labels.label_set!r} of {data.manifest.root}/labels.json"
-    if not labels.multi_label and len(labels.names) < 2:
-        raise TrainingError(f"{where} has {len(labels.names)} class ({', '.join(labels.names)}): a single-label "
-                            "head scores it 1 for every video, so nothing can be learned or measured; add classes "
-                            "or declare the set multi_label (one yes/no score per video)")
-    if train is None:
-        return
-    split, videos = train
-    targets = np.asarray(videos.targets)
-    counts = targets.sum(axis=0) if labels.multi_label else np.bincount(targets, minlength=len(labels.names))
-    empty = [labels.names[i] for i in np.flatnonzero(counts == 0)]
-    if empty:
-        warnings.warn(f"{len(empty)} of {len(labels.names)} classes of {where} have no video in split {split!r}: "
-                      f"{', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; the head learns them from their "
-                      "label texts at most", stacklevel=2)
-
-
-def warn_one_frame_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
-    """--static-removal leaves a video of one cached frame nothing (the frame is its own mean): say how many."""
-    if not head.static_removal:
-        return
-    n = int((videos.lengths == 1).sum())
-    if n:
-        warnings.warn(f"--static-removal: {n} of {len(videos.video_ids)} videos of split {split!r} hold one cached "
-                      "frame; removing their temporal mean leaves them no input", stacklevel=2)
-
-
-def warn_short_videos(split: str, videos: SplitVideos, head: HeadConfig) -> None:
-    """--frames above a video's cached rows: TSN sampling repeats rows of that video; say for how many videos."""
-    short = videos.lengths < head.frames
-    if short.any():
-        warnings.warn(f"--frames {head.frames}: {int(short.sum())} of {len(videos.video_ids)} videos of split "
-                      f"{split!r} have fewer cached rows (shortest {int(videos.lengths.min())}); TSN sampling still "
-                      f"takes one row per each of the {head.frames} segments, so their frames repeat", stacklevel=2)
-
-
-@torch.no_grad()
-def training_weights(train: SplitVideos, feats, config: TrainConfig, head: HeadConfig, device):
-    """--reweight-strata: (loss weights [N] on the device, summary); cmdcl_heads/debias.py says why."""
-    from .debias import stratum_weights
-
-    if train.multi_label:
-        raise TrainingError("--reweight-strata needs a single-label target: P(y | z) of a multi-label target is "
-                            "not one distribution; train on a single-label set or pass --reweight-strata 0")
-    if config.reweight_strata >= len(train.video_ids):
-        raise TrainingError(f"--reweight-strata {config.reweight_strata} needs fewer strata than training videos "
-                            f"({len(train.video_ids)}): with one video per stratum every weight is 1")
-    means = torch.cat([F.normalize(frames.float(), dim=-1).mean(dim=1).cpu()
-                       for _, frames, _ in feats.batches(config.batch_size, torch.arange(len(train.video_ids)), None)])
-    weights, info = stratum_weights(means.numpy(), np.asarray(train.targets), config.reweight_strata,
-                                    head.num_classes, config.seed)
-    if info["weight_max"] - info["weight_min"] < 1e-6:
-        warnings.warn(f"--reweight-strata {config.reweight_strata}: every weight is 1 ({info['strata']} strata, "
-                      "none with a label mix to correct), so the training is unweighted", stacklevel=2)
-    return torch.from_numpy(weights).to(device), info
-
-
-def checkpoint_meta(config: TrainConfig, head: HeadConfig, data: RunData) -> dict:
-    labels = data.labels
-    return {"head_config": head.to_dict(), "train_config": config.to_dict(), "label_set": labels.label_set,
-            "label_names": labels.names, "label_keys": labels.keys, "multi_label": labels.multi_label,
-            "fine_label_set": labels.fine_label_set, "fine_label_names": labels.fine_names,
-            "cache_provenance": data.cache.provenance, "cache_dir": str(data.folder.path.resolve()),
-            "dataset": _dataset_ref(config.dataset), "feature_dim": data.cache.feature_dim,
-            "tokens": bool(config.tokens)}
-
-
-def restore(ckpt, run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, optimizer,
-            scheduler) -> dict:
-    """Continue from `last` (already checked against the data and options): its weights, optimizer,
-    scheduler and RNGs."""
-    model.load_state_dict(ckpt.model)
-    optimizer.load_state_dict(ckpt.optimizer)
-    scheduler.load_state_dict(ckpt.scheduler)
-    set_rng_state(ckpt.rng)
-    run.truncate_metrics(ckpt.meta["epoch"])
-    best = ckpt.meta["best_value"]
-    if not config.quiet:
-        from cmdcl_cache.progress import console
-        if run.metrics_note:   # the record an interrupted append left half-written
-            console().print(run.metrics_note, markup=False)
-        console().print(f"resuming {run} after epoch {ckpt.meta['epoch']}", markup=False)
-    return {"epoch": ckpt.meta["epoch"], "best_epoch": ckpt.meta["best_epoch"],
-            "best_value": -math.inf if best is None else best}
-
-
-def check_resume_options(meta: dict, config: TrainConfig, head: HeadConfig, where) -> None:
-    """Every option that differs from the checkpoint's, named at once (not one per try)."""
-    # through from_dict: an option added since the checkpoint was written compares as its default
-    before_cfg, now_cfg = HeadConfig.from_dict(meta["head_config"]).to_dict(), head.to_dict()
-    derived = {f.name for f in fields(HeadConfig) if not f.metadata.get("cli", True)}
-    # over the union of keys; the options the user sets are named before the shapes they imply
-    keys = sorted(set(before_cfg) | set(now_cfg), key=lambda k: (k in derived, k))
-    changed = [f"head option '{k}' is {before_cfg.get(k)!r} in the checkpoint, {now_cfg.get(k)!r} now"
-               for k in keys if before_cfg.get(k) != now_cfg.get(k)]
-    before, now = TrainConfig.from_dict(meta["train_config"]).to_dict(), config.to_dict()
-    train_keys = [k for k in sorted(set(before) | set(now)) if k not in RESUME_FREE and before.get(k) != now.get(k)]
-    changed += [f"option '{k}' is {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in train_keys]
-    if changed:
-        hint = " (the learning-rate schedule depends on --epochs)" if "epochs" in train_keys else ""
-        raise CheckpointMismatch(f"{where}: {'; '.join(changed)}{hint}; resume with the same options")
-
-
 # ------------------------------------------------------------------------------------------------ pieces
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Sampling RNG of one epoch: depends on (seed, epoch) only, so a resumed run draws the same numbers."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-def make_optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel, and a skipped step costs no host sync); matrices decay, the rest not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, fused=True)
-
-
-def make_scheduler(optimizer, warmup_steps: int, total_steps: int):
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
 
 def _attention_kernels(device: torch.device, allow_cudnn: bool):
     """The attention kernels a training forward (and so its backward) may use.
@@ -593,112 +246,9 @@ def _attention_kernels(device: torch.device, allow_cudnn: bool):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def describe_bad(bad: list[str], model) -> str:
-    """Which parts of the model a non-finite gradient reached: backward carries NaN from the op that made it
-    to every parameter used before that op and to none used after it, so in a temporal encoder the deepest
-    block named is the one nearest the origin."""
-    total = sum(1 for p in model.parameters() if p.requires_grad)
-    if not bad:
-        return "every gradient finite: the loss itself was not finite, or the norm overflowed"
-    parts = list(dict.fromkeys(_model_part(name) for name in bad))
-    return f"non-finite in {len(bad)} of {total} parameter tensors: {', '.join(parts)}"
-
-
-def _model_part(name: str) -> str:
-    """'encoder.blocks.3.time.attn.in_proj_weight' -> 'encoder.blocks.3', 'encoder.proj.weight' ->
-    'encoder.proj', 'tci.attn.q.weight' -> 'tci', 'log_scale' -> 'log_scale'."""
-    bits = name.split(".")
-    if bits[0] != "encoder":
-        return bits[0]
-    return ".".join(bits[:3] if bits[1:2] == ["blocks"] else bits[:2])
-
-
-def _dataset_ref(dataset: str) -> str:
-    """Built-in names stay names; folders become absolute so eval works from another directory."""
-    from cmdcl_cache import BUILTIN_DATASETS
-    path = Path(dataset)
-    return str(path.resolve()) if path.is_dir() and ("/" in dataset or dataset not in BUILTIN_DATASETS) else dataset
-
-
 def progress_bar(quiet: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from cmdcl_cache.progress import console
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                     disable=quiet, transient=True, console=console(quiet=quiet))
-
-
-# ------------------------------------------------------------------------------------------------ the end
-
-def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData, model, splits: Splits, device,
-           trainable_params: int, requested: str, probe: dict | None = None, events: RunEvents | None = None) -> dict:
-    """Evaluate the eval split once, with best; write the plots, summary.json, the final events and the table."""
-    from cmdcl_cache.progress import console
-
-    best = run.load_checkpoint("best")
-    model.load_state_dict(best.model)
-    name, videos, feats = splits.eval
-    logits = predict_logits(model, feats, config.batch_size, device, config.precision)
-    metrics = evaluate_logits(logits, videos)
-    if not math.isfinite(metrics["eval_loss"]):
-        raise TrainingError(f"training collapsed: best (epoch {best.meta['epoch']}) gives a non-finite loss on "
-                            f"{name} ({metrics['eval_loss']}); lower --lr (now {config.lr:g})")
-    history = run.read_metrics()
-    metric = primary_metric(data.labels.multi_label)
-    select = splits.select[0] if splits.select and not probe else None   # the probe's val chose l2, not an epoch
-    at_best = next((r for r in history if r["epoch"] == best.meta["epoch"]), {})
-    selection = {"split": select, "metric": metric if select else None, "best_epoch": best.meta["epoch"],
-                 "value": best.meta["best_value"] if select else None, "requested": requested,
-                 "metrics": {k: v for k, v in at_best.get("select", {}).items() if k != "split"} if select else None}
-    epoch_times = [r["epoch_seconds"] for r in history if r.get("epoch_seconds") is not None]
-    summary = {
-        "model": head.model, "dataset": _dataset_ref(config.dataset), "label_set": data.labels.label_set,
-        "split": name, "split_scheme": config.split_scheme, "checkpoint": "best", "best_epoch": best.meta["epoch"],
-        "selection": selection, "primary_metric": metric, "metrics": metrics,
-        "num_eval_videos": len(videos.video_ids), "skipped_missing": splits.skipped(),
-        "epochs": config.epochs if trainable_params else 0, "data_mode": feats.mode, "device": str(device),
-        "trainable_parameters": trainable_params, **({"reweighting": splits.reweighting} if splits.reweighting else {}),
-        "mean_epoch_seconds": float(np.mean(epoch_times)) if epoch_times else None,
-        "skipped_steps": sum(r.get("skipped_steps") or 0 for r in history),
-        "head_config": head.to_dict(), "train_config": config.to_dict(), "cache_dir": str(data.folder.path.resolve()),
-    }
-    report.write_outputs(run.path, logits, videos, data.labels.names, metric, history,
-                         best.meta["epoch"] if select else None, trained=bool(trainable_params), split_name=name)
-    if data.labels.multi_label:
-        from .metrics import per_class_ap
-        ap = per_class_ap(logits, videos.targets)
-        summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(data.labels.names, ap)}
-    if probe:
-        summary.update(probe=probe, trainable_parameters=probe["parameters"])
-        report.plot_probe_sweep(probe, metric, run.path / "probe.png")
-    run.write_summary(summary)
-    if events is not None:
-        events.final(name, metrics, best.meta["epoch"], {**config.to_dict(), **head.to_dict()},
-                     run.path / ("per_class_ap.png" if data.labels.multi_label else "confusion.png"))
-    how = _caption(best.meta["epoch"], select, metric, trainable_params, config.select_split, probe)
-    rows = {f"{name}, best": metrics}
-    if select:
-        rows[f"{select} (selection), best"] = selection["metrics"]
-    out = console(quiet=config.quiet)
-    out.print(report.metrics_table(f"{head.model} on {data.manifest.dataset}/{data.labels.label_set}: {name} "
-                                   "metrics", rows, caption=how))
-    out.print(f"run folder: {run}", markup=False)
-    if summary["skipped_steps"]:   # on stderr, --quiet or not: these metrics come from a damaged training
-        epochs = [r["epoch"] for r in history if r.get("skipped_steps")]
-        console(stderr=True).print(f"warning: {summary['skipped_steps']} training step(s) were skipped for a "
-                                   f"non-finite loss or gradient (epochs {', '.join(map(str, epochs))}; "
-                                   "metrics.jsonl); lower --lr", markup=False)
-    return summary
-
-
-def _caption(epoch: int, select: str | None, metric: str, trainable_params: int, select_option: str,
-             probe: dict | None) -> str:
-    """How the reported checkpoint was chosen, in one line under the table."""
-    if probe:
-        return f"fitted by L-BFGS (l2 {probe['l2']:g} chosen on {probe['chosen_on']}; see summary.json 'probe')"
-    if select:
-        return f"best = epoch {epoch}, selected by {select} {metric}"
-    if not trainable_params:
-        return f"best = last epoch {epoch} (nothing trained)"
-    why = "none" if select_option == "none" else "auto found no val videos"
-    return f"best = last epoch {epoch} (no selection split: --select-split {why})"
