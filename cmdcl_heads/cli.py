@@ -18,7 +18,7 @@ from cmdcl_cache.config import ConfigError, config_command, version_option
 from cmdcl_cache.progress import configure_logging, console, markup_mode
 
 from .config import HeadConfig, TrainConfig
-from .confounders import ConfoundersConfig
+from .confounders import ConfoundersConfig, build_and_save, render
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=markup_mode(),
                   help="Train and evaluate heads (baselines and CMDCL) on cached CLIP features.")
@@ -67,7 +67,6 @@ _ERRORS = (ValueError, RuntimeError, OSError, KeyError)   # OSError: read-only d
 @config_command(confounders_app, "build", (ConfoundersConfig,), handle=_fail,
                 help="Build V_P and Z (FAISS k-means on the training split) into confounders.h5.")
 def confounders_build(config: ConfoundersConfig) -> None:
-    from .confounders import build_and_save, render
 
     configure_logging()
     try:

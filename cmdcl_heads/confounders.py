@@ -41,7 +41,7 @@ import torch
 from cmdcl_cache import Cache, locate
 from cmdcl_cache.config import check_choices, option
 from cmdcl_cache import CacheError, ProvenanceError
-from cmdcl_cache import WriterLock, lock_path_of
+from cmdcl_cache import WriterLock, load_manifest, lock_path_of, write_small_h5
 
 FILE_NAME = "confounders.h5"
 SCHEMA_VERSION = 1
@@ -75,7 +75,6 @@ class ConfoundersConfig:
 
 def build_and_save(config: ConfoundersConfig) -> tuple["Confounders", Path]:
     """Build the dictionaries of `config` and write them (with the configuration in their settings)."""
-    from cmdcl_cache import load_manifest
 
     manifest = load_manifest(config.dataset)
     folder = locate(config.cache, manifest.dataset)
@@ -161,7 +160,6 @@ class Confounders:
         return None
 
     def save(self, path: str | Path) -> Path:
-        from cmdcl_cache import write_small_h5
 
         def fill(f):
             f.attrs["schema_version"] = SCHEMA_VERSION

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cmdcl_cache import Cache, CacheFolder, locate
-from cmdcl_cache import CacheError
+from cmdcl_cache import CacheError, load_manifest
 
 MEMORY_FRACTION = 0.25  # share of available RAM (or free GPU memory) that memory mode may take
 
@@ -117,7 +117,6 @@ class RunData:
 
 
 def open_data(cache: str | Path, dataset: str, label_set: str | None, fine_label_set: str | None = None) -> RunData:
-    from cmdcl_cache import load_manifest
 
     manifest = load_manifest(dataset)
     folder = locate(cache, manifest.dataset)

@@ -20,10 +20,10 @@ from torch.nn import functional as F
 from cmdcl_cache import provenance_difference
 from cmdcl_cache import resolve_device
 from cmdcl_cache import CacheError, ProvenanceError
-from cmdcl_cache import write_atomic
+from cmdcl_cache import VIDEO_EXTENSIONS, encode_files, load_manifest, locate, write_atomic
 
 from .config import HeadConfig, TrainConfig
-from .data import RunData, SplitVideos, make_features, open_data
+from .data import RunData, SplitVideos, make_features, open_data, tsn_indices
 from .metrics import compute_metrics
 from .models import build_head
 from .run import Checkpoint, RunFolder
@@ -109,8 +109,6 @@ def check_run_data(run: RunFolder, name: str, meta: dict) -> None:
     """The checkpoint against the data its run folder's config.toml names, where they still exist: the label
     set and its names in the dataset, the cache's provenance (compared by content, not by path: a moved cache
     still matches). Both checkpoints copied in from a run on other data agree with each other, not with this."""
-    from cmdcl_cache import locate
-    from cmdcl_cache import load_manifest
 
     train = run.read_config()["train"]
     where, label_set = run.checkpoint_path(name), meta["label_set"]
@@ -266,7 +264,6 @@ def top_labels(logits: torch.Tensor, labels, top_k: int) -> list[list[dict]]:
 
 def video_files(paths) -> list[Path]:
     """The files given, with folders replaced by the video files they hold (sorted, recursively)."""
-    from cmdcl_cache import VIDEO_EXTENSIONS
 
     out = []
     for p in map(Path, paths):
@@ -287,9 +284,7 @@ def predict_files(run: str | Path, paths, out: str | Path, top_k: int = 5, check
     run's cache was (model, weights, preprocessing, sampling from the checkpoint's cache provenance), then
     classified by the run's head. Needs only the run folder (and the weights). Writes JSON Lines, one file a
     line ({"file", "top_k"} or {"file", "error"}); returns (files predicted, [(file, error)])."""
-    from cmdcl_cache import encode_files
 
-    from .data import tsn_indices
 
     ckpt, cfg, train_cfg, head = load_run(run, checkpoint, device)
     meta = ckpt.meta

@@ -15,7 +15,7 @@ from .data import RunData
 from .errors import TrainingError
 from .evaluate import evaluate_logits, predict_logits
 from .events import RunEvents
-from .metrics import primary_metric
+from .metrics import per_class_ap, primary_metric
 from .prepare import Splits, dataset_ref
 from .run import RunFolder
 
@@ -55,7 +55,6 @@ def finish(run: RunFolder, config: TrainConfig, head: HeadConfig, data: RunData,
     report.write_outputs(run.path, logits, videos, data.labels.names, metric, history,
                          best.meta["epoch"] if select else None, trained=bool(trainable_params), split_name=name)
     if data.labels.multi_label:
-        from .metrics import per_class_ap
         ap = per_class_ap(logits, videos.targets)
         summary["per_class_ap"] = {n: (None if np.isnan(v) else float(v)) for n, v in zip(data.labels.names, ap)}
     if probe:

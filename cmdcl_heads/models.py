@@ -19,7 +19,7 @@ logits [B, C]; heads L2-normalise what they read because the cache stores featur
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -112,7 +112,6 @@ def make_head(cfg: HeadConfig, text: torch.Tensor, fine_text: torch.Tensor | Non
     """A head for these label texts (and dictionaries): cfg's shapes filled in from them, then initialised.
 
     What the trainer does with a run's data, for callers that hold tensors (tests, notebooks)."""
-    from dataclasses import replace
 
     from .confounders import needs_z
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdcl_cache import write_atomic
+from cmdcl_cache import CacheError, write_atomic
 
 from .compare import NEVER_COMPARED, values_differ
-from .run import PLOTS, RunFolder
+from .run import CheckpointError, PLOTS, RunFolder
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 ERROR_TOP = 3   # predicted labels shown per error
@@ -82,7 +82,6 @@ PAGE_META = {"head_config": dict, "train_config": dict, "dataset": str, "label_s
 
 def check_meta(folder: RunFolder, meta: dict) -> None:
     """The checkpoint metadata the page reads: refused, naming the file and the keys, where it lacks them."""
-    from .run import CheckpointError
 
     wrong = [k for k, kind in PAGE_META.items() if not isinstance(meta.get(k), kind)]
     if not wrong and not isinstance(meta["head_config"].get("model"), str):
@@ -126,7 +125,6 @@ def read_errors(run: Path, split: str, n: int, explain: bool, device: str) -> tu
     """(the n worst errors of `split`, a note): predicted again with best, on the run's cache."""
     import torch
 
-    from cmdcl_cache import CacheError
 
     from .evaluate import open_run, top_labels, truth_keys
 

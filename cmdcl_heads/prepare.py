@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import HeadConfig, TrainConfig
-from .confounders import needs_z
+from .confounders import load_for_training, needs_z
 from .data import RunData, SplitVideos, make_features
 from .errors import TrainingError
 
@@ -62,7 +62,6 @@ def resolve_select_split(config: TrainConfig, manifest, label_set: str) -> tuple
 
 def load_confounders(data: RunData, head: HeadConfig, config: TrainConfig):
     """The dictionaries when the head reads them (checked against the cache and training videos), else None."""
-    from .confounders import load_for_training
     if head.model != "cmdcl":
         return None
     return load_for_training(data.cache, head, config.dataset, data.manifest, config.split_scheme)

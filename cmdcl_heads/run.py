@@ -29,13 +29,13 @@ import json
 import math
 import random
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cmdcl_cache.config import to_toml
+from cmdcl_cache.config import ConfigError, read_toml, to_toml
 from cmdcl_cache import WriterLock, write_atomic
 
 CHECKPOINT_VERSION = 2
@@ -130,7 +130,6 @@ class RunFolder:
 
     def read_config(self) -> dict:
         """config.toml as {"train": {...}, "head": {...}}, the options as train resolved them."""
-        from cmdcl_cache.config import read_toml
 
         path = self.path / CONFIG_FILE
         problem = self.config_problem()
@@ -216,7 +215,6 @@ class RunFolder:
         config = self.path / CONFIG_FILE
         if not config.is_file():
             return None
-        from cmdcl_cache.config import ConfigError, read_toml
         try:
             table = read_toml(config)
             written = {**HeadConfig.from_dict(table.get("head", {})).to_dict(),
@@ -363,7 +361,6 @@ def config_toml(head, train) -> str:
 
 def _public(cfg) -> dict:
     """The configuration without its derived (cli=False) fields, which the trainer recomputes, and --resume."""
-    from dataclasses import fields
     return {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata.get("cli", True) and f.name != "resume"}
 
 

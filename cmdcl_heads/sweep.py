@@ -37,7 +37,7 @@ from pathlib import Path
 
 from cmdcl_cache.config import ConfigError, cli_fields, coerce, read_toml
 from cmdcl_cache import CacheError
-from cmdcl_cache import write_atomic
+from cmdcl_cache import BUILTIN_DATASETS, resolve_dataset_dir, write_atomic
 
 from .config import RESUME_FREE, HeadConfig, TrainConfig
 from .run import CONFIG_FILE, RunFolder, config_toml
@@ -234,7 +234,6 @@ def _with(cfg, values: dict, where: str):
 def absolute_paths(train: TrainConfig) -> TrainConfig:
     """Paths as absolute ones, so that a Slurm task started in any folder reads the same files. `demo` is a
     folder found from the current one (CMDCL_DEMO or ./demo/manifest); the other built-in names stay names."""
-    from cmdcl_cache import BUILTIN_DATASETS, resolve_dataset_dir
 
     dataset = train.dataset
     if dataset == "demo" or dataset not in BUILTIN_DATASETS:
