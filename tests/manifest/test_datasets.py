@@ -14,7 +14,7 @@ from cmdcl_cache.datasets import build_manifest, build_records, coin
 from cmdcl_cache.manifest import ManifestError, load_manifest, write_manifest
 from cmdcl_cache.paths import VideoPathError, build_video_index, check_videos, resolve_video_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "datasets"
 
 

@@ -77,7 +77,7 @@ def test_class_mean_vp_on_the_confounded_benchmark(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from confounded import SCMConfig, build_dictionaries, class_mean_copy, write_benchmark
 
     from cmdcl_heads.confounders import FILE_NAME, Confounders
