@@ -2,7 +2,6 @@
 the run folder (a head rebuilt from its checkpoint alone; config.toml repeats a run) and the configuration
 (one source of defaults; unknown keys refused everywhere; --version)."""
 
-import ast
 import json
 import shutil
 import subprocess
@@ -171,20 +170,3 @@ def test_both_programs_say_their_version():
         res = runner.invoke(program, ["--version"])
         assert res.exit_code == 0 and res.output.strip() == f"{name} {version('cmdcl')}"
 
-
-def test_code_shape_short_functions_and_no_private_imports_across_modules():
-    """Functions a person can hold in their head (at most 80 lines unless the docstring says why), and no
-    module reaching into another's private names."""
-    long, private = [], []
-    for pkg in ("cmdcl_cache", "cmdcl_heads"):
-        for path in (REPO / pkg).rglob("*.py"):
-            tree = ast.parse(path.read_text())
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node) or ""
-                    if node.end_lineno - node.lineno + 1 > 80 and "longer than 80 lines because" not in doc:
-                        long.append(f"{path.name}:{node.lineno} {node.name}")
-                if isinstance(node, ast.ImportFrom) and node.level + bool(node.module) > 0:
-                    private += [f"{path.name}:{node.lineno} {a.name}" for a in node.names
-                                if a.name.startswith("_") and not a.name.startswith("__")]
-    assert long == [] and private == []
