@@ -4,7 +4,6 @@ import glob
 import hashlib
 import importlib.util
 import os
-import time
 
 import decord
 import numpy as np
@@ -234,13 +233,3 @@ def test_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(EncoderError, match="tokens 'patches'"):
         load_encoder(EncoderSpec(model="cmdcl-tiny", pretrained="none", tokens="patches"))
 
-
-def test_tiny_model_encodes_64_frames_quickly(encoder):
-    frames = torch.randint(0, 256, (64, 240, 320, 3), dtype=torch.uint8)
-    encoder.encode_frames(frames[:4])  # warm-up
-    start = time.perf_counter()
-    feats, _ = encoder.encode_frames(frames)
-    seconds = time.perf_counter() - start
-    assert feats.shape == (64, 64)
-    # typically ~0.1 s on one core; the bound leaves room for a loaded CI machine
-    assert seconds < 3.0, f"64 frames took {seconds:.2f} s"
