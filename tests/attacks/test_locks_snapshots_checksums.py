@@ -14,7 +14,6 @@ import pytest
 from typer.testing import CliRunner
 
 from _extract_util import PY, REPO, TINY, good_videos, write_manifest
-from _heads_synth import make_synthetic
 from cmdcl_cache.cache import Cache
 from cmdcl_cache.cli import app as cache_app
 from cmdcl_cache.pipeline import ExtractConfig, extract
@@ -84,11 +83,6 @@ def _checkpoint_epoch(path):
         return json.loads(header["__metadata__"]["cmdcl"])["epoch"]
     except (OSError, ValueError, KeyError):
         return None
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("wr_synth"))
 
 
 # ----------------------------------------------------------------------- 1. readers keep one snapshot

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _heads_synth import NUM_TASKS, make_synthetic
+from _heads_synth import NUM_TASKS
 from cmdcl_heads.config import HeadConfig, TrainConfig
 from cmdcl_heads.debias import WEIGHT_CAP, remove_static, stratum_weights
 from cmdcl_heads.evaluate import loss_fn
@@ -80,11 +80,6 @@ def test_weighted_loss_is_the_weighted_mean_and_ones_change_nothing():
     w = torch.tensor([0.5, 2.0, 1.0, 1.0, 0.5])
     per = F.cross_entropy(logits, y, reduction="none")
     assert torch.allclose(loss_fn(logits, y, False, w), (per * w).mean())
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("synth"))
 
 
 def _config(synth, out, **kw):

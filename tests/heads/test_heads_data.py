@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from _heads_synth import make_synthetic
 from cmdcl_cache.manifest import load_manifest
 from cmdcl_cache.cache import Cache
 from cmdcl_heads import data
@@ -55,9 +54,9 @@ def test_torch_rows_equal_numpy_rows():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    return make_synthetic(root, drop_from_cache=("test_0_000", "test_1_001", "test_2_002"), grid=2)
+def synth_options():
+    """`synth` (tests/conftest.py) without three test videos in its cache, with 2x2 grid tokens."""
+    return {"drop_from_cache": ("test_0_000", "test_1_001", "test_2_002"), "grid": 2}
 
 
 def test_missing_videos_are_an_error_naming_them_unless_skipped(synth):

@@ -25,11 +25,6 @@ TIMING = ("epoch_seconds", "eval_seconds")
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("synth"))
-
-
-@pytest.fixture(scope="module")
 def synth_val(tmp_path_factory):
     """The same train and test videos plus 3 val videos per class."""
     return make_synthetic(tmp_path_factory.mktemp("synth_val"), val_per_class=3)

@@ -13,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from _extract_util import PY, REPO
-from _heads_synth import make_synthetic
 from cmdcl_cache.config import ConfigError
 from cmdcl_heads.cli import app
 from cmdcl_heads.config import HeadConfig, TrainConfig
@@ -27,9 +26,9 @@ ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTH
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("sweep_synth"), train_per_class=6, test_per_class=3,
-                          val_per_class=2)
+def synth_options():
+    """A smaller `synth` (tests/conftest.py), with a val split."""
+    return {"train_per_class": 6, "test_per_class": 3, "val_per_class": 2}
 
 
 def base_args(synth, out):

@@ -15,14 +15,6 @@ from cmdcl_cache.manifest import ManifestError, load_manifest, write_manifest
 from cmdcl_cache.paths import VideoPathError, build_video_index, check_videos, resolve_video_path
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared" / "datasets"
-
-
-@pytest.fixture(scope="module")
-def shared():
-    assert (SHARED / "coin").is_dir() and (SHARED / "breakfast").is_dir(), \
-        f"annotation copies expected in {SHARED} (CI clones the repo beside shared/)"
-    return SHARED
 
 
 @pytest.fixture(scope="module")
