@@ -551,6 +551,7 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path):
         WriterLock(lock, "the run folder", "train")
 
 
+@pytest.mark.slow
 def test_a_train_whose_lock_file_is_a_symlink_exits_2_naming_it(synth, tmp_path):
     cache, manifest = synth
     run = tmp_path / "run"
@@ -575,6 +576,7 @@ def _point(synth, tmp_path):
     return plan(SweepSpec(), head, base)[0]
 
 
+@pytest.mark.slow
 def test_a_sweep_never_brands_a_folder_another_train_is_writing(synth, tmp_path):
     from cmdcl_heads.sweep import POINT_FILE, prepare_point, run_point
     point = _point(synth, tmp_path)

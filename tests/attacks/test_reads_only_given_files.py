@@ -180,6 +180,7 @@ def test_a_huge_learning_rate_stops_naming_the_epoch_and_metrics_stay_strict_jso
     assert [r["epoch"] for r in _strict(tmp_path / "run" / "metrics.jsonl")] == [1]
 
 
+@pytest.mark.slow
 def test_every_step_skipped_is_a_collapse_and_some_skipped_is_said_loudly(runs, tmp_path, monkeypatch, capsys):
     real, calls = train_module.loss_fn, {"n": 0}
 
@@ -243,6 +244,7 @@ def test_a_full_disk_names_the_file_in_train_confounders_and_import(runs, tmp_pa
     assert res.exit_code == 2 and "import_sources.jsonl" in res.output and "No space left" in res.output, res.output
 
 
+@pytest.mark.slow
 def test_resume_names_every_changed_option_at_once(runs, tmp_path):
     cache, manifest = runs["data"]
     base = ["train", "--cache", str(cache), "--dataset", str(manifest), "--out", str(tmp_path / "run"), "--model",

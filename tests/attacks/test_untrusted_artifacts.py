@@ -318,6 +318,7 @@ def test_a_changed_source_is_reported_and_refreshed(small_cache, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ 9. messages
 
+@pytest.mark.slow
 def test_a_full_disk_stops_the_run_naming_the_file_and_keeps_the_commits(tmp_path, monkeypatch):
     root = tmp_path / "videos"
     manifest = write_manifest(tmp_path / "manifest", good_videos(root, 3, frames=12))
@@ -382,6 +383,7 @@ def test_head_training_defaults_to_fp32_and_bf16_is_opt_in():
     assert res.exit_code == 2 and "fp16" in res.output
 
 
+@pytest.mark.slow
 def test_a_bad_model_name_or_unreachable_weights_exit_2_and_leave_no_folder(tmp_path):
     root = tmp_path / "videos"
     manifest = write_manifest(tmp_path / "manifest", good_videos(root, 1, frames=8))
@@ -438,6 +440,7 @@ def test_other_settings_on_a_finished_cache_are_refused_not_nothing_to_do(small_
     assert res.exit_code == 2 and "attribute 'sampling'" in res.output and "nothing to do" not in res.output
 
 
+@pytest.mark.slow
 def test_a_refused_resume_leaves_the_run_folder_alone(run_dir, tmp_path):
     run, cache, manifest = run_dir
     trained = tmp_path / "t4v"
@@ -539,6 +542,7 @@ def test_a_journal_edited_by_hand_is_recovered_or_named(tmp_path):
         ShardWriter(tmp_path / "frames-00000-of-00002.h5", {**prov, "shard_count": 2}, 4)
 
 
+@pytest.mark.slow
 def test_a_disk_too_full_for_the_shard_stops_before_hdf5_writes(small_cache, tmp_path, monkeypatch):
     from collections import namedtuple
     t, root, manifest, _ = small_cache

@@ -12,6 +12,7 @@ from cmdcl_cache.cli import app
 from cmdcl_cache.cache import Cache
 from cmdcl_cache.export import read_index
 
+pytestmark = pytest.mark.slow   # every test reads the small_cache fixture, an extract of real videos
 runner = CliRunner()
 
 

@@ -3,12 +3,14 @@ extract -> confounders -> text4vis and cmdcl -> predictions on a file that is in
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from _extract_util import copy_clip, write_video
 from cmdcl_cache.cli import app as cache_app
 from cmdcl_heads.cli import app as heads_app
 
+pytestmark = pytest.mark.slow   # the whole journey, real clips: extract, confounders, two trainings
 runner = CliRunner()
 
 

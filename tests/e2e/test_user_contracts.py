@@ -33,6 +33,7 @@ def _spellings(t, leaf):
     return {"root": t / "cache", "dataset folder": leaf.parent, "leaf": leaf}
 
 
+@pytest.mark.slow
 def test_every_lookup_command_takes_the_root_the_leaf_or_the_folder_between(extracted, tmp_path):
     t, root, manifest, leaf = extracted
     for name, cache in _spellings(t, leaf).items():
@@ -94,6 +95,7 @@ def trained(tmp_path_factory):
     return root, cache, manifest, run
 
 
+@pytest.mark.slow
 def test_a_head_is_rebuilt_from_its_checkpoint_alone_in_a_fresh_process(trained, tmp_path):
     root, cache, manifest, run = trained
     moved = tmp_path / "run"
@@ -124,6 +126,7 @@ print(json.dumps(head(frames).tolist()))
     assert torch.equal(torch.tensor(json.loads(out.stdout)), expected)
 
 
+@pytest.mark.slow
 def test_config_toml_repeats_the_run(trained, tmp_path):
     root, cache, manifest, run = trained
     config = run / "config.toml"

@@ -26,6 +26,7 @@ def _decode(backend, path, policy=RATE, fallback=None):
     return msgs[0], np.concatenate([m[2] for m in msgs if m[0] == "frames"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", [RATE, SamplingPolicy(num_frames=40)], ids=["rate", "exact"])
 def test_cpu_backends_agree_with_decord_on_real_clips(policy):
     """Same frame count, indices, timestamps (decord keeps them in float32) and pixels on real footage."""
@@ -178,6 +179,7 @@ def test_provenance_names_the_allowed_backends():
     assert decoder_provenance("torchcodec", "none") == backend_version("torchcodec")
 
 
+@pytest.mark.slow
 def test_gpu_crop_path_gives_the_workers_pil_crops(tmp_path):
     """The NVDEC pool's arithmetic, run on the CPU: decode threads, tensors cropped by the encoder's
     resize_crop, the same crops and messages as the worker processes' PIL path."""

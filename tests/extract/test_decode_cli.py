@@ -36,6 +36,7 @@ def _refused(small_set, tmp_path, *options, env=None):
     return " ".join(r.stderr.split())
 
 
+@pytest.mark.slow
 def test_missing_backend_is_refused_with_what_to_install(small_set, tmp_path):
     fake = tmp_path / "site"                           # a torchcodec that cannot be imported
     (fake / "torchcodec").mkdir(parents=True)
@@ -120,6 +121,7 @@ def test_ctrl_c_prints_one_message_and_no_worker_traceback(tmp_path):
     assert not [w for w in workers if _alive(w)], "decode workers left running"
 
 
+@pytest.mark.slow
 def test_variable_rate_and_rotated_videos_are_cached_with_their_times(tmp_path):
     root = tmp_path / "videos"
     root.mkdir()
@@ -147,6 +149,7 @@ def test_variable_rate_and_rotated_videos_are_cached_with_their_times(tmp_path):
         assert "decord" in f.attrs["decoder"] and "fallback pyav" in f.attrs["decoder"]
 
 
+@pytest.mark.slow
 def test_keyframes_only_extract_records_its_placement(tmp_path):
     from _extract_util import write_gop_video
     root = tmp_path / "videos"

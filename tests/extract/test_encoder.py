@@ -94,6 +94,7 @@ def test_provenance_names_the_checkpoint_by_sha256(encoder, checkpoint):
     assert encoder.feature_dim == 64
 
 
+@pytest.mark.slow
 def test_features_equal_plain_open_clip_on_real_footage(encoder, reference, footage):
     for name, frames in footage.items():
         for variant, f in _variants(frames).items():
@@ -105,6 +106,7 @@ def test_features_equal_plain_open_clip_on_real_footage(encoder, reference, foot
             _assert_float16_close(ours, ref)
 
 
+@pytest.mark.slow
 def test_torch_resize_backend_is_bit_identical_to_pil(checkpoint, footage):
     # The CUDA path (banded fixed-point matmuls) runs here on the CPU against PIL itself.
     enc = load_encoder(EncoderSpec(model="cmdcl-tiny", pretrained=str(checkpoint), device="cpu"))
@@ -136,6 +138,7 @@ def test_pil_resize_matches_pillow(interpolation, src, dst):
                        torch.from_numpy(expected[:, top:top + dst[0] // 2, left:left + dst[1] // 2]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [{"resize_mode": "longest"}, {"resize_mode": "squash"},
                                        {"interpolation": "bilinear", "mean": (0.5, 0.5, 0.5),
                                         "std": (0.25, 0.5, 1.0)}])
@@ -156,6 +159,7 @@ def test_preprocess_cfg_variants_follow_open_clip(checkpoint, footage, overrides
                 assert torch.equal(enc.preprocess(f), expected), (overrides, backend, f.shape)
 
 
+@pytest.mark.slow
 def test_grid_tokens(checkpoint, encoder, footage):
     frames = next(iter(footage.values()))
     enc = load_encoder(EncoderSpec(model="cmdcl-tiny", pretrained=str(checkpoint), device="cpu",

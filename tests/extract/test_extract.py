@@ -21,6 +21,7 @@ from cmdcl_cache.cache import Cache
 from cmdcl_cache.store import read_texts
 from cmdcl_cache.verify import summarize, verify
 
+pytestmark = pytest.mark.slow   # each test runs extract on videos; the broken-input tests share one run
 POLICY = SamplingPolicy(fps=1, min_frames=2, max_frames=6)
 
 

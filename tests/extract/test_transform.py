@@ -42,6 +42,7 @@ def _worker_output(path, spec):
     return msgs[0][4], np.concatenate(chunks)
 
 
+@pytest.mark.slow
 def test_worker_crops_are_the_pixels_preprocess_encodes_on_real_clips(encoder):
     sizes = set()
     for path in _clips():
@@ -57,6 +58,7 @@ def test_worker_crops_are_the_pixels_preprocess_encodes_on_real_clips(encoder):
     assert len(sizes) >= 3  # 176x144 up to 1280x720
 
 
+@pytest.mark.slow
 def test_worker_crops_equal_plain_open_clip_preprocess(encoder):
     import open_clip
     _, _, preprocess = open_clip.create_model_and_transforms("cmdcl-tiny", pretrained=None)
@@ -67,6 +69,7 @@ def test_worker_crops_equal_plain_open_clip_preprocess(encoder):
         assert torch.equal(encoder.normalise_crops(crops[:2]), ref), path.name
 
 
+@pytest.mark.slow
 def test_pool_workers_send_crops_and_never_import_torch(encoder, tmp_path):
     clip = _clips()[0]
     got = {}
@@ -90,6 +93,7 @@ def test_pool_workers_send_crops_and_never_import_torch(encoder, tmp_path):
     assert "torch" in sys.modules  # the probe would be meaningless if the test process lacked it too
 
 
+@pytest.mark.slow
 def test_chunks_do_not_change_with_the_transform():
     # Chunk boundaries decide batch composition, which can change the last bit of a feature.
     clip = _clips()[0]

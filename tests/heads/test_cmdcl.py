@@ -142,6 +142,7 @@ def test_learn_text_false_freezes_tables():
     assert dataclasses.asdict(head.cfg)["learn_text"] is False
 
 
+@pytest.mark.slow
 def test_explain_plot_for_one_video(tmp_path):
     from cmdcl_heads.explain import centre_indices, explain_video, plot_explanation
 

@@ -10,6 +10,7 @@ from _cmdcl_synth import ACTIVITIES, make_dataset
 from cmdcl_heads.cli import app
 from cmdcl_heads.run import RunFolder
 
+pytestmark = pytest.mark.slow   # each test trains heads for several epochs from the CLI
 CHANCE = 1 / len(ACTIVITIES)
 
 
@@ -27,7 +28,6 @@ def _train(synth, out, *flags):
     return CliRunner().invoke(app, args)
 
 
-@pytest.mark.slow
 def test_cmdcl_and_ablations_train_from_the_cli_and_beat_chance(synth, tmp_path):
     cache, manifest = synth
     res = _train(synth, tmp_path / "nodict")

@@ -110,6 +110,7 @@ def test_dictionary_reading_gives_the_base_commits_metrics_at_a_fixed_seed(tmp_p
     assert text_loss != pytest.approx(BASE_TRAIN_LOSS, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_confounders_build_makes_z_only_on_request_and_the_dictionary_reading_says_so(tmp_path):
     import h5py
 

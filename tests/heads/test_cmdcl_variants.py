@@ -99,6 +99,7 @@ def test_class_mean_vp_on_the_confounded_benchmark(tmp_path):
     assert not torch.allclose(conf.vp[:4], Confounders.load(paths["full"] / FILE_NAME).vp[:4])
 
 
+@pytest.mark.slow
 def test_backdoor_cross_sample_averages_scores_over_z_strata():
     frames, _ = _inputs()
     head = _head(cross_sample_mode="backdoor", approximator="dictionary").eval()

@@ -35,6 +35,7 @@ def _compare(runs, fmt):
     return res.output
 
 
+@pytest.mark.slow
 def test_compare_lists_exactly_the_options_that_differ(three_runs):
     rows = json.loads(_compare(three_runs, "json"))
     assert [set(r) for r in rows] == [{"run", "frames", "lr", "val top1", "test top1", "best epoch", "seconds"}] * 3
@@ -48,6 +49,7 @@ def test_compare_lists_exactly_the_options_that_differ(three_runs):
     assert {"frames"} == set(rows[0]) - {"run", "val top1", "test top1", "best epoch", "seconds"}
 
 
+@pytest.mark.slow
 def test_compare_formats_hold_the_same_table(three_runs):
     rows = list(csv.DictReader(io.StringIO(_compare(three_runs, "csv"))))
     assert list(rows[0]) == ["run", "frames", "lr", "val top1", "test top1", "best epoch", "seconds"]
@@ -69,6 +71,7 @@ def _copy(run, tmp_path, name):
     return shutil.copytree(run, tmp_path / name)
 
 
+@pytest.mark.slow
 def test_compare_json_writes_nan_and_inf_as_null(three_runs, tmp_path):
     runs = [_copy(r, tmp_path, r.name) for r in three_runs[:2]]
     summary = json.loads((runs[1] / "summary.json").read_text())
@@ -79,6 +82,7 @@ def test_compare_json_writes_nan_and_inf_as_null(three_runs, tmp_path):
     assert rows[1]["test top1"] is None and rows[1]["val top1"] is None and rows[0]["test top1"] is not None
 
 
+@pytest.mark.slow
 def test_compare_names_a_truncated_summary_and_marks_unfinished_runs(three_runs, tmp_path):
     runs = [_copy(r, tmp_path, r.name) for r in three_runs[:2]]
     (runs[1] / "summary.json").unlink()
@@ -89,6 +93,7 @@ def test_compare_names_a_truncated_summary_and_marks_unfinished_runs(three_runs,
     assert res.exit_code == 2 and str(runs[1] / "summary.json") in res.output, res.output
 
 
+@pytest.mark.slow
 def test_compare_names_a_sweep_with_no_finished_point(three_runs, tmp_path):
     sweep = tmp_path / "sw"
     sweep.mkdir()

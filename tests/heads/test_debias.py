@@ -88,6 +88,7 @@ def _config(synth, out, **kw):
                                  device="cpu", data_mode="memory", workers=0, quiet=True), **kw})
 
 
+@pytest.mark.slow
 def test_reweighting_reaches_the_training_loss(synth, tmp_path, monkeypatch):
     from cmdcl_heads import train as train_module
 
@@ -116,6 +117,7 @@ def test_reweighting_refuses_heads_without_a_loop_and_multi_label_targets(synth,
     assert not (tmp_path / "zs").exists() and not (tmp_path / "ml").exists()   # refused before writing
 
 
+@pytest.mark.slow
 def test_cli_flags_reach_the_run_and_no_preset_claims_the_target(synth, tmp_path):
     """No variant met the study's target (docs/causal-heads.md), so none ships as a
     preset; the switches are typed flags, recorded in the run's configuration."""

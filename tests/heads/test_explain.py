@@ -93,6 +93,7 @@ def test_labels_are_cut_in_their_name_and_keep_their_similarity():
     assert _short("x" * 60) == "x" * 39 + "…"
 
 
+@pytest.mark.slow
 def test_explain_a_head_without_the_frame_dictionary(tmp_path, monkeypatch):
     cache, manifest = make_dataset(tmp_path / "data", n_train=12, n_test=4, d=32, frames=8, seed=2)
     res = runner.invoke(app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),

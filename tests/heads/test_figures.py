@@ -119,6 +119,7 @@ def runs(tmp_path_factory):
     return cache, manifest, out
 
 
+@pytest.mark.slow
 def test_similarity_command_groups_the_actions_by_activity(runs, tmp_path):
     cache, manifest, out = runs
     png = tmp_path / "sim.png"
@@ -140,6 +141,7 @@ def test_similarity_command_groups_the_actions_by_activity(runs, tmp_path):
     assert res.exit_code == 2 and "needs a cmdcl run" in res.output
 
 
+@pytest.mark.slow
 def test_matching_command_compares_two_runs_and_each_row_sums_to_one(runs, tmp_path):
     cache, manifest, out = runs
     png = tmp_path / "match.png"
@@ -165,6 +167,7 @@ def test_matching_command_compares_two_runs_and_each_row_sums_to_one(runs, tmp_p
     np.testing.assert_allclose(np.array(n["runs"][0]["P"])[0], soft[act0].mean(0), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_matching_refuses_an_activity_without_videos_in_the_split(runs, monkeypatch):
     cache, manifest, out = runs
     real = figures.run_matching(out["text4vis"], "best", None, None, None, "cpu")
@@ -176,6 +179,7 @@ def test_matching_refuses_an_activity_without_videos_in_the_split(runs, monkeypa
     assert not (out["text4vis"] / "figures" / "matching.png").exists()
 
 
+@pytest.mark.slow
 def test_default_figure_outputs_are_replaced_freely(runs):
     cache, manifest, out = runs
     for _ in range(2):
@@ -184,6 +188,7 @@ def test_default_figure_outputs_are_replaced_freely(runs):
     assert (out["cmdcl"] / "figures" / "similarity.json").exists()
 
 
+@pytest.mark.slow
 def test_attention_refuses_a_run_without_grid_tokens(runs):
     cache, manifest, out = runs
     res = runner.invoke(app, ["figures", "attention", "--run", str(out["cmdcl"]), "--video", "test016"])

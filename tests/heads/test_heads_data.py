@@ -86,6 +86,7 @@ def test_cache_dir_found_below_a_root(synth, tmp_path):
         resolve_cache_dir(tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens", [False, True])
 def test_memory_and_lazy_modes_give_identical_batches(synth, tokens):
     cache_dir, manifest_dir = synth

@@ -74,6 +74,7 @@ def test_zeroshot_evaluates_without_training(synth, tmp_path):
     assert evaluate_run(run, quiet=True) == summary["metrics"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,lr", [("text4vis", 3e-3)])   # linear is fitted by L-BFGS: tests/test_probe.py
 def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
     run = tmp_path / model
@@ -90,6 +91,7 @@ def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
         assert (run / name).exists()
 
 
+@pytest.mark.slow
 def test_multi_label_uses_bce_and_map(synth, tmp_path):
     run = tmp_path / "steps"
     summary = train(_opts(synth, run, label_set="steps", lr=3e-2, epochs=5), _cfg("linear"))
@@ -100,6 +102,7 @@ def test_multi_label_uses_bce_and_map(synth, tmp_path):
     assert len(summary["per_class_ap"]) == 10
 
 
+@pytest.mark.slow
 def test_grid_tokens_reach_the_temporal_encoder(tmp_path):
     synth = make_synthetic(tmp_path, grid=2, train_per_class=4, test_per_class=2)
     run = tmp_path / "grid"
@@ -148,6 +151,7 @@ def test_memory_and_lazy_modes_give_the_same_metrics(synth, tmp_path):
     assert a["metrics"] == b["metrics"]
 
 
+@pytest.mark.slow
 def test_cli_train_eval_predict(synth, tmp_path):
     cache, manifest = synth
     run = tmp_path / "cli"
@@ -185,6 +189,7 @@ def test_cli_train_eval_predict(synth, tmp_path):
     assert res.exit_code == 2 and "learning_rate" in res.output
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, monkeypatch):
     # scripted val top-1 peaks at epoch 2; the test metrics of the later epochs must not matter
     script = iter([0.3, 0.9, 0.5, 0.6])
@@ -215,6 +220,7 @@ def test_best_checkpoint_is_selected_on_val_never_on_test(synth_val, tmp_path, m
         k: v for k, v in summary["selection"]["metrics"].items() if k != "top1"}
 
 
+@pytest.mark.slow
 def test_multi_label_selection_is_the_argmax_of_val_map(synth_val, tmp_path):
     run = tmp_path / "steps"
     summary = train(_opts(synth_val, run, label_set="steps", lr=3e-2, epochs=4), _cfg("text4vis", layers=0))
@@ -226,6 +232,7 @@ def test_multi_label_selection_is_the_argmax_of_val_map(synth_val, tmp_path):
     assert summary["metrics"] == _metrics(records[summary["best_epoch"] - 1], "eval")
 
 
+@pytest.mark.slow
 def test_without_selection_split_best_is_last(synth, synth_val, tmp_path):
     runs = {"no-val": (synth, {}), "none": (synth_val, {"select_split": "none"}),
             "eval-on-val": (synth_val, {"eval_split": "val"})}   # auto never selects on the eval split
@@ -269,6 +276,7 @@ def test_cmdcl_without_confounders_names_the_command(synth, tmp_path):
     assert "cmdcl-heads confounders build --cache" in res.output and "--dataset" in res.output
 
 
+@pytest.mark.slow
 def test_checkpoint_and_cache_mismatches_name_the_attribute(synth, tmp_path):
     run = tmp_path / "run"
     train(_opts(synth, run, epochs=1), _cfg("linear"))
@@ -298,6 +306,7 @@ def test_nan_features_in_any_split_read_are_refused_naming_the_video(synth, tmp_
     assert not (tmp_path / "nan" / "best.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path, monkeypatch):
     real = train_module.grad_norms
     calls = {"n": 0}
@@ -320,6 +329,7 @@ def test_steps_with_a_non_finite_gradient_are_skipped_then_stop(synth, tmp_path,
         train(_opts(synth, tmp_path / "stop", epochs=2), _cfg("text4vis", layers=0))
 
 
+@pytest.mark.slow
 def test_a_skipped_step_names_the_parameters_with_a_non_finite_gradient(synth, tmp_path, monkeypatch):
     """A NaN planted in one parameter's gradient on the first step: that step is skipped, metrics.jsonl names
     exactly that parameter, and training goes on with finite weights."""

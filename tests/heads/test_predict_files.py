@@ -31,6 +31,7 @@ def trained(tmp_path_factory):
     return t, root, leaf, run
 
 
+@pytest.mark.slow
 def test_new_files_get_the_features_the_cache_would_hold(trained):
     from cmdcl_cache.pipeline import encode_files
     t, root, leaf, run = trained
@@ -43,6 +44,7 @@ def test_new_files_get_the_features_the_cache_would_hold(trained):
         np.testing.assert_array_equal(f.timestamps, cache.frame_info(vid)[1])
 
 
+@pytest.mark.slow
 def test_predict_on_files_and_a_folder_writes_top_k_and_names_bad_files(trained, tmp_path):
     t, root, leaf, run = trained
     new = tmp_path / "new"
@@ -70,6 +72,7 @@ def test_predict_on_files_and_a_folder_writes_top_k_and_names_bad_files(trained,
     assert res.exit_code == 2 and "nope.mp4" in res.output
 
 
+@pytest.mark.slow
 def test_new_files_are_decoded_by_the_backends_the_cache_records(trained, monkeypatch):
     from cmdcl_cache import decode
     from cmdcl_cache.pipeline import encode_files
@@ -86,6 +89,7 @@ def test_new_files_are_decoded_by_the_backends_the_cache_records(trained, monkey
     assert opened == ["pyav"] and not isinstance(feats, Exception)
 
 
+@pytest.mark.slow
 def test_predict_out_naming_a_folder_is_refused_before_any_decoding(trained, tmp_path, monkeypatch):
     from cmdcl_cache import pipeline
     t, root, leaf, run = trained
@@ -108,6 +112,7 @@ def test_write_atomic_refuses_a_folder_and_leaves_no_tmp_when_the_write_fails(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "first"
 
 
+@pytest.mark.slow
 def test_predict_on_files_leaves_the_split_predictions_and_replaces_nothing_unasked(trained, tmp_path):
     import shutil
     t, root, leaf, run = trained
@@ -135,6 +140,7 @@ def test_predict_on_files_leaves_the_split_predictions_and_replaces_nothing_unas
     assert res.exit_code == 0 and json.loads(files.read_text())["file"] == str(root / "good3.mp4")
 
 
+@pytest.mark.slow
 def test_quiet_predict_and_eval_print_one_result_line(trained, tmp_path):
     t, root, leaf, run = trained
     out = tmp_path / "files.jsonl"

@@ -35,6 +35,7 @@ def test_dataset_presets_name_the_label_sets_their_manifest_declares(name):
     assert table["head"]["fine_label_set"] == labels["fine_label_set"]
 
 
+@pytest.mark.slow
 def test_train_preset_paper_on_a_small_cache_with_a_flag_overriding_it(tmp_path):
     cache, manifest = make_dataset(tmp_path, n_train=24, n_test=12, d=32, frames=16, seed=3)
     res = CliRunner().invoke(app, ["confounders", "build", "--cache", str(cache), "--dataset", str(manifest),

@@ -79,6 +79,7 @@ def test_probe_reaches_95_percent_on_a_small_linearly_separable_cache(tmp_path):
     assert evaluate_run(tmp_path / "run", quiet=True) == summary["metrics"]   # best holds the fitted weights
 
 
+@pytest.mark.slow
 def test_with_a_val_split_l2_is_chosen_there_then_refitted_on_train_and_val(tmp_path):
     cache, manifest, feats = separable_cache(tmp_path, val=4, seed=1)
     summary = train(_opts(cache, manifest, tmp_path / "run"), HeadConfig(model="linear", frames=8))

@@ -44,6 +44,7 @@ def test_worst_errors_are_the_confident_wrong_ones_in_order():
     assert wrong_by_confidence(predicted, confidence, multi, True).tolist() == [3]
 
 
+@pytest.mark.slow   # every test of `runs` is: the fixture trains two heads (5-15 s)
 def test_the_page_compares_runs_and_needs_nothing_else(runs, tmp_path):
     out = tmp_path / "report.html"
     res = runner.invoke(app, ["report", str(runs / "t4v"), str(runs / "cmdcl"), "--out", str(out), "--errors", "3"])
@@ -72,6 +73,7 @@ def test_the_page_compares_runs_and_needs_nothing_else(runs, tmp_path):
     assert "<water>" not in page and "cut</td>lettuce" not in page
 
 
+@pytest.mark.slow
 def test_worst_errors_come_from_the_eval_split_with_best(runs, tmp_path):
     view = read_run(runs / "cmdcl", errors=NUM_TASKS * 3, explain=False)   # every test video could be one
     preds = tmp_path / "preds.jsonl"
@@ -85,6 +87,7 @@ def test_worst_errors_come_from_the_eval_split_with_best(runs, tmp_path):
     assert scores == sorted(scores, reverse=True) and all(e.truth_rank > 1 for e in view.errors)
 
 
+@pytest.mark.slow
 def test_a_run_whose_cache_is_gone_still_gets_a_page(runs, tmp_path):
     copy = shutil.copytree(runs / "t4v", tmp_path / "moved")
     view = read_run(copy, errors=3)
@@ -101,6 +104,7 @@ def test_a_run_whose_cache_is_gone_still_gets_a_page(runs, tmp_path):
     assert "could not be read" in render([view])
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_gets_a_page_and_a_folder_without_a_run_is_refused(runs, tmp_path):
     copy = shutil.copytree(runs / "t4v", tmp_path / "cut")
     (copy / "summary.json").unlink()   # as a run interrupted after its epochs
@@ -162,6 +166,7 @@ def test_the_page_loads_in_chromium_without_a_console_message_and_shows_somethin
     assert len(colours) > 50 and pixels.std() > 0.05   # text, tables and plots, not one colour
 
 
+@pytest.mark.slow
 def test_report_replaces_no_file_without_force(runs, tmp_path):
     run = shutil.copytree(runs / "t4v", tmp_path / "run")
     summary = (run / "summary.json").read_bytes()
@@ -177,6 +182,7 @@ def test_report_replaces_no_file_without_force(runs, tmp_path):
     assert res.exit_code == 0 and out.read_text().startswith("<!DOCTYPE html>"), res.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text,problem", [("[]", "holds a JSON list"), ("{not json", "not JSON"),
                                           ("{}", "no valid 'split', 'metrics'")])
 def test_a_summary_that_train_did_not_write_is_refused_naming_it(runs, tmp_path, text, problem):
@@ -188,6 +194,7 @@ def test_a_summary_that_train_did_not_write_is_refused_naming_it(runs, tmp_path,
     assert not (tmp_path / "r.html").exists()
 
 
+@pytest.mark.slow
 def test_a_cut_last_metrics_line_is_skipped_with_a_note_and_bad_metadata_is_refused(runs, tmp_path):
     from cmdcl_heads.run import RunFolder
 
@@ -221,6 +228,7 @@ def test_bidi_controls_in_label_names_cannot_reorder_the_scores():
     assert "<bdi>stirgge yrfx</bdi> (0.500)" in page
 
 
+@pytest.mark.slow
 def test_only_real_pngs_inside_the_run_folder_are_inlined(runs, tmp_path):
     run = shutil.copytree(runs / "t4v", tmp_path / "run")
     (run / "curves.png").write_text("not a picture")

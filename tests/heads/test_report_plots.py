@@ -32,6 +32,7 @@ def test_confusion_matrix_has_whole_wrapped_names_and_the_split():
     assert_on_canvas(fig, [ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()])
 
 
+@pytest.mark.slow
 def test_many_classes_keep_whole_names_on_one_line(tmp_path):
     names = [f"class {i} {LONG}" for i in range(report.WRAP_CLASSES + 1)]
     cm = np.diag(np.arange(1, len(names) + 1))
@@ -89,6 +90,7 @@ def test_explain_panels_name_the_real_k_and_the_title_stays_on_the_canvas(classe
     assert len(bars) == k
 
 
+@pytest.mark.slow
 def test_a_name_too_long_for_the_layout_grows_the_png_instead_of_being_cut(tmp_path):
     import matplotlib.image as mpimg
     name = "x" * 400   # no space to wrap at: 400 characters on one line

@@ -69,6 +69,7 @@ def test_declared_splits_load_and_unknown_ones_are_named(data, tmp_path):
         load_manifest(data[1]).select("nope")
 
 
+@pytest.mark.slow
 def test_auto_selects_on_a_val_role_split_and_says_which(data, tmp_path, capsys):
     summary = train(_opts(data, tmp_path / "auto", quiet=False), _cfg())
     assert summary["selection"]["split"] == "dev" and summary["selection"]["requested"] == "auto"
@@ -76,6 +77,7 @@ def test_auto_selects_on_a_val_role_split_and_says_which(data, tmp_path, capsys)
     assert first.startswith("selection: best = the epoch with the best dev metric (auto: the split of role val")
 
 
+@pytest.mark.slow
 def test_a_test_role_split_is_evaluated_but_never_selected_on(data, tmp_path):
     summary = train(_opts(data, tmp_path / "ood", eval_split="test_ood"), _cfg())
     assert summary["split"] == "test_ood" and summary["num_eval_videos"] == 12
@@ -95,6 +97,7 @@ def test_a_test_role_split_is_evaluated_but_never_selected_on(data, tmp_path):
     assert none["selection"]["split"] is None
 
 
+@pytest.mark.slow
 def test_eval_takes_several_splits_with_one_load(data, tmp_path):
     run = tmp_path / "run"
     summary = train(_opts(data, run), _cfg())
@@ -118,6 +121,7 @@ def test_a_bad_split_name_or_a_nan_rate_writes_no_run_folder(data, tmp_path):
         _opts(data, tmp_path / "nan", lr=float("nan"))
 
 
+@pytest.mark.slow
 def test_auto_says_when_the_only_val_split_is_the_eval_split(data, tmp_path, capsys):
     summary = train(_opts(data, tmp_path / "dev", eval_split="dev", quiet=False), _cfg())
     assert summary["selection"]["split"] is None

@@ -52,6 +52,7 @@ def _records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_every_epoch_scalar_the_hparams_and_the_confusion_image_are_in_the_events(synth_val, tmp_path):
     run = tmp_path / "run"
     summary = train(_opts(synth_val, run), _head())
@@ -79,6 +80,7 @@ def test_every_epoch_scalar_the_hparams_and_the_confusion_image_are_in_the_event
     assert "final/test/top1" in {m.name.tag for m in experiment.metric_infos}
 
 
+@pytest.mark.slow
 def test_a_resumed_run_shows_each_epoch_once_with_the_values_of_metrics_jsonl(synth_val, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -105,6 +107,7 @@ def test_a_resumed_run_shows_each_epoch_once_with_the_values_of_metrics_jsonl(sy
     assert [s for s, _ in _plugin_scalars(run, "loss/train")] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_an_epoch_logged_before_a_kill_shows_once_after_the_first_resume(synth_val, tmp_path, monkeypatch):
     from cmdcl_heads.events import RunEvents
 
@@ -127,6 +130,7 @@ def test_an_epoch_logged_before_a_kill_shows_once_after_the_first_resume(synth_v
         assert [v for _, v in got] == pytest.approx([r["train_loss"] for r in records], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_new_run_in_a_failed_starts_folder_drops_its_events(synth_val, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 
@@ -145,6 +149,7 @@ def test_zero_shot_runs_log_the_final_metrics_and_no_epoch(synth_val, tmp_path):
     assert _scalars(acc, "final/test/top1") == [(0, pytest.approx(summary["metrics"]["top1"]))]
 
 
+@pytest.mark.slow
 def test_curves_are_rewritten_after_every_epoch_and_have_no_empty_panel(synth_val, tmp_path, monkeypatch):
     panels = []
     save = report.save_png

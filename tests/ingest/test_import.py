@@ -284,6 +284,7 @@ def _start_slow_import(args, output=subprocess.DEVNULL):
                             start_new_session=True, preexec_fn=default_sigint)
 
 
+@pytest.mark.slow
 def test_an_import_killed_midway_resumes_to_the_same_bytes(tmp_path):
     ids = [f"v{i:03d}" for i in range(60)]
     manifest = _manifest(tmp_path, ids)
@@ -310,6 +311,7 @@ def test_an_import_killed_midway_resumes_to_the_same_bytes(tmp_path):
     assert _sha(_leaf(cache) / shard) == _sha(_leaf(tmp_path / "ref") / shard)
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_an_import_is_a_message_and_the_rerun_finishes_it(tmp_path):
     ids = [f"v{i:03d}" for i in range(60)]
     manifest = _manifest(tmp_path, ids)
@@ -445,6 +447,7 @@ def test_label_texts_from_a_file_are_checked_for_count_dimension_and_values(impo
     np.testing.assert_allclose(texts["task"].ensemble, task / np.linalg.norm(task, axis=1, keepdims=True), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_label_texts_from_an_open_clip_text_tower_of_the_same_space(imported, tmp_path):
     manifest, leaf = imported
     res = _texts(manifest, leaf.parent.parent, "--device", "cpu")

@@ -27,6 +27,7 @@ def breakfast_manifest():
     return load_manifest("breakfast")
 
 
+@pytest.mark.slow
 def test_builtin_names_resolve_to_the_package_data():
     # package data read through importlib.resources, so that a regular (non-editable) install finds them
     assert load_manifest("coin").root == REPO / "cmdcl_cache" / "manifests" / "coin"
@@ -91,6 +92,7 @@ def test_breakfast_counts(breakfast_manifest):
     assert sum(len(v.segments) for v in m.videos) == 11656
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset", ["coin", "breakfast"])
 def test_rebuild_reproduces_committed_manifest(tmp_path, shared, dataset):
     build_manifest(dataset, shared / dataset, tmp_path / dataset)
@@ -98,6 +100,7 @@ def test_rebuild_reproduces_committed_manifest(tmp_path, shared, dataset):
         assert (tmp_path / dataset / f).read_bytes() == (REPO / "cmdcl_cache" / "manifests" / dataset / f).read_bytes(), f
 
 
+@pytest.mark.slow
 def test_coin_from_official_coin_json(tmp_path, shared, coin_manifest):
     """A small COIN.json in the official format (`database`), made from PDPP entries with the official subset."""
     entries = {}

@@ -7,6 +7,8 @@ import pytest
 
 from _extract_util import REPO
 
+pytestmark = pytest.mark.slow   # three fresh Python processes per program
+
 
 @pytest.mark.parametrize("package, prog, command", [("cmdcl_cache", "cmdcl-cache", "extract"),
                                                     ("cmdcl_heads", "cmdcl-heads", "train")])
