@@ -108,7 +108,7 @@ def _avi_with_b_frames(path: Path) -> Path:
 
 def test_avi_with_b_frames_is_decoded_by_pyav_by_position(tmp_path):
     """AVI with B-frames (as in Breakfast): no presentation times, PyAV decodes it by position, frame exact
-    (tests/test_decode_position.py checks every frame of more such files)."""
+    (tests/extract/test_decode_position.py checks every frame of more such files)."""
     path = _avi_with_b_frames(tmp_path / "bframes.avi")
     policy = SamplingPolicy(num_frames=10)
     msgs = list(decode_video(resolve_decoder(None), str(path), policy, fallback=resolve_decoder("decord")))

@@ -75,7 +75,7 @@ def test_zeroshot_evaluates_without_training(synth, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,lr", [("text4vis", 3e-3)])   # linear is fitted by L-BFGS: tests/test_probe.py
+@pytest.mark.parametrize("model,lr", [("text4vis", 3e-3)])   # linear is fitted by L-BFGS: tests/heads/test_probe.py
 def test_trained_baselines_beat_chance(synth, tmp_path, model, lr):
     run = tmp_path / model
     summary = train(_opts(synth, run, epochs=6, lr=lr), _cfg(model))
