@@ -1,4 +1,4 @@
-"""A small synthetic cache + manifest where the label is learnable (shared by the tests/test_heads_*.py).
+"""A small synthetic cache + manifest where the label is learnable (the `synth` fixture of tests/conftest.py).
 
 Each task class c has a unit direction u_c; a video's frames are a*u_c + shared offset + per-frame noise,
 so single frames are noisy but a mean over frames is informative. Text embeddings are u_c plus a little
