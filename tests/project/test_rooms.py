@@ -5,13 +5,12 @@ manifest/, cache/, then extract/ and ingest/ side by side, and cli.py over all o
 """
 
 import ast
+import functools
 import re
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "cmdcl_cache"
@@ -27,6 +26,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.cache
 def modules(root: Path = PACKAGE) -> dict[str, ast.Module]:
     return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(root.rglob("*.py"))}
 
@@ -162,7 +162,6 @@ def test_no_function_imports_what_its_module_already_imports():
     assert not repeats, repeats
 
 
-@pytest.mark.slow
 def test_the_cache_cli_help_imports_no_torch():
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "cmdcl_cache.cli", "--help"],
                          capture_output=True, text=True, cwd=REPO, check=True)
