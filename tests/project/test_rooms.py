@@ -171,19 +171,22 @@ def test_the_cache_cli_help_imports_no_torch():
 
 
 def test_the_development_map_names_every_module_and_nothing_else():
-    """docs/development.md draws cmdcl_cache as a tree, two spaces a level: it must be the folders' own."""
+    """docs/development.md draws both packages as trees, two spaces a level: they must be the folders' own."""
     text = (REPO / "docs" / "development.md").read_text()
     block = text[text.index("```\ncmdcl_cache/") + 4:]
+    block = block[:block.index("```")]
     named, stack = set(), []
     for line in block.splitlines():
-        if not line.strip():
-            continue
         level, word = (len(line) - len(line.lstrip())) // 2, line.split()[0]
-        if level == 0 and word != "cmdcl_cache/":
-            break
+        if level == 0 and word not in ("cmdcl_cache/", "cmdcl_heads/"):
+            stack = []
+            continue
+        if not stack and level:
+            continue   # a continuation line of a top-level entry
         stack = stack[:level] + [word]
         if word.endswith(".py"):
             named.add("".join(stack))
-    on_disk = {str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
+    on_disk = {str(p.relative_to(REPO)) for package in ("cmdcl_cache", "cmdcl_heads")
+               for p in (REPO / package).rglob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     missing, stale = sorted(on_disk - named), sorted(named - on_disk)
     assert not missing and not stale, f"missing from the map: {missing}; not on disk: {stale}"
