@@ -1,7 +1,20 @@
-"""Writing one shard crash-safely: the journal, its commit lines, finalize.
+"""Writing one shard crash-safely: the journal, its commit lines, finalize (the layout is format.py's).
 
-The shard format itself (what a finished shard holds, how it is read) is
-format.py's; why a journal and why a lock is said there.
+Why a journal: an HDF5 file that is being written is not crash-safe (a SIGKILL while the library evicts
+metadata can leave a file that no longer opens). So while a shard is being extracted, its rows go to an
+append-only journal folder (`frames-00000-of-00004.journal/`: raw float16 rows, raw frame info, and
+`commits.jsonl`, one line per video, written only after that video's rows are on disk, with the crc32 of
+those rows, and line_crc32 of all the line's fields). On resume the journal is cut back to its last
+complete commit line, and a commit whose line does not match its line_crc32, or whose rows are missing (a
+truncated data file) or do not match their checksum, is dropped, so that video is extracted again. `finalize()` writes the HDF5 shard to a temporary file
+and renames it into place, so a shard that exists is always whole.
+
+Why a lock: two processes appending to one journal interleave their rows. A writer holds an exclusive
+`flock` on `<shard>.lock` from the moment it opens the shard until it has finalised or closed it; a second
+writer fails at once, naming the holder's pid. The kernel drops the lock when its process dies, so a
+killed run never blocks its own resume. The same WriterLock guards texts.h5, confounders.h5 and run
+folders. (flock is reliable on local disks; on NFS it depends on the client, see
+docs/reference/limitations.md.)
 """
 
 from __future__ import annotations
