@@ -7,7 +7,8 @@ append-only journal folder (`frames-00000-of-00004.journal/`: raw float16 rows, 
 those rows, and line_crc32 of all the line's fields). On resume the journal is cut back to its last
 complete commit line, and a commit whose line does not match its line_crc32, or whose rows are missing (a
 truncated data file) or do not match their checksum, is dropped, so that video is extracted again.
-`finalize()` writes the HDF5 shard to a temporary file and renames it into place, so a shard that exists is always whole.
+`finalize()` writes the HDF5 shard to a temporary file and renames it into place, so a shard that exists
+is always whole.
 
 Why a lock: two processes appending to one journal interleave their rows. A writer holds an exclusive
 `flock` on `<shard>.lock` from the moment it opens the shard until it has finalised or closed it; a second
