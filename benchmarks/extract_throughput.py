@@ -127,14 +127,14 @@ def write_long_video(path: Path, seconds: float, fps: int, size: tuple[int, int]
 
 
 def pyav_full_decode(path: str, threads: int = 1):
-    """A decoder seam (decode.resolve_decoder "module:function"): PyAV without the skip of unneeded frames."""
+    """An opener passed to the pool as it is (decode.resolve_decoder): PyAV without the skip of unneeded frames."""
     from cmdcl_cache.extract.decoders.pyav_video import PyAVVideo
     return PyAVVideo(path, threads, skip=False)
 
 
 DEFAULTS = {"decord (old default)": ("decord", {}), "pyav, full decode": ("pyav", {"skip": False}),
             "pyav, skipping (new default)": ("pyav", {})}
-POOL_DECODERS = {"decord (old default)": "decord", "pyav, full decode": "extract_throughput:pyav_full_decode",
+POOL_DECODERS = {"decord (old default)": "decord", "pyav, full decode": pyav_full_decode,
                  "pyav, skipping (new default)": "pyav"}
 
 

@@ -59,7 +59,7 @@ fi
 if has extract-coin; then
 start=$SECONDS
 # NVDEC when it runs here, else decord: the extract run uses it, the decode-alone rows show every backend.
-if python3 -c "from cmdcl_cache.decoders import backend_version as v; print(v('torchcodec-cuda'))" 2>&1 | tee -a "$LOG"; then
+if python3 -c "from cmdcl_cache.extract.decoders import backend_version as v; print(v('torchcodec-cuda'))" 2>&1 | tee -a "$LOG"; then
     DECODER=torchcodec-cuda
 else
     DECODER=decord

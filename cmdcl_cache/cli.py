@@ -7,6 +7,7 @@ import typer
 
 from cmdcl_cache.cache.folder import TEXTS_FILE
 from cmdcl_cache.config import config_command, version_option
+from cmdcl_cache.errors import CacheError
 from cmdcl_cache.extract.pipeline import ExtractConfig, extract
 from cmdcl_cache.extract.texts import TextsConfig
 from cmdcl_cache.ingest.importer import ImportConfig
@@ -401,7 +402,10 @@ def verify_cmd(
     from cmdcl_cache.cache.verify import verify
 
     folder = _locate(cache, dataset, model, pretrained)
-    report = verify(folder, dataset, split, shard_index, num_shards, quick=quick, video_root=video_root)
+    try:
+        report = verify(folder, dataset, split, shard_index, num_shards, quick=quick, video_root=video_root)
+    except (CacheError, ValueError) as err:   # an unknown --split, a --shard-index the cache does not have
+        _fail(str(err))
     out = console()
     out.print(f"{folder}: {report.committed} of {report.expected} videos committed, "
               f"{len(report.failed)} listed as failed, {report.frames} frames"
@@ -449,7 +453,6 @@ def export_cmd(
     dtype: str = typer.Option("float16", "--dtype", help="float16 (as stored) or float32."),
     layout: str = typer.Option("npy", "--format", help="npy: three .npy files per video; npz: one .npz per video."),
 ):
-    from cmdcl_cache.errors import CacheError
     from cmdcl_cache.ingest.export import export_npy
 
     try:

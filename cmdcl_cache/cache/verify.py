@@ -192,6 +192,9 @@ def verify(cache_dir: str | Path | CacheFolder, dataset: str | None = None, spli
     count = int(prov.get("shard_count", len(shards)))
     if num_shards is not None and num_shards != count:
         p.append(f"--num-shards {num_shards}, but the cache was written with {count} shards")
+    if shard_index is not None and not 0 <= shard_index < count:
+        raise CacheError(f"--shard-index {shard_index}: the cache was written with {count} shard(s), so 0 to "
+                         f"{count - 1}")
     ranks = [shard_index] if shard_index is not None else list(range(count))
     for r in ranks:
         if shard_name(r, count) not in per_shard:

@@ -49,14 +49,17 @@ Decoder hooks: an installed package may provide decoders through the entry-point
 `cmdcl_cache.decoder_hooks`: a function (decoder name or None) -> (opener, backend) or None, asked before
 the built-in backends, where `opener` is (path, threads) -> an object with `num_frames`, `fps`,
 `get_batch(indices)` and optionally `pts` (see decoders/__init__.py), and `backend` the built-in backend
-whose name and version its provenance records. cmdcl installs none; the tests install theirs (a decoder
-that hangs, one that is slow) from tests/, so no code is ever imported from a name in the environment.
+whose name and version its provenance records. A built-in backend named with --decoder is never taken
+over; a hook that takes over the default is logged, and one that fails to load or answers otherwise stops
+the command naming it and its package. cmdcl installs none; the tests install theirs (a decoder that
+hangs, one that is slow) from tests/, so no code is imported from a name in the environment.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import signal
 import traceback
 
@@ -94,20 +97,46 @@ def chunk_frames(height: int, width: int, limit: int = CHUNK_FRAMES) -> int:
 
 @functools.cache
 def _hooks() -> tuple:
-    return tuple(entry.load() for entry in importlib.metadata.entry_points(group=DECODER_HOOKS))
+    """(description, hook) of each installed decoder hook, loaded once per process."""
+    hooks = []
+    for entry in importlib.metadata.entry_points(group=DECODER_HOOKS):
+        package = f"{entry.dist.name} {entry.dist.version}" if entry.dist else "an unknown package"
+        where = f"decoder hook {entry.name!r} ({entry.value}, installed by {package})"
+        try:
+            hook = entry.load()
+        except Exception as err:   # noqa: BLE001 - any failure of a package's code is named, never a traceback
+            raise BackendMissing(f"{where} cannot be loaded ({type(err).__name__}: {err}); fix or uninstall that "
+                                 "package") from None
+        if not callable(hook):
+            raise BackendMissing(f"{where} is not a function; fix or uninstall that package")
+        hooks.append((where, hook))
+    return tuple(hooks)
 
 
 def _hooked(name: str | None):
-    """(opener, backend) of the first installed hook that provides `name`, or None."""
-    for hook in _hooks():
-        found = hook(name)
-        if found is not None:
-            return found
+    """(opener, backend, description) of the first installed hook that answers for `name`, or None. A built-in
+    backend asked for by name is never taken over."""
+    if name in BACKENDS or not (name is None or isinstance(name, str)):
+        return None
+    for where, hook in _hooks():
+        try:
+            found = hook(name)
+        except Exception as err:   # noqa: BLE001 - as above
+            raise BackendMissing(f"{where} failed for decoder {name!r} ({type(err).__name__}: {err})") from None
+        if found is None:
+            continue
+        if not (isinstance(found, tuple) and len(found) == 2 and callable(found[0]) and found[1] in BACKENDS):
+            raise BackendMissing(f"{where} answered {found!r:.80} for decoder {name!r}: expected None or "
+                                 f"(opener, backend) with backend one of {', '.join(BACKENDS)}")
+        return (*found, where)
     return None
 
 
-def resolve_decoder(name: str | None):
-    """The function that opens a video, (path, threads) -> video, for a backend name (or a hook's)."""
+def resolve_decoder(name):
+    """The function that opens a video, (path, threads) -> video: for a backend name, an installed hook's, or
+    an opener given as it is (a function that can be pickled, as scripts and benchmarks pass their own)."""
+    if callable(name):
+        return name
     hooked = _hooked(name)
     if hooked is not None:
         return hooked[0]
@@ -132,8 +161,11 @@ def check_decoders(decoder: str | None, fallback: str | None = None) -> None:
     """Before any work: BackendMissing (with what to install) unless both backends can run here."""
     if fallback not in (None, *FALLBACKS):
         raise BackendMissing(f"unknown --fallback-decoder {fallback!r}: choose one of {', '.join(FALLBACKS)}")
-    if decoder is not None and decoder not in BACKENDS and _hooked(decoder) is None:
+    hooked = _hooked(decoder)
+    if decoder is not None and decoder not in BACKENDS and hooked is None:
         raise BackendMissing(f"unknown --decoder {decoder!r}: choose one of {', '.join(BACKENDS)}")
+    if hooked is not None:
+        logging.getLogger("cmdcl_cache").warning("decoding with %s, recorded as %s", hooked[2], hooked[1])
     for name in (_backend_of(decoder), fallback_of(fallback, decoder)):
         if name is not None:
             backend_version(name)

@@ -38,6 +38,7 @@ from cmdcl_cache.cache.folder import Cache
 
 INDEX_FILE = "index.jsonl"
 FORMATS = ("npy", "npz")
+DTYPES = ("float16", "float32")   # as cached, or widened for tools that want float32
 COMPANIONS = ("timestamps_ms", "fps")
 MAX_PLAIN_BYTES = 200
 PREFIX_CHARS = 64
@@ -91,7 +92,8 @@ def export_cache(cache, out_dir: str | Path, dtype: str = "float16", video_ids: 
     `layout`; returns the index entries, also written to out_dir/index.jsonl."""
     if layout not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {layout!r}")
-    np.dtype(dtype)   # a bad --dtype fails before anything is written
+    if dtype not in DTYPES:   # a bad --dtype fails before anything is written
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = list(cache.video_ids if video_ids is None else video_ids)
