@@ -42,7 +42,6 @@ _EXPORTS = {
     "VIDEO_EXTENSIONS": "cmdcl_cache.manifest.paths",
     "resolve_video_path": "cmdcl_cache.manifest.paths",
 }
-__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
