@@ -190,11 +190,13 @@ def verify(cache_dir: str | Path | CacheFolder, dataset: str | None = None, spli
     per_shard = {s.name: _check_shard(s, report, not quick) for s in shards}
     prov = folder.provenance()
     count = int(prov.get("shard_count", len(shards)))
+    shards_text = f"{count} shard" + ("s" if count != 1 else "")
+    if num_shards is not None and num_shards < 1:
+        raise CacheError(f"--num-shards {num_shards}: a cache has at least 1 shard")
     if num_shards is not None and num_shards != count:
-        p.append(f"--num-shards {num_shards}, but the cache was written with {count} shards")
+        p.append(f"--num-shards {num_shards}, but the cache was written with {shards_text}")
     if shard_index is not None and not 0 <= shard_index < count:
-        raise CacheError(f"--shard-index {shard_index}: the cache was written with {count} shard(s), so 0 to "
-                         f"{count - 1}")
+        raise CacheError(f"--shard-index {shard_index}: the cache has {shards_text}, numbered 0 to {count - 1}")
     ranks = [shard_index] if shard_index is not None else list(range(count))
     for r in ranks:
         if shard_name(r, count) not in per_shard:

@@ -50,8 +50,9 @@ Decoder hooks: an installed package may provide decoders through the entry-point
 the built-in backends, where `opener` is (path, threads) -> an object with `num_frames`, `fps`,
 `get_batch(indices)` and optionally `pts` (see decoders/__init__.py), and `backend` the built-in backend
 whose name and version its provenance records. A built-in backend named with --decoder is never taken
-over; a hook that takes over the default is logged, and one that fails to load or answers otherwise stops
-the command naming it and its package. cmdcl installs none; the tests install theirs (a decoder that
+over; a hook that takes over the default is logged, and one that fails to load or answers otherwise (or two
+that both answer) stops the command naming it and its package. Hooks are asked in the main process only:
+workers get the chosen opener (`worker_decoder`), so they cannot answer otherwise. cmdcl installs none; the tests install theirs (a decoder that
 hangs, one that is slow) from tests/, so no code is imported from a name in the environment.
 """
 
@@ -60,8 +61,10 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import pickle
 import signal
 import traceback
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -104,7 +107,7 @@ def _hooks() -> tuple:
         where = f"decoder hook {entry.name!r} ({entry.value}, installed by {package})"
         try:
             hook = entry.load()
-        except Exception as err:   # noqa: BLE001 - any failure of a package's code is named, never a traceback
+        except (Exception, SystemExit) as err:   # noqa: BLE001 - a package's failure is named, never a traceback
             raise BackendMissing(f"{where} cannot be loaded ({type(err).__name__}: {err}); fix or uninstall that "
                                  "package") from None
         if not callable(hook):
@@ -114,22 +117,52 @@ def _hooks() -> tuple:
 
 
 def _hooked(name: str | None):
-    """(opener, backend, description) of the first installed hook that answers for `name`, or None. A built-in
-    backend asked for by name is never taken over."""
+    """(opener, backend, description) of the installed hook that answers for `name`, or None. A built-in
+    backend asked for by name is never taken over; two hooks that answer are an error, not a race."""
     if name in BACKENDS or not (name is None or isinstance(name, str)):
         return None
+    answers = []
     for where, hook in _hooks():
         try:
             found = hook(name)
-        except Exception as err:   # noqa: BLE001 - as above
+        except (Exception, SystemExit) as err:   # noqa: BLE001 - as above; a hook may not end the command
             raise BackendMissing(f"{where} failed for decoder {name!r} ({type(err).__name__}: {err})") from None
         if found is None:
             continue
         if not (isinstance(found, tuple) and len(found) == 2 and callable(found[0]) and found[1] in BACKENDS):
             raise BackendMissing(f"{where} answered {found!r:.80} for decoder {name!r}: expected None or "
                                  f"(opener, backend) with backend one of {', '.join(BACKENDS)}")
-        return (*found, where)
-    return None
+        answers.append((HookedOpener(*found), found[1], where))
+    if len(answers) > 1:
+        raise BackendMissing(f"two decoder hooks answer for decoder {name!r}: {answers[0][2]} and "
+                             f"{answers[1][2]}; uninstall one, or name a built-in backend with --decoder")
+    return answers[0] if answers else None
+
+
+@dataclass(frozen=True)
+class HookedOpener:
+    """An installed hook's opener and the built-in backend its videos are recorded as."""
+
+    opener: object
+    backend: str
+
+    def __call__(self, path: str, threads: int = 1):
+        return self.opener(path, threads)
+
+
+def worker_decoder(name: str | None):
+    """What a decode worker is given: a built-in backend's name, or the opener of the hook that answered here.
+    Workers never ask the hooks themselves: each would load them again and could answer otherwise."""
+    hooked = _hooked(name)
+    if hooked is None:
+        return name or DEFAULT_DECODER
+    try:
+        pickle.dumps(hooked[0])
+    except Exception as err:   # noqa: BLE001 - a lambda, a closure, a local class...
+        raise BackendMissing(f"{hooked[2]}: its opener cannot be sent to the decode workers "
+                             f"({type(err).__name__}: {err}); a hook's opener must be a module-level "
+                             "function") from None
+    return hooked[0]
 
 
 def resolve_decoder(name):

@@ -17,7 +17,7 @@ from multiprocessing.connection import wait
 
 from cmdcl_cache.cache.sampling import SamplingPolicy
 from cmdcl_cache.extract.decode import (DecodeError, crop_of, decode_video, decode_worker, error_message, fallback_of,
-                                        is_tensor, resolve_decoder)
+                                        is_tensor, resolve_decoder, worker_decoder)
 from cmdcl_cache.extract.transform import TransformSpec
 
 
@@ -63,7 +63,7 @@ class DecodePool(_SlotPool):
                  transform: TransformSpec | None = None, fallback: str | None = None):
         if workers < 1:
             raise ValueError(f"--workers must be >= 1, got {workers}")
-        self.policy, self.timeout, self.decoder = policy, float(timeout), decoder
+        self.policy, self.timeout, self.decoder = policy, float(timeout), worker_decoder(decoder)
         self.fallback = fallback_of(fallback, decoder)
         self.transform = transform if transform is None or isinstance(transform, TransformSpec) else \
             TransformSpec.from_dict(transform)

@@ -105,3 +105,16 @@ def test_fatal_errors_exit_2_with_a_message(small_cache, tmp_path):
     # the same cache folder with another sampling policy is refused, naming the attribute
     res = runner.invoke(app, base[:4] + [str(t / "cache")] + base[5:] + ["--dataset", str(manifest)])
     assert res.exit_code == 2 and "sampling" in res.output
+
+
+@pytest.mark.parametrize("bad, said", [
+    (["--split", "bogus"], "unknown split 'bogus'"),
+    (["--shard-index", "5"], "--shard-index 5: the cache has 1 shard, numbered 0 to 0"),
+    (["--shard-index", "-1"], "--shard-index -1"),
+    (["--num-shards", "0"], "--num-shards 0: a cache has at least 1 shard"),
+])
+def test_verify_with_an_option_the_cache_cannot_have_exits_2_in_one_line(small_cache, bad, said):
+    t, manifest, _ = small_cache
+    res = runner.invoke(app, ["verify", "--cache", str(t / "cache"), "--dataset", str(manifest), *bad])
+    assert res.exit_code == 2, res.output
+    assert said in " ".join(res.output.split()) and "Traceback" not in res.output

@@ -92,3 +92,12 @@ def test_cli_exports_a_real_cache_with_odd_ids(tmp_path):
     for bad in (["--format", "csv"], ["--dtype", "float99"]):
         res = runner.invoke(app, ["export-npy", "--cache", str(cache), "--out", str(tmp_path / "bad"), *bad])
         assert res.exit_code == 2 and not (tmp_path / "bad").exists(), res.output
+
+
+@pytest.mark.parametrize("dtype", ["float64", "FLOAT16", "half", "int8", ""])
+def test_export_takes_only_the_dtypes_it_names(tmp_path, dtype):
+    cache = write_synthetic_cache(tmp_path / "cache", {"a": np.ones((3, 4), np.float16)})
+    res = CliRunner().invoke(app, ["export-npy", "--cache", str(cache), "--out", str(tmp_path / "out"),
+                                   "--dtype", dtype])
+    assert res.exit_code == 2 and "--dtype must be one of float16, float32" in res.output, res.output
+    assert not (tmp_path / "out").exists()
