@@ -117,8 +117,9 @@ def copy_clip(name: str, dest: Path) -> Path:
 
 
 def torch_probe(path: str, threads: int = 1):
-    """A decoder (decode.resolve_decoder "module:function"): decord, except that a file named probe*
-    reports, as an open error, whether the decode worker that runs it has imported torch."""
+    """A decoder seam (CMDCL_DECODER="_extract_util:torch_probe", read by tests/_decoder_seams.py): decord,
+    except that a file named probe* reports, as an open error, whether the decode worker that runs it has
+    imported torch."""
     if os.path.basename(path).startswith("probe"):
         raise RuntimeError(f"torch imported: {'torch' in sys.modules}")
     from cmdcl_cache.extract.decoders.decord_video import DecordVideo
