@@ -173,6 +173,8 @@ def verify(cache_dir: str | Path | CacheFolder, dataset: str | None = None, spli
     folder = cache_dir if isinstance(cache_dir, CacheFolder) else CacheFolder(cache_dir)
     report = VerifyReport(folder.path, checked_sums=not quick)
     p = report.problems
+    if num_shards is not None and num_shards < 1:   # before any shard is read
+        raise CacheError(f"--num-shards {num_shards}: a cache has at least 1 shard")
     if not folder.path.is_dir():
         p.append(f"{folder.path}: not a folder")
         return report
@@ -191,8 +193,6 @@ def verify(cache_dir: str | Path | CacheFolder, dataset: str | None = None, spli
     prov = folder.provenance()
     count = int(prov.get("shard_count", len(shards)))
     shards_text = f"{count} shard" + ("s" if count != 1 else "")
-    if num_shards is not None and num_shards < 1:
-        raise CacheError(f"--num-shards {num_shards}: a cache has at least 1 shard")
     if num_shards is not None and num_shards != count:
         p.append(f"--num-shards {num_shards}, but the cache was written with {shards_text}")
     if shard_index is not None and not 0 <= shard_index < count:

@@ -46,14 +46,15 @@ NVDEC (`--decoder torchcodec-cuda`): frames decoded on the GPU cannot travel thr
 host memory (150 KB a frame). `start_pool` picks the pool for the backend.
 
 Decoder hooks: an installed package may provide decoders through the entry-point group
-`cmdcl_cache.decoder_hooks`: a function (decoder name or None) -> (opener, backend) or None, asked before
-the built-in backends, where `opener` is (path, threads) -> an object with `num_frames`, `fps`,
-`get_batch(indices)` and optionally `pts` (see decoders/__init__.py), and `backend` the built-in backend
-whose name and version its provenance records. A built-in backend named with --decoder is never taken
-over; a hook that takes over the default is logged, and one that fails to load or answers otherwise (or two
-that both answer) stops the command naming it and its package. Hooks are asked in the main process only:
-workers get the chosen opener (`worker_decoder`), so they cannot answer otherwise. cmdcl installs none; the tests install theirs (a decoder that
-hangs, one that is slow) from tests/, so no code is imported from a name in the environment.
+`cmdcl_cache.decoder_hooks`: a function (decoder name or None) -> (opener, backend) or None, where
+`opener` is (path, threads) -> an object with `num_frames`, `fps`, `get_batch(indices)` and optionally
+`pts` (see decoders/__init__.py), and `backend` the built-in backend whose name and version its
+provenance records. A built-in backend named with --decoder is never taken over; a hook that takes over
+the default is logged, and one that fails to load or answers otherwise (or two that both answer) stops
+the command naming it and its package. Hooks are asked in the main process only: workers get the chosen
+opener (`worker_decoder`), so they cannot answer otherwise. cmdcl installs none; the tests install
+theirs (a decoder that hangs, one that is slow) from tests/, so no code is imported from a name in the
+environment.
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def _hooks() -> tuple:
 
 
 def _hooked(name: str | None):
-    """(opener, backend, description) of the installed hook that answers for `name`, or None. A built-in
-    backend asked for by name is never taken over; two hooks that answer are an error, not a race."""
+    """The opener of the installed hook that answers for `name`, or None. A built-in backend asked for by
+    name is never taken over; two hooks that answer are an error, not a race."""
     if name in BACKENDS or not (name is None or isinstance(name, str)):
         return None
     answers = []
@@ -132,19 +133,20 @@ def _hooked(name: str | None):
         if not (isinstance(found, tuple) and len(found) == 2 and callable(found[0]) and found[1] in BACKENDS):
             raise BackendMissing(f"{where} answered {found!r:.80} for decoder {name!r}: expected None or "
                                  f"(opener, backend) with backend one of {', '.join(BACKENDS)}")
-        answers.append((HookedOpener(*found), found[1], where))
+        answers.append(HookedOpener(*found, where))
     if len(answers) > 1:
-        raise BackendMissing(f"two decoder hooks answer for decoder {name!r}: {answers[0][2]} and "
-                             f"{answers[1][2]}; uninstall one, or name a built-in backend with --decoder")
+        raise BackendMissing(f"two decoder hooks answer for decoder {name!r}: {answers[0].hook} and "
+                             f"{answers[1].hook}; uninstall one, or name a built-in backend with --decoder")
     return answers[0] if answers else None
 
 
 @dataclass(frozen=True)
 class HookedOpener:
-    """An installed hook's opener and the built-in backend its videos are recorded as."""
+    """An installed hook's opener, the built-in backend its videos are recorded as, and which hook it is."""
 
     opener: object
     backend: str
+    hook: str      # the entry point and the package that installed it, for messages
 
     def __call__(self, path: str, threads: int = 1):
         return self.opener(path, threads)
@@ -157,12 +159,12 @@ def worker_decoder(name: str | None):
     if hooked is None:
         return name or DEFAULT_DECODER
     try:
-        pickle.dumps(hooked[0])
+        pickle.dumps(hooked)
     except Exception as err:   # noqa: BLE001 - a lambda, a closure, a local class...
-        raise BackendMissing(f"{hooked[2]}: its opener cannot be sent to the decode workers "
+        raise BackendMissing(f"{hooked.hook}: its opener cannot be sent to the decode workers "
                              f"({type(err).__name__}: {err}); a hook's opener must be a module-level "
                              "function") from None
-    return hooked[0]
+    return hooked
 
 
 def resolve_decoder(name):
@@ -172,7 +174,7 @@ def resolve_decoder(name):
         return name
     hooked = _hooked(name)
     if hooked is not None:
-        return hooked[0]
+        return hooked
     name = name or DEFAULT_DECODER
     if name not in BACKENDS:
         raise ValueError(f"unknown decoder {name!r}: use one of {', '.join(BACKENDS)}")
@@ -181,7 +183,7 @@ def resolve_decoder(name):
 
 def _backend_of(decoder: str | None) -> str:
     hooked = _hooked(decoder)
-    return hooked[1] if hooked is not None else decoder or DEFAULT_DECODER
+    return hooked.backend if hooked is not None else decoder or DEFAULT_DECODER
 
 
 def fallback_of(fallback: str | None, decoder: str | None) -> str | None:
@@ -198,7 +200,7 @@ def check_decoders(decoder: str | None, fallback: str | None = None) -> None:
     if decoder is not None and decoder not in BACKENDS and hooked is None:
         raise BackendMissing(f"unknown --decoder {decoder!r}: choose one of {', '.join(BACKENDS)}")
     if hooked is not None:
-        logging.getLogger("cmdcl_cache").warning("decoding with %s, recorded as %s", hooked[2], hooked[1])
+        logging.getLogger("cmdcl_cache").warning("decoding with %s, recorded as %s", hooked.hook, hooked.backend)
     for name in (_backend_of(decoder), fallback_of(fallback, decoder)):
         if name is not None:
             backend_version(name)

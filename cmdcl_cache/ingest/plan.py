@@ -19,6 +19,7 @@ from cmdcl_cache.cache.format import SCHEMA_VERSION, read_shard
 from cmdcl_cache.cache.provenance import ImportSpec, normalised, provenance_difference
 from cmdcl_cache.cache.runlog import read_lines
 from cmdcl_cache.errors import ProvenanceError
+from cmdcl_cache.files import file_sha256
 from cmdcl_cache.ingest.sources import FLOAT16_MAX, SourceError, SourceVideo, VideoProblem, check_header, open_source
 
 if TYPE_CHECKING:   # annotations only: importer.py imports this module
@@ -182,8 +183,7 @@ def hash_sources(source, videos: dict, folder: CacheFolder, quiet: bool) -> tupl
                                   "import reads only regular files")
             sha = known.get((where, rel, st.st_size, st.st_mtime_ns))
             if sha is None:
-                with open(path, "rb") as fh:
-                    sha = hashlib.file_digest(fh, "sha256").hexdigest()
+                sha = file_sha256(path)
         except OSError as err:   # gone since the listing, unreadable
             if vid not in videos:
                 raise SourceError(f"{path}: cannot be read ({err.strerror})") from None

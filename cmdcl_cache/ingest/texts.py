@@ -4,7 +4,6 @@ cache: .npy [C, D] or [C, P, D], or .npz / .safetensors with one array per label
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import numpy as np
 from cmdcl_cache.cache.folder import Cache, CacheFolder, texts_lock
 from cmdcl_cache.cache.format import TextEmbeddings, write_texts
 from cmdcl_cache.cache.provenance import text_provenance_for
+from cmdcl_cache.files import file_sha256
 from cmdcl_cache.ingest.sources import PICKLED, SourceError, VideoProblem, load_npy, pickled_message
 
 
@@ -82,8 +82,7 @@ def write_texts_from_file(folder: CacheFolder, manifest, path: str | Path,
     dim, prov = cache.feature_dim, dict(cache.provenance)
     cache.close()
     sets = read_text_embeddings(path, manifest, dim, label_set)
-    with open(path, "rb") as fh:
-        sha = hashlib.file_digest(fh, "sha256").hexdigest()
+    sha = file_sha256(path)
     source = {"file": str(path), "sha256": sha, "label_sets": sorted(sets)}
     templates = next(iter(sets.values())).templates
     with texts_lock(folder, "texts"):
